@@ -1,0 +1,84 @@
+"""What the profiler hands the cost model: per-layer numbers for ONE sequence.
+
+Every per-sequence quantity scales linearly with the micro-batch size (a micro-batch
+of b sequences costs b times as much); the cost model does that multiplication.
+Bytes are counted at float32 (4 bytes per element); the cost model rescales to the
+plan's dtypes.
+
+Tensor-parallel split: `tp_*` fields give the part that a tensor-parallel degree t
+divides by t (column/row-split matmuls, attention heads, vocab-split embedding and
+head); the rest is replicated on every tp rank (norms, residual adds, dropout), unless
+sequence parallelism splits it along the sequence (activations only).
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from autoplan.plan import TPSite
+
+
+class LayerProfile(BaseModel):
+    """One layer (a unit pipeline stages are cut between), per sequence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    """Module path, e.g. "blocks.3"."""
+    signature: str
+    """Hash of op structure, shapes and dtypes; equal for repeated blocks."""
+    param_count: int
+    """Parameter elements owned by the layer (a tied parameter counts in the first layer using it)."""
+    tp_param_count: int = 0
+    """Of which split by tensor parallelism."""
+    fwd_flops: float
+    """Forward FLOPs per sequence (torch.utils.flop_counter)."""
+    bwd_flops: float
+    """Backward FLOPs per sequence."""
+    tp_flops_fraction: float = 0.0
+    """Share of fwd and bwd FLOPs that tensor parallelism divides."""
+    elementwise_bytes: float = 0.0
+    """Memory traffic of non-matmul ops (reads + writes), forward, per sequence."""
+    saved_bytes: dict[str, float]
+    """Recompute option ("none", "selective", "full") -> bytes kept for backward per sequence."""
+    tp_saved_bytes: dict[str, float] = Field(default_factory=dict)
+    """Of `saved_bytes`, the part that tensor parallelism divides by t; the remainder is
+    divided by t only with sequence parallelism."""
+    output_bytes: float
+    """Bytes of the activation leaving the layer (crosses a stage boundary cut after it)."""
+    tp_allreduce_bytes_fwd: float = 0.0
+    """Bytes all-reduced over tp in forward (row-split outputs, vocab-split embedding);
+    with sequence parallelism the same volume moves as reduce-scatter + all-gather."""
+    tp_allreduce_bytes_bwd: float = 0.0
+    """Bytes all-reduced over tp in backward (input grads of column-split matmuls)."""
+    tp_sites: dict[str, TPSite] = Field(default_factory=dict)
+    """Module path -> tensor-parallel style, for modules inside this layer."""
+    tp_divisors: dict[str, int] = Field(default_factory=dict)
+    """What tp must divide, by name: {"blocks.3.attn heads": 12, "blocks.3.mlp width": 3072}."""
+    tp_divide_attrs: dict[str, int] = Field(default_factory=dict)
+    """"module.path.attr" -> integer attribute the backend divides by tp (head counts)."""
+    measured_fwd_s: float | None = None
+    """Measured forward seconds per sequence on `measured_device`, when profiled."""
+    measured_bwd_s: float | None = None
+    measured_device: str | None = None
+
+
+class ModelProfile(BaseModel):
+    """The whole model: layers in execution order and what ties them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str
+    layers: list[LayerProfile]
+    global_batch_size: int
+    """Sequences in the example global batch."""
+    seq_len: int
+    """Tokens per sequence (1 for non-sequence models)."""
+    input_bytes: float
+    """Bytes of one sequence of model input."""
+    tied_parameters: list[list[str]] = Field(default_factory=list)
+    """Groups of parameter names sharing one tensor."""
+    fingerprint: str
+    """Hash of the traced graph, shapes and parameter names."""
+    num_params: int
+    model_flops_per_sequence: float
+    """Forward + backward FLOPs of the model for one sequence, without recompute."""

@@ -1,0 +1,175 @@
+"""The Plan: pure data, the only thing that crosses from planning to running.
+
+A Plan is made by `autoplan.plan` (or the CLI), saved as JSON, inspected with
+`autoplan show`, and executed by `autoplan.backends` on every rank.
+
+    >>> plan = Plan.from_json("plan.json")          # doctest: +SKIP
+    >>> plan.mesh, plan.predicted.step_time_s       # doctest: +SKIP
+    ({'dp': 8, 'pp': 4, 'tp': 4}, 1.93)
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from autoplan.cluster import ClusterSpec, write_atomically
+from autoplan.constraints import Recompute, Schedule
+
+PLAN_VERSION = 1
+
+TPStyle = Literal["colwise", "rowwise", "vocab_embedding", "vocab_output", "sequence_parallel"]
+
+
+class TPSite(BaseModel):
+    """How one module is split across the `tp` axis."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    style: TPStyle
+    """colwise / rowwise Linear, vocab-split Embedding or output head, or a norm/dropout
+    that runs sequence-parallel."""
+    fused_sizes: list[int] | None = None
+    """For a colwise Linear whose output packs several tensors (fused q|k|v): the
+    output-feature size of each part, so each part is split separately."""
+
+
+class StagePlan(BaseModel):
+    """One pipeline stage: consecutive layers, run by pipeline rank `pp_rank`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int
+    """Stage index in model order (0 .. pp * virtual_stages - 1)."""
+    pp_rank: int
+    """Pipeline rank that runs it: index % pp."""
+    layers: list[str]
+    """Layer names (module paths) in order."""
+    predicted_time_s: float = 0.0
+    """Forward + backward time of one micro-batch on this stage."""
+    predicted_memory_bytes: float = 0.0
+    """Peak memory of the pipeline rank holding this stage (same for its virtual stages)."""
+
+
+class LayerChoice(BaseModel):
+    """Per-layer decisions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    recompute: Recompute = "none"
+    stage: int = 0
+
+
+class Prediction(BaseModel):
+    """What the cost model predicts for one plan."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step_time_s: float
+    """Seconds per optimizer step (one global batch)."""
+    peak_memory_bytes: float
+    """Worst rank, bytes."""
+    breakdown: dict[str, float] = Field(default_factory=dict)
+    """Named terms: time terms end in `_s`, memory terms in `_bytes`."""
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    """Model FLOPs utilisation: model FLOPs / (step time * world size * peak)."""
+
+
+class Candidate(BaseModel):
+    """A runner-up plan in short form, and why it lost."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mesh: dict[str, int]
+    micro_batch_size: int
+    schedule: str
+    virtual_stages: int = 1
+    zero_stage: int
+    recompute: str
+    sequence_parallel: bool
+    step_time_s: float | None
+    peak_memory_bytes: float | None
+    why: str = ""
+
+
+class Plan(BaseModel):
+    """A complete, runnable parallel training configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = PLAN_VERSION
+    model_name: str = "model"
+    mesh: dict[str, int]
+    """{"dp": .., "pp": .., "tp": ..}; the product is the world size."""
+    global_batch_size: int
+    micro_batch_size: int
+    """Sequences per micro-batch per data-parallel rank."""
+    num_micro_batches: int
+    """global_batch_size / (dp * micro_batch_size)."""
+    schedule: Schedule = "1f1b"
+    virtual_stages: int = 1
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    param_dtype: str = "float32"
+    grad_reduce_dtype: str = "float32"
+    activation_dtype: str = "float32"
+    stages: list[StagePlan]
+    """pp * virtual_stages stages; stage i runs on pipeline rank i % pp."""
+    layers: list[LayerChoice]
+    tp_styles: dict[str, TPSite] = Field(default_factory=dict)
+    """Module path -> how it is split over `tp` (empty when tp == 1)."""
+    tp_divide_attrs: dict[str, int] = Field(default_factory=dict)
+    """"module.path.attr" -> value: integer attributes (head counts, widths) the backend
+    divides by tp so the local module computes with local shapes."""
+    tied_parameters: list[list[str]] = Field(default_factory=list)
+    """Groups of parameter names that share one tensor (e.g. tied embeddings)."""
+    predicted: Prediction
+    runners_up: list[Candidate] = Field(default_factory=list)
+    model_fingerprint: str = ""
+    cluster_fingerprint: str = ""
+    cluster: ClusterSpec
+    measured_sources: dict[str, str] = Field(default_factory=dict)
+    """Which inputs were measured and which estimated, e.g. {"layer_time": "estimated"}."""
+    solver: dict[str, float | str] = Field(default_factory=dict)
+    """Solver statistics: name, wall time, number of MILPs solved."""
+
+    @property
+    def world_size(self) -> int:
+        return self.mesh["dp"] * self.mesh["pp"] * self.mesh["tp"]
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write the plan as JSON, whole or not at all."""
+        write_atomically(Path(path), self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "Plan":
+        """Read a plan written by `to_json`; a missing or corrupt file raises ValueError."""
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"plan file {str(path)!r} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"plan file {str(path)!r} is not valid JSON: {error}") from None
+        if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
+            found = data.get("version") if isinstance(data, dict) else None
+            raise ValueError(
+                f"plan file {str(path)!r} has version {found!r}; this autoplan reads version {PLAN_VERSION}"
+            )
+        try:
+            return cls.model_validate(data)
+        except Exception as error:  # pydantic.ValidationError -> a short ValueError
+            raise ValueError(f"plan file {str(path)!r} is not a valid plan: {error}") from None
+
+    def stages_of_rank(self, pp_rank: int) -> list[StagePlan]:
+        """The stages pipeline rank `pp_rank` runs (several with interleaving)."""
+        return [stage for stage in self.stages if stage.pp_rank == pp_rank]
+
+    def recompute_of(self) -> dict[str, str]:
+        """Layer name -> recompute option."""
+        return {layer.name: layer.recompute for layer in self.layers}

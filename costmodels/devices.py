@@ -1,0 +1,96 @@
+"""Datasheet figures for the cluster presets, each with its source.
+
+Every constant `autoplan calibrate` can replace is listed in `CALIBRATED_CONSTANTS`
+with where its default comes from; `docs/cost_model.md` prints them beside the values
+measured on this machine.
+"""
+from __future__ import annotations
+
+import os
+
+GB = 1e9
+GiB = 1024**3
+
+# NVIDIA A100 Tensor Core GPU datasheet (2021, SXM4): FP32 19.5 TFLOP/s, TF32 156,
+# BF16/FP16 312 (dense); HBM2e 80 GB at 2,039 GB/s (40 GB: HBM2 at 1,555 GB/s).
+# NVLink 3: 600 GB/s total per GPU = 300 GB/s one direction.
+# DGX A100 user guide: 8x ConnectX-6 200 Gb/s HDR per node = 25 GB/s per GPU one direction.
+_A100_PEAKS = {"float32": 19.5e12, "bfloat16": 312e12, "float16": 312e12}
+_NVLINK3 = {"bandwidth_gbps": 300.0, "latency_us": 3.0}
+_HDR_IB = {"bandwidth_gbps": 25.0, "latency_us": 5.0}
+# NVIDIA H100 datasheet (SXM5): FP32 67 TFLOP/s, BF16/FP16 989.5 dense; HBM3 80 GB at
+# 3,350 GB/s. NVLink 4: 900 GB/s total = 450 GB/s one direction. DGX H100: 8x ConnectX-7
+# 400 Gb/s NDR per node = 50 GB/s per GPU one direction.
+_H100_PEAKS = {"float32": 67e12, "bfloat16": 989.5e12, "float16": 989.5e12}
+_NVLINK4 = {"bandwidth_gbps": 450.0, "latency_us": 3.0}
+_NDR_IB = {"bandwidth_gbps": 50.0, "latency_us": 5.0}
+# Latencies: NCCL tests on DGX systems show ~3 us NVLink and ~5 us IB small-message latency.
+# Framework overhead: CUDA context + cuBLAS workspace + allocator fragmentation, ~2 GiB
+# measured on our H100 runs (docs/validation.md); the same figure is used for every GPU.
+_CUDA_OVERHEAD_BYTES = 2 * GiB
+
+
+def _dgx(name: str, memory_gb: float, bandwidth: float, peaks: dict, intra: dict, inter: dict) -> dict:
+    return {
+        "devices_per_node": 8,
+        "device": {
+            "name": name,
+            "kind": "cuda",
+            "memory_bytes": int(memory_gb * GB),
+            "memory_bandwidth_gbps": bandwidth,
+            "peak_flops": dict(peaks),
+            "framework_overhead_bytes": _CUDA_OVERHEAD_BYTES,
+        },
+        "intra_node": dict(intra),
+        "inter_node": dict(inter),
+    }
+
+
+PRESETS: dict[str, dict] = {
+    "dgx-a100-40gb": _dgx("A100-SXM4-40GB", 40, 1555.0, _A100_PEAKS, _NVLINK3, _HDR_IB),
+    "dgx-a100-80gb": _dgx("A100-SXM4-80GB", 80, 2039.0, _A100_PEAKS, _NVLINK3, _HDR_IB),
+    "dgx-h100": _dgx("H100-SXM5-80GB", 80, 3350.0, _H100_PEAKS, _NVLINK4, _NDR_IB),
+    # NVIDIA H200 datasheet: 141 GB HBM3e at 4,800 GB/s; compute as H100 SXM.
+    "dgx-h200": _dgx("H200-SXM-141GB", 141, 4800.0, _H100_PEAKS, _NVLINK4, _NDR_IB),
+}
+
+# `local`: CPU processes on this machine over gloo. No datasheet applies; these are
+# conservative figures for one core of a current x86 server (AVX2 FMA at ~2.5 GHz:
+# 2 FMA units x 8 float32 lanes x 2 FLOP = 32 FLOP/cycle ~ 80 GFLOP/s peak; BF16 has no
+# native matmul on most CPUs, so it runs at about float32 speed). Loopback gloo moves
+# roughly 1-2 GB/s with ~50 us latency. `autoplan calibrate` measures all of these.
+LOCAL_PEAK_FLOPS = {"float32": 80e9, "bfloat16": 40e9, "float16": 20e9}
+LOCAL_MEMORY_BANDWIDTH_GBPS = 10.0
+LOCAL_LINK = {"bandwidth_gbps": 1.0, "latency_us": 50.0}
+# A Python process with torch and gloo imported holds ~300 MB resident before any model.
+LOCAL_OVERHEAD_BYTES = 300 * 1024**2
+
+CALIBRATED_CONSTANTS = {
+    "device.peak_flops[float32] (local)": "one core, AVX2 FMA, 32 FLOP/cycle x 2.5 GHz",
+    "device.matmul_efficiency": "0.7: large-GEMM share of peak reported by Megatron-LM (SC21)",
+    "device.memory_efficiency": "0.8: STREAM-like share of datasheet HBM bandwidth",
+    "intra_node.bandwidth_gbps": "NVLink datasheet (GPU) / loopback gloo estimate (local)",
+    "inter_node.bandwidth_gbps": "InfiniBand HCA rate per GPU (DGX user guides)",
+    "*.latency_us": "NCCL tests small-message latency",
+}
+
+
+def local_cluster_fields(world_size: int) -> dict:
+    """The `local` preset: `world_size` CPU processes sharing this machine's memory."""
+    try:
+        total_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total_bytes = 16 * GiB
+    return {
+        "devices_per_node": world_size,
+        "device": {
+            "name": "cpu",
+            "kind": "cpu",
+            "memory_bytes": int(total_bytes // max(world_size, 1)),
+            "memory_bandwidth_gbps": LOCAL_MEMORY_BANDWIDTH_GBPS,
+            "peak_flops": dict(LOCAL_PEAK_FLOPS),
+            "framework_overhead_bytes": 0,
+        },
+        "intra_node": dict(LOCAL_LINK),
+        "inter_node": dict(LOCAL_LINK),
+    }
