@@ -82,3 +82,15 @@ class ModelProfile(BaseModel):
     num_params: int
     model_flops_per_sequence: float
     """Forward + backward FLOPs of the model for one sequence, without recompute."""
+
+
+def selective_save_ops() -> frozenset:
+    """The ops whose outputs selective recomputation keeps (Korthikanti et al. 2022):
+    the matmuls. Everything else in a block — norms, activations, dropout, softmax and
+    the attention core — is recomputed in backward. The backend's checkpoint policy and
+    the profiler's byte count both use this one set."""
+    import torch
+
+    aten = torch.ops.aten
+    return frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+                      aten.linear.default, aten._scaled_mm.default})

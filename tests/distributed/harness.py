@@ -1,0 +1,72 @@
+"""Run a function on several real gloo ranks (separate processes) and collect results.
+
+    results = run_ranks(my_fn, world_size=4, args=(config,))   # my_fn(rank, world_size, *args)
+
+`my_fn` must be importable (module level). The process group is initialised from the
+environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, as torchrun sets them) unless
+`init_process_group=False`, in which case `my_fn` does it (e.g. through parallelize).
+A rank that raises fails the call with its traceback; a hang fails after `timeout_s`.
+Spawning costs ~3 s per call on CI: group several configurations into one call.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank, world_size, port, fn, args, init, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+                      OMP_NUM_THREADS="1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        if init:
+            dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+        queue.put((rank, "ok", fn(rank, world_size, *args)))
+    except BaseException:
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 240.0,
+              init_process_group: bool = True) -> list:
+    """fn(rank, world_size, *args) on `world_size` processes; returns results by rank."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_rank_main, args=(rank, world_size, port, fn, args, init_process_group, queue))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    results, errors = {}, {}
+    try:
+        for _ in range(world_size):
+            rank, status, value = queue.get(timeout=timeout_s)
+            (results if status == "ok" else errors)[rank] = value
+            if errors:
+                break
+    except Exception as error:  # queue.Empty: a rank hung
+        errors[-1] = f"timed out after {timeout_s:.0f}s waiting for ranks: {error!r}"
+    finally:
+        for process in processes:
+            process.join(timeout=5 if not errors else 1)
+            if process.is_alive():
+                process.kill()
+    if errors:
+        raise AssertionError("\n".join(f"rank {rank}:\n{text}" for rank, text in sorted(errors.items())))
+    return [results[rank] for rank in range(world_size)]
