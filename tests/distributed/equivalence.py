@@ -1,0 +1,175 @@
+"""Parallel training == one process: the shared check every backend test uses.
+
+    plans = [plan_for("gpt-tiny", 4, dp=2, tp=2), plan_for("gpt-tiny", 4, pp=2, dp=2)]
+    check_equivalence("gpt-tiny", plans)
+
+Each plan is trained for STEPS optimizer steps on real gloo ranks from the same initial
+weights and batches as a single process; losses and gathered parameters must agree
+within RTOL (float32). All plans of one call share one set of spawned processes.
+"""
+from __future__ import annotations
+
+import torch
+
+from autoplan import ClusterSpec, Constraints, Plan
+from autoplan.zoo import build
+from tests.distributed.harness import run_ranks
+
+STEPS = 3
+GLOBAL_BATCH = 8
+LR = 0.1
+RTOL = 1e-5
+ATOL = 1e-6
+
+
+def make_optimizer(params):
+    return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+
+def batches(job_name: str, steps: int = STEPS) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """The same global batches on every rank and in the reference run."""
+    return [(job.example_inputs, job.targets)
+            for job in (build(job_name, batch_size=GLOBAL_BATCH, device="cpu", seed=100 + step) for step in range(steps))]
+
+
+def reference_run(job_name: str, steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process, plain PyTorch: the losses and final parameters to match."""
+    job = build(job_name, batch_size=GLOBAL_BATCH, device="cpu", seed=0)
+    optimizer = make_optimizer(job.module.parameters())
+    losses = []
+    for inputs, targets in batches(job_name, steps):
+        loss = job.loss_fn(job.module(*inputs), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in job.module.state_dict().items()}
+
+
+def plan_for(job_name: str, world_size: int, **pins) -> Plan:
+    """A plan for the zoo model on `local:world_size`, every given field pinned."""
+    import autoplan
+
+    job = build(job_name, batch_size=GLOBAL_BATCH, device="meta")
+    return autoplan.plan(job.module, ClusterSpec.local(world_size=world_size), example_inputs=job.example_inputs,
+                         loss_fn=job.loss_fn, constraints=Constraints(**pins), model_name=job_name)
+
+
+def _train_plans_on_rank(rank: int, world_size: int, job_name: str, plan_jsons: list[str], steps: int):
+    from autoplan.backends.runner import apply_plan
+
+    results = []
+    for plan_json in plan_jsons:
+        plan = Plan.model_validate_json(plan_json)
+        job = build(job_name, batch_size=GLOBAL_BATCH, device="cpu", seed=0)
+        model = apply_plan(job.module, plan, job.loss_fn, example_inputs=job.example_inputs)
+        optimizer = make_optimizer(model.parameters())
+        losses = []
+        for inputs, targets in batches(job_name, steps):
+            losses.append(model.train_step(*inputs, targets=targets))
+            optimizer.step()
+            optimizer.zero_grad()
+        state = model.state_dict(full=True)
+        results.append((losses, {k: v.detach().clone() for k, v in state.items()} if rank == 0 else None))
+    return results
+
+
+def check_equivalence(job_name: str, plans: list[Plan], steps: int = STEPS) -> None:
+    """Train every plan on its world size; compare with the single-process run."""
+    expected_losses, expected_state = reference_run(job_name, steps)
+    by_world: dict[int, list[Plan]] = {}
+    for plan in plans:
+        by_world.setdefault(plan.world_size, []).append(plan)
+    for world_size, group in by_world.items():
+        per_rank = run_ranks(_train_plans_on_rank, world_size,
+                             args=(job_name, [p.model_dump_json() for p in group], steps))
+        for index, plan in enumerate(group):
+            label = f"{job_name} mesh={plan.mesh} zero={plan.zero_stage} schedule={plan.schedule} " \
+                    f"v={plan.virtual_stages} sp={plan.sequence_parallel} " \
+                    f"recompute={sorted(set(plan.recompute_of().values()))}"
+            for rank in range(world_size):
+                losses = per_rank[rank][index][0]
+                torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=RTOL, atol=ATOL,
+                                           msg=lambda m: f"{label}: rank {rank} losses differ\n{m}")
+            state = per_rank[0][index][1]
+            assert set(state) == set(expected_state), f"{label}: state_dict keys differ: " \
+                f"{sorted(set(state) ^ set(expected_state))}"
+            for name, value in expected_state.items():
+                torch.testing.assert_close(state[name], value, rtol=RTOL, atol=ATOL,
+                                           msg=lambda m: f"{label}: parameter {name} differs\n{m}")
+
+
+# --------------------------------------------------------------------------- hand plans
+# Until a test needs the planner's own choices, plans are written by hand here from the
+# zoo models' structure: this is also what a user pinning everything would write.
+
+def _zoo_layers_and_styles(job_name: str) -> tuple[list[str], dict[str, dict]]:
+    module = build(job_name, batch_size=1, device="meta").module
+    config = module.config
+    if job_name.startswith("gpt"):
+        h = config.hidden
+        layers = ["tok_emb", "pos_emb", "drop", *[f"blocks.{i}" for i in range(config.num_layers)], "ln_f", "lm_head"]
+        styles = {"tok_emb": {"style": "vocab_embedding"}, "lm_head": {"style": "vocab_output"}}
+        for i in range(config.num_layers):
+            styles |= {f"blocks.{i}.attn.c_attn": {"style": "colwise", "fused_sizes": [h, h, h]},
+                       f"blocks.{i}.attn.c_proj": {"style": "rowwise"},
+                       f"blocks.{i}.mlp.c_fc": {"style": "colwise"},
+                       f"blocks.{i}.mlp.c_proj": {"style": "rowwise"},
+                       f"blocks.{i}.ln_1": {"style": "sequence_parallel"},
+                       f"blocks.{i}.ln_2": {"style": "sequence_parallel"}}
+        styles["ln_f"] = {"style": "sequence_parallel"}
+    elif job_name.startswith("llama"):
+        layers = ["tok_embeddings", *[f"layers.{i}" for i in range(config.num_layers)], "norm", "output"]
+        styles = {"tok_embeddings": {"style": "vocab_embedding"}, "output": {"style": "vocab_output"},
+                  "norm": {"style": "sequence_parallel"}}
+        for i in range(config.num_layers):
+            p = f"layers.{i}"
+            styles |= {f"{p}.attention.{n}": {"style": "colwise"} for n in ("wq", "wk", "wv")}
+            styles |= {f"{p}.feed_forward.{n}": {"style": "colwise"} for n in ("w1", "w3")}
+            styles |= {f"{p}.attention.wo": {"style": "rowwise"}, f"{p}.feed_forward.w2": {"style": "rowwise"},
+                       f"{p}.attention_norm": {"style": "sequence_parallel"},
+                       f"{p}.ffn_norm": {"style": "sequence_parallel"}}
+    else:
+        layers = ["input", *[f"blocks.{i}" for i in range(config.num_layers)], "head"]
+        styles = {}
+        for i in range(config.num_layers):
+            styles |= {f"blocks.{i}.fc1": {"style": "colwise"}, f"blocks.{i}.fc2": {"style": "rowwise"}}
+    return layers, styles
+
+
+def hand_plan(job_name: str, world_size: int, *, dp: int = 1, tp: int = 1, pp: int = 1, zero_stage: int = 0,
+              recompute: str = "none", sequence_parallel: bool = False, schedule: str = "1f1b",
+              virtual_stages: int = 1, micro_batch_size: int | None = None) -> Plan:
+    """A Plan written by hand: repeated blocks split evenly over pp * virtual_stages stages,
+    the layers before the blocks on the first stage and after them on the last."""
+    from autoplan.plan import LayerChoice, Prediction, StagePlan, TPSite
+
+    assert dp * tp * pp == world_size
+    layers, styles = _zoo_layers_and_styles(job_name)
+    blocks = [name for name in layers if name.startswith(("blocks.", "layers."))]
+    head = layers[:layers.index(blocks[0])]
+    tail = layers[layers.index(blocks[-1]) + 1:]
+    num_stages = pp * virtual_stages
+    per_stage = [len(blocks) // num_stages + (1 if i < len(blocks) % num_stages else 0) for i in range(num_stages)]
+    stages, start = [], 0
+    for index, count in enumerate(per_stage):
+        names = blocks[start:start + count]
+        start += count
+        names = (head if index == 0 else []) + names + (tail if index == num_stages - 1 else [])
+        stages.append(StagePlan(index=index, pp_rank=index % pp, layers=names))
+    stage_of = {name: stage.index for stage in stages for name in stage.layers}
+    micro_batch_size = micro_batch_size or max(1, GLOBAL_BATCH // (dp * max(pp, 1) * 2))
+    if not sequence_parallel:
+        styles = {k: v for k, v in styles.items() if v["style"] != "sequence_parallel"}
+    module = build(job_name, batch_size=1, device="meta").module
+    tied = [["tok_emb.weight", "lm_head.weight"]] if job_name.startswith("gpt") else []
+    return Plan(
+        model_name=job_name, mesh={"dp": dp, "pp": pp, "tp": tp}, global_batch_size=GLOBAL_BATCH,
+        micro_batch_size=micro_batch_size, num_micro_batches=GLOBAL_BATCH // (dp * micro_batch_size),
+        schedule=schedule, virtual_stages=virtual_stages, zero_stage=zero_stage,
+        sequence_parallel=sequence_parallel, stages=stages,
+        layers=[LayerChoice(name=n, recompute=recompute if n in blocks else "none", stage=stage_of[n]) for n in layers],
+        tp_styles={k: TPSite(**v) for k, v in styles.items()} if tp > 1 else {},
+        tied_parameters=tied, predicted=Prediction(step_time_s=0.0, peak_memory_bytes=0.0),
+        cluster=ClusterSpec.local(world_size=world_size), model_fingerprint="",
+    )
