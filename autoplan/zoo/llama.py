@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autoplan.zoo.gpt import init_weights
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -38,6 +40,7 @@ def apply_rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
     cos, sin = angles.cos()[None, :, None, :].to(x.dtype), angles.sin()[None, :, None, :].to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
 
 
 class Attention(nn.Module):
@@ -96,6 +99,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.hidden, eps=config.norm_eps)
         self.output = nn.Linear(config.hidden, config.vocab_size, bias=False)
+        self.apply(init_weights)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.tok_embeddings(tokens)
