@@ -20,7 +20,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name == "parallelize":
-        from autoplan.backends.runner import parallelize
+        from autoplan.distributed import parallelize
 
         return parallelize
     raise AttributeError(f"module 'autoplan' has no attribute {name!r}")

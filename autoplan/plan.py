@@ -104,6 +104,9 @@ class Plan(BaseModel):
 
     version: int = PLAN_VERSION
     model_name: str = "model"
+    """Zoo name or `path/file.py:factory` the plan was made for (what `autoplan run` builds)."""
+    seq_len: int | None = None
+    """Sequence length the plan was made for (None: the model's default)."""
     mesh: dict[str, int]
     """{"dp": .., "pp": .., "tp": ..}; the product is the world size."""
     global_batch_size: int

@@ -1,0 +1,183 @@
+"""The `autoplan` command line: plan, show, run, bench, calibrate, demo.
+
+    autoplan plan --model gpt3-175b --cluster dgx-a100-80gb:128 --global-batch-size 1536 -o plan.json
+    autoplan show plan.json
+    autoplan run plan.json --nproc 4
+    autoplan demo
+
+User mistakes print one line `autoplan: error: ...` and exit with status 2; nothing is
+left half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from autoplan.cluster import ClusterSpec
+from autoplan.constraints import Constraints
+
+console = Console(stderr=False, highlight=False)
+
+DEMO_MODEL = "gpt-small-demo"
+DEMO_CLUSTER = "local:4"
+DEMO_BATCH = 16
+
+
+def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--model", required=required,
+                        help="zoo name (e.g. gpt2-small, llama3-8b, megatron-1t) or path/file.py:factory")
+    parser.add_argument("--cluster", required=required,
+                        help="PRESET:NUM_NODES (dgx-a100-80gb:16), local:N, or a cluster .toml/.json file")
+    parser.add_argument("--global-batch-size", type=int, default=None, help="sequences per optimizer step")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
+    parser.add_argument("--fix", default="", help="pins, e.g. dp=8,tp=4,pp=2,schedule=1f1b,zero_stage=1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoplan", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    plan = commands.add_parser("plan", help="plan a model on a cluster and print the summary")
+    _add_model_args(plan)
+    plan.add_argument("-o", "--output", help="write the plan JSON here")
+
+    show = commands.add_parser("show", help="the full report of a saved plan")
+    show.add_argument("plan_file")
+
+    run = commands.add_parser("run", help="launch a plan on this machine through torch's launcher")
+    run.add_argument("plan_file", nargs="?", help="a plan JSON (or give --model/--cluster to plan now)")
+    _add_model_args(run, required=False)
+    run.add_argument("--nproc", type=int, default=None, help="processes on this node (default: the plan's devices per node)")
+    run.add_argument("--steps", type=int, default=5)
+
+    bench = commands.add_parser("bench", help="the chosen plan against hand-tuned baselines, predicted vs measured")
+    _add_model_args(bench)
+    bench.add_argument("--steps", type=int, default=5)
+    bench.add_argument("--json", dest="json_path", default=None)
+    bench.add_argument("--plot", dest="plot_path", default=None)
+
+    calibrate = commands.add_parser("calibrate", help="measure this machine and write a calibrated cluster file")
+    calibrate.add_argument("--cluster", required=True, help="local:N or PRESET:NUM_NODES")
+    calibrate.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    calibrate.add_argument("-o", "--output", default="cluster.calibrated.toml")
+
+    demo = commands.add_parser("demo", help="plan a small GPT for local:4, run it, print predicted vs measured")
+    demo.add_argument("--steps", type=int, default=5)
+    return parser
+
+
+def _make_plan(args: argparse.Namespace):
+    from autoplan.api import plan as make_plan
+    from autoplan.zoo import build
+
+    cluster = ClusterSpec.parse(args.cluster)
+    batch = args.global_batch_size or max(8, cluster.world_size)
+    job = build(args.model, batch_size=batch, seq_len=args.seq_len, device="meta")
+    started = time.perf_counter()
+    plan = make_plan(job.module, cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn,
+                     constraints=Constraints.parse_fix(args.fix), model_name=args.model)
+    plan.seq_len = args.seq_len
+    return plan, time.perf_counter() - started
+
+
+def _summary(plan) -> str:
+    predicted = plan.predicted
+    capacity = plan.cluster.device.memory_bytes
+    return (f"mesh {plan.mesh}  micro-batch {plan.micro_batch_size} x {plan.num_micro_batches}  "
+            f"schedule {plan.schedule}{f' (v={plan.virtual_stages})' if plan.virtual_stages > 1 else ''}  "
+            f"ZeRO-{plan.zero_stage}  sequence-parallel {plan.sequence_parallel}\n"
+            f"predicted step {predicted.step_time_s:.4g} s, peak memory {predicted.peak_memory_bytes / 1e9:.3g} GB "
+            f"of {capacity / 1e9:.3g} GB per device"
+            + (f", MFU {predicted.mfu:.1%}" if predicted.mfu else ""))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    plan, seconds = _make_plan(args)
+    console.print(f"[bold]{args.model}[/] on {plan.cluster.describe()} — planned in {seconds:.2f} s")
+    console.print(_summary(plan))
+    if args.output:
+        plan.to_json(args.output)
+        console.print(f"wrote {args.output}  (full report: autoplan show {args.output})")
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from autoplan.api import explain
+    from autoplan.plan import Plan
+
+    console.print(explain(Plan.from_json(args.plan_file)))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from autoplan.launch import launch
+
+    if args.plan_file:
+        from autoplan.plan import Plan
+
+        plan_path = args.plan_file
+        plan = Plan.from_json(plan_path)
+    elif args.model and args.cluster:
+        plan, _ = _make_plan(args)
+        plan_path = str(Path("autoplan-run-plan.json").resolve())
+        plan.to_json(plan_path)
+    else:
+        raise ValueError("give a plan file, or --model and --cluster to plan now")
+    nproc = args.nproc or plan.cluster.devices_per_node
+    console.print(f"launching {plan.model_name} on {nproc} process(es): {_summary(plan)}")
+    result = launch(plan_path, nproc=nproc, steps=args.steps, out_path=None)
+    console.print(f"measured median step {result['median_step_s']:.4g} s "
+                  f"(predicted {plan.predicted.step_time_s:.4g} s); peak memory per rank "
+                  f"{[round(b / 1e6, 1) for b in result['peak_memory_bytes']]} MB")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from autoplan.bench import run_bench
+
+    fixes = [Constraints.parse_fix(args.fix)] if args.fix else []
+    run_bench(args.model, ClusterSpec.parse(args.cluster), steps=args.steps, fixes=fixes,
+              global_batch_size=args.global_batch_size, seq_len=args.seq_len,
+              json_path=args.json_path, plot_path=args.plot_path)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from autoplan.calibrate import calibrate
+
+    cluster = ClusterSpec.parse(args.cluster)
+    device = args.device or cluster.device.kind
+    calibrated = calibrate(cluster, device=device)
+    calibrated.to_file(args.output)
+    console.print(f"wrote {args.output}: use it with --cluster {args.output}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from autoplan.bench import run_bench
+
+    console.print(f"[bold]autoplan demo[/]: plan {DEMO_MODEL} (global batch {DEMO_BATCH}) for {DEMO_CLUSTER}, "
+                  f"run it with torch's launcher, compare predicted with measured")
+    run_bench(DEMO_MODEL, ClusterSpec.parse(DEMO_CLUSTER), steps=args.steps, global_batch_size=DEMO_BATCH,
+              baselines=False)
+
+
+COMMANDS = {"plan": cmd_plan, "show": cmd_show, "run": cmd_run, "bench": cmd_bench,
+            "calibrate": cmd_calibrate, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except ValueError as error:
+        print(f"autoplan: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # a launched job failed: its message, not our traceback
+        print(f"autoplan: failed: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
