@@ -1,0 +1,231 @@
+"""Pipeline parallelism (pp > 1) on `torch.distributed.pipelining`.
+
+    >>> engine = build_pipeline(model, plan, mesh, loss_fn, example_inputs)   # doctest: +SKIP
+    >>> loss = engine.train_step((tokens,), targets)   # this dp rank's share; same float on every pp rank
+    >>> torch.optim.SGD(engine.parameters(), lr=0.1).step()                   # doctest: +SKIP
+
+Each pipeline rank r holds the stages r, r + pp, r + 2 pp, ... of `plan.stages` (cut by
+`pipeline_split.split_model`, original FQNs kept) and runs them with the plan's schedule:
+
+| plan.schedule       | torch class               | micro-batches in flight on rank r (activations kept) |
+|---------------------|---------------------------|-------------------------------------------------------|
+| "gpipe"             | ScheduleGPipe             | all n (every forward before any backward)             |
+| "1f1b"              | Schedule1F1B              | min(n, pp - r) (warm-up forwards, then one F one B)   |
+| "interleaved_1f1b"  | ScheduleInterleaved1F1B   | per rank about (v - 1) * pp + 2 (pp - r) - 1 stage-    |
+|                     |                           | micro-batches, each the size of one virtual stage     |
+
+Losses: the last stage computes `loss_fn(output_mb, target_mb)` per micro-batch; the
+schedule back-propagates each micro-batch loss unscaled and then divides every gradient
+by n (`scale_grads=True`), so gradients are those of the mean loss over the share.
+Data parallel (FSDP / replicate) then averages over dp.
+
+Tied parameters (GPT's tok_emb.weight is lm_head.weight): every stage holding one of the
+names gets its own copy, initialised from the one tensor, and after each backward the
+copies' gradients are summed over the pipeline ranks that hold them (Megatron-LM's
+embedding group), so every copy sees the full gradient and stays identical.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor
+
+from autoplan.backends.pipeline_split import ModelSplit, original_fqn, split_model
+from autoplan.plan import Plan
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+
+
+def validate_pipeline_plan(plan: Plan) -> None:
+    """ValueError (with the arithmetic) for a plan torch's schedules cannot run."""
+    pp, virtual, n = plan.mesh["pp"], plan.virtual_stages, plan.num_micro_batches
+    if len(plan.stages) != pp * virtual:
+        raise ValueError(f"plan has {len(plan.stages)} stages but pp({pp}) * virtual_stages({virtual}) = {pp * virtual}")
+    for position, stage in enumerate(plan.stages):
+        if stage.index != position or stage.pp_rank != position % pp:
+            raise ValueError(f"stage {position} has index={stage.index}, pp_rank={stage.pp_rank}; "
+                             f"expected index={position}, pp_rank={position} % pp({pp}) = {position % pp}")
+    if plan.schedule != "interleaved_1f1b" and virtual != 1:
+        raise ValueError(f"schedule={plan.schedule!r} runs one stage per rank, got virtual_stages={virtual}; "
+                         f"use schedule='interleaved_1f1b'")
+    if plan.schedule == "1f1b" and n < pp:
+        raise ValueError(f"schedule='1f1b' needs num_micro_batches >= pp: {n} < {pp}")
+    if plan.schedule == "interleaved_1f1b":
+        rounds = max(1, n // pp)
+        if n % rounds:
+            raise ValueError(f"schedule='interleaved_1f1b' needs num_micro_batches({n}) to be a multiple of "
+                             f"max(1, num_micro_batches // pp) = max(1, {n} // {pp}) = {rounds}")
+
+
+class PipelineEngine:
+    """This rank's pipeline stages and the schedule that runs them."""
+
+    def __init__(self, schedule, stages: list[PipelineStage], stage_modules: list[nn.Module],
+                 pp_group: dist.ProcessGroup, num_micro_batches: int,
+                 tied_groups: list[tuple[dist.ProcessGroup | None, list[nn.Parameter]]],
+                 unreached_state: dict[str, torch.Tensor]):
+        self.schedule = schedule
+        """The torch schedule object (ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B)."""
+        self.stages = stages
+        self.stage_modules = stage_modules
+        """Per local stage, the module whose FQNs are the model's (inside any DDP wrapper)."""
+        self.pp_group = pp_group
+        self.num_micro_batches = num_micro_batches
+        self._tied_groups = tied_groups
+        self._unreached_state = unreached_state
+        self._has_first = any(stage.is_first for stage in stages)
+        self._has_last = any(stage.is_last for stage in stages)
+        self._last_stage_rank = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
+        self._device = stages[0].device
+
+    def train_step(self, local_inputs: tuple[torch.Tensor, ...], local_targets: torch.Tensor | None) -> float:
+        """Forward and backward of this dp rank's share in `num_micro_batches` micro-batches;
+        returns the mean micro-batch loss on every pipeline rank."""
+        batch = local_inputs[0].shape[0] if local_inputs else None
+        if batch is not None and batch % self.num_micro_batches:
+            raise ValueError(f"local batch of {batch} sequences does not split into "
+                             f"num_micro_batches={self.num_micro_batches} equal micro-batches")
+        losses: list[torch.Tensor] = []
+        self.schedule.step(*(local_inputs if self._has_first else ()),
+                           target=local_targets if self._has_last else None,
+                           losses=losses, return_outputs=False)
+        self._sum_tied_gradients()
+        loss = torch.stack([l.detach().float() for l in losses]).mean() if self._has_last \
+            else torch.zeros((), device=self._device)
+        dist.broadcast(loss, src=self._last_stage_rank, group=self.pp_group)
+        return loss.item()
+
+    def _sum_tied_gradients(self) -> None:
+        """Each copy of a tied parameter gets the sum of all copies' gradients."""
+        for group, parameters in self._tied_groups:
+            grads = [_local(p.grad) for p in parameters if p.grad is not None]
+            if not grads:
+                continue
+            total = torch.stack(grads).sum(0)
+            if group is not None:
+                dist.all_reduce(total, group=group)
+            for grad in grads:
+                grad.copy_(total)
+
+    def named_parameters(self):
+        """(original FQN, parameter) of this rank's stages."""
+        for module in self.stage_modules:
+            for name, parameter in module.named_parameters():
+                yield original_fqn(name), parameter
+
+    def parameters(self):
+        return (parameter for _, parameter in self.named_parameters())
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer of the model under its original key, full tensors
+        (DTensors gathered over dp/tp), on every rank; collective over the whole job."""
+        local = dict(self._unreached_state)
+        for module in self.stage_modules:
+            for name, value in module.state_dict().items():
+                value = value.full_tensor() if isinstance(value, DTensor) else value
+                local[original_fqn(name)] = value.detach().cpu()
+        gathered: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(self.pp_group)
+        dist.all_gather_object(gathered, local, group=self.pp_group)
+        return {name: value for part in gathered for name, value in part.items()}
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+def build_pipeline(model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Callable,
+                   example_inputs: tuple[torch.Tensor, ...]) -> PipelineEngine:
+    """Cut `model` into the plan's stages, parallelise this rank's stages and wrap them in
+    the plan's schedule. `mesh` has dims ("pp", "dp", "tp"); `example_inputs` is one
+    global batch (only checked for divisibility here: shapes are inferred at run time)."""
+    validate_pipeline_plan(plan)
+    pp_mesh = mesh["pp"]
+    pp_rank, pp_group = pp_mesh.get_local_rank(), pp_mesh.get_group()
+    device = _device_of(mesh)
+    split = split_model(model, [stage.layers for stage in plan.stages])
+    local_indices = [stage.index for stage in plan.stages_of_rank(pp_rank)]
+    stage_modules, stages = [], []
+    for index in local_indices:
+        inner, runnable = _parallelize_stage(split.local_copy(index, device), plan, plan.stages[index].layers, mesh)
+        stage_modules.append(inner)
+        stages.append(PipelineStage(runnable, index, len(plan.stages), device, group=pp_group))
+    schedule_cls = SCHEDULES[plan.schedule]
+    schedule = schedule_cls(stages if plan.schedule == "interleaved_1f1b" else stages[0],
+                            n_microbatches=plan.num_micro_batches, loss_fn=loss_fn, scale_grads=True)
+    tied = _tied_gradient_groups(split, stage_modules, local_indices, mesh, plan.mesh["pp"])
+    unreached = split.unreached_state if pp_rank == 0 else {}
+    return PipelineEngine(schedule, stages, stage_modules, pp_group, plan.num_micro_batches, tied, unreached)
+
+
+def _device_of(mesh: DeviceMesh) -> torch.device:
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    module = getattr(torch, mesh.device_type)
+    return torch.device(mesh.device_type, module.current_device())
+
+
+def _parallelize_stage(module: nn.Module, plan: Plan, layers: list[str], mesh: DeviceMesh) -> tuple[nn.Module, nn.Module]:
+    """Tensor parallel, then recompute, then data parallel on one stage module.
+
+    The order is torchtitan's: TP first so checkpointing recomputes the sharded ops, and
+    FSDP last so it shards the (DTensor) parameters TP produced. Returns the module that
+    keeps the model's FQNs and the one the pipeline stage runs (a DP wrapper, if any)."""
+    def in_stage(path: str) -> bool:
+        return any(path == layer or path.startswith(layer + ".") for layer in layers)
+
+    if plan.mesh["tp"] > 1:
+        from autoplan.backends.tensor_parallel import apply_tensor_parallel
+
+        styles = {path: site for path, site in plan.tp_styles.items() if in_stage(path)}
+        divide = {path: value for path, value in plan.tp_divide_attrs.items() if in_stage(path)}
+        apply_tensor_parallel(module, mesh["tp"], styles, divide, plan.sequence_parallel)
+    recompute = {layer: option for layer, option in plan.recompute_of().items()
+                 if layer in layers and option != "none"}
+    if recompute:
+        from autoplan.backends.recompute import apply_recompute
+
+        apply_recompute(module, recompute)
+    runnable = module
+    if plan.mesh["dp"] > 1:
+        from autoplan.backends.data_parallel import apply_data_parallel
+
+        wrapped = apply_data_parallel(module, mesh["dp"], plan.zero_stage, layers,
+                                      getattr(torch, plan.param_dtype), getattr(torch, plan.grad_reduce_dtype))
+        runnable = wrapped if wrapped is not None else module
+    return module, runnable
+
+
+def _tied_gradient_groups(split: ModelSplit, stage_modules: list[nn.Module], local_indices: list[int],
+                          mesh: DeviceMesh, pp: int) -> list[tuple[dist.ProcessGroup | None, list[nn.Parameter]]]:
+    """For each tied group: the process group of the pp ranks holding a copy (None when
+    this rank holds all copies) and this rank's copies. Every rank creates every group,
+    in the same order, as `new_group` requires."""
+    result = []
+    for names in split.tied_groups:
+        holder_ranks = sorted({stage % pp for stage in split.holders(names)})
+        group = _pp_subgroup(mesh, holder_ranks) if len(holder_ranks) > 1 else None
+        parameters = [parameter for module in stage_modules for name, parameter in module.named_parameters()
+                      if original_fqn(name) in names]
+        if parameters and (group is not None or len(parameters) > 1):
+            result.append((group, parameters))
+    return result
+
+
+def _pp_subgroup(mesh: DeviceMesh, pp_ranks: list[int]) -> dist.ProcessGroup | None:
+    """The group of `pp_ranks` within this rank's pipeline (same dp and tp coordinates);
+    None on a rank whose pp rank is not among them."""
+    if len(pp_ranks) == mesh["pp"].size():
+        return mesh["pp"].get_group()
+    ranks = mesh.mesh.reshape(mesh["pp"].size(), -1)  # (pp, dp * tp) global ranks
+    mine = None
+    for column in range(ranks.shape[1]):
+        members = ranks[pp_ranks, column].tolist()
+        group = dist.new_group(members)
+        if dist.get_rank() in members:
+            mine = group
+    return mine
