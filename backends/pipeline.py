@@ -35,7 +35,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
+from autoplan.backends.data_parallel import apply_data_parallel
 from autoplan.backends.pipeline_split import ModelSplit, original_fqn, split_model
+from autoplan.backends.recompute import apply_recompute
+from autoplan.backends.tensor_parallel import apply_tensor_parallel, gather_full_state_dict
 from autoplan.plan import Plan
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -73,7 +76,7 @@ class PipelineEngine:
         """The torch schedule object (ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B)."""
         self.stages = stages
         self.stage_modules = stage_modules
-        """Per local stage, the module whose FQNs are the model's (inside any DDP wrapper)."""
+        """Per local stage, the GraphModule the stage runs; its FQNs are the model's."""
         self.pp_group = pp_group
         self.num_micro_batches = num_micro_batches
         self._tied_groups = tied_groups
@@ -125,9 +128,8 @@ class PipelineEngine:
         """Every parameter and buffer of the model under its original key, full tensors
         (DTensors gathered over dp/tp), on every rank; collective over the whole job."""
         local = dict(self._unreached_state)
-        for module in self.stage_modules:
-            for name, value in module.state_dict().items():
-                value = value.full_tensor() if isinstance(value, DTensor) else value
+        for module in self.stage_modules:  # gathers over dp / tp, undoes fused q|k|v row permutations
+            for name, value in gather_full_state_dict(module).items():
                 local[original_fqn(name)] = value.detach().cpu()
         gathered: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(self.pp_group)
         dist.all_gather_object(gathered, local, group=self.pp_group)
@@ -151,9 +153,10 @@ def build_pipeline(model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Call
     local_indices = [stage.index for stage in plan.stages_of_rank(pp_rank)]
     stage_modules, stages = [], []
     for index in local_indices:
-        inner, runnable = _parallelize_stage(split.local_copy(index, device), plan, plan.stages[index].layers, mesh)
-        stage_modules.append(inner)
-        stages.append(PipelineStage(runnable, index, len(plan.stages), device, group=pp_group))
+        module = split.local_copy(index, device)
+        _parallelize_stage(module, plan, plan.stages[index].layers, mesh)
+        stage_modules.append(module)
+        stages.append(PipelineStage(module, index, len(plan.stages), device, group=pp_group))
     schedule_cls = SCHEDULES[plan.schedule]
     schedule = schedule_cls(stages if plan.schedule == "interleaved_1f1b" else stages[0],
                             n_microbatches=plan.num_micro_batches, loss_fn=loss_fn, scale_grads=True)
@@ -169,35 +172,26 @@ def _device_of(mesh: DeviceMesh) -> torch.device:
     return torch.device(mesh.device_type, module.current_device())
 
 
-def _parallelize_stage(module: nn.Module, plan: Plan, layers: list[str], mesh: DeviceMesh) -> tuple[nn.Module, nn.Module]:
+def _parallelize_stage(module: nn.Module, plan: Plan, layers: list[str], mesh: DeviceMesh) -> None:
     """Tensor parallel, then recompute, then data parallel on one stage module.
 
     The order is torchtitan's: TP first so checkpointing recomputes the sharded ops, and
-    FSDP last so it shards the (DTensor) parameters TP produced. Returns the module that
-    keeps the model's FQNs and the one the pipeline stage runs (a DP wrapper, if any)."""
+    FSDP last so it shards the (DTensor) parameters TP produced. All three work in place
+    and keep parameter names (composable checkpoint, FSDP2 / replicate_with_fsdp), which
+    the pipeline stage then recognises as an FSDPModule and drives (no per-micro-batch
+    gradient sync, unshard/reshard, one reduce at the end of the step)."""
     def in_stage(path: str) -> bool:
         return any(path == layer or path.startswith(layer + ".") for layer in layers)
 
     if plan.mesh["tp"] > 1:
-        from autoplan.backends.tensor_parallel import apply_tensor_parallel
-
         styles = {path: site for path, site in plan.tp_styles.items() if in_stage(path)}
         divide = {path: value for path, value in plan.tp_divide_attrs.items() if in_stage(path)}
         apply_tensor_parallel(module, mesh["tp"], styles, divide, plan.sequence_parallel)
     recompute = {layer: option for layer, option in plan.recompute_of().items()
                  if layer in layers and option != "none"}
-    if recompute:
-        from autoplan.backends.recompute import apply_recompute
-
-        apply_recompute(module, recompute)
-    runnable = module
+    apply_recompute(module, recompute)
     if plan.mesh["dp"] > 1:
-        from autoplan.backends.data_parallel import apply_data_parallel
-
-        wrapped = apply_data_parallel(module, mesh["dp"], plan.zero_stage, layers,
-                                      getattr(torch, plan.param_dtype), getattr(torch, plan.grad_reduce_dtype))
-        runnable = wrapped if wrapped is not None else module
-    return module, runnable
+        apply_data_parallel(module, mesh["dp"], plan.zero_stage, layers, plan.param_dtype, plan.grad_reduce_dtype)
 
 
 def _tied_gradient_groups(split: ModelSplit, stage_modules: list[nn.Module], local_indices: list[int],

@@ -1,0 +1,103 @@
+"""Pipeline parallelism trains like one process, through `apply_plan`, on real gloo ranks.
+
+Every schedule (gpipe, 1f1b, interleaved 1f1b), composed with data parallel (ZeRO 0 and
+3), tensor parallel and recompute, on gpt-tiny (embedding tied across the first and last
+stage), llama-tiny and mlp-tiny. Plans are grouped per world size: one spawn each.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from autoplan import Plan
+from autoplan.backends.pipeline import validate_pipeline_plan
+from autoplan.backends.pipeline_split import split_model
+from autoplan.zoo import build
+from tests.distributed.equivalence import GLOBAL_BATCH, check_equivalence, hand_plan
+from tests.distributed.harness import run_ranks
+
+SCHEDULE_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
+
+
+def _pipeline_plans(job_name: str) -> list[Plan]:
+    return [
+        hand_plan(job_name, 2, pp=2, schedule="gpipe"),
+        hand_plan(job_name, 2, pp=2, schedule="1f1b", recompute="full"),
+        hand_plan(job_name, 2, pp=2, schedule="interleaved_1f1b", virtual_stages=2, recompute="selective"),
+        hand_plan(job_name, 4, pp=4, schedule="1f1b"),
+        hand_plan(job_name, 4, pp=2, dp=2, schedule="1f1b", zero_stage=0),
+        hand_plan(job_name, 4, pp=2, dp=2, schedule="interleaved_1f1b", virtual_stages=2, zero_stage=3),
+    ]
+
+
+@pytest.mark.parametrize("job_name", ["gpt-tiny", "llama-tiny", "mlp-tiny"])
+def test_pipeline_trains_like_one_process(job_name):
+    check_equivalence(job_name, _pipeline_plans(job_name))
+
+
+@pytest.mark.parametrize("job_name", ["gpt-tiny", "llama-tiny"])
+def test_pipeline_with_tensor_parallel_trains_like_one_process(job_name):
+    check_equivalence(job_name, [hand_plan(job_name, 4, pp=2, tp=2, schedule="1f1b"),
+                                 hand_plan(job_name, 4, pp=2, tp=2, schedule="gpipe", recompute="selective")])
+
+
+def _schedule_that_ran(rank: int, world_size: int, plan_json: str):
+    from autoplan.backends.runner import apply_plan
+
+    plan = Plan.model_validate_json(plan_json)
+    job = build(plan.model_name, batch_size=GLOBAL_BATCH, device="cpu", seed=0)
+    engine = apply_plan(job.module, plan, job.loss_fn, example_inputs=job.example_inputs).engine
+    order = engine.schedule.pipeline_order
+    return type(engine.schedule).__name__, [str(action) for action in order[rank] if action is not None]
+
+
+@pytest.mark.parametrize("schedule,virtual_stages", [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)])
+def test_the_plans_schedule_is_the_one_that_runs(schedule, virtual_stages):
+    """The torch schedule class is the plan's, and its action list ("2F1": stage 2, forward,
+    micro-batch 1) has the plan's shape. For interleaved 1F1B the list is what executes."""
+    plan = hand_plan("mlp-tiny", 2, pp=2, schedule=schedule, virtual_stages=virtual_stages)
+    results = run_ranks(_schedule_that_ran, 2, args=(plan.model_dump_json(),))
+    n = plan.num_micro_batches
+    for rank, (class_name, actions) in enumerate(results):
+        assert class_name == SCHEDULE_CLASSES[schedule]
+        forwards = [action for action in actions if re.fullmatch(r"\d+F\d+", action)]
+        if schedule == "interleaved_1f1b":
+            stages = [stage.index for stage in plan.stages_of_rank(rank)]
+            assert sorted(forwards) == sorted(f"{stage}F{mb}" for stage in stages for mb in range(n))
+            # interleaved, not stage after stage: a later local stage starts before the first one ends
+            assert forwards.index(f"{stages[1]}F0") < forwards.index(f"{stages[0]}F{n - 1}")
+    first_rank = results[0][1]
+    first_backward = next(i for i, action in enumerate(first_rank) if "B" in action)
+    warmup = {"gpipe": [f"0F{mb}" for mb in range(n)], "1f1b": ["0F0", "0F1"],  # pp=2 forwards, then 1F1B
+              "interleaved_1f1b": ["0F0", "0F1", "2F0", "2F1", "0F2"]}[schedule]
+    assert first_rank[:first_backward] == warmup
+
+
+def test_split_keeps_original_names_and_passes_values_through_stages():
+    job = build("gpt-tiny", batch_size=2, device="cpu")
+    plan = hand_plan("gpt-tiny", 4, pp=4)
+    split = split_model(job.module, [stage.layers for stage in plan.stages])
+    names = [name for module in split.stage_modules for name, _ in module.named_parameters()]
+    assert set(names) == set(job.module.state_dict())  # tok_emb.weight on stage 0, lm_head.weight on stage 3
+    assert split.tied_groups == [["tok_emb.weight", "lm_head.weight"]]
+    assert split.holders(["tok_emb.weight", "lm_head.weight"]) == [0, 3]
+    values = job.example_inputs
+    for module in split.stage_modules:
+        values = module(*values)
+        values = values if isinstance(values, tuple) else (values,)
+    torch.testing.assert_close(values[0], job.module(*job.example_inputs))
+
+
+def test_schedule_constraints_are_value_errors_with_the_numbers():
+    plan = hand_plan("mlp-tiny", 4, pp=4, schedule="1f1b", micro_batch_size=4)   # 2 micro-batches, pp=4
+    with pytest.raises(ValueError, match=r"num_micro_batches >= pp: 2 < 4"):
+        validate_pipeline_plan(plan)
+    plan = hand_plan("mlp-tiny", 2, pp=2, schedule="1f1b", virtual_stages=2)
+    with pytest.raises(ValueError, match="virtual_stages=2"):
+        validate_pipeline_plan(plan)
+    plan = hand_plan("mlp-tiny", 4, pp=4, schedule="interleaved_1f1b", virtual_stages=1, micro_batch_size=1)
+    validate_pipeline_plan(plan.model_copy(update={"num_micro_batches": 10}))   # 2 rounds of 5
+    with pytest.raises(ValueError, match=r"num_micro_batches\(9\) to be a multiple of .* = max\(1, 9 // 4\) = 2"):
+        validate_pipeline_plan(plan.model_copy(update={"num_micro_batches": 9}))
