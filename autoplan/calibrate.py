@@ -1,0 +1,439 @@
+"""Measure this machine and write what was measured into a ClusterSpec.
+
+    >>> cluster = calibrate(ClusterSpec.local(world_size=4))   # doctest: +SKIP
+    >>> cluster.calibrated, cluster.device.peak_flops["float32"] * cluster.device.matmul_efficiency
+    (True, 39.1e9)
+
+Every measurement runs on `nproc` real ranks at once (spawned processes on a gloo or NCCL
+process group), so what is measured is what a rank sees while its neighbours work too:
+on a CPU with fewer cores than ranks, each rank's FLOP/s is its share of the machine.
+
+What is measured, and how it becomes cost-model constants:
+
+* Matmul throughput per dtype, `C = A @ B` of square n x n matrices for growing n (F = 2 n^3
+  FLOP each). The cost model prices F FLOPs at `peak_flops[dtype] * matmul_efficiency *
+  F / (F + HALF_EFFICIENCY_FLOPS)` (costmodels/compute.py). Calibration takes the
+  large-matmul point (n, achieved) (the faster of the two largest sizes) and solves for
+  the saturated rate `R[dtype] = achieved / (F / (F + HALF_EFFICIENCY_FLOPS))` through
+  that same function, so the cost model reproduces the measured rate at that size; then
+  `matmul_efficiency = min(1, R[float32] / preset peak_flops[float32])` and
+  `peak_flops[dtype] = R[dtype] / matmul_efficiency` for every measured dtype. The float32
+  peak keeps its datasheet value unless the machine beats it, so MFU stays relative to
+  the datasheet. The fitted half-rate FLOPs of this device is reported beside it.
+* Elementwise bandwidth: `c = a + b` over large float32 tensors moves 3 x 4 bytes per
+  element. The same rule: `memory_efficiency = min(1, measured / preset bandwidth)`,
+  `memory_bandwidth_gbps = measured / memory_efficiency`.
+* Collectives (all-reduce, all-gather, reduce-scatter, send-recv) over message sizes S
+  (the full tensor: all-reduce input, all-gather output, reduce-scatter input). The ring
+  algorithm on n ranks sends `steps` messages carrying `factor * S` bytes per rank:
+  all-reduce steps = 2(n-1), factor = 2(n-1)/n; all-gather and reduce-scatter steps =
+  n-1, factor = (n-1)/n; send-recv steps = 1, factor = 1. So
+  `t = steps * latency + factor * S / bandwidth`, with `bandwidth` the per-device,
+  one-direction link bandwidth the cluster spec means (written divided by the
+  communication model's LINK_EFFICIENCY, which it multiplies back). Each collective gets its own
+  least-squares fit (reported); the link written into the spec is the one fit of all
+  collectives together (both fits weight each point by 1/t, i.e. minimise relative
+  error, so small messages fix the latency and large ones the bandwidth).
+
+The links measured are the ones between the `nproc` ranks of this machine: `intra_node`.
+For the `local` preset (one machine) `inter_node` gets the same figures; for a multi-node
+preset `inter_node` keeps its datasheet value.
+
+Local (CPU) plans assume one thread per rank: every rank here runs with
+`OMP_NUM_THREADS=1` and `torch.set_num_threads(1)`, as `autoplan run` does.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+
+from autoplan.cluster import ClusterSpec
+
+MATMUL_SIZES: tuple[int, ...] = (128, 256, 512, 1024)
+"""Square matmul sizes tried per dtype (a dtype stops growing once one matmul takes MAX_SINGLE_OP_S)."""
+MESSAGE_BYTES: tuple[int, ...] = tuple(4**k * 1024 for k in range(7))
+"""Collective message sizes: 1 KiB .. 4 MiB."""
+ELEMENTWISE_NUMEL = 4 * 1024 * 1024
+"""Elements per operand of the elementwise timing (16 MiB float32; 48 MiB moved per add)."""
+COLLECTIVES: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+MIN_TIME_S = 0.05
+"""Time each matmul / elementwise measurement runs for (repeating the op)."""
+MAX_SINGLE_OP_S = 0.1
+"""A dtype's size ladder stops after a single matmul takes this long (slow CPU bf16)."""
+COLLECTIVE_REPEATS = 5
+"""Timed repetitions per collective and size (after one warm-up); the median is kept."""
+
+
+@dataclass
+class CollectiveFit:
+    """`t = steps * latency + factor * S / bandwidth` fitted to one collective's timings."""
+
+    name: str
+    latency_us: float
+    """Per-message latency, microseconds."""
+    bandwidth_gbps: float
+    """Per-device one-direction link bandwidth, GB/s."""
+    points: list[tuple[int, float]]
+    """(message bytes S, median seconds) as measured."""
+
+
+@dataclass
+class Calibration:
+    """Everything `calibrate` measured, and how it maps onto a ClusterSpec."""
+
+    device: str
+    nproc: int
+    matmul_flops: dict[str, list[tuple[int, float]]]
+    """dtype -> [(n, achieved FLOP/s of an n x n x n matmul)], median over ranks."""
+    elementwise_gbps: float
+    """Achieved bandwidth of `a + b` (bytes read and written / s / 1e9), median over ranks."""
+    collectives: dict[str, CollectiveFit] = field(default_factory=dict)
+    link: CollectiveFit | None = None
+    """The joint fit of all collectives; None with one rank."""
+    wall_s: float = 0.0
+
+    def large_matmul_flops(self, dtype: str) -> tuple[int, float]:
+        """(n, FLOP/s) of the faster of the two largest sizes measured for `dtype`."""
+        return max(self.matmul_flops[dtype][-2:], key=lambda point: point[1])
+
+    def half_efficiency_flops(self, dtype: str = "float32") -> float:
+        """FLOPs per matmul at which this device reaches half its large-matmul rate, fitted
+        as `1/achieved = 1/A + (H/A) * 1/F` (the cost model's curve `A * F / (F + H)`)."""
+        points = self.matmul_flops[dtype]
+        if len(points) < 2:
+            return 0.0
+        rows = torch.tensor([[1.0, 1.0 / (2 * n**3)] for n, _ in points], dtype=torch.float64)
+        values = torch.tensor([[1.0 / flops] for _, flops in points], dtype=torch.float64)
+        inverse_a, h_over_a = torch.linalg.lstsq(rows, values).solution.squeeze(1).tolist()
+        return max(h_over_a / inverse_a, 0.0) if inverse_a > 0 else 0.0
+
+    def apply(self, cluster: ClusterSpec) -> ClusterSpec:
+        """A copy of `cluster` carrying these measurements, `calibrated=True` (see the module docstring)."""
+        from autoplan.costmodels.communication import LINK_EFFICIENCY
+        from autoplan.costmodels.compute import matmul_efficiency
+
+        data = cluster.model_dump()
+        device = data["device"]
+        # The cost model's rate for an F-FLOP matmul is peak * matmul_efficiency(F), a curve
+        # that saturates at device.matmul_efficiency; solve for the saturated rate that
+        # gives the measured rate at the measured size.
+        saturated = {}
+        for dtype in self.matmul_flops:
+            n, achieved = self.large_matmul_flops(dtype)
+            unit = cluster.device.model_copy(update={"matmul_efficiency": 1.0})
+            saturated[dtype] = achieved / matmul_efficiency(2 * n**3, unit)
+        efficiency = min(1.0, saturated["float32"] / device["peak_flops"]["float32"])
+        device["matmul_efficiency"] = efficiency
+        device["peak_flops"] = {**device["peak_flops"],
+                                **{dtype: rate / efficiency for dtype, rate in saturated.items()}}
+        memory_efficiency = min(1.0, self.elementwise_gbps / device["memory_bandwidth_gbps"])
+        device["memory_efficiency"] = memory_efficiency
+        device["memory_bandwidth_gbps"] = self.elementwise_gbps / memory_efficiency
+        if self.link is not None:
+            # the communication model uses bandwidth_gbps * LINK_EFFICIENCY as the achieved rate
+            link = {"bandwidth_gbps": self.link.bandwidth_gbps / LINK_EFFICIENCY, "latency_us": self.link.latency_us}
+            data["intra_node"] = link
+            if cluster.num_nodes == 1 or cluster.device.kind == "cpu":
+                data["inter_node"] = dict(link)
+        data["calibrated"] = True
+        return ClusterSpec.model_validate(data)
+
+    def table(self):
+        """A rich Table of the measurements (what `autoplan calibrate` prints)."""
+        from rich.table import Table
+
+        table = Table(title=f"calibration: {self.nproc} {self.device} rank(s), {self.wall_s:.1f} s")
+        table.add_column("measured")
+        table.add_column("value", justify="right")
+        for dtype, points in self.matmul_flops.items():
+            curve = ", ".join(f"{n}: {flops / 1e9:.3g}" for n, flops in points)
+            table.add_row(f"matmul {dtype} GFLOP/s per rank (n: value)", curve)
+        table.add_row("matmul FLOPs at half rate (float32 fit)", f"{self.half_efficiency_flops():.3g}")
+        table.add_row("elementwise GB/s per rank", f"{self.elementwise_gbps:.3g}")
+        for fit in [*self.collectives.values(), *([self.link] if self.link else [])]:
+            table.add_row(f"{fit.name}: latency us / bandwidth GB/s",
+                          f"{fit.latency_us:.3g} / {fit.bandwidth_gbps:.3g}")
+        return table
+
+
+def calibrate(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None, progress: bool = True,
+              *, matmul_sizes: tuple[int, ...] = MATMUL_SIZES,
+              message_bytes: tuple[int, ...] = MESSAGE_BYTES) -> ClusterSpec:
+    """Measure this machine on `nproc` ranks and return `cluster` with the measured figures.
+
+    `nproc` defaults to the cluster's devices per node (CPU) or the visible GPUs (CUDA).
+    Takes ~30-60 s with the default sizes on a 2-core machine.
+
+    >>> local = calibrate(ClusterSpec.local(world_size=2), nproc=2)   # doctest: +SKIP
+    >>> local.to_file("local.toml")                                  # doctest: +SKIP
+    """
+    return measure(cluster, device, nproc, progress, matmul_sizes=matmul_sizes,
+                   message_bytes=message_bytes).apply(cluster)
+
+
+def measure(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None, progress: bool = True,
+            *, matmul_sizes: tuple[int, ...] = MATMUL_SIZES,
+            message_bytes: tuple[int, ...] = MESSAGE_BYTES) -> Calibration:
+    """Run the measurements on `nproc` spawned ranks; `calibrate` is `measure(...).apply(cluster)`."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch.cuda.is_available() is False on this machine")
+    if nproc is None:
+        nproc = torch.cuda.device_count() if device == "cuda" else cluster.devices_per_node
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if device == "cuda" and nproc > torch.cuda.device_count():
+        raise ValueError(f"nproc={nproc} > {torch.cuda.device_count()} visible GPUs")
+    if not matmul_sizes or not message_bytes:
+        raise ValueError("matmul_sizes and message_bytes must not be empty")
+    dtypes = ["float32", *sorted(set(cluster.device.peak_flops) - {"float32"})]
+    started = time.perf_counter()
+    per_rank = _run_on_ranks(nproc, device, dtypes, tuple(matmul_sizes), tuple(message_bytes), progress)
+    result = Calibration(device=device, nproc=nproc, matmul_flops={}, elementwise_gbps=0.0)
+    for dtype in dtypes:
+        sizes = min(len(rank["matmul"][dtype]) for rank in per_rank)
+        result.matmul_flops[dtype] = [
+            (per_rank[0]["matmul"][dtype][i][0], statistics.median(rank["matmul"][dtype][i][1] for rank in per_rank))
+            for i in range(sizes)]
+    result.elementwise_gbps = statistics.median(rank["elementwise_gbps"] for rank in per_rank)
+    if nproc > 1:
+        timings = per_rank[0]["collectives"]  # already the max over ranks
+        result.collectives = {name: fit_collectives({name: points}, nproc, name) for name, points in timings.items()}
+        result.link = fit_collectives(timings, nproc, "link (all collectives)")
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+def ring_terms(name: str, nproc: int) -> tuple[int, float]:
+    """(messages per rank, bytes each rank sends per byte of S) of the ring algorithm.
+
+    >>> ring_terms("all_reduce", 4)
+    (6, 1.5)
+    """
+    if name == "all_reduce":
+        return 2 * (nproc - 1), 2 * (nproc - 1) / nproc
+    if name in ("all_gather", "reduce_scatter"):
+        return nproc - 1, (nproc - 1) / nproc
+    if name == "send_recv":
+        return 1, 1.0
+    raise ValueError(f"unknown collective {name!r}; use one of {list(COLLECTIVES)}")
+
+
+def fit_collectives(timings: dict[str, list[tuple[int, float]]], nproc: int, label: str) -> CollectiveFit:
+    """Least-squares `t = steps * latency + factor * S / bandwidth` over every (collective, S, t).
+
+    Rows are weighted by 1/t (relative error). A negative latency is clamped to 0; a
+    non-positive slope (noise swamping the bandwidth term) falls back to the largest
+    message's `factor * S / t`.
+
+    >>> fit = fit_collectives({"send_recv": [(0, 1e-5), (10**9, 1e-5 + 1.0)]}, 2, "x")
+    >>> round(fit.latency_us, 3), round(fit.bandwidth_gbps, 3)
+    (10.0, 1.0)
+    """
+    rows, values, points = [], [], []
+    for name, measured in timings.items():
+        steps, factor = ring_terms(name, nproc)
+        for size, seconds in measured:
+            rows.append([steps / seconds, factor * size / seconds])
+            values.append(1.0)
+            points.append((size, seconds))
+    solution = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
+                                  torch.tensor(values, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1)
+    latency_s, seconds_per_byte = solution.tolist()
+    if not seconds_per_byte > 0:
+        name, measured = max(((n, m) for n, m in timings.items()), key=lambda item: max(s for s, _ in item[1]))
+        size, seconds = max(measured)
+        seconds_per_byte = seconds / (ring_terms(name, nproc)[1] * size)
+    return CollectiveFit(name=label, latency_us=max(latency_s, 0.0) * 1e6,
+                         bandwidth_gbps=1.0 / seconds_per_byte / 1e9, points=sorted(points))
+
+
+# ------------------------------------------------------------------ the spawned ranks
+def _run_on_ranks(nproc: int, device: str, dtypes: list[str], matmul_sizes: tuple[int, ...],
+                  message_bytes: tuple[int, ...], progress: bool) -> list[dict]:
+    """Spawn `nproc` ranks running `_rank_main`, show rank 0's progress, return each rank's dict."""
+    import queue as queue_module
+
+    import torch.multiprocessing as mp
+    from rich.progress import Progress
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    total = len(dtypes) + 1 + (len(COLLECTIVES) * len(message_bytes) if nproc > 1 else 0)
+    processes = [context.Process(target=_rank_main, daemon=True,
+                                 args=(rank, nproc, port, device, dtypes, matmul_sizes, message_bytes, queue))
+                 for rank in range(nproc)]
+    for process in processes:
+        process.start()
+    results: dict[int, dict] = {}
+    deadline = time.monotonic() + 120 + 30 * nproc
+    try:
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"calibrating {nproc} {device} rank(s)", total=total)
+            while len(results) < nproc:
+                try:
+                    rank, kind, value = queue.get(timeout=1.0)
+                except queue_module.Empty:
+                    dead = [rank for rank, p in enumerate(processes) if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise RuntimeError(f"calibration rank(s) {dead} died with exit code "
+                                           f"{processes[dead[0]].exitcode} before reporting") from None
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"calibration timed out; {nproc - len(results)} rank(s) "
+                                           "never finished") from None
+                    continue
+                if kind == "progress":
+                    bar.update(task, advance=1, description=value)
+                elif kind == "error":
+                    raise RuntimeError(f"calibration failed on rank {rank}: {value}")
+                else:
+                    results[rank] = value
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+    return [results[rank] for rank in range(nproc)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, nproc: int, port: int, device: str, dtypes: list[str], matmul_sizes: tuple[int, ...],
+               message_bytes: tuple[int, ...], queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nproc),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    import torch.distributed as dist
+
+    try:
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+        else:
+            torch.set_num_threads(1)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=120))
+        timer = _Timer(device)
+
+        def report(label: str) -> None:
+            if rank == 0:
+                queue.put((rank, "progress", label))
+
+        result = {"matmul": {}, "collectives": {}}
+        dist.barrier()
+        for dtype in dtypes:
+            result["matmul"][dtype] = _time_matmuls(timer, getattr(torch, dtype), matmul_sizes)
+            report(f"matmul {dtype}")
+        dist.barrier()
+        result["elementwise_gbps"] = _time_elementwise(timer)
+        report("elementwise bandwidth")
+        if nproc > 1:
+            for name in COLLECTIVES:
+                result["collectives"][name] = []
+                for size in message_bytes:
+                    result["collectives"][name].append(_time_collective(timer, name, size, nproc, rank))
+                    report(f"{name} {size} B")
+        queue.put((rank, "ok", result))
+    except BaseException as error:  # reported to the parent as one line
+        queue.put((rank, "error", f"{type(error).__name__}: {error}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Timer:
+    """Seconds of one call of `fn`: perf_counter on CPU, CUDA events on a GPU."""
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def once(self, fn) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+
+    def repeated(self, fn) -> float:
+        """Median seconds per call, repeating `fn` for about MIN_TIME_S after one warm-up call."""
+        first = self.once(fn)
+        times = [first] if first >= MIN_TIME_S else []
+        while sum(times) < MIN_TIME_S or len(times) < 3 and sum(times) < 10 * MIN_TIME_S:
+            times.append(self.once(fn))
+        return statistics.median(times)
+
+
+def _time_matmuls(timer: _Timer, dtype: torch.dtype, sizes: tuple[int, ...]) -> list[tuple[int, float]]:
+    """(n, FLOP/s) per size; all ranks time the same size at once and stop growing together."""
+    import torch.distributed as dist
+
+    points = []
+    for n in sizes:
+        a = torch.randn(n, n, device=timer.device).to(dtype)
+        b = torch.randn(n, n, device=timer.device).to(dtype)
+        dist.barrier()
+        seconds = timer.repeated(lambda: torch.mm(a, b))
+        points.append((n, 2 * n**3 / seconds))
+        slowest = torch.tensor([seconds], device=timer.device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        if slowest.item() > MAX_SINGLE_OP_S:
+            break
+    return points
+
+
+def _time_elementwise(timer: _Timer) -> float:
+    a, b, c = (torch.randn(ELEMENTWISE_NUMEL, device=timer.device) for _ in range(3))
+    seconds = timer.repeated(lambda: torch.add(a, b, out=c))
+    return 3 * a.numel() * a.element_size() / seconds / 1e9
+
+
+def _time_collective(timer: _Timer, name: str, size: int, nproc: int, rank: int) -> tuple[int, float]:
+    """(bytes S moved, median over COLLECTIVE_REPEATS of the slowest rank's seconds) for about `size` bytes."""
+    import torch.distributed as dist
+
+    numel = max(size // 4 // nproc, 1) * nproc  # float32, divisible by nproc
+    full = torch.ones(numel, device=timer.device)
+    part = torch.ones(numel // nproc, device=timer.device)
+    # torch >= 2.10 names these *_single and deprecates the *_tensor spellings.
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    peer = rank ^ 1  # pairs (0,1), (2,3)...; an odd world leaves the last rank out
+
+    def send_recv() -> None:
+        if peer >= nproc:
+            return
+        if rank % 2 == 0:
+            dist.send(full, peer)
+        else:
+            dist.recv(full, peer)
+
+    run = {"all_reduce": lambda: dist.all_reduce(full),
+           "all_gather": lambda: all_gather(full, part),
+           "reduce_scatter": lambda: reduce_scatter(part, full),
+           "send_recv": send_recv}[name]
+    times = []
+    for repeat in range(COLLECTIVE_REPEATS + 1):
+        dist.barrier()
+        seconds = timer.once(run)
+        if repeat:  # the first call warms up the connection
+            times.append(seconds)
+    slowest = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return full.numel() * full.element_size(), statistics.median(slowest.tolist())

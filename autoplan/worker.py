@@ -1,0 +1,125 @@
+"""What every rank of `autoplan run` / `autoplan bench` executes, started by torch's launcher:
+
+    python -m torch.distributed.run --nproc-per-node 4 -m autoplan.worker \\
+        --model gpt-small-demo --plan plan.json --steps 5 --out result.json
+
+Each rank builds the model (a zoo name or `file.py:factory`) on CPU, or on its GPU when
+the plan's cluster is CUDA, applies the plan through `autoplan.parallelize`, trains
+`--steps` timed steps after warm-up with `measure_training`, and sends its step times and
+peak memory to rank 0, which writes the JSON result whole (temp file + rename).
+
+CPU ranks run one thread each (`torch.set_num_threads(1)`): local plans assume one
+core per rank. A failure exits non-zero with one line on stderr,
+`autoplan.worker: rank R: <what went wrong>` (set AUTOPLAN_DEBUG=1 for the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import traceback
+from pathlib import Path
+
+ERROR_PREFIX = "autoplan.worker:"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m autoplan.worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="zoo name or path/to/file.py:factory")
+    parser.add_argument("--plan", required=True, help="plan JSON written by `autoplan plan -o`")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps (memory is measured over these)")
+    parser.add_argument("--seq-len", type=int, default=None, help="sequence length the plan was made for")
+    parser.add_argument("--out", required=True, help="result JSON (written by rank 0)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Train and measure on this rank; rank 0 returns the gathered result, others None."""
+    import torch
+    import torch.distributed as dist
+
+    from autoplan.distributed import init_process_group_from_env, parallelize
+    from autoplan.measure import measure_training
+    from autoplan.plan import Plan
+    from autoplan.zoo import build
+
+    plan = Plan.from_json(args.plan)
+    device_kind = plan.cluster.device.kind
+    if device_kind == "cpu":
+        torch.set_num_threads(1)
+        device = "cpu"
+    else:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    init_process_group_from_env(device_kind)
+    job = build(args.model, batch_size=plan.global_batch_size, seq_len=args.seq_len, device=device, seed=0)
+    batch_size = job.example_inputs[0].shape[0]
+    if batch_size != plan.global_batch_size:
+        raise ValueError(f"the model's inputs hold a global batch of {batch_size} but the plan was made for "
+                         f"global_batch_size={plan.global_batch_size}")
+    try:
+        model = parallelize(job.module, plan.cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn,
+                            plan=plan, model_name=plan.model_name)
+    except ModuleNotFoundError as error:  # TEMPORARY until autoplan.api / autoplan.profile land
+        if not (error.name or "").startswith("autoplan."):
+            raise
+        from autoplan.backends.runner import apply_plan
+
+        model = apply_plan(job.module, plan, job.loss_fn, example_inputs=job.example_inputs)
+    measurement = measure_training(model, [(job.example_inputs, job.targets)], steps=args.steps, warmup=args.warmup)
+    mine = {"step_times_s": measurement.step_times_s, "peak_memory_bytes": measurement.peak_memory_bytes,
+            "losses": measurement.losses}
+    gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() != 0:
+        return None
+    # every step is barrier-bracketed, so a step's time is its slowest rank's
+    step_times = [max(rank["step_times_s"][i] for rank in gathered) for i in range(args.steps)]
+    median_step_s = statistics.median(step_times)
+    first = job.example_inputs[0]
+    tokens_per_step = first.numel() if not first.is_floating_point() else first.shape[0]
+    peaks = [rank["peak_memory_bytes"] for rank in gathered]
+    return {
+        "model": args.model, "plan": str(Path(args.plan).resolve()), "device": device_kind,
+        "world_size": dist.get_world_size(), "mesh": plan.mesh, "steps": args.steps, "warmup": args.warmup,
+        "global_batch_size": plan.global_batch_size, "tokens_per_step": tokens_per_step,
+        "median_step_s": median_step_s, "step_times_s": step_times,
+        "rank_step_times_s": [rank["step_times_s"] for rank in gathered],
+        "tokens_per_s": tokens_per_step / median_step_s,
+        "peak_memory_bytes": peaks, "max_peak_memory_bytes": max(peaks),
+        "predicted_step_s": plan.predicted.step_time_s,
+        "predicted_peak_memory_bytes": plan.predicted.peak_memory_bytes,
+        "losses": gathered[0]["losses"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = os.environ.get("RANK", "?")
+    try:
+        result = run(args)
+        if result is not None:
+            from autoplan.cluster import write_atomically
+
+            write_atomically(Path(args.out), json.dumps(result, indent=2) + "\n")
+    except Exception as error:  # one line per failing rank; the launcher stops the others
+        import torch
+
+        what = "out of memory" if isinstance(error, (MemoryError, torch.OutOfMemoryError)) else type(error).__name__
+        message = " ".join(str(error).split())[:500]
+        print(f"{ERROR_PREFIX} rank {rank}: {what}: {message}", file=sys.stderr, flush=True)
+        if os.environ.get("AUTOPLAN_DEBUG"):
+            traceback.print_exc()
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+import math
+import statistics
+import time
+
+import pytest
+import torch
+
+from autoplan import ClusterSpec
+from autoplan.calibrate import Calibration, calibrate, fit_collectives, ring_terms
+from autoplan.costmodels.communication import estimate_collective_s, estimate_p2p_s, group_levels
+from autoplan.costmodels.compute import matmul_efficiency
+
+MATMUL_N = 256
+
+
+def _direct_matmul_s(n: int) -> float:
+    """A fresh single-thread timing of one n x n float32 matmul, median of repeats."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_rank_calibration_is_fast_positive_and_reproduces_a_direct_matmul_timing():
+    preset = ClusterSpec.local(world_size=2)
+    started = time.perf_counter()
+    cluster = calibrate(preset, nproc=2, progress=False, matmul_sizes=(64, 128, MATMUL_N),
+                        message_bytes=(4096, 65536, 1 << 20))
+    assert time.perf_counter() - started < 30
+    assert cluster.calibrated and not preset.calibrated
+    device = cluster.device
+    numbers = [*device.peak_flops.values(), device.matmul_efficiency, device.memory_bandwidth_gbps,
+               device.memory_efficiency, cluster.intra_node.bandwidth_gbps, cluster.intra_node.latency_us]
+    assert all(math.isfinite(x) and x > 0 for x in numbers), numbers
+    assert cluster.intra_node != preset.intra_node and cluster.inter_node == cluster.intra_node
+    flops = 2 * MATMUL_N**3
+    implied_s = flops / (device.peak_flops["float32"] * matmul_efficiency(flops, device))
+    direct_s = _direct_matmul_s(MATMUL_N)
+    assert direct_s / 2 < implied_s < direct_s * 2, (implied_s, direct_s)
+
+
+def _synthetic_calibration(nproc: int, latency_s: float, bandwidth_bps: float) -> Calibration:
+    """Timings that follow the ring model exactly for a known link."""
+    timings = {}
+    for name in ("all_reduce", "all_gather", "reduce_scatter", "send_recv"):
+        steps, factor = ring_terms(name, nproc)
+        timings[name] = [(size, steps * latency_s + factor * size / bandwidth_bps) for size in (1e3, 1e5, 1e7)]
+    return Calibration(device="cpu", nproc=nproc, matmul_flops={"float32": [(512, 50e9), (1024, 60e9)]},
+                       elementwise_gbps=5.0, collectives={}, link=fit_collectives(timings, nproc, "link"))
+
+
+def test_fit_recovers_a_known_link_and_the_cost_model_reproduces_the_timings():
+    nproc, latency_s, bandwidth_bps = 4, 200e-6, 0.8e9
+    calibration = _synthetic_calibration(nproc, latency_s, bandwidth_bps)
+    assert calibration.link.latency_us == pytest.approx(200.0, rel=1e-6)
+    assert calibration.link.bandwidth_gbps == pytest.approx(0.8, rel=1e-6)
+    cluster = calibration.apply(ClusterSpec.local(world_size=nproc))
+    levels = group_levels(cluster, size=nproc, stride=1)
+    size = 4e6
+    for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+        steps, factor = ring_terms(kind, nproc)
+        expected = steps * latency_s + factor * size / bandwidth_bps
+        assert estimate_collective_s(kind, size, levels) == pytest.approx(expected, rel=1e-6), kind
+    assert estimate_p2p_s(size, cluster.intra_node) == pytest.approx(latency_s + size / bandwidth_bps, rel=1e-6)
+
+
+def test_apply_makes_the_cost_model_reproduce_the_large_matmul_rate():
+    calibration = _synthetic_calibration(2, 100e-6, 1e9)
+    cluster = calibration.apply(ClusterSpec.local(world_size=2))
+    flops = 2 * 1024**3
+    rate = cluster.device.peak_flops["float32"] * matmul_efficiency(flops, cluster.device)
+    assert rate == pytest.approx(60e9, rel=1e-6)
+    assert cluster.device.memory_bandwidth_gbps * cluster.device.memory_efficiency == pytest.approx(5.0)
+    assert cluster.device.matmul_efficiency <= 1.0
+
+
+def test_bad_arguments_are_value_errors():
+    with pytest.raises(ValueError, match="device"):
+        calibrate(ClusterSpec.local(world_size=2), device="tpu", progress=False)
+    with pytest.raises(ValueError, match="nproc"):
+        calibrate(ClusterSpec.local(world_size=2), nproc=0, progress=False)
