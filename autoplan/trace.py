@@ -50,7 +50,7 @@ _ELEMENTWISE_MODULES = (nn.modules.dropout._DropoutNd, nn.GELU, nn.SiLU, nn.ReLU
                         nn.Identity, nn.Mish, nn.LeakyReLU)
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
 _CHUNKS = {"chunk", "split", "tensor_split", "unbind", "split_with_sizes"}
-_TRANSPOSES = {"transpose", "swapaxes", "swapdims", "permute", "t", "mT"}
+_TRANSPOSES = {"transpose", "swapaxes", "swapdims", "permute", "t", "T", "mT"}
 _MATMULS = {"matmul", "__matmul__", "bmm"}
 _DIM_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "prod", "softmax",
                    "log_softmax", "cumsum", "norm", "var", "std", "logsumexp", "topk", "sort"}
@@ -252,13 +252,15 @@ class _Recorder(TorchFunctionMode):
         if self.in_hook:  # shapes read by our own hooks
             return func(*args, **kwargs)
         name = getattr(func, "__name__", str(func))
+        if name == "__get__":  # a property: Tensor.T, Tensor.mT, Tensor.shape
+            name = getattr(getattr(func, "__self__", None), "__name__", name)
         try:
             output = func(*args, **kwargs)
         except _TraceError:
             raise
         except Exception as error:
             raise _TraceError(self.stack[-1][0] if self.stack else "", name, error) from error
-        if self.leaf_depth == 0 and name != "__get__" and _tensors(output):
+        if self.leaf_depth == 0 and _tensors(output):
             self.nodes.append(OpNode(name, self.stack[-1][0] if self.stack else "", self.current_layer,
                                      args, kwargs, output, False))
         return output
@@ -692,8 +694,10 @@ def _common_prefix(parts: list[list[str]]) -> list[str]:
 
 def _transposed_dim(node: OpNode, x: torch.Tensor, d: int) -> int:
     rank = x.dim()
-    if node.target in ("t", "mT"):
-        first, second = rank - 2, rank - 1
+    if node.target == "T" and rank > 2:
+        return rank - 1 - d
+    if node.target in ("t", "T", "mT"):
+        first, second = max(rank - 2, 0), rank - 1
     elif node.target == "permute":
         order = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
         order = node.kwargs.get("dims", order)

@@ -230,3 +230,29 @@ class _Wrap(nn.Module):
 
     def forward(self, x):
         return self.body(x)
+
+
+def test_graph_nodes_name_their_owning_module():
+    gpt = traced("gpt-tiny")
+    attention = [node for node in gpt.graph if node.target == "scaled_dot_product_attention"]
+    assert [node.module for node in attention] == ["blocks.0.attn"]   # blocks 1-3 replay block 0
+    linear = next(node for node in gpt.graph if node.module == "blocks.0.mlp.c_fc")
+    assert linear.is_module and linear.layer == "blocks.0" and tuple(linear.outputs[0].shape) == (4, 32, 256)
+
+
+def test_split_qkv_with_matmul_attention_and_properties():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(32, 96), nn.Linear(32, 32)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.qkv(x).split(32, dim=-1)
+            q, k, v = (t.view(B, T, 4, 8).transpose(1, 2) for t in (q, k, v))
+            weights = (q @ k.mT).softmax(-1)          # softmax over keys, not heads
+            return x + self.out((weights @ v).transpose(1, 2).flatten(2))
+
+    result = trace_model(nn.Sequential(Attention()), (torch.randn(2, 6, 32),))
+    assert result.tp_sites == {"0.qkv": TPSite(style="colwise", fused_sizes=[32, 32, 32]), "0.out": ROWWISE}
+    assert result.tp_divisors == {"0 heads": 4}
