@@ -10,6 +10,7 @@ Spawning costs ~3 s per call on CI: group several configurations into one call.
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -35,7 +36,11 @@ def _rank_main(rank, world_size, port, fn, args, init, queue):
     try:
         if init:
             dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        # Send bytes, not tensors: a tensor put on a multiprocessing queue is shared through a
+        # file this process deletes when it exits, possibly before the parent reads it.
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -57,6 +62,10 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 240.0,
     try:
         for _ in range(world_size):
             rank, status, value = queue.get(timeout=timeout_s)
+            if status == "ok":
+                import torch
+
+                value = torch.load(io.BytesIO(value), weights_only=False)
             (results if status == "ok" else errors)[rank] = value
             if errors:
                 break

@@ -1,0 +1,148 @@
+"""Execute a Plan on this rank: build the mesh, apply each technique, train.
+
+    >>> model = apply_plan(job.module, plan, job.loss_fn)             # doctest: +SKIP
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)       # doctest: +SKIP
+    >>> loss = model.train_step(tokens, targets=targets)              # the same global batch on every rank
+    >>> optimizer.step(); optimizer.zero_grad()                       # doctest: +SKIP
+
+Every rank passes the same GLOBAL batch; the runner takes this rank's data-parallel
+slice (dim 0), splits it into `plan.num_micro_batches` micro-batches, accumulates
+gradients, and returns the global mean loss, identical on every rank. With pp > 1 the
+stage schedule is `autoplan.backends.pipeline`'s; slicing and the loss mean stay here.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+
+from autoplan.backends.data_parallel import apply_data_parallel
+from autoplan.backends.mesh import build_device_mesh, check_world_size
+from autoplan.backends.recompute import apply_recompute
+from autoplan.backends.tensor_parallel import apply_tensor_parallel, gather_full_state_dict
+from autoplan.plan import Plan
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _device_type() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+def _split_batch(tensor: torch.Tensor, num_parts: int, part: int) -> torch.Tensor:
+    if tensor.shape[0] % num_parts:
+        raise ValueError(f"batch dim {tensor.shape[0]} is not divisible into {num_parts} equal parts")
+    return tensor.chunk(num_parts)[part]
+
+
+class ParallelModel:
+    """A model running a Plan on this rank (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: LossFn, engine=None):
+        self.module = module
+        self.plan = plan
+        self.mesh = mesh
+        self.loss_fn = loss_fn
+        self.engine = engine
+        """The pipeline engine when pp > 1 (it owns the stage modules), else None."""
+        self.device = torch.device(_device_type(), torch.cuda.current_device()) if _device_type() == "cuda" \
+            else torch.device("cpu")
+
+    def _local_batch(self, inputs: tuple, targets: torch.Tensor | None) -> tuple[tuple, torch.Tensor | None]:
+        """This dp rank's slice of the global batch (every input and the targets along dim 0)."""
+        dp, dp_rank = self.mesh["dp"].size(), self.mesh["dp"].get_local_rank()
+        expected = self.plan.micro_batch_size * self.plan.num_micro_batches * dp
+        if inputs[0].shape[0] != expected:
+            raise ValueError(f"global batch of {inputs[0].shape[0]} != micro_batch_size({self.plan.micro_batch_size})"
+                             f" * num_micro_batches({self.plan.num_micro_batches}) * dp({dp}) = {expected}")
+        local = tuple(_split_batch(x, dp, dp_rank).to(self.device) for x in inputs)
+        return local, None if targets is None else _split_batch(targets, dp, dp_rank).to(self.device)
+
+    def train_step(self, *inputs: torch.Tensor, targets: torch.Tensor | None = None) -> float:
+        """Forward + backward of one global batch; returns the global mean loss (same on every rank).
+
+        Gradients are left in `.parameters()` for the user's optimizer.
+        """
+        local_inputs, local_targets = self._local_batch(inputs, targets)
+        if self.engine is not None:
+            local_loss = torch.tensor(float(self.engine.train_step(local_inputs, local_targets)), device=self.device)
+        else:
+            local_loss = self._accumulate(local_inputs, local_targets)
+        dist.all_reduce(local_loss, group=self.mesh["dp"].get_group())  # SUM: gloo has no AVG
+        return local_loss.item() / self.mesh["dp"].size()
+
+    def _accumulate(self, local_inputs: tuple, local_targets: torch.Tensor | None) -> torch.Tensor:
+        """Gradient accumulation over the micro-batches; returns their mean loss (detached)."""
+        num_micro = self.plan.num_micro_batches
+        micro_inputs = [x.chunk(num_micro) for x in local_inputs]
+        micro_targets = local_targets.chunk(num_micro) if local_targets is not None else [None] * num_micro
+        # ZeRO 0/1 all-reduce / reduce-scatter once, after the last micro-batch (gradients stay
+        # full-size meanwhile); ZeRO 2/3 reduce-scatter every micro-batch so gradients stay sharded.
+        defer_sync = isinstance(self.module, FSDPModule) and self.plan.zero_stage <= 1 and num_micro > 1
+        total = torch.zeros((), device=self.device)
+        for index in range(num_micro):
+            if defer_sync:
+                self.module.set_requires_gradient_sync(index == num_micro - 1)
+            output = self.module(*(parts[index] for parts in micro_inputs))
+            loss = self.loss_fn(output, micro_targets[index])
+            (loss / num_micro).backward()
+            total += loss.detach().float()
+        return total / num_micro
+
+    def __call__(self, *inputs, **kwargs):
+        return self.forward(*inputs, **kwargs)
+
+    def forward(self, *inputs, **kwargs):
+        """Inference on this rank's inputs (pp == 1 only)."""
+        if self.engine is not None:
+            raise NotImplementedError("forward() of a pipelined model: use train_step")
+        return self.module(*inputs, **kwargs)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters (DTensor shards where split): hand them to a torch optimizer."""
+        return (param for _, param in self.named_parameters())
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters under the original model's names."""
+        source = self.engine if self.engine is not None else self.module
+        return ((name.replace(_CHECKPOINT_PREFIX, ""), param) for name, param in source.named_parameters())
+
+    def state_dict(self, full: bool = False) -> dict[str, torch.Tensor]:
+        """`full=False`: this rank's (possibly sharded) tensors. `full=True`: the original
+        model's keys with whole plain tensors, on every rank (a collective)."""
+        if self.engine is not None:
+            if not full:
+                return dict(self.engine.named_parameters())
+            return self.engine.full_state_dict()
+        return gather_full_state_dict(self.module) if full else self.module.state_dict()
+
+
+def apply_plan(model: nn.Module, plan: Plan, loss_fn: LossFn, example_inputs: tuple | None = None) -> ParallelModel:
+    """Apply `plan` to `model` on this rank (the process group must be initialised).
+
+    >>> pm = apply_plan(model, plan, loss_fn)     # doctest: +SKIP
+    """
+    check_world_size(plan, dist.get_world_size())
+    mesh = build_device_mesh(plan, _device_type())
+    if _device_type() == "cuda":
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    if plan.mesh.get("pp", 1) > 1:
+        from autoplan.backends.pipeline import build_pipeline
+
+        engine = build_pipeline(model, plan, mesh, loss_fn, example_inputs)
+        return ParallelModel(model, plan, mesh, loss_fn, engine=engine)
+    # Order matters (as torchtitan): tensor parallel first, because it swaps parameters for
+    # DTensors and adds hooks the checkpointed region must replay; recompute next, so the
+    # checkpoint wraps the TP-split layer; data parallel last, because FSDP2 groups and
+    # shards whatever parameters (plain or TP DTensors) the layers hold at that point.
+    apply_tensor_parallel(model, mesh["tp"], plan.tp_styles, plan.tp_divide_attrs, plan.sequence_parallel)
+    apply_recompute(model, plan.recompute_of())
+    apply_data_parallel(model, mesh["dp"], plan.zero_stage, [layer.name for layer in plan.layers],
+                        plan.param_dtype, plan.grad_reduce_dtype)
+    return ParallelModel(model, plan, mesh, loss_fn)
