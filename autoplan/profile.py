@@ -47,9 +47,6 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from autoplan.layers import LayerProfile, ModelProfile, selective_save_ops
 from autoplan.trace import TracedModel, _join, _tensors, trace_model
 
-RECOMPUTE_OPTIONS = ("none", "selective", "full")
-
-
 def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "model",
                   loss_fn: Callable | None = None, *, targets: torch.Tensor | None = None,
                   measure: bool = False, device: str | torch.device | None = None) -> ModelProfile:
@@ -173,18 +170,31 @@ _SDPA_SIGNATURE = inspect.signature(_sdpa_reference)
 
 
 class _FusedAttention(TorchFunctionMode):
-    """Runs F.scaled_dot_product_attention on meta tensors as the fused memory-efficient kernel."""
+    """Runs F.scaled_dot_product_attention on meta tensors as the fused memory-efficient kernel.
+
+    A boolean mask becomes the kernel's additive bias; grouped-query attention repeats k and v
+    (the fused kernels read them in place, so this counts (heads - kv_heads) / heads of k and v
+    more than a GPU keeps, far less than the s x s scores of the math fallback)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            call = _SDPA_SIGNATURE.bind(*args, **kwargs).arguments
-            query = call["query"]
-            if query.is_meta and call.get("attn_mask") is None and not call.get("enable_gqa"):
-                return torch.ops.aten._scaled_dot_product_efficient_attention(
-                    query, call["key"], call["value"], None, True, call.get("dropout_p", 0.0),
-                    call.get("is_causal", False), scale=call.get("scale"))[0]
-        return func(*args, **kwargs)
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        call = _SDPA_SIGNATURE.bind(*args, **kwargs)
+        call.apply_defaults()
+        query, key, value, mask = (call.arguments[name] for name in ("query", "key", "value", "attn_mask"))
+        if not query.is_meta or query.dim() != 4:
+            return func(*args, **kwargs)
+        if call.arguments["enable_gqa"]:
+            repeats = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+            mask = mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, mask, True, call.arguments["dropout_p"], call.arguments["is_causal"],
+            scale=call.arguments["scale"])[0]
 
 
 @dataclass(eq=False)
