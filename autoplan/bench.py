@@ -1,0 +1,325 @@
+"""`autoplan bench`: the planner's choice beside the plans a practitioner would try by hand.
+
+    >>> report = run_bench("gpt-small-demo", ClusterSpec.local(world_size=4), steps=5,
+    ...                    json_path="bench.json", plot_path="bench.png")     # doctest: +SKIP
+    >>> [(c["name"], c["predicted_step_s"], c["measured_step_s"]) for c in report["candidates"]]  # doctest: +SKIP
+
+Candidates (each planned by `autoplan.api.plan` with its pins; a fully pinned one is
+evaluated by the cost model, the free fields are still the planner's, e.g. micro-batch):
+
+    autoplan   nothing pinned: the planner's choice
+    ddp        dp = world, tp = pp = 1, ZeRO 0            (PyTorch DDP)
+    fsdp       dp = world, tp = pp = 1, ZeRO 3            (FSDP / ZeRO-3)
+    megatron   tp = devices per node (local: min(N, 2), as a CPU has no NVLink to
+               justify more), pp = nodes, dp = the rest, sequence parallel, 1F1B
+    pipeline   pp = world, 1F1B
+    fix:...    each `--fix` given
+
+Each is launched for `steps` timed steps (after warm-up) through torch's launcher and
+reported with predicted and measured step time, tokens/s, peak memory per rank and MFU.
+A candidate that is infeasible, runs out of memory or fails is reported as
+"failed: <one line>" and the bench goes on; one that cannot run on this machine (a GPU
+cluster without GPUs, several nodes) keeps its prediction and says "not run: <why>".
+The JSON layout is SPEC.md's `autoplan bench --json` schema plus the fields below.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from autoplan.cluster import ClusterSpec, write_atomically
+from autoplan.constraints import Constraints
+from autoplan.plan import Plan
+
+DEFAULT_GLOBAL_BATCH_SIZE = 8
+LOCAL_MAX_TP = 2
+
+
+def baseline_constraints(cluster: ClusterSpec) -> dict[str, Constraints]:
+    """The hand-tuned configurations of the module docstring, for this cluster.
+
+    >>> sorted(baseline_constraints(ClusterSpec.local(world_size=4))["megatron"].pinned().items())
+    [('dp', 2), ('pp', 1), ('recompute', 'none'), ('schedule', '1f1b'), ('sequence_parallel', True), ('tp', 2), ('zero_stage', 0)]
+    """
+    world = cluster.world_size
+    per_node = cluster.devices_per_node
+    tp = min(per_node, LOCAL_MAX_TP) if cluster.device.kind == "cpu" else per_node
+    pp = cluster.num_nodes
+    plain = {"recompute": "none"}
+    return {
+        "ddp": Constraints(dp=world, tp=1, pp=1, zero_stage=0, **plain),
+        "fsdp": Constraints(dp=world, tp=1, pp=1, zero_stage=3, **plain),
+        "megatron": Constraints(tp=tp, pp=pp, dp=world // (tp * pp), zero_stage=0, sequence_parallel=tp > 1,
+                                schedule="1f1b", **plain),
+        "pipeline": Constraints(dp=1, tp=1, pp=world, zero_stage=0, schedule="1f1b", **plain),
+    }
+
+
+def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequence[Constraints] = (),
+              global_batch_size: int | None = None, seq_len: int | None = None, json_path: str | None = None,
+              plot_path: str | None = None, progress: bool = True, *, baselines: bool = True,
+              launcher_args: Sequence[str] = (), timeout_s: float = 600.0) -> dict:
+    """Plan, launch and measure every candidate; print a table; write JSON and a figure if asked.
+
+    Returns the report: {"model", "cluster", "steps", "global_batch_size", "seq_len",
+    "candidates": [...]} (SPEC.md's schema; each candidate also carries "status",
+    "plan", the per-rank "measured_peak_memory_bytes_per_rank", tokens/s and MFU).
+
+    >>> run_bench("gpt-tiny", ClusterSpec.local(world_size=2), steps=2)["candidates"][0]["name"]  # doctest: +SKIP
+    'autoplan'
+    """
+    from rich.console import Console
+
+    from autoplan.zoo import build
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    job = build(model_name, batch_size=global_batch_size or DEFAULT_GLOBAL_BATCH_SIZE, seq_len=seq_len, device="meta")
+    named = [("autoplan", Constraints())]
+    if baselines:
+        named += list(baseline_constraints(cluster).items())
+    named += [(_fix_name(fix), fix) for fix in fixes]
+    console = Console(quiet=not progress)
+    runnable = _why_not_runnable(cluster, launcher_args)
+    candidates = []
+    with tempfile.TemporaryDirectory(prefix="autoplan-bench-") as scratch:
+        for index, (name, constraints) in enumerate(named):
+            with console.status(f"[{index + 1}/{len(named)}] {name}: planning and running {steps} step(s)"):
+                entry = _run_candidate(name, constraints, job, model_name, cluster, steps, seq_len,
+                                       Path(scratch) / f"{index}-plan.json", runnable, launcher_args, timeout_s)
+            candidates.append(entry)
+            console.print(f"  {name}: {entry['status']}")
+    report = {"model": model_name, "cluster": cluster.describe(), "cluster_calibrated": cluster.calibrated,
+              "steps": steps, "global_batch_size": job.example_inputs[0].shape[0], "seq_len": seq_len,
+              "candidates": candidates}
+    if progress:
+        console.print(bench_table(report))
+    if json_path:
+        write_atomically(Path(json_path), json.dumps(report, indent=2) + "\n")
+    if plot_path:
+        plot_bench(report, plot_path)
+    return report
+
+
+def _fix_name(fix: Constraints) -> str:
+    return "fix:" + ",".join(f"{key}={value}" for key, value in fix.pinned().items())
+
+
+def _why_not_runnable(cluster: ClusterSpec, launcher_args: Sequence[str]) -> str | None:
+    """None when this machine can run the cluster's plans, else why not."""
+    import torch
+
+    if cluster.num_nodes > 1 and not launcher_args:
+        return f"{cluster.num_nodes} nodes: give the launcher's multi-node flags"
+    if cluster.device.kind == "cuda" and torch.cuda.device_count() < cluster.devices_per_node:
+        return f"needs {cluster.devices_per_node} CUDA device(s) per node, this machine has {torch.cuda.device_count()}"
+    return None
+
+
+def _run_candidate(name: str, constraints: Constraints, job, model_name: str, cluster: ClusterSpec, steps: int,
+                   seq_len: int | None, plan_path: Path, not_runnable: str | None,
+                   launcher_args: Sequence[str], timeout_s: float) -> dict:
+    """Plan one candidate and (when possible) launch it; failures become its status."""
+    from autoplan.api import plan as make_plan
+    from autoplan.launch import launch
+
+    entry = {"name": name, "chosen": name == "autoplan", "status": "ok", "mesh": None,
+             "constraints": constraints.model_dump(mode="json", exclude_none=True),
+             "predicted_step_s": None, "measured_step_s": None,
+             "predicted_peak_memory_bytes": None, "measured_peak_memory_bytes": None,
+             "measured_peak_memory_bytes_per_rank": None, "predicted_tokens_per_s": None,
+             "measured_tokens_per_s": None, "predicted_mfu": None, "measured_mfu": None, "plan": None}
+    try:
+        plan = make_plan(job.module, cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn,
+                         constraints=constraints, model_name=model_name)
+    except ValueError as error:
+        entry["status"] = "failed: infeasible: " + _one_line(error)
+        return entry
+    entry.update(_predicted(plan, job))
+    if not_runnable:
+        entry["status"] = f"not run: {not_runnable}"
+        return entry
+    plan.to_json(plan_path)
+    try:
+        result = launch(plan_path, model_name, nproc=plan.world_size // max(cluster.num_nodes, 1), steps=steps,
+                        launcher_args=launcher_args, seq_len=seq_len, timeout_s=timeout_s)
+    except (RuntimeError, ValueError) as error:
+        entry["status"] = "failed: " + _one_line(error)
+        return entry
+    if not result:  # multi-node: the result lives with global rank 0 on another node
+        entry["status"] = "ok (result on the node of rank 0)"
+        return entry
+    measured_s = result["median_step_s"]
+    entry.update(measured_step_s=measured_s, measured_peak_memory_bytes=result["max_peak_memory_bytes"],
+                 measured_peak_memory_bytes_per_rank=result["peak_memory_bytes"],
+                 measured_tokens_per_s=result["tokens_per_s"])
+    if entry["predicted_mfu"] is not None:  # same model FLOPs and peak: MFU scales with 1 / step time
+        entry["measured_mfu"] = entry["predicted_mfu"] * plan.predicted.step_time_s / measured_s
+    return entry
+
+
+def _predicted(plan: Plan, job) -> dict:
+    first = job.example_inputs[0]
+    tokens_per_step = first.numel() if not first.is_floating_point() else first.shape[0]
+    return {
+        "mesh": plan.mesh, "predicted_step_s": plan.predicted.step_time_s,
+        "predicted_peak_memory_bytes": plan.predicted.peak_memory_bytes,
+        "predicted_tokens_per_s": plan.predicted.tokens_per_s or tokens_per_step / plan.predicted.step_time_s,
+        "predicted_mfu": plan.predicted.mfu,
+        "plan": {"micro_batch_size": plan.micro_batch_size, "num_micro_batches": plan.num_micro_batches,
+                 "schedule": plan.schedule, "virtual_stages": plan.virtual_stages, "zero_stage": plan.zero_stage,
+                 "sequence_parallel": plan.sequence_parallel,
+                 "recompute": sorted(set(plan.recompute_of().values())),
+                 "stages": [{"index": s.index, "pp_rank": s.pp_rank, "num_layers": len(s.layers),
+                             "predicted_time_s": s.predicted_time_s} for s in plan.stages]},
+    }
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def bench_table(report: dict):
+    """The rich Table `autoplan bench` prints."""
+    from rich.table import Table
+
+    table = Table(title=f"{report['model']} on {report['cluster']}, {report['steps']} timed step(s)"
+                        + (" (calibrated)" if report.get("cluster_calibrated") else ""))
+    for column in ("candidate", "mesh dp/pp/tp", "mb", "zero", "pred s", "meas s", "err", "tok/s meas",
+                   "pred MB", "meas MB", "MFU meas", "status"):
+        table.add_column(column, justify="left" if column in ("candidate", "status") else "right")
+    for entry in report["candidates"]:
+        mesh, plan = entry["mesh"], entry["plan"] or {}
+        predicted, measured = entry["predicted_step_s"], entry["measured_step_s"]
+        table.add_row(
+            ("* " if entry["chosen"] else "") + entry["name"],
+            f"{mesh['dp']}/{mesh['pp']}/{mesh['tp']}" if mesh else "-",
+            _fmt(plan.get("micro_batch_size"), "{}"), _fmt(plan.get("zero_stage"), "{}"),
+            _fmt(predicted, "{:.4g}"), _fmt(measured, "{:.4g}"),
+            _fmt(relative_error(predicted, measured), "{:+.0%}"),
+            _fmt(entry["measured_tokens_per_s"], "{:.4g}"),
+            _fmt(entry["predicted_peak_memory_bytes"] and entry["predicted_peak_memory_bytes"] / 1e6, "{:.1f}"),
+            _fmt(entry["measured_peak_memory_bytes"] and entry["measured_peak_memory_bytes"] / 1e6, "{:.1f}"),
+            _fmt(entry["measured_mfu"], "{:.1%}"), entry["status"])
+    return table
+
+
+def relative_error(predicted: float | None, measured: float | None) -> float | None:
+    """(predicted - measured) / measured, None when either is missing."""
+    if predicted is None or not measured:
+        return None
+    return (predicted - measured) / measured
+
+
+def _fmt(value, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+# ------------------------------------------------------------------------- figures
+def plot_bench(report: dict, path: str | os.PathLike) -> None:
+    """Predicted vs measured step time per candidate; beside it the chosen plan's pipeline
+    timeline when it has pp > 1 (from its predicted stage times). Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        raise ValueError("plotting needs matplotlib: pip install matplotlib (or autoplan[plot])") from None
+    chosen = next((c for c in report["candidates"] if c["chosen"] and c["plan"]), None)
+    timeline = chosen is not None and chosen["mesh"]["pp"] > 1
+    figure, axes = plt.subplots(1, 2 if timeline else 1, figsize=(13 if timeline else 7, 4), squeeze=False)
+    bars = axes[0][0]
+    names = [c["name"] for c in report["candidates"]]
+    positions = range(len(names))
+    width = 0.4
+    bars.bar([p - width / 2 for p in positions], [c["predicted_step_s"] or 0 for c in report["candidates"]],
+             width, label="predicted")
+    bars.bar([p + width / 2 for p in positions], [c["measured_step_s"] or 0 for c in report["candidates"]],
+             width, label="measured")
+    bars.set_xticks(list(positions), names, rotation=20)
+    bars.set_ylabel("step time (s)")
+    bars.set_title(f"{report['model']} on {report['cluster']}")
+    bars.legend()
+    if timeline:
+        _plot_timeline(axes[0][1], chosen)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def pipeline_timeline(stage_times_s: list[float], pp: int, num_micro_batches: int,
+                      schedule: str) -> list[tuple[int, str, int, int, float, float]]:
+    """Simulated (pp_rank, "F"/"B", stage, micro_batch, start_s, end_s) of one step.
+
+    Stage i runs on pipeline rank i % pp. Forward is a third of a stage's forward+backward time, backward two thirds. Each
+    rank runs its actions in the schedule's order: GPipe all forwards then all backwards;
+    1F1B `pp - rank - 1` warm-up forwards then one forward one backward; interleaved
+    1F1B (Megatron's order) `(v - 1) * pp + 2 (pp - rank - 1)` warm-up forwards, chunks
+    taken pp micro-batches at a time. An action starts when its rank is free and its
+    input exists (the previous stage's forward, the next stage's backward).
+
+    >>> [(a[1], a[2], a[3], a[4]) for a in pipeline_timeline([3.0, 3.0], 2, 2, "gpipe") if a[0] == 1][:2]
+    [('F', 1, 0, 1.0), ('F', 1, 1, 2.0)]
+    """
+    num_stages = len(stage_times_s)
+    v = num_stages // pp
+    orders = []
+    for rank in range(pp):
+        chunks = [chunk * pp + rank for chunk in range(v)]
+        groups = [list(range(start, min(start + pp, num_micro_batches))) for start in range(0, num_micro_batches, pp)]
+        forwards = [("F", stage, mb) for group in groups for stage in chunks for mb in group]
+        backwards = [("B", stage, mb) for group in groups for stage in reversed(chunks) for mb in group]
+        if schedule == "gpipe":
+            warmup = len(forwards)
+        elif schedule == "interleaved_1f1b":
+            warmup = min(len(forwards), (v - 1) * pp + 2 * (pp - rank - 1))
+        else:
+            warmup = min(len(forwards), pp - rank - 1)
+        order = forwards[:warmup]
+        for forward, backward in zip(forwards[warmup:], backwards):
+            order += [forward, backward]
+        order += backwards[len(forwards) - warmup:]
+        orders.append(order)
+    done: dict[tuple[str, int, int], float] = {}
+    free = [0.0] * pp
+    position = [0] * pp
+    actions = []
+    while any(position[rank] < len(orders[rank]) for rank in range(pp)):
+        progressed = False
+        for rank in range(pp):
+            if position[rank] == len(orders[rank]):
+                continue
+            kind, stage, mb = orders[rank][position[rank]]
+            needs = [("F", stage - 1, mb)] if kind == "F" and stage > 0 else []
+            if kind == "B":
+                needs = [("F", stage, mb)] + ([("B", stage + 1, mb)] if stage < num_stages - 1 else [])
+            if not all(need in done for need in needs):
+                continue
+            start = max([free[rank], *(done[need] for need in needs)])
+            end = start + stage_times_s[stage] * (1 / 3 if kind == "F" else 2 / 3)
+            done[(kind, stage, mb)] = free[rank] = end
+            actions.append((rank, kind, stage, mb, start, end))
+            position[rank] += 1
+            progressed = True
+        assert progressed, "pipeline schedule deadlocked"
+    return actions
+
+
+def _plot_timeline(axis, candidate: dict) -> None:
+    plan = candidate["plan"]
+    stage_times = [stage["predicted_time_s"] or 1.0 for stage in plan["stages"]]
+    pp = candidate["mesh"]["pp"]
+    actions = pipeline_timeline(stage_times, pp, plan["num_micro_batches"], plan["schedule"])
+    for rank, kind, stage, mb, start, end in actions:
+        axis.barh(rank, end - start, left=start, color="tab:blue" if kind == "F" else "tab:orange",
+                  edgecolor="white", alpha=0.6 + 0.4 * (stage // pp) / max(plan["virtual_stages"], 1))
+        axis.text((start + end) / 2, rank, f"{kind}{mb}", ha="center", va="center", fontsize=7)
+    axis.set_yticks(range(pp), [f"pp rank {rank}" for rank in range(pp)])
+    axis.invert_yaxis()
+    axis.set_xlabel("predicted time (s)")
+    axis.set_title(f"chosen plan: {plan['schedule']}, {plan['num_micro_batches']} micro-batches (F blue, B orange)")
