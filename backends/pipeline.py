@@ -106,6 +106,11 @@ class PipelineEngine:
     def _sum_tied_gradients(self) -> None:
         """Each copy of a tied parameter gets the sum of all copies' gradients."""
         for group, parameters in self._tied_groups:
+            for parameter in parameters:
+                # A vocab-split embedding's gradient can come back Replicate; lay it out like
+                # its parameter (a local slice) so every copy's local gradient lines up.
+                if isinstance(parameter.grad, DTensor) and parameter.grad.placements != parameter.placements:
+                    parameter.grad = parameter.grad.redistribute(placements=parameter.placements)
             grads = [_local(p.grad) for p in parameters if p.grad is not None]
             if not grads:
                 continue
