@@ -77,7 +77,11 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
         with_loss = loss is not None and layer == traced.layers[-1]
         key = (layer if with_loss else traced.representative(layer), with_loss)
         if key not in costs:
-            costs[key] = _profile_layer(traced, key[0], loss if with_loss else None)
+            try:
+                costs[key] = _profile_layer(traced, key[0], loss if with_loss else None)
+            except Exception as error:
+                raise ValueError(f"cannot profile layer {key[0]!r} ({type(module.get_submodule(key[0])).__name__}) "
+                                 f"forward and backward on meta tensors: {type(error).__name__}: {error}") from error
             if measure:
                 costs[key].update(_measure_layer(traced, key[0], measure_device))
         param_count, tp_param_count = _count_parameters(traced, layer, counted)
@@ -339,11 +343,14 @@ def _saved_bytes(saved: list[torch.Tensor], accounting: _Accounting, inputs: Any
 
 
 def _allreduce_bytes(traced: TracedModel, layer: str) -> dict[str, float]:
-    """One all-reduce of the output per rowwise Linear and vocab-split embedding (forward), one of
-    the input gradient per group of colwise Linears reading one tensor (backward)."""
+    """Forward: one all-reduce of the output per rowwise Linear and vocab-split embedding, and
+    the all-gather of the vocab-split logits (the backend gathers them for the loss), counted
+    as the all-reduce of half as many bytes, which costs the same on a ring. Backward: one
+    all-reduce of the input gradient per group of colwise Linears reading one tensor."""
     calls = {node.module: node for node in traced.graph if node.layer == layer and node.is_module}
-    forward = sum(_tensor_bytes(calls[path].outputs[0]) for path, site in traced.tp[layer].sites.items()
-                  if site.style in ("rowwise", "vocab_embedding"))
+    reduced_share = {"rowwise": 1.0, "vocab_embedding": 1.0, "vocab_output": 0.5}
+    forward = sum(reduced_share[site.style] * _tensor_bytes(calls[path].outputs[0])
+                  for path, site in traced.tp[layer].sites.items() if site.style in reduced_share)
     backward = sum(_tensor_bytes(calls[group[0]].inputs[0]) for group in traced.tp[layer].colwise_groups)
     return dict(tp_allreduce_bytes_fwd=float(forward), tp_allreduce_bytes_bwd=float(backward))
 

@@ -89,6 +89,8 @@ def test_gpt_tensor_parallel_collectives_and_parameters(gpt):
     head = layer(gpt, "lm_head")
     assert head.param_count == 0 and head.tp_param_count == 0   # tied: counted in tok_emb
     assert head.tp_allreduce_bytes_bwd == 4 * S * H
+    # the vocab-split logits are all-gathered: s x V floats, costed as an all-reduce of half
+    assert head.tp_allreduce_bytes_fwd == 4 * S * V / 2
 
 
 def test_repeated_blocks_carry_their_own_names(gpt):
@@ -145,3 +147,24 @@ def test_huge_models_profile_quickly(name, limit_s):
 def test_inputs_without_a_batch_dim_are_rejected():
     with pytest.raises(ValueError, match="example_inputs"):
         profile_model(torch.nn.Linear(2, 2), (torch.tensor(1.0),))
+
+
+class _NoMetaBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("this kernel has no meta backward")
+
+
+class _Doubler(torch.nn.Module):
+    def forward(self, x):
+        return _NoMetaBackward.apply(x)
+
+
+def test_a_layer_failing_on_meta_names_the_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), _Doubler())
+    with pytest.raises(ValueError, match=r"layer '1' \(_Doubler\).*no meta backward"):
+        profile_model(model, (torch.randn(2, 4),))
