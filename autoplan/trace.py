@@ -401,61 +401,68 @@ class _Region:
 
 def _find_tensor_parallel(traced: TracedModel, recorder: _Recorder) -> None:
     """Fill `traced.tp`: analyse each representative layer, copy the result to its repeats."""
-    producer = {id(t): node for node in traced.graph for t in node.outputs}
-    consumers: dict[int, list[OpNode]] = {}
-    for node in traced.graph:
-        for t in node.inputs:
-            consumers.setdefault(id(t), []).append(node)
-    model_inputs = {id(t) for t in _tensors(traced.inputs)}
-    model_outputs = {id(t) for t in _tensors(traced.output)}
-    modules = dict(traced.module.named_modules())
-
-    vocab_sizes = {}
-    for node in traced.graph:
-        embedding = modules[node.module] if node.is_module else None
-        if isinstance(embedding, nn.Embedding) and id(node.inputs[0]) in model_inputs:
-            vocab_sizes[node.module] = embedding.num_embeddings
-
-    def feeds_output(node: OpNode) -> bool:
-        frontier, seen = list(node.outputs), set()
-        while frontier:
-            t = frontier.pop()
-            if id(t) in model_outputs:
-                return True
-            for user in consumers.get(id(t), []):
-                if id(user) not in seen and not (user.is_module and isinstance(modules[user.module], (nn.Linear, nn.Embedding))):
-                    seen.add(id(user))
-                    frontier.extend(user.outputs)
-        return False
-
+    flow = _ModelFlow(traced)
     analysed: dict[str, LayerTP] = {}
     for layer in traced.layers:
         representative = traced.representative(layer)
         if representative not in analysed:
-            search = _SplitSearch(recorder.nodes_of(layer), traced.calls[layer], producer, modules)
-            layer_tp = search.run()
-            for node in search.nodes:
-                if not node.is_module:
-                    continue
-                mod = modules[node.module]
-                if node.module in vocab_sizes:
-                    layer_tp.sites[node.module] = TPSite(style="vocab_embedding")
-                    layer_tp.divisors[f"{node.module} vocab"] = vocab_sizes[node.module]
-                elif (isinstance(mod, nn.Linear) and mod.out_features in vocab_sizes.values()
-                      and node.module not in layer_tp.sites and feeds_output(node)):
-                    layer_tp.sites[node.module] = TPSite(style="vocab_output")
-                    layer_tp.divisors[f"{node.module} vocab"] = mod.out_features
-                    layer_tp.colwise_groups.append([node.module])
-                elif (isinstance(mod, (*_NORMS, nn.modules.dropout._DropoutNd)) and node.module not in search.inside
-                      and node.inputs and node.inputs[0].dim() >= 3):
-                    # outside every split region, on (batch, sequence, ...): splits along the sequence
-                    layer_tp.sites[node.module] = TPSite(style="sequence_parallel")
-            analysed[representative] = layer_tp
+            search = _SplitSearch(recorder.nodes_of(layer), traced.calls[layer], flow.producer, flow.modules)
+            analysed[representative] = search.run()
+            flow.add_module_sites(analysed[representative], search)
         traced.tp[layer] = analysed[representative].renamed(representative, layer)
 
     if all(site.style == "sequence_parallel" for layer_tp in traced.tp.values() for site in layer_tp.sites.values()):
         for layer_tp in traced.tp.values():  # nothing is split, so nothing runs sequence-parallel
             layer_tp.sites.clear()
+
+
+class _ModelFlow:
+    """Who produces and who reads every traced tensor; the model's inputs, outputs and vocabularies."""
+
+    def __init__(self, traced: TracedModel):
+        self.modules = dict(traced.module.named_modules())
+        self.producer = {id(t): node for node in traced.graph for t in node.outputs}
+        self.consumers: dict[int, list[OpNode]] = {}
+        for node in traced.graph:
+            for t in node.inputs:
+                self.consumers.setdefault(id(t), []).append(node)
+        self.model_outputs = {id(t) for t in _tensors(traced.output)}
+        model_inputs = {id(t) for t in _tensors(traced.inputs)}
+        self.vocab_sizes = {node.module: self.modules[node.module].num_embeddings for node in traced.graph
+                            if node.is_module and isinstance(self.modules[node.module], nn.Embedding)
+                            and id(node.inputs[0]) in model_inputs}
+        """Embeddings indexed by the model's own input (tokens, not positions) -> vocabulary size."""
+
+    def add_module_sites(self, layer_tp: LayerTP, search: "_SplitSearch") -> None:
+        """Sites that are whole modules: vocab-split embeddings and output heads, and the norms
+        and dropouts outside split regions on (batch, sequence, ...) tensors (sequence parallel)."""
+        for node in search.nodes:
+            module = self.modules[node.module] if node.is_module else None
+            if node.module in self.vocab_sizes:
+                layer_tp.sites[node.module] = TPSite(style="vocab_embedding")
+                layer_tp.divisors[f"{node.module} vocab"] = self.vocab_sizes[node.module]
+            elif (isinstance(module, nn.Linear) and module.out_features in self.vocab_sizes.values()
+                  and node.module not in layer_tp.sites and self.feeds_output(node)):
+                layer_tp.sites[node.module] = TPSite(style="vocab_output")
+                layer_tp.divisors[f"{node.module} vocab"] = module.out_features
+                layer_tp.colwise_groups.append([node.module])
+            elif (isinstance(module, (*_NORMS, nn.modules.dropout._DropoutNd)) and node.module not in search.inside
+                  and node.inputs[0].dim() >= 3):
+                layer_tp.sites[node.module] = TPSite(style="sequence_parallel")
+
+    def feeds_output(self, node: OpNode) -> bool:
+        """Whether the node's output reaches a model output without passing another Linear or Embedding."""
+        frontier, seen = list(node.outputs), set()
+        while frontier:
+            tensor = frontier.pop()
+            if id(tensor) in self.model_outputs:
+                return True
+            for user in self.consumers.get(id(tensor), []):
+                if id(user) not in seen and not (user.is_module and isinstance(self.modules[user.module],
+                                                                                (nn.Linear, nn.Embedding))):
+                    seen.add(id(user))
+                    frontier.extend(user.outputs)
+        return False
 
 
 class _SplitSearch:
