@@ -75,7 +75,7 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
     layers = []
     for layer in traced.layers:
         with_loss = loss is not None and layer == traced.layers[-1]
-        key = (layer if with_loss else traced.representative(layer), with_loss)
+        key = (traced.representative(layer), with_loss)  # the loss rides on the last layer only
         if key not in costs:
             try:
                 costs[key] = _profile_layer(traced, key[0], loss if with_loss else None)

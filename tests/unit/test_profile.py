@@ -168,3 +168,20 @@ def test_a_layer_failing_on_meta_names_the_layer():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), _Doubler())
     with pytest.raises(ValueError, match=r"layer '1' \(_Doubler\).*no meta backward"):
         profile_model(model, (torch.randn(2, 4),))
+
+
+def test_loss_on_a_repeated_last_block_leaves_its_twins_alone():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+        def forward(self, x):
+            return x + self.down(torch.relu(self.up(x)))
+
+    model = torch.nn.Sequential(Block(), Block(), Block())
+    profile = profile_model(model, (torch.randn(4, 5, 8),), loss_fn=lambda output, targets: output.pow(2).mean())
+    first, last = profile.layers[0], profile.layers[-1]
+    assert first.signature == last.signature
+    # pow keeps its input: the block output, 5 x 8 floats
+    assert last.saved_bytes["none"] - first.saved_bytes["none"] == 4 * 5 * 8
