@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -212,6 +213,28 @@ def relative_error(predicted: float | None, measured: float | None) -> float | N
     if predicted is None or not measured:
         return None
     return (predicted - measured) / measured
+
+
+def summarize(report: dict) -> dict:
+    """The numbers the README quotes from a bench report.
+
+    chosen_step_s / best_step_s: the planner's measured step against the best measured
+    candidate (best_name); step_error / memory_error: median over the candidates that ran of
+    |predicted - measured| / measured (memory: the worst rank of each).
+    """
+    ran = [c for c in report["candidates"] if c["measured_step_s"]]
+    chosen = next((c for c in ran if c["chosen"]), None)
+    best = min(ran, key=lambda c: c["measured_step_s"], default=None)
+    memory = [abs(c["predicted_peak_memory_bytes"] - c["measured_peak_memory_bytes"]) / c["measured_peak_memory_bytes"]
+              for c in ran if c["measured_peak_memory_bytes"]]
+    return {
+        "num_ran": len(ran), "num_candidates": len(report["candidates"]),
+        "chosen_step_s": chosen and chosen["measured_step_s"],
+        "best_name": best and best["name"], "best_step_s": best and best["measured_step_s"],
+        "step_error": statistics.median(abs(relative_error(c["predicted_step_s"], c["measured_step_s"])) for c in ran)
+        if ran else None,
+        "memory_error": statistics.median(memory) if memory else None,
+    }
 
 
 def _fmt(value, pattern: str) -> str:

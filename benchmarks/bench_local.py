@@ -1,0 +1,62 @@
+"""The local benchmark the README quotes: calibrate this machine, then bench on local:4.
+
+    python benchmarks/bench_local.py                   # calibrates (~40 s), then benches
+    python benchmarks/bench_local.py --cluster local4.toml --steps 3
+
+For a small zoo GPT and the custom model of examples/custom_model.py, the planner's plan
+and the hand-tuned baselines (DDP, FSDP, Megatron-style, pipeline) each run for `--steps`
+timed steps through torch's launcher. Prints, per model: the chosen plan's measured step
+time against the best measured candidate, and the median |predicted - measured| /
+measured over the candidates of step time and of peak memory (worst rank). Reports are
+written to benchmarks/out/.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from autoplan import ClusterSpec
+from autoplan.bench import run_bench, summarize
+from autoplan.calibrate import calibrate
+
+MODELS = ("gpt-small-demo", str(Path(__file__).resolve().parent.parent / "examples" / "custom_model.py") + ":factory")
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cluster", default=None, help="a calibrated cluster file (default: calibrate local:4 now)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--global-batch-size", type=int, default=8)
+    args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
+    if args.cluster:
+        cluster = ClusterSpec.from_file(args.cluster)
+    else:
+        cluster = calibrate(ClusterSpec.local(world_size=4))
+        cluster.to_file(OUT / "local4.calibrated.toml")
+        print(f"calibrated: {OUT / 'local4.calibrated.toml'}")
+    lines = []
+    for model in MODELS:
+        label = Path(model.split(":")[0]).stem if ":" in model else model
+        report = run_bench(model, cluster, steps=args.steps, global_batch_size=args.global_batch_size,
+                           json_path=str(OUT / f"bench_{label}.json"), plot_path=str(OUT / f"bench_{label}.png"))
+        lines.append(describe(label, summarize(report)))
+    print("\n".join(lines))
+
+
+def describe(label: str, summary: dict) -> str:
+    """One paragraph per model: chosen vs best measured, and the prediction errors."""
+    if not summary["num_ran"]:
+        return f"{label}: no candidate ran"
+    chosen = summary["chosen_step_s"]
+    versus = (f"chosen plan {chosen * 1e3:.1f} ms/step vs best measured {summary['best_name']} "
+              f"{summary['best_step_s'] * 1e3:.1f} ms/step (ratio {chosen / summary['best_step_s']:.2f})"
+              if chosen else "the chosen plan did not run")
+    memory = f"{summary['memory_error']:.0%}" if summary["memory_error"] is not None else "-"
+    return (f"{label}: {versus}; median |pred-meas|/meas over {summary['num_ran']}/{summary['num_candidates']} "
+            f"candidates: step time {summary['step_error']:.0%}, peak memory {memory}")
+
+
+if __name__ == "__main__":
+    main()
