@@ -272,24 +272,33 @@ def _layer_inputs(traced: TracedModel, layer: str) -> tuple[tuple, dict]:
                          (call.args, call.kwargs))
 
 
+def _tp_roles(traced: TracedModel, layer: str, state: dict[str, torch.Tensor]
+              ) -> tuple[set[int], set[int], dict[nn.Module, str]]:
+    """Storage keys of the split parameters and of the colwise weights, and each split module's
+    role: "colwise" (vocab output too: its outputs are split) or "rowwise" (vocab embedding too:
+    its outputs are whole after the all-reduce)."""
+    split_params, colwise_weights, roles = set(), set(), {}
+    for path, site in traced.tp[layer].sites.items():
+        if site.style == "sequence_parallel":
+            continue
+        prefix = _join(path[len(layer) + 1:] if layer else path, "")
+        is_colwise = site.style in ("colwise", "vocab_output")
+        split_names = [name for name in state if name.startswith(prefix) and "." not in name[len(prefix):]
+                       and (is_colwise or name == prefix + "weight")]   # a rowwise bias stays whole
+        split_params.update(_storage_key(state[name]) for name in split_names)
+        if is_colwise:
+            colwise_weights.add(_storage_key(state[prefix + "weight"]))
+        roles[traced.module.get_submodule(path)] = "colwise" if is_colwise else "rowwise"
+    return split_params, colwise_weights, roles
+
+
 def _profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> dict[str, Any]:
     """Run one layer forward and backward on meta tensors; return LayerProfile's cost fields."""
     module = traced.module.get_submodule(layer)
     state = _layer_state(traced, layer)
     args, kwargs = _layer_inputs(traced, layer)
-    sites = traced.tp[layer].sites
-    split_params, colwise_weights = set(), set()
-    roles: dict[nn.Module, str] = {}
-    for path, site in sites.items():
-        if site.style == "sequence_parallel":
-            continue
-        relative = path[len(layer) + 1:] if layer else path
-        prefix = _join(relative, "")
-        split_params.update(_storage_key(t) for name, t in state.items() if name.startswith(prefix))
-        if site.style in ("colwise", "vocab_output"):
-            colwise_weights.add(_storage_key(state[prefix + "weight"]))
-        roles[traced.module.get_submodule(path)] = "colwise" if site.style in ("colwise", "vocab_output") else "rowwise"
-    accounting = _Accounting(split=set(split_params), state={_storage_key(t) for t in state.values()},
+    split_params, colwise_weights, roles = _tp_roles(traced, layer, state)
+    accounting = _Accounting(split=split_params, state={_storage_key(t) for t in state.values()},
                              colwise_weights=colwise_weights)
     saved: list[torch.Tensor] = []
 

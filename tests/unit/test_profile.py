@@ -185,3 +185,21 @@ def test_loss_on_a_repeated_last_block_leaves_its_twins_alone():
     assert first.signature == last.signature
     # pow keeps its input: the block output, 5 x 8 floats
     assert last.saved_bytes["none"] - first.saved_bytes["none"] == 4 * 5 * 8
+
+
+def test_tp_flops_fraction_stops_at_the_colwise_input_gradient():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = torch.nn.Linear(8, 8)           # feeds the residual stream: not split
+            self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+        def forward(self, x):
+            x = self.pre(x)
+            return x + self.down(torch.relu(self.up(x)))
+
+    block = profile_model(torch.nn.Sequential(Block()), (torch.randn(4, 5, 8),)).layers[0]
+    pre, up, down = 2 * 5 * 8 * 8, 2 * 5 * 8 * 32, 2 * 5 * 32 * 8   # forward FLOPs of 5 tokens
+    assert block.fwd_flops == pre + up + down and block.bwd_flops == 2 * (pre + up + down)
+    # split: up and down, forward and backward; pre's backward reads the all-reduced gradient
+    assert block.tp_flops_fraction == pytest.approx(3 * (up + down) / (3 * (pre + up + down)))
