@@ -13,7 +13,7 @@ What is measured, and how it becomes cost-model constants:
 * Matmul throughput per dtype, `C = A @ B` of square n x n matrices for growing n (F = 2 n^3
   FLOP each). The cost model prices F FLOPs at `peak_flops[dtype] * matmul_efficiency *
   F / (F + HALF_EFFICIENCY_FLOPS)` (costmodels/compute.py). Calibration takes the
-  large-matmul point (n, achieved) (the faster of the two largest sizes) and solves for
+  large-matmul point (n, achieved) (the largest size measured) and solves for
   the saturated rate `R[dtype] = achieved / (F / (F + HALF_EFFICIENCY_FLOPS))` through
   that same function, so the cost model reproduces the measured rate at that size; then
   `matmul_efficiency = min(1, R[float32] / preset peak_flops[float32])` and
@@ -55,12 +55,15 @@ import torch
 
 from autoplan.cluster import ClusterSpec
 
-MATMUL_SIZES: tuple[int, ...] = (128, 256, 512, 1024)
-"""Square matmul sizes tried per dtype (a dtype stops growing once one matmul takes MAX_SINGLE_OP_S)."""
-MESSAGE_BYTES: tuple[int, ...] = tuple(4**k * 1024 for k in range(7))
-"""Collective message sizes: 1 KiB .. 4 MiB."""
-ELEMENTWISE_NUMEL = 4 * 1024 * 1024
-"""Elements per operand of the elementwise timing (16 MiB float32; 48 MiB moved per add)."""
+MATMUL_SIZES: dict[str, tuple[int, ...]] = {"cpu": (128, 256, 512, 1024), "cuda": (1024, 2048, 4096, 8192)}
+"""Square matmul sizes tried per dtype (a dtype stops growing once one matmul takes MAX_SINGLE_OP_S);
+a GPU needs n in the thousands to approach its peak."""
+MESSAGE_BYTES: dict[str, tuple[int, ...]] = {"cpu": tuple(4**k * 1024 for k in range(7)),
+                                             "cuda": tuple(4**k * 1024 for k in range(10))}
+"""Collective message sizes: 1 KiB .. 4 MiB on CPU, .. 256 MiB on GPUs (NVLink needs large messages)."""
+ELEMENTWISE_NUMEL: dict[str, int] = {"cpu": 4 * 1024 * 1024, "cuda": 64 * 1024 * 1024}
+"""Elements per float32 operand of the elementwise timing: 16 MiB on CPU; 256 MiB on a GPU,
+well beyond its L2 cache."""
 COLLECTIVES: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 MIN_TIME_S = 0.05
 """Time each matmul / elementwise measurement runs for (repeating the op)."""
@@ -99,8 +102,8 @@ class Calibration:
     wall_s: float = 0.0
 
     def large_matmul_flops(self, dtype: str) -> tuple[int, float]:
-        """(n, FLOP/s) of the faster of the two largest sizes measured for `dtype`."""
-        return max(self.matmul_flops[dtype][-2:], key=lambda point: point[1])
+        """(n, FLOP/s) of the largest size measured for `dtype`."""
+        return self.matmul_flops[dtype][-1]
 
     def half_efficiency_flops(self, dtype: str = "float32") -> float:
         """FLOPs per matmul at which this device reaches half its large-matmul rate, fitted
@@ -162,9 +165,9 @@ class Calibration:
         return table
 
 
-def calibrate(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None, progress: bool = True,
-              *, matmul_sizes: tuple[int, ...] = MATMUL_SIZES,
-              message_bytes: tuple[int, ...] = MESSAGE_BYTES) -> ClusterSpec:
+def calibrate(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None, progress: bool = True, *,
+              matmul_sizes: tuple[int, ...] | None = None,
+              message_bytes: tuple[int, ...] | None = None) -> ClusterSpec:
     """Measure this machine on `nproc` ranks and return `cluster` with the measured figures.
 
     `nproc` defaults to the cluster's devices per node (CPU) or the visible GPUs (CUDA).
@@ -177,9 +180,9 @@ def calibrate(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = Non
                    message_bytes=message_bytes).apply(cluster)
 
 
-def measure(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None, progress: bool = True,
-            *, matmul_sizes: tuple[int, ...] = MATMUL_SIZES,
-            message_bytes: tuple[int, ...] = MESSAGE_BYTES) -> Calibration:
+def measure(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None, progress: bool = True, *,
+            matmul_sizes: tuple[int, ...] | None = None,
+            message_bytes: tuple[int, ...] | None = None) -> Calibration:
     """Run the measurements on `nproc` spawned ranks; `calibrate` is `measure(...).apply(cluster)`."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -191,6 +194,8 @@ def measure(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None,
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     if device == "cuda" and nproc > torch.cuda.device_count():
         raise ValueError(f"nproc={nproc} > {torch.cuda.device_count()} visible GPUs")
+    matmul_sizes = MATMUL_SIZES[device] if matmul_sizes is None else matmul_sizes
+    message_bytes = MESSAGE_BYTES[device] if message_bytes is None else message_bytes
     if not matmul_sizes or not message_bytes:
         raise ValueError("matmul_sizes and message_bytes must not be empty")
     dtypes = ["float32", *sorted(set(cluster.device.peak_flops) - {"float32"})]
@@ -399,7 +404,7 @@ def _time_matmuls(timer: _Timer, dtype: torch.dtype, sizes: tuple[int, ...]) -> 
 
 
 def _time_elementwise(timer: _Timer) -> float:
-    a, b, c = (torch.randn(ELEMENTWISE_NUMEL, device=timer.device) for _ in range(3))
+    a, b, c = (torch.randn(ELEMENTWISE_NUMEL[timer.device.type], device=timer.device) for _ in range(3))
     seconds = timer.repeated(lambda: torch.add(a, b, out=c))
     return 3 * a.numel() * a.element_size() / seconds / 1e9
 
