@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -594,8 +595,8 @@ class _SplitSearch:
             self._through_generic(node, name, x, d, split, region)
 
     def _through_chunk(self, node, x, d, split, seed_ids, region) -> None:
-        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-        dim %= x.dim()
+        dim_index = 1 if node.target == "unbind" else 2   # unbind(x, dim); chunk/split(x, n, dim)
+        dim = node.kwargs.get("dim", node.args[dim_index] if len(node.args) > dim_index else 0) % x.dim()
         outputs = node.outputs
         if dim == d:
             source = self.producer.get(id(x))
@@ -683,20 +684,10 @@ class _SplitSearch:
                 result.divisors[f"{owner} kv_heads"] = kv_heads
         else:
             paths = [node.module for node in (*region.colwise, *region.rowwise)]
-            owner = ".".join(_common_prefix([path.split(".")[:-1] for path in paths]))
+            owner = ".".join(os.path.commonprefix([path.split(".")[:-1] for path in paths]))
             width = math.gcd(*(self.modules[node.module].out_features for node in region.colwise))
             result.divisors[f"{owner} width"] = width
         result.divide_attrs.update(region.divide_attrs)
-
-
-def _common_prefix(parts: list[list[str]]) -> list[str]:
-    prefix = parts[0]
-    for other in parts[1:]:
-        n = 0
-        while n < min(len(prefix), len(other)) and prefix[n] == other[n]:
-            n += 1
-        prefix = prefix[:n]
-    return prefix
 
 
 def _transposed_dim(node: OpNode, x: torch.Tensor, d: int) -> int:
