@@ -124,4 +124,6 @@ def _describe_failure(returncode: int | None, stderr: str) -> str:
     status = "timed out" if returncode is None else f"failed (exit code {returncode})"
     if own:
         return f"{status}: " + "; ".join(own)
+    if "SIGKILL" in stderr:  # the kernel's OOM killer leaves no Python error behind
+        return f"{status}: a rank was killed by SIGKILL (out of host memory?)"
     return f"{status}; last lines of stderr:\n" + "\n".join(lines[-STDERR_TAIL_LINES:])
