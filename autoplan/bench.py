@@ -83,7 +83,7 @@ def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequ
     named = [("autoplan", Constraints())]
     if baselines:
         named += list(baseline_constraints(cluster).items())
-    named += [(_fix_name(fix), fix) for fix in fixes]
+    named += [("fix:" + ",".join(f"{key}={value}" for key, value in fix.pinned().items()), fix) for fix in fixes]
     console = Console(quiet=not progress)
     runnable = _why_not_runnable(cluster, launcher_args)
     candidates = []
@@ -104,10 +104,6 @@ def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequ
     if plot_path:
         plot_bench(report, plot_path)
     return report
-
-
-def _fix_name(fix: Constraints) -> str:
-    return "fix:" + ",".join(f"{key}={value}" for key, value in fix.pinned().items())
 
 
 def _why_not_runnable(cluster: ClusterSpec, launcher_args: Sequence[str]) -> str | None:

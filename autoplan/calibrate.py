@@ -269,9 +269,11 @@ def _run_on_ranks(nproc: int, device: str, dtypes: list[str], matmul_sizes: tupl
     import torch.multiprocessing as mp
     from rich.progress import Progress
 
+    from autoplan.launch import free_port
+
     context = mp.get_context("spawn")
     queue = context.Queue()
-    port = _free_port()
+    port = free_port()
     total = len(dtypes) + 1 + (len(COLLECTIVES) * len(message_bytes) if nproc > 1 else 0)
     processes = [context.Process(target=_rank_main, daemon=True,
                                  args=(rank, nproc, port, device, dtypes, matmul_sizes, message_bytes, queue))
@@ -307,14 +309,6 @@ def _run_on_ranks(nproc: int, device: str, dtypes: list[str], matmul_sizes: tupl
             if process.is_alive():
                 process.kill()
     return [results[rank] for rank in range(nproc)]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(rank: int, nproc: int, port: int, device: str, dtypes: list[str], matmul_sizes: tuple[int, ...],

@@ -88,14 +88,18 @@ def _num_nodes(launcher_args: list[str]) -> int | None:
     return None
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a local rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _default_rendezvous(launcher_args: list[str]) -> list[str]:
     """A free local port unless the user gave rendezvous flags (so two local jobs never collide)."""
     if any(arg.startswith(("--rdzv", "--master", "--standalone")) for arg in launcher_args):
         return []
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    return ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
 
 
 def _run(command: list[str], env: dict, timeout_s: float) -> tuple[int | None, str]:
