@@ -137,9 +137,9 @@ def test_measure_times_layers_on_a_real_device():
 @pytest.mark.parametrize("name, limit_s", [("gpt3-175b", 5.0), ("megatron-1t", 8.0)])
 def test_huge_models_profile_quickly(name, limit_s):
     job = zoo.build(name, batch_size=1536, device="meta")
-    start = time.perf_counter()
+    start = time.process_time()   # CPU seconds of this process: other jobs on the machine do not count
     profile = profile_model(job.module, job.example_inputs, model_name=name)
-    assert time.perf_counter() - start < limit_s
+    assert time.process_time() - start < limit_s
     assert profile.global_batch_size == 1536 and profile.seq_len == 2048
     assert abs(profile.num_params - job.module.config.num_params) == 0
 
