@@ -1,8 +1,9 @@
 """Pipeline parallelism trains like one process, through `apply_plan`, on real gloo ranks.
 
 Every schedule (gpipe, 1f1b, interleaved 1f1b), composed with data parallel (ZeRO 0 and
-3), tensor parallel and recompute, on gpt-tiny (embedding tied across the first and last
-stage), llama-tiny and mlp-tiny. Plans are grouped per world size: one spawn each.
+3), tensor parallel (with and without sequence parallelism) and recompute (full and
+selective), on gpt-tiny (embedding tied across the first and last stage), llama-tiny and
+mlp-tiny. Plans are grouped per world size: one spawn of processes each.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ SCHEDULE_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleav
 
 
 def _pipeline_plans(job_name: str) -> list[Plan]:
-    return [
+    """Every schedule on 2 ranks; pp=4, pp x dp (ZeRO 0 and 3) and pp x tp on 4 ranks."""
+    plans = [
         hand_plan(job_name, 2, pp=2, schedule="gpipe"),
         hand_plan(job_name, 2, pp=2, schedule="1f1b", recompute="full"),
         hand_plan(job_name, 2, pp=2, schedule="interleaved_1f1b", virtual_stages=2, recompute="selective"),
@@ -30,6 +32,12 @@ def _pipeline_plans(job_name: str) -> list[Plan]:
         hand_plan(job_name, 4, pp=2, dp=2, schedule="1f1b", zero_stage=0),
         hand_plan(job_name, 4, pp=2, dp=2, schedule="interleaved_1f1b", virtual_stages=2, zero_stage=3),
     ]
+    if job_name == "gpt-tiny":  # the tied embedding is vocab-split on both stages; fused q|k|v
+        plans += [hand_plan(job_name, 4, pp=2, tp=2, schedule="gpipe", recompute="selective"),
+                  hand_plan(job_name, 4, pp=2, tp=2, schedule="1f1b", sequence_parallel=True)]
+    elif job_name == "llama-tiny":  # grouped-query attention split over tp
+        plans += [hand_plan(job_name, 4, pp=2, tp=2, schedule="interleaved_1f1b", virtual_stages=2)]
+    return plans
 
 
 @pytest.mark.parametrize("job_name", ["gpt-tiny", "llama-tiny", "mlp-tiny"])
@@ -37,42 +45,41 @@ def test_pipeline_trains_like_one_process(job_name):
     check_equivalence(job_name, _pipeline_plans(job_name))
 
 
-@pytest.mark.parametrize("job_name", ["gpt-tiny", "llama-tiny"])
-def test_pipeline_with_tensor_parallel_trains_like_one_process(job_name):
-    check_equivalence(job_name, [hand_plan(job_name, 4, pp=2, tp=2, schedule="1f1b"),
-                                 hand_plan(job_name, 4, pp=2, tp=2, schedule="gpipe", recompute="selective")])
-
-
-def _schedule_that_ran(rank: int, world_size: int, plan_json: str):
+def _schedules_that_ran(rank: int, world_size: int, plan_jsons: list[str]):
     from autoplan.backends.runner import apply_plan
 
-    plan = Plan.model_validate_json(plan_json)
-    job = build(plan.model_name, batch_size=GLOBAL_BATCH, device="cpu", seed=0)
-    engine = apply_plan(job.module, plan, job.loss_fn, example_inputs=job.example_inputs).engine
-    order = engine.schedule.pipeline_order
-    return type(engine.schedule).__name__, [str(action) for action in order[rank] if action is not None]
+    ran = []
+    for plan_json in plan_jsons:
+        plan = Plan.model_validate_json(plan_json)
+        job = build(plan.model_name, batch_size=GLOBAL_BATCH, device="cpu", seed=0)
+        schedule = apply_plan(job.module, plan, job.loss_fn, example_inputs=job.example_inputs).engine.schedule
+        ran.append((type(schedule).__name__, [str(a) for a in schedule.pipeline_order[rank] if a is not None]))
+    return ran
 
 
-@pytest.mark.parametrize("schedule,virtual_stages", [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)])
-def test_the_plans_schedule_is_the_one_that_runs(schedule, virtual_stages):
+def test_the_plans_schedule_is_the_one_that_runs():
     """The torch schedule class is the plan's, and its action list ("2F1": stage 2, forward,
     micro-batch 1) has the plan's shape. For interleaved 1F1B the list is what executes."""
-    plan = hand_plan("mlp-tiny", 2, pp=2, schedule=schedule, virtual_stages=virtual_stages)
-    results = run_ranks(_schedule_that_ran, 2, args=(plan.model_dump_json(),))
-    n = plan.num_micro_batches
-    for rank, (class_name, actions) in enumerate(results):
-        assert class_name == SCHEDULE_CLASSES[schedule]
-        forwards = [action for action in actions if re.fullmatch(r"\d+F\d+", action)]
-        if schedule == "interleaved_1f1b":
-            stages = [stage.index for stage in plan.stages_of_rank(rank)]
-            assert sorted(forwards) == sorted(f"{stage}F{mb}" for stage in stages for mb in range(n))
-            # interleaved, not stage after stage: a later local stage starts before the first one ends
-            assert forwards.index(f"{stages[1]}F0") < forwards.index(f"{stages[0]}F{n - 1}")
-    first_rank = results[0][1]
-    first_backward = next(i for i, action in enumerate(first_rank) if "B" in action)
-    warmup = {"gpipe": [f"0F{mb}" for mb in range(n)], "1f1b": ["0F0", "0F1"],  # pp=2 forwards, then 1F1B
-              "interleaved_1f1b": ["0F0", "0F1", "2F0", "2F1", "0F2"]}[schedule]
-    assert first_rank[:first_backward] == warmup
+    configs = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)]
+    plans = [hand_plan("mlp-tiny", 2, pp=2, schedule=schedule, virtual_stages=v) for schedule, v in configs]
+    per_rank = run_ranks(_schedules_that_ran, 2, args=([plan.model_dump_json() for plan in plans],))
+    for index, plan in enumerate(plans):
+        n = plan.num_micro_batches
+        for rank in range(2):
+            class_name, actions = per_rank[rank][index]
+            assert class_name == SCHEDULE_CLASSES[plan.schedule]
+            if plan.schedule == "interleaved_1f1b":
+                forwards = [action for action in actions if re.fullmatch(r"\d+F\d+", action)]
+                stages = [stage.index for stage in plan.stages_of_rank(rank)]
+                assert sorted(forwards) == sorted(f"{stage}F{mb}" for stage in stages for mb in range(n))
+                # interleaved, not stage after stage: the later local stage starts before the first ends
+                assert forwards.index(f"{stages[1]}F0") < forwards.index(f"{stages[0]}F{n - 1}")
+        first_rank = per_rank[0][index][1]
+        first_backward = next(i for i, action in enumerate(first_rank) if "B" in action)
+        warmup = {"gpipe": [f"0F{mb}" for mb in range(n)],            # every forward, then backwards
+                  "1f1b": ["0F0", "0F1"],                              # pp = 2 forwards, then 1F1B
+                  "interleaved_1f1b": ["0F0", "0F1", "2F0", "2F1", "0F2"]}[plan.schedule]
+        assert first_rank[:first_backward] == warmup
 
 
 def test_split_keeps_original_names_and_passes_values_through_stages():
