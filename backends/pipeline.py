@@ -7,12 +7,19 @@
 Each pipeline rank r holds the stages r, r + pp, r + 2 pp, ... of `plan.stages` (cut by
 `pipeline_split.split_model`, original FQNs kept) and runs them with the plan's schedule:
 
-| plan.schedule       | torch class               | micro-batches in flight on rank r (activations kept) |
-|---------------------|---------------------------|-------------------------------------------------------|
-| "gpipe"             | ScheduleGPipe             | all n (every forward before any backward)             |
-| "1f1b"              | Schedule1F1B              | min(n, pp - r) (warm-up forwards, then one F one B)   |
-| "interleaved_1f1b"  | ScheduleInterleaved1F1B   | per rank about (v - 1) * pp + 2 (pp - r) - 1 stage-    |
-|                     |                           | micro-batches, each the size of one virtual stage     |
+| plan.schedule      | torch class             | peak micro-batches whose activations rank r keeps |
+|--------------------|-------------------------|---------------------------------------------------|
+| "gpipe"            | ScheduleGPipe           | n (every forward before any backward)             |
+| "1f1b"             | Schedule1F1B            | min(n, pp - r): warm-up forwards, then 1B1F       |
+| "interleaved_1f1b" | ScheduleInterleaved1F1B | min(n v, (v - 1) m + 2 (pp - 1 - r) + 1) virtual-  |
+|                    |                         | stage micro-batches (1/v of the rank's layers);   |
+|                    |                         | m = n // max(1, n // pp); rank 0, m = pp: pp v +  |
+|                    |                         | pp - 1 of them, Megatron-LM's pp (1 + (pp-1)/(pp v)) |
+
+On top of that, whatever the schedule, every stage allocates once (and keeps across
+steps) one receive buffer per micro-batch for its input activations (all stages but the
+first) and one per micro-batch for the gradient of its output (all but the last): 2 n
+boundary tensors of micro-batch size per middle stage.
 
 Losses: the last stage computes `loss_fn(output_mb, target_mb)` per micro-batch; the
 schedule back-propagates each micro-batch loss unscaled and then divides every gradient
@@ -107,13 +114,13 @@ class PipelineEngine:
         """Each copy of a tied parameter gets the sum of all copies' gradients."""
         for group, parameters in self._tied_groups:
             for parameter in parameters:
+                if parameter.grad is None:  # a copy unused this step still joins the sum
+                    parameter.grad = torch.zeros_like(parameter)
                 # A vocab-split embedding's gradient can come back Replicate; lay it out like
                 # its parameter (a local slice) so every copy's local gradient lines up.
                 if isinstance(parameter.grad, DTensor) and parameter.grad.placements != parameter.placements:
                     parameter.grad = parameter.grad.redistribute(placements=parameter.placements)
-            grads = [_local(p.grad) for p in parameters if p.grad is not None]
-            if not grads:
-                continue
+            grads = [_local(parameter.grad) for parameter in parameters]
             total = torch.stack(grads).sum(0)
             if group is not None:
                 dist.all_reduce(total, group=group)
@@ -148,8 +155,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def build_pipeline(model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Callable,
                    example_inputs: tuple[torch.Tensor, ...]) -> PipelineEngine:
     """Cut `model` into the plan's stages, parallelise this rank's stages and wrap them in
-    the plan's schedule. `mesh` has dims ("pp", "dp", "tp"); `example_inputs` is one
-    global batch (only checked for divisibility here: shapes are inferred at run time)."""
+    the plan's schedule. `mesh` has dims ("pp", "dp", "tp"). `example_inputs` (one global
+    batch) is part of the backend contract but not needed: torch infers each stage's
+    input and output shapes from the first micro-batch of the first step."""
     validate_pipeline_plan(plan)
     pp_mesh = mesh["pp"]
     pp_rank, pp_group = pp_mesh.get_local_rank(), pp_mesh.get_group()
