@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 
 from autoplan.backends.data_parallel import apply_data_parallel
-from autoplan.backends.mesh import build_device_mesh, check_world_size
+from autoplan.backends.mesh import build_device_mesh
 from autoplan.backends.recompute import apply_recompute
 from autoplan.backends.tensor_parallel import apply_tensor_parallel, gather_full_state_dict
 from autoplan.plan import Plan
@@ -32,13 +32,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _device_type() -> str:
-    return "cuda" if dist.get_backend() == "nccl" else "cpu"
-
-
-def _split_batch(tensor: torch.Tensor, num_parts: int, part: int) -> torch.Tensor:
-    if tensor.shape[0] % num_parts:
-        raise ValueError(f"batch dim {tensor.shape[0]} is not divisible into {num_parts} equal parts")
-    return tensor.chunk(num_parts)[part]
+    """"cuda" under NCCL (also "cpu:gloo,cuda:nccl"), else "cpu" (gloo)."""
+    return "cuda" if "nccl" in dist.get_backend() else "cpu"
 
 
 class ParallelModel:
@@ -61,8 +56,8 @@ class ParallelModel:
         if inputs[0].shape[0] != expected:
             raise ValueError(f"global batch of {inputs[0].shape[0]} != micro_batch_size({self.plan.micro_batch_size})"
                              f" * num_micro_batches({self.plan.num_micro_batches}) * dp({dp}) = {expected}")
-        local = tuple(_split_batch(x, dp, dp_rank).to(self.device) for x in inputs)
-        return local, None if targets is None else _split_batch(targets, dp, dp_rank).to(self.device)
+        local = tuple(x.chunk(dp)[dp_rank].to(self.device) for x in inputs)
+        return local, None if targets is None else targets.chunk(dp)[dp_rank].to(self.device)
 
     def train_step(self, *inputs: torch.Tensor, targets: torch.Tensor | None = None) -> float:
         """Forward + backward of one global batch; returns the global mean loss (same on every rank).
@@ -128,8 +123,7 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn: LossFn, example_inputs: tu
 
     >>> pm = apply_plan(model, plan, loss_fn)     # doctest: +SKIP
     """
-    check_world_size(plan, dist.get_world_size())
-    mesh = build_device_mesh(plan, _device_type())
+    mesh = build_device_mesh(plan, _device_type())  # ValueError unless the mesh covers the world
     if _device_type() == "cuda":
         model.to(torch.device("cuda", torch.cuda.current_device()))
     if plan.mesh.get("pp", 1) > 1:
