@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -45,6 +46,15 @@ def _exercise_runner(rank: int, world_size: int) -> dict:
         result[f"bf16_zero{zero_stage}_loss"] = model.train_step(*job.example_inputs, targets=job.targets)
         optimizer.step()
         result[f"bf16_zero{zero_stage}_master_dtype"] = str(next(model.parameters()).dtype)
+
+    # Rank 1 leaves (the harness tears its process group down); rank 0's next step must fail, not hang.
+    if rank == 0:
+        started = time.monotonic()
+        try:
+            model.train_step(*job.example_inputs, targets=job.targets)
+        except Exception as error:  # gloo: the peer closed the connection; NCCL: the group's timeout
+            result["dead_peer_error"] = f"{type(error).__name__}: {error}"
+        result["dead_peer_seconds"] = time.monotonic() - started
     return result
 
 
@@ -78,3 +88,8 @@ def test_bfloat16_runs_with_finite_loss_and_float32_master_weights(runner_result
     for zero_stage in (0, 2):
         assert math.isfinite(runner_results[0][f"bf16_zero{zero_stage}_loss"])
         assert runner_results[0][f"bf16_zero{zero_stage}_master_dtype"] == "torch.float32"
+
+
+def test_a_rank_that_leaves_fails_the_others_instead_of_hanging(runner_results):
+    assert "dead_peer_error" in runner_results[0]
+    assert runner_results[0]["dead_peer_seconds"] < 60  # bounded by the process group's timeout
