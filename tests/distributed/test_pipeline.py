@@ -7,6 +7,7 @@ mlp-tiny. Plans are grouped per world size: one spawn of processes each.
 """
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -80,6 +81,51 @@ def test_the_plans_schedule_is_the_one_that_runs():
                   "1f1b": ["0F0", "0F1"],                              # pp = 2 forwards, then 1F1B
                   "interleaved_1f1b": ["0F0", "0F1", "2F0", "2F1", "0F2"]}[plan.schedule]
         assert first_rank[:first_backward] == warmup
+
+
+class _TwoInputNet(torch.nn.Module):
+    """Not a zoo model: two inputs, and the last stage reads the model input again."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 8)
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+        self.c = torch.nn.Linear(8, 3)
+
+    def forward(self, tokens, scale):
+        h = self.b(self.a(self.emb(tokens))) * scale
+        return self.c(h).mean(1) + (tokens == 0).float().sum(-1, keepdim=True)
+
+
+def _two_input_net_on_rank(rank: int, world_size: int):
+    from autoplan import ClusterSpec
+    from autoplan.backends.runner import apply_plan
+    from autoplan.plan import LayerChoice, Prediction, StagePlan
+
+    stages = [["emb"], ["a"], ["b", "c"]]  # tokens and scale travel through stage 1 untouched
+    plan = Plan(mesh={"dp": 1, "pp": 3, "tp": 1}, global_batch_size=6, micro_batch_size=2, num_micro_batches=3,
+                schedule="1f1b", stages=[StagePlan(index=i, pp_rank=i, layers=names) for i, names in enumerate(stages)],
+                layers=[LayerChoice(name=name, stage=i) for i, names in enumerate(stages) for name in names],
+                predicted=Prediction(step_time_s=0.0, peak_memory_bytes=0.0), cluster=ClusterSpec.local(world_size=3))
+    torch.manual_seed(0)
+    model, generator = _TwoInputNet(), torch.Generator().manual_seed(1)
+    inputs = (torch.randint(0, 10, (6, 5), generator=generator), torch.randn(6, 5, 8, generator=generator))
+    targets = torch.randn(6, 3, generator=generator)
+    reference = copy.deepcopy(model)
+    expected_loss = torch.nn.functional.mse_loss(reference(*inputs), targets)
+    expected_loss.backward()
+    expected_grads = {name: p.grad for name, p in reference.named_parameters()}
+    parallel = apply_plan(model, plan, torch.nn.functional.mse_loss, example_inputs=inputs)
+    loss = parallel.train_step(*inputs, targets=targets)
+    return loss, expected_loss.item(), {name: (p.grad, expected_grads[name]) for name, p in parallel.named_parameters()}
+
+
+def test_a_value_used_two_stages_later_is_passed_through():
+    for loss, expected_loss, grads in run_ranks(_two_input_net_on_rank, 3):
+        assert loss == pytest.approx(expected_loss, rel=1e-6)
+        for name, (grad, expected) in grads.items():
+            torch.testing.assert_close(grad, expected, msg=lambda m: f"{name}: {m}")
 
 
 def test_split_keeps_original_names_and_passes_values_through_stages():
