@@ -17,7 +17,7 @@ from autoplan import Plan
 from autoplan.backends.pipeline import validate_pipeline_plan
 from autoplan.backends.pipeline_split import split_model
 from autoplan.zoo import build
-from tests.distributed.equivalence import GLOBAL_BATCH, check_equivalence, hand_plan
+from tests.distributed.equivalence import ATOL, GLOBAL_BATCH, RTOL, check_equivalence, hand_plan
 from tests.distributed.harness import run_ranks
 
 SCHEDULE_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
@@ -123,9 +123,9 @@ def _two_input_net_on_rank(rank: int, world_size: int):
 
 def test_a_value_used_two_stages_later_is_passed_through():
     for loss, expected_loss, grads in run_ranks(_two_input_net_on_rank, 3):
-        assert loss == pytest.approx(expected_loss, rel=1e-6)
+        assert loss == pytest.approx(expected_loss, rel=RTOL)
         for name, (grad, expected) in grads.items():
-            torch.testing.assert_close(grad, expected, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(grad, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
 
 
 def test_split_keeps_original_names_and_passes_values_through_stages():
