@@ -19,12 +19,15 @@ exactly what tensor parallel, recompute, FSDP and the full state dict need.
 Stage k's graph takes the values live across the cut before it as positional inputs
 (stage 0 takes the model's inputs) and returns those live across the cut after it;
 a value made in stage i and used in stage j > i + 1 is passed through the stages
-in between, since a pipeline stage only receives from its predecessor. A cut falls
+in between, since a pipeline stage only receives from its predecessor. Only tensors
+travel: attribute reads and shape arithmetic (`T = tokens.shape[1]`) are recomputed in
+each stage that needs them, from the tensors it receives. A cut falls
 right before the first layer of a stage, as `SplitPoint.BEGINNING` would put it.
 """
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -93,14 +96,34 @@ def _find_module(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _assign_stages(graph: fx.Graph, stage_of_layer: dict[str, int]) -> dict[fx.Node, int]:
+SHAPE_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim"})
+SHAPE_METHODS = frozenset({"size", "dim", "numel", "stride", "get_device"})
+SHAPE_ARITHMETIC = frozenset({operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
+                              operator.truediv, operator.mod, operator.neg})
+
+
+def _rematerialized_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes every stage that reads them recomputes instead of receiving: attribute reads
+    (`get_attr`) and shape arithmetic (`T = tokens.shape[1]`, `x.size(0) // 2`), whose
+    values are not tensors and so cannot travel between pipeline stages."""
+    found: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "get_attr" \
+                or (node.op == "call_function" and node.target is getattr and node.args[1] in SHAPE_ATTRIBUTES) \
+                or (node.op == "call_method" and node.target in SHAPE_METHODS) \
+                or (node.op == "call_function" and node.target in SHAPE_ARITHMETIC and node.all_input_nodes
+                    and all(value in found for value in node.all_input_nodes)):
+            found.add(node)
+    return found
+
+
+def _assign_stages(graph: fx.Graph, stage_of_layer: dict[str, int], rematerialized: set[fx.Node]) -> dict[fx.Node, int]:
     """Stage of every compute node: a layer's node goes to the layer's stage, glue goes to
-    the stage of the latest layer before it. `get_attr` nodes are left out: each stage
-    that reads an attribute gets its own `get_attr`."""
+    the stage of the latest layer before it. Rematerialized nodes belong to no stage."""
     stage_of: dict[fx.Node, int] = {}
     current, last_layer = 0, None
     for node in graph.nodes:
-        if node.op in ("placeholder", "get_attr", "output"):
+        if node.op in ("placeholder", "output") or node in rematerialized:
             continue
         if node.op == "call_module" and node.target in stage_of_layer:
             stage = stage_of_layer[node.target]
@@ -116,8 +139,8 @@ def _assign_stages(graph: fx.Graph, stage_of_layer: dict[str, int]) -> dict[fx.N
     return stage_of
 
 
-def _stage_graph(graph: fx.Graph, stage_of: dict[fx.Node, int], stage: int, num_stages: int,
-                 live_in: list[fx.Node], live_out: list[fx.Node]) -> fx.Graph:
+def _stage_graph(graph: fx.Graph, stage_of: dict[fx.Node, int], rematerialized: set[fx.Node], stage: int,
+                 num_stages: int, live_in: list[fx.Node], live_out: list[fx.Node]) -> fx.Graph:
     """The graph of one stage: inputs `live_in`, its own nodes, outputs `live_out`
     (the model's output on the last stage)."""
     new_graph = fx.Graph()
@@ -126,9 +149,9 @@ def _stage_graph(graph: fx.Graph, stage_of: dict[fx.Node, int], stage: int, num_
         env[node] = new_graph.placeholder(node.name, type_expr=node.type)
 
     def lookup(node: fx.Node) -> fx.Node:
-        if node not in env:  # a get_attr read by this stage
-            assert node.op == "get_attr", f"{node} used before it is defined in stage {stage}"
-            env[node] = new_graph.node_copy(node)
+        if node not in env:  # recomputed here from this stage's values
+            assert node in rematerialized, f"{node} used before it is defined in stage {stage}"
+            env[node] = new_graph.node_copy(node, lookup)
         return env[node]
 
     for node in graph.nodes:
@@ -147,12 +170,19 @@ def split_model(model: nn.Module, stage_layers: list[list[str]]) -> ModelSplit:
     """Cut `model` into len(stage_layers) GraphModules; stage i runs layers stage_layers[i]."""
     stage_of_layer = {name: index for index, names in enumerate(stage_layers) for name in names}
     graph = trace_with_layer_leaves(model, set(stage_of_layer))
-    stage_of = _assign_stages(graph, stage_of_layer)
+    rematerialized = _rematerialized_nodes(graph)
+    stage_of = _assign_stages(graph, stage_of_layer, rematerialized)
     num_stages = len(stage_layers)
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
 
     def defined_in(node: fx.Node) -> int:
         return 0 if node.op == "placeholder" else stage_of[node]
+
+    def sources(value: fx.Node) -> list[fx.Node]:
+        """The values a stage must hold to have `value`: itself, or what it is recomputed from."""
+        if value not in rematerialized:
+            return [value]
+        return [source for parent in value.all_input_nodes for source in sources(parent)]
 
     # last_use[v]: the last stage that reads value v (the output counts as the last stage).
     last_use: dict[fx.Node, int] = {}
@@ -160,16 +190,16 @@ def split_model(model: nn.Module, stage_layers: list[list[str]]) -> ModelSplit:
         reader = num_stages - 1 if node.op == "output" else stage_of.get(node)
         if reader is None:
             continue
-        for value in node.all_input_nodes:
-            if value.op != "get_attr":
-                last_use[value] = max(last_use.get(value, reader), reader)
+        for value in (source for parent in node.all_input_nodes for source in sources(parent)):
+            last_use[value] = max(last_use.get(value, reader), reader)
     # Values crossing the cut between stage k-1 and stage k, in graph order.
     crossing = [[node for node in graph.nodes if node in last_use and defined_in(node) < k <= last_use[node]]
                 for k in range(num_stages + 1)]
     crossing[0] = placeholders
     modules = []
     for stage in range(num_stages):
-        stage_graph = _stage_graph(graph, stage_of, stage, num_stages, crossing[stage], crossing[stage + 1])
+        stage_graph = _stage_graph(graph, stage_of, rematerialized, stage, num_stages,
+                                   crossing[stage], crossing[stage + 1])
         modules.append(fx.GraphModule(model, stage_graph, class_name=f"PipelineStage{stage}Module"))
 
     used = {name for module in modules for name in module.state_dict()}
