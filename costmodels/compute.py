@@ -1,0 +1,122 @@
+"""Roofline time of one layer for one micro-batch on one device.
+
+    matmul time      = FLOPs / (peak(dtype) * efficiency(FLOPs))
+    efficiency(F)    = device.matmul_efficiency * F / (F + HALF_EFFICIENCY_FLOPS)
+    elementwise time = elementwise_bytes / (memory_bandwidth * memory_efficiency)
+
+The efficiency curve saturates at `device.matmul_efficiency` for large layers and
+halves at HALF_EFFICIENCY_FLOPS: small GEMMs do not fill the device's SMs and pay
+kernel-launch latency. Tensor parallelism divides `tp_flops_fraction` of the FLOPs
+by t (and the curve sees the smaller per-rank matmuls). Elementwise traffic is split
+like the saved activations: the tensor-parallel share of `saved_bytes["none"]` is
+divided by t, the rest only with sequence parallelism. Backward elementwise work is
+charged twice the forward (it reads the saved input and the incoming gradient and
+writes the outgoing gradient).
+
+Recomputation adds forward work in backward: "full" the whole forward, "selective"
+the non-matmul part (norms, activations, softmax/attention core), estimated by the
+forward elementwise time.
+
+When the profile carries `measured_fwd_s` / `measured_bwd_s` for this device the
+measured seconds replace the roofline (scaled by micro-batch and tp the same way).
+
+    >>> from autoplan.cluster import ClusterSpec
+    >>> d = ClusterSpec.preset("dgx-a100-80gb").device
+    >>> round(matmul_efficiency(1e12, d), 3)
+    0.699
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autoplan.cluster import DeviceSpec
+from autoplan.layers import LayerProfile
+
+# FLOPs per layer and micro-batch at which a transformer layer reaches half of its
+# large-size efficiency. Calibrated once for every Megatron-LM row
+# (benchmarks/megatron_sc21.py): cuBLAS BF16 GEMMs on A100 reach ~90% of their
+# asymptotic rate above ~1e10 FLOPs per call and a layer issues ~6 GEMMs, so the
+# half-point of a whole layer sits near 2e9 FLOPs.
+HALF_EFFICIENCY_FLOPS = 2e9
+# Backward of elementwise ops moves about twice the forward's bytes.
+BACKWARD_ELEMENTWISE_FACTOR = 2.0
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """Seconds for one micro-batch through one layer on one device (no communication)."""
+
+    forward_s: float
+    backward_s: float
+    recompute_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.forward_s + self.backward_s + self.recompute_s
+
+
+def matmul_efficiency(flops: float, device: DeviceSpec) -> float:
+    """Achievable share of peak for `flops` of matmul work (saturating curve)."""
+    return device.matmul_efficiency * flops / (flops + HALF_EFFICIENCY_FLOPS)
+
+
+def tp_elementwise_share(layer: LayerProfile) -> float:
+    """Share of a layer's activations (and elementwise traffic) that tp divides."""
+    total = layer.saved_bytes.get("none", 0.0)
+    return min(1.0, layer.tp_saved_bytes.get("none", 0.0) / total) if total > 0 else 0.0
+
+
+def estimate_layer_time(layer: LayerProfile, device: DeviceSpec, *, micro_batch_size: int, tp: int,
+                        sequence_parallel: bool, recompute: str, compute_dtype: str) -> LayerTime:
+    """Forward, backward and recompute seconds of `layer` for one micro-batch.
+
+    >>> from autoplan.cluster import ClusterSpec
+    >>> d = ClusterSpec.preset("dgx-a100-80gb").device
+    >>> layer = LayerProfile(name="l", signature="s", param_count=1, fwd_flops=1e12, bwd_flops=2e12,
+    ...                      saved_bytes={"none": 0.0}, output_bytes=0.0)
+    >>> t = estimate_layer_time(layer, d, micro_batch_size=1, tp=1, sequence_parallel=False,
+    ...                         recompute="none", compute_dtype="bfloat16")
+    >>> round(t.forward_s * 1e3, 2)   # 1e12 / (312e12 * 0.699)
+    4.59
+    """
+    tp_scale = layer.tp_flops_fraction / tp + (1.0 - layer.tp_flops_fraction)
+    if layer.measured_fwd_s is not None and layer.measured_device == device.name:
+        forward_s = layer.measured_fwd_s * micro_batch_size * tp_scale
+        backward_s = (layer.measured_bwd_s or 2 * layer.measured_fwd_s) * micro_batch_size * tp_scale
+        elementwise_fwd_s = 0.0
+    else:
+        peak = device.peak_flops_for(compute_dtype)
+        fwd_flops = layer.fwd_flops * micro_batch_size * tp_scale
+        bwd_flops = layer.bwd_flops * micro_batch_size * tp_scale
+        efficiency = matmul_efficiency(max(fwd_flops, 1.0), device)
+        share = tp_elementwise_share(layer)
+        split = share / tp + (1.0 - share) / (tp if sequence_parallel else 1)
+        elementwise_bytes = layer.elementwise_bytes * micro_batch_size * split * DTYPE_BYTES[compute_dtype] / 4
+        bandwidth = device.memory_bandwidth_gbps * 1e9 * device.memory_efficiency
+        elementwise_fwd_s = elementwise_bytes / bandwidth
+        forward_s = fwd_flops / (peak * efficiency) + elementwise_fwd_s
+        backward_s = bwd_flops / (peak * efficiency) + BACKWARD_ELEMENTWISE_FACTOR * elementwise_fwd_s
+    if recompute == "full":
+        recompute_s = forward_s
+    elif recompute == "selective":
+        recompute_s = elementwise_fwd_s if elementwise_fwd_s else 0.1 * forward_s
+    else:
+        recompute_s = 0.0
+    return LayerTime(forward_s, backward_s, recompute_s)
+
+
+def estimate_optimizer_step_s(num_params: float, device: DeviceSpec, param_dtype: str) -> float:
+    """Adam over `num_params` local parameters, memory-bound: it reads the fp32 master
+    weight, gradient and two moments (16 bytes) and writes master, moments and the
+    compute copy (12 + param bytes) — PyTorch's fused Adam moves ~28 + 2 bytes/param.
+
+    >>> from autoplan.cluster import ClusterSpec
+    >>> d = ClusterSpec.preset("dgx-a100-80gb").device
+    >>> round(estimate_optimizer_step_s(1e9, d, "bfloat16") * 1e3, 1)   # 30e9 B / (2039e9 * 0.8)
+    18.4
+    """
+    extra = DTYPE_BYTES[param_dtype] if param_dtype != "float32" else 0
+    moved = num_params * (28 + extra)
+    return moved / (device.memory_bandwidth_gbps * 1e9 * device.memory_efficiency)

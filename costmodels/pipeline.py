@@ -1,0 +1,258 @@
+"""Step time of a plan: stage times, pipeline schedule, data-parallel sync, optimizer.
+
+Per pipeline rank i and micro-batch (b sequences per data-parallel rank):
+    T_i = sum over its layers of forward + backward + recompute + tp collectives
+          (all-reduce of tp_allreduce_bytes_{fwd,bwd} * b over the tp group; full
+          recompute repeats the forward all-reduce; sequence parallelism moves the same
+          volume as reduce-scatter + all-gather, so the same time)
+    ZeRO-3 adds, per micro-batch, all-gather of the rank's parameters in forward and
+    again in backward plus a reduce-scatter of its gradients: c_i, overlapped with T_i:
+          X_i = exposed(c_i, T_i)
+Pipeline with m micro-batches, p ranks, v chunks per rank (v = 1 except interleaved):
+    pipeline = m * max_i(T_i + X_i) + (sum_i (T_i + X_i) - max_i(T_i + X_i)) / v
+               + 2 * p2p * (m * v + p - 1)                              (p > 1)
+i.e. (m - 1) * max + sum for GPipe/1F1B (bubble (p-1)/m, Narayanan et al. SC21) and
+the bubble divided by v for interleaved 1F1B, whose point-to-point sends (the boundary
+activation, forward, and its gradient, backward) happen v times as often.
+Then each rank synchronises gradients over dp and steps its optimizer:
+    step = pipeline + max_i (exposed(sync_i, backward_i) + optimizer_i)
+    sync_i: ZeRO 0 all-reduce of the rank's gradients (grad_reduce_dtype);
+            ZeRO 1/2 reduce-scatter of gradients + all-gather of the updated params;
+            ZeRO 3 nothing more (done per micro-batch).
+    ZeRO collectives run as one flat ring over the dp group (communication.flat_levels).
+The sync overlaps with the last micro-batch's backward (backward_i):
+    exposed(c, w) = (1 - OVERLAP_PENALTY) * max(0, c - w) + OVERLAP_PENALTY * c
+The hidden part is not free: NCCL kernels share SMs and HBM bandwidth with the
+compute they overlap.
+
+`estimate_step` evaluates one fully specified plan (mesh, micro-batch, schedule,
+ZeRO, sequence parallelism, layers per rank with their recompute option); the MILP in
+`autoplan.solver` optimises exactly this function (its per-layer coefficients come
+from `estimate_layer_cost`), and the planner tests check the two agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autoplan.cluster import ClusterSpec
+from autoplan.costmodels.communication import (collective_coefficients, estimate_all_reduce_s, estimate_p2p_s,
+                                               flat_levels, group_levels, pipeline_link)
+from autoplan.costmodels.compute import DTYPE_BYTES, estimate_layer_time, estimate_optimizer_step_s
+from autoplan.costmodels.memory import (estimate_activation_bytes, estimate_comm_buffer_bytes,
+                                        estimate_model_state_bytes, estimate_transient_bytes,
+                                        estimate_zero3_gathered_bytes, in_flight_micro_batches,
+                                        local_param_count)
+from autoplan.layers import LayerProfile, ModelProfile
+
+# Share of overlapped communication time still charged to the step: NCCL kernels
+# occupy SMs and HBM bandwidth while compute runs (Jangda et al., CoCoNet, ASPLOS 2022,
+# report 10-35% compute slow-down under concurrent collectives). Calibrated against
+# Table 2 of Narayanan et al. SC21 (benchmarks/megatron_sc21.py).
+OVERLAP_PENALTY = 0.3
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Everything of a plan but the layer placement."""
+
+    dp: int
+    tp: int
+    pp: int
+    micro_batch_size: int
+    num_micro_batches: int
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    param_dtype: str = "float32"
+    grad_reduce_dtype: str = "float32"
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        return {"dp": self.dp, "pp": self.pp, "tp": self.tp}
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer with one recompute option, for one micro-batch on one device."""
+
+    compute_s: float
+    """Forward + backward matmul and elementwise time."""
+    recompute_s: float
+    tp_comm_s: float
+    backward_s: float
+    """The part of the layer's time a data-parallel sync can overlap (backward + recompute)."""
+    activation_bytes: float
+    local_params: float
+    zero3_comm_s: float
+    """ZeRO-3 per micro-batch: all-gather forward + all-gather backward + reduce-scatter."""
+
+    @property
+    def time_s(self) -> float:
+        return self.compute_s + self.recompute_s + self.tp_comm_s
+
+
+def estimate_layer_cost(layer: LayerProfile, recompute: str, cluster: ClusterSpec, *, dp: int, tp: int,
+                        micro_batch_size: int, sequence_parallel: bool, param_dtype: str,
+                        grad_reduce_dtype: str) -> LayerCost:
+    """Per-micro-batch cost terms of `layer` (see module docstring)."""
+    times = estimate_layer_time(layer, cluster.device, micro_batch_size=micro_batch_size, tp=tp,
+                                sequence_parallel=sequence_parallel, recompute=recompute,
+                                compute_dtype=param_dtype)
+    act_scale = micro_batch_size * DTYPE_BYTES[param_dtype] / 4
+    tp_levels = group_levels(cluster, tp, 1)
+    fwd_comm = estimate_all_reduce_s(layer.tp_allreduce_bytes_fwd * act_scale, tp_levels) \
+        if tp > 1 and layer.tp_allreduce_bytes_fwd else 0.0
+    bwd_comm = estimate_all_reduce_s(layer.tp_allreduce_bytes_bwd * act_scale, tp_levels) \
+        if tp > 1 and layer.tp_allreduce_bytes_bwd else 0.0
+    recompute_comm = fwd_comm if recompute == "full" else 0.0
+    params = local_param_count(layer, tp)
+    zero3_comm = 0.0
+    if dp > 1:
+        dp_levels = flat_levels(cluster, dp, tp)
+        gather_bytes = params * DTYPE_BYTES[param_dtype]
+        zero3_comm = (2 * _collective_s("all_gather", gather_bytes, dp_levels)
+                      + _collective_s("reduce_scatter", params * DTYPE_BYTES[grad_reduce_dtype], dp_levels))
+    return LayerCost(
+        compute_s=times.forward_s + times.backward_s,
+        recompute_s=times.recompute_s,
+        tp_comm_s=fwd_comm + bwd_comm + recompute_comm,
+        backward_s=times.backward_s + times.recompute_s + bwd_comm + recompute_comm,
+        activation_bytes=estimate_activation_bytes(layer, recompute, micro_batch_size=micro_batch_size, tp=tp,
+                                                   sequence_parallel=sequence_parallel,
+                                                   activation_dtype=param_dtype),
+        local_params=params,
+        zero3_comm_s=zero3_comm,
+    )
+
+
+def _collective_s(kind: str, num_bytes: float, levels) -> float:
+    per_byte, latency = collective_coefficients(kind, levels)
+    return per_byte * num_bytes + latency
+
+
+def dp_sync_coefficients(cluster: ClusterSpec, config: ParallelConfig, zero_stage: int) -> tuple[float, float]:
+    """(seconds per local parameter, latency seconds) of the end-of-step gradient sync."""
+    if config.dp == 1 or zero_stage == 3:
+        return 0.0, 0.0
+    grad_bytes = DTYPE_BYTES[config.grad_reduce_dtype]
+    if zero_stage == 0:  # DDP / Megatron: one hierarchical NCCL all-reduce
+        per_byte, latency = collective_coefficients("all_reduce", group_levels(cluster, config.dp, config.tp))
+        return per_byte * grad_bytes, latency
+    levels = flat_levels(cluster, config.dp, config.tp)  # sharded data parallel (communication.flat_levels)
+    rs_byte, rs_latency = collective_coefficients("reduce_scatter", levels)
+    ag_byte, ag_latency = collective_coefficients("all_gather", levels)
+    return rs_byte * grad_bytes + ag_byte * DTYPE_BYTES[config.param_dtype], rs_latency + ag_latency
+
+
+def exposed_s(communication_s: float, overlappable_s: float) -> float:
+    """(1 - OVERLAP_PENALTY) * max(0, c - w) + OVERLAP_PENALTY * c."""
+    return (1 - OVERLAP_PENALTY) * max(0.0, communication_s - overlappable_s) + OVERLAP_PENALTY * communication_s
+
+
+def p2p_time_s(profile: ModelProfile, cluster: ClusterSpec, config: ParallelConfig) -> float:
+    """One boundary send (the largest layer output) for one micro-batch; 0 when pp = 1."""
+    if config.pp == 1:
+        return 0.0
+    boundary = max(layer.output_bytes for layer in profile.layers[:-1]) if len(profile.layers) > 1 else 0.0
+    num_bytes = boundary * config.micro_batch_size * DTYPE_BYTES[config.param_dtype] / 4
+    if config.sequence_parallel:
+        num_bytes /= config.tp  # Megatron scatters the boundary activation over tp
+    return estimate_p2p_s(num_bytes, pipeline_link(cluster, config.pp, config.dp * config.tp))
+
+
+def pipeline_time_s(stage_times_s: list[float], config: ParallelConfig, p2p_s: float) -> float:
+    """m * max + (sum - max) / v + 2 * p2p * (m v + p - 1) (module docstring)."""
+    m, v, p = config.num_micro_batches, config.virtual_stages, config.pp
+    slowest = max(stage_times_s)
+    time_s = m * slowest + (sum(stage_times_s) - slowest) / v
+    return time_s + (2 * p2p_s * (m * v + p - 1) if p > 1 else 0.0)
+
+
+def fixed_memory_bytes(profile: ModelProfile, cluster: ClusterSpec, config: ParallelConfig,
+                       rank_layers: list[LayerProfile], zero_stage: int) -> dict[str, float]:
+    """Memory terms of a rank that do not scale with its layer count."""
+    mbs, tp = config.micro_batch_size, config.tp
+    terms = {
+        "transient_bytes": estimate_transient_bytes(rank_layers, micro_batch_size=mbs, tp=tp,
+                                                    activation_dtype=config.param_dtype),
+        "comm_buffer_bytes": estimate_comm_buffer_bytes(profile.layers, micro_batch_size=mbs, tp=tp,
+                                                        dp=config.dp, activation_dtype=config.param_dtype),
+        "framework_overhead_bytes": float(cluster.device.framework_overhead_bytes),
+        "zero3_gathered_bytes": 0.0,
+    }
+    if zero_stage == 3:
+        terms["zero3_gathered_bytes"] = estimate_zero3_gathered_bytes(profile.layers, tp=tp,
+                                                                      param_dtype=config.param_dtype)
+    return terms
+
+
+@dataclass
+class StepEstimate:
+    """The cost model's prediction for one fully specified plan."""
+
+    step_time_s: float
+    peak_memory_bytes: float
+    breakdown: dict[str, float]
+    rank_time_s: list[float]
+    """Per pipeline rank: one micro-batch through all its stages (incl. exposed ZeRO-3 comm)."""
+    rank_memory_bytes: list[float]
+    rank_memory: list[dict[str, float]] = field(default_factory=list)
+
+
+def estimate_step(profile: ModelProfile, cluster: ClusterSpec, config: ParallelConfig,
+                  rank_layers: list[list[tuple[int, str]]]) -> StepEstimate:
+    """Predict step time and per-rank memory of a plan.
+
+    `rank_layers[i]` lists (layer index, recompute option) of pipeline rank i.
+    """
+    times, extras, memories = [], [], []
+    worst = {"tp_comm_s": 0.0, "recompute_s": 0.0, "zero3_exposed_s": 0.0}
+    for rank, entries in enumerate(rank_layers):
+        costs = [estimate_layer_cost(profile.layers[index], option, cluster, dp=config.dp, tp=config.tp,
+                                     micro_batch_size=config.micro_batch_size,
+                                     sequence_parallel=config.sequence_parallel,
+                                     param_dtype=config.param_dtype, grad_reduce_dtype=config.grad_reduce_dtype)
+                 for index, option in entries]
+        busy_s = sum(cost.time_s for cost in costs)
+        zero3_s = exposed_s(sum(c.zero3_comm_s for c in costs), busy_s) if config.zero_stage == 3 else 0.0
+        times.append(busy_s + zero3_s)
+        local_params = sum(cost.local_params for cost in costs)
+        per_param_s, latency_s = dp_sync_coefficients(cluster, config, config.zero_stage)
+        sync_s = per_param_s * local_params + latency_s if per_param_s else 0.0
+        shard = local_params / (config.dp if config.zero_stage >= 1 else 1)
+        extras.append((exposed_s(sync_s, sum(c.backward_s for c in costs)),
+                       estimate_optimizer_step_s(shard, cluster.device, config.param_dtype)))
+        if times[-1] >= max(times):
+            worst = {"tp_comm_s": sum(c.tp_comm_s for c in costs), "recompute_s": sum(c.recompute_s for c in costs),
+                     "zero3_exposed_s": zero3_s}
+        memory = estimate_model_state_bytes(local_params, zero_stage=config.zero_stage, dp=config.dp,
+                                            param_dtype=config.param_dtype)
+        in_flight = in_flight_micro_batches(config.schedule, rank, config.pp, config.num_micro_batches,
+                                            config.virtual_stages)
+        memory["activations_bytes"] = in_flight * sum(cost.activation_bytes for cost in costs)
+        memory.update(fixed_memory_bytes(profile, cluster, config, [profile.layers[i] for i, _ in entries],
+                                         config.zero_stage))
+        memories.append(memory)
+    p2p_s = p2p_time_s(profile, cluster, config)
+    pipeline_s = pipeline_time_s(times, config, p2p_s)
+    sync_rank = max(range(len(extras)), key=lambda i: sum(extras[i]))
+    m = config.num_micro_batches
+    rank_memory_bytes = [sum(memory.values()) for memory in memories]
+    peak_rank = max(range(len(memories)), key=lambda i: rank_memory_bytes[i])
+    p2p_total_s = 2 * p2p_s * (m * config.virtual_stages + config.pp - 1) if config.pp > 1 else 0.0
+    breakdown = {
+        "pipeline_s": pipeline_s,
+        "stage_max_s": max(times),
+        "bubble_s": pipeline_s - m * max(times) - p2p_total_s,
+        "p2p_s": p2p_total_s,
+        "tp_comm_s": m * worst["tp_comm_s"],
+        "recompute_s": m * worst["recompute_s"],
+        "zero3_exposed_s": m * worst["zero3_exposed_s"],
+        "dp_sync_exposed_s": extras[sync_rank][0],
+        "optimizer_s": extras[sync_rank][1],
+        **memories[peak_rank],
+    }
+    return StepEstimate(step_time_s=pipeline_s + sum(extras[sync_rank]), peak_memory_bytes=max(rank_memory_bytes),
+                        breakdown=breakdown, rank_time_s=times, rank_memory_bytes=rank_memory_bytes,
+                        rank_memory=memories)
