@@ -1,0 +1,211 @@
+"""The front door: `plan` a model on a cluster, `explain` a plan.
+
+    >>> import autoplan
+    >>> job = autoplan.zoo.build("gpt-tiny", batch_size=8)                              # doctest: +SKIP
+    >>> plan = autoplan.plan(job.module, autoplan.ClusterSpec.local(4), (job.example_inputs[0],))  # doctest: +SKIP
+    >>> print(autoplan.explain(plan))                                                  # doctest: +SKIP
+
+`parallelize` (running a plan) lives in `autoplan.distributed`.
+"""
+from __future__ import annotations
+
+import io
+import time
+from typing import Callable
+
+from autoplan.cluster import ClusterSpec
+from autoplan.constraints import Constraints
+from autoplan.costmodels.pipeline import estimate_layer_cost
+from autoplan.layers import ModelProfile
+from autoplan.plan import Candidate, LayerChoice, Plan, Prediction, StagePlan, TPSite
+from autoplan.solver import Solution, SolveResult, default_dtypes, solve, split_layers
+
+OBJECTIVES = ("throughput",)
+
+
+def plan(model, cluster: ClusterSpec, example_inputs: tuple, loss_fn: Callable | None = None,
+         constraints: Constraints | None = None, objective: str = "throughput",
+         model_name: str | None = None) -> Plan:
+    """Profile `model` on one global batch of `example_inputs` and return the fastest plan
+    that fits `cluster` (SPEC.md section 2).
+
+    >>> cluster = ClusterSpec.preset("dgx-a100-80gb", num_nodes=16)         # doctest: +SKIP
+    >>> plan(model, cluster, example_inputs=(tokens,)).mesh                   # doctest: +SKIP
+    {'dp': 16, 'pp': 2, 'tp': 4}
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not supported; use one of {list(OBJECTIVES)}")
+    constraints = constraints or Constraints()
+    default_dtypes(cluster, constraints)  # rejects a pinned activation_dtype before profiling
+    from autoplan.profile import profile_model
+
+    started = time.perf_counter()
+    example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    profile = profile_model(model, example_inputs, model_name=model_name or type(model).__name__, loss_fn=loss_fn)
+    result = plan_from_profile(profile, cluster, constraints)
+    result.solver["total_wall_time_s"] = time.perf_counter() - started
+    return result
+
+
+def plan_from_profile(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints | None = None) -> Plan:
+    """Solve for an existing ModelProfile and build the Plan.
+
+    >>> plan_from_profile(profile, ClusterSpec.local(4)).mesh    # doctest: +SKIP
+    {'dp': 4, 'pp': 1, 'tp': 1}
+    """
+    return build_plan(profile, cluster, solve(profile, cluster, constraints))
+
+
+def stage_layout(profile: ModelProfile, solution: Solution) -> list[list[tuple[int, str]]]:
+    """pp * v stages in model order: stage s runs on rank s % pp; each rank's blocks are
+    split into v chunks as evenly as possible, the prefix opens stage 0 and the suffix
+    closes the last stage. Recompute options follow each rank's counts."""
+    config = solution.config
+    split = split_layers(profile)
+    fixed = set(split.prefix) | set(split.suffix)
+    rank_options = [[option for index, option in entries if index not in fixed] for entries in solution.rank_layers]
+    fixed_option = {index: option for entries in solution.rank_layers for index, option in entries if index in fixed}
+    v, pp = config.virtual_stages, config.pp
+    chunks = [[len(options) // v + (1 if c < len(options) % v else 0) for c in range(v)] for options in rank_options]
+    blocks = iter(split.blocks)
+    taken = [0] * pp
+    stages = []
+    for stage in range(pp * v):
+        rank, chunk = stage % pp, stage // pp
+        entries = [(j, fixed_option[j]) for j in split.prefix] if stage == 0 else []
+        for _ in range(chunks[rank][chunk]):
+            entries.append((next(blocks), rank_options[rank][taken[rank]]))
+            taken[rank] += 1
+        if stage == pp * v - 1:
+            entries += [(j, fixed_option[j]) for j in split.suffix]
+        stages.append(entries)
+    return stages
+
+
+def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult) -> Plan:
+    """The Plan of the solver's best solution (stages, per-layer choices, tp styles, prediction)."""
+    best = result.best
+    config, estimate = best.config, best.estimate
+    stages = []
+    layer_choices = {}
+    for index, entries in enumerate(stage_layout(profile, best)):
+        stage_time = 0.0
+        for layer_index, option in entries:
+            layer = profile.layers[layer_index]
+            stage_time += estimate_layer_cost(layer, option, cluster, dp=config.dp, tp=config.tp,
+                                              micro_batch_size=config.micro_batch_size,
+                                              sequence_parallel=config.sequence_parallel,
+                                              param_dtype=config.param_dtype,
+                                              grad_reduce_dtype=config.grad_reduce_dtype).time_s
+            layer_choices[layer_index] = LayerChoice(name=layer.name, recompute=option, stage=index)
+        stages.append(StagePlan(index=index, pp_rank=index % config.pp, layers=[profile.layers[i].name for i, _ in entries],
+                                predicted_time_s=stage_time,
+                                predicted_memory_bytes=estimate.rank_memory_bytes[index % config.pp]))
+    tp_styles: dict[str, TPSite] = {}
+    tp_divide_attrs: dict[str, int] = {}
+    if config.tp > 1:
+        for layer in profile.layers:
+            tp_styles.update({path: site for path, site in layer.tp_sites.items()
+                              if site.style != "sequence_parallel" or config.sequence_parallel})
+            tp_divide_attrs.update(layer.tp_divide_attrs)
+    tokens = profile.global_batch_size * profile.seq_len
+    peak = cluster.device.peak_flops_for(config.param_dtype)
+    step_s = estimate.step_time_s
+    prediction = Prediction(
+        step_time_s=step_s, peak_memory_bytes=estimate.peak_memory_bytes, breakdown=dict(estimate.breakdown),
+        tokens_per_s=tokens / step_s,
+        mfu=profile.model_flops_per_sequence * profile.global_batch_size / (step_s * cluster.world_size * peak))
+    measured = any(layer.measured_fwd_s is not None and layer.measured_device == cluster.device.name
+                   for layer in profile.layers)
+    return Plan(
+        model_name=profile.model_name, mesh=config.mesh, global_batch_size=profile.global_batch_size,
+        micro_batch_size=config.micro_batch_size, num_micro_batches=config.num_micro_batches,
+        schedule=config.schedule, virtual_stages=config.virtual_stages, zero_stage=config.zero_stage,
+        sequence_parallel=config.sequence_parallel, param_dtype=config.param_dtype,
+        grad_reduce_dtype=config.grad_reduce_dtype, activation_dtype=config.param_dtype,
+        stages=stages, layers=[layer_choices[i] for i in range(len(profile.layers))],
+        tp_styles=tp_styles, tp_divide_attrs=tp_divide_attrs, tied_parameters=profile.tied_parameters,
+        predicted=prediction,
+        runners_up=[Candidate(mesh=r.config.mesh, micro_batch_size=r.config.micro_batch_size,
+                              schedule=r.config.schedule, virtual_stages=r.config.virtual_stages,
+                              zero_stage=r.config.zero_stage, recompute=r.recompute,
+                              sequence_parallel=r.config.sequence_parallel, step_time_s=r.step_time_s,
+                              peak_memory_bytes=r.peak_memory_bytes, why=r.why) for r in result.runners_up],
+        model_fingerprint=profile.fingerprint, cluster_fingerprint=cluster.fingerprint(), cluster=cluster,
+        measured_sources={"layer_time": "measured" if measured else "estimated (roofline)",
+                          "memory": "estimated"},
+        solver=dict(result.stats))
+
+
+def _compress_runs(plan: Plan) -> list[tuple[str, str, int]]:
+    """(first..last layer names, recompute, stage) with runs of equal choices folded."""
+    rows: list[list] = []
+    for layer in plan.layers:
+        if rows and rows[-1][1] == layer.recompute and rows[-1][2] == layer.stage:
+            rows[-1][3] = layer.name
+            rows[-1][4] += 1
+        else:
+            rows.append([layer.name, layer.recompute, layer.stage, layer.name, 1])
+    return [(f"{first} .. {last} ({count})" if count > 1 else first, recompute, stage)
+            for first, recompute, stage, last, count in rows]
+
+
+def explain(plan: Plan) -> str:
+    """The full report `autoplan show` prints: mesh, stages, per-layer choices, time and
+    memory breakdown, runners-up and why they lost.
+
+    >>> print(explain(Plan.from_json("plan.json")))    # doctest: +SKIP
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=io.StringIO(), record=True, width=130, color_system=None)
+    predicted, capacity = plan.predicted, plan.cluster.device.memory_bytes
+    console.print(f"[bold]{plan.model_name}[/] on {plan.cluster.describe()}")
+    console.print(f"mesh pp={plan.mesh['pp']} x dp={plan.mesh['dp']} x tp={plan.mesh['tp']}  "
+                  f"micro-batch {plan.micro_batch_size} x {plan.num_micro_batches} per step "
+                  f"(global batch {plan.global_batch_size})  schedule {plan.schedule}"
+                  f"{f' v={plan.virtual_stages}' if plan.virtual_stages > 1 else ''}  ZeRO-{plan.zero_stage}  "
+                  f"sequence-parallel {plan.sequence_parallel}  params {plan.param_dtype}, "
+                  f"grad reduce {plan.grad_reduce_dtype}")
+    mfu = f"  MFU {predicted.mfu:.1%}" if predicted.mfu is not None else ""
+    tokens = f"  {predicted.tokens_per_s:,.0f} tokens/s" if predicted.tokens_per_s else ""
+    console.print(f"predicted step {predicted.step_time_s:.4g} s{tokens}{mfu}; peak memory "
+                  f"{predicted.peak_memory_bytes / 1e9:.2f} GB of {capacity / 1e9:.0f} GB per device")
+    stages = Table(title="stages")
+    for column in ("stage", "pp rank", "layers", "time / micro-batch", "rank memory", "of capacity"):
+        stages.add_column(column)
+    for stage in plan.stages:
+        names = stage.layers
+        shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} .. {names[-1]} ({len(names)})"
+        stages.add_row(str(stage.index), str(stage.pp_rank), shown, f"{stage.predicted_time_s * 1e3:.2f} ms",
+                       f"{stage.predicted_memory_bytes / 1e9:.2f} GB", f"{stage.predicted_memory_bytes / capacity:.0%}")
+    console.print(stages)
+    layers = Table(title="per-layer choices")
+    for column in ("layers", "recompute", "stage"):
+        layers.add_column(column)
+    for names, recompute, stage in _compress_runs(plan):
+        layers.add_row(names, recompute, str(stage))
+    console.print(layers)
+    breakdown = Table(title="breakdown (worst rank)")
+    breakdown.add_column("term")
+    breakdown.add_column("value", justify="right")
+    for name, value in predicted.breakdown.items():
+        shown = f"{value:.4g} s" if name.endswith("_s") else f"{value / 1e9:.3f} GB"
+        breakdown.add_row(name, shown)
+    console.print(breakdown)
+    if plan.runners_up:
+        runners = Table(title="runners-up")
+        for column in ("mesh", "mbs", "schedule", "ZeRO", "recompute", "SP", "step", "memory", "why it lost"):
+            runners.add_column(column)
+        for c in plan.runners_up:
+            runners.add_row(f"dp{c.mesh['dp']} pp{c.mesh['pp']} tp{c.mesh['tp']}", str(c.micro_batch_size),
+                            c.schedule + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else ""), str(c.zero_stage),
+                            c.recompute, str(c.sequence_parallel),
+                            f"{c.step_time_s:.4g} s" if c.step_time_s else "-",
+                            f"{c.peak_memory_bytes / 1e9:.1f} GB" if c.peak_memory_bytes else "-", c.why)
+        console.print(runners)
+    if plan.solver:
+        console.print("solver: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in plan.solver.items()))
+    return console.export_text()
