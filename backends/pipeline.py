@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from autoplan.backends.data_parallel import apply_data_parallel
 from autoplan.backends.pipeline_split import ModelSplit, original_fqn, split_model
@@ -155,27 +156,54 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def build_pipeline(model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Callable,
                    example_inputs: tuple[torch.Tensor, ...]) -> PipelineEngine:
     """Cut `model` into the plan's stages, parallelise this rank's stages and wrap them in
-    the plan's schedule. `mesh` has dims ("pp", "dp", "tp"). `example_inputs` (one global
-    batch) is part of the backend contract but not needed: torch infers each stage's
-    input and output shapes from the first micro-batch of the first step."""
+    the plan's schedule. `mesh` has dims ("pp", "dp", "tp"); `example_inputs` is one
+    global batch (real, fake or meta tensors), from which each stage's input and output
+    shapes are known before the first step (see `_stage_io_examples`)."""
     validate_pipeline_plan(plan)
     pp_mesh = mesh["pp"]
     pp_rank, pp_group = pp_mesh.get_local_rank(), pp_mesh.get_group()
     device = _device_of(mesh)
     split = split_model(model, [stage.layers for stage in plan.stages])
+    shapes = _stage_io_examples(split, example_inputs, plan)
     local_indices = [stage.index for stage in plan.stages_of_rank(pp_rank)]
     stage_modules, stages = [], []
     for index in local_indices:
         module = split.local_copy(index, device)
         _parallelize_stage(module, plan, plan.stages[index].layers, mesh)
         stage_modules.append(module)
-        stages.append(PipelineStage(module, index, len(plan.stages), device, group=pp_group))
+        inputs, outputs = shapes[index] if shapes else (None, None)
+        stages.append(PipelineStage(module, index, len(plan.stages), device, input_args=inputs, output_args=outputs,
+                                    group=pp_group))
     schedule_cls = SCHEDULES[plan.schedule]
     schedule = schedule_cls(stages if plan.schedule == "interleaved_1f1b" else stages[0],
                             n_microbatches=plan.num_micro_batches, loss_fn=loss_fn, scale_grads=True)
     tied = _tied_gradient_groups(split, stage_modules, local_indices, mesh, plan.mesh["pp"])
     unreached = split.unreached_state if pp_rank == 0 else {}
     return PipelineEngine(schedule, stages, stage_modules, pp_group, plan.num_micro_batches, tied, unreached)
+
+
+def _stage_io_examples(split: ModelSplit, example_inputs: tuple[torch.Tensor, ...] | None,
+                       plan: Plan) -> list[tuple[tuple, tuple]] | None:
+    """(inputs, outputs) of every stage for one micro-batch, as fake tensors.
+
+    Given to `PipelineStage`, they let torch size its receive buffers statically; without
+    them it infers shapes by running stage s on `torch.empty` inputs made from stage s-1's
+    metadata, which breaks on integer inputs (token ids, positions) that index an
+    embedding. None (torch infers) when sequence parallelism makes boundary activations
+    tp-local shards of the sequence, which this single-process propagation cannot see.
+    """
+    if example_inputs is None or (plan.mesh["tp"] > 1 and plan.sequence_parallel):
+        return None
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    values = tuple(mode.from_tensor(x[:plan.micro_batch_size]) for x in example_inputs)
+    examples = []
+    with mode:
+        for module in split.stage_modules:
+            outputs = module(*values)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            examples.append((values, outputs))
+            values = tuple(value.detach().requires_grad_(value.requires_grad) for value in outputs)
+    return examples
 
 
 def _device_of(mesh: DeviceMesh) -> torch.device:

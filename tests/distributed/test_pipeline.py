@@ -84,17 +84,20 @@ def test_the_plans_schedule_is_the_one_that_runs():
 
 
 class _TwoInputNet(torch.nn.Module):
-    """Not a zoo model: two inputs, and the last stage reads the model input again."""
+    """Not a zoo model: two inputs; the last stage reads a model input again and indexes an
+    embedding with positions made on the first stage."""
 
     def __init__(self):
         super().__init__()
         self.emb = torch.nn.Embedding(10, 8)
         self.a = torch.nn.Linear(8, 8)
         self.b = torch.nn.Linear(8, 8)
+        self.pos = torch.nn.Embedding(5, 8)
         self.c = torch.nn.Linear(8, 3)
 
     def forward(self, tokens, scale):
-        h = self.b(self.a(self.emb(tokens))) * scale
+        positions = torch.arange(tokens.shape[1])
+        h = self.b(self.a(self.emb(tokens))) * scale + self.pos(positions)
         return self.c(h).mean(1) + (tokens == 0).float().sum(-1, keepdim=True)
 
 
@@ -103,7 +106,7 @@ def _two_input_net_on_rank(rank: int, world_size: int):
     from autoplan.backends.runner import apply_plan
     from autoplan.plan import LayerChoice, Prediction, StagePlan
 
-    stages = [["emb"], ["a"], ["b", "c"]]  # tokens and scale travel through stage 1 untouched
+    stages = [["emb"], ["a"], ["b", "pos", "c"]]  # tokens, scale, positions travel through stage 1
     plan = Plan(mesh={"dp": 1, "pp": 3, "tp": 1}, global_batch_size=6, micro_batch_size=2, num_micro_batches=3,
                 schedule="1f1b", stages=[StagePlan(index=i, pp_rank=i, layers=names) for i, names in enumerate(stages)],
                 layers=[LayerChoice(name=name, stage=i) for i, names in enumerate(stages) for name in names],
