@@ -50,7 +50,7 @@ ZERO_OPTIONS = (0, 1, 3)  # ZeRO-2 costs what ZeRO-1 does (memory.py); planned o
 MAX_MICRO_BATCH_SIZE = 64
 MIP_GAP = 1e-4
 """Relative optimality gap at which a MILP counts as solved."""
-MILP_TIME_LIMIT_S = 1.0
+MILP_TIME_LIMIT_S = 0.3
 """Per-MILP time limit; an instance stopped by it returns its incumbent (reported in
 the solver stats as `milps_time_limited`)."""
 HIGHS_AVAILABLE = pulp.HiGHS(msg=False).available()
@@ -202,6 +202,8 @@ class Instance:
     cap_bytes: float
     block_option: str | None = None
     """Pinned recompute of the repeated blocks."""
+    zero_bounds_s: dict[int, float] = field(default_factory=dict)
+    """Lower bound on the step time per ZeRO stage (filled by `lower_bound_s`)."""
 
     @property
     def pp(self) -> int:
@@ -247,8 +249,10 @@ def build_instance(profile: ModelProfile, cluster: ClusterSpec, split: LayerSpli
 
 
 def lower_bound_s(inst: Instance) -> float:
-    """Perfect balance, the largest v allowed, the cheapest recompute/SP option per layer,
-    and per ZeRO option only the unavoidable OVERLAP_PENALTY share of its communication."""
+    """Perfect balance (but the slowest rank holds >= ceil(N/p) blocks and the first and
+    last ranks their pinned layers plus a block), the largest v allowed, the cheapest
+    recompute/SP option per layer, and per ZeRO option only the unavoidable
+    OVERLAP_PENALTY share of its communication."""
     split, base, pp = inst.split, inst.base, inst.pp
     m = base.num_micro_batches
     block = split.blocks[0]
@@ -264,15 +268,22 @@ def lower_bound_s(inst: Instance) -> float:
         inst.costs[i, inst.options[0], inst.sps[0]].zero3_comm_s for i in fixed)
     v = max(s[1] for s in inst.schedules)
     p2p = p2p_time_s(inst.profile, inst.cluster, inst.config(("1f1b", 1), 0, inst.sps[-1]))
+    block_s = cheapest(block, "time_s", inst.block_options())
+    ends_s = [sum(cheapest(i, "time_s") for i in inst.rank_fixed_layers(rank)) for rank in (0, pp - 1)]
+    # the slowest rank holds at least ceil(N / p) blocks, and the first/last rank at least one
+    slowest_s = max(math.ceil(len(split.blocks) / pp) * block_s, block_s + max(ends_s))
     bounds = []
     for zero in inst.zeros:
         config = inst.config(("1f1b", 1), zero, False)
-        busy = total_s + (OVERLAP_PENALTY * zero3_s if zero == 3 else 0.0)
-        pipeline = (m - 1 / v) * busy / pp + busy / v + (2 * p2p * (m + pp - 1) if pp > 1 else 0.0)
+        zero3_share = OVERLAP_PENALTY * zero3_s if zero == 3 else 0.0
+        busy = total_s + zero3_share
+        slowest = max(busy / pp, slowest_s)
+        pipeline = (m - 1 / v) * slowest + busy / v + (2 * p2p * (m + pp - 1) if pp > 1 else 0.0)
         per_param, latency = dp_sync_coefficients(inst.cluster, config, zero)
         shard = params / pp / (base.dp if zero >= 1 else 1)
         extra = OVERLAP_PENALTY * (per_param * params / pp + latency) + estimate_optimizer_step_s(
             shard, inst.cluster.device, base.param_dtype)
+        inst.zero_bounds_s[zero] = pipeline + extra
         if state_memory_lower_bound(inst, zero, params) <= inst.cap_bytes:
             bounds.append(pipeline + extra)
     return min(bounds, default=math.inf)
@@ -291,10 +302,11 @@ def state_memory_lower_bound(inst: Instance, zero: int, params: float) -> float:
 class Milp:
     """The MILP of one Instance; `add_*_constraints` add one family each."""
 
-    def __init__(self, inst: Instance):
+    def __init__(self, inst: Instance, incumbent_s: float | None = None):
         self.inst = inst
+        self.incumbent_s = incumbent_s
         self.problem = pulp.LpProblem("autoplan", pulp.LpMinimize)
-        self.combos = combinations(inst)
+        self.combos = combinations(inst, incumbent_s)
         p, N = inst.pp, len(inst.split.blocks)
         self.u = {c: pulp.LpVariable(f"u_{c.name}", cat="Binary") for c in self.combos}
         self.n = {(i, o, c): pulp.LpVariable(f"n_{i}_{o}_{c.name}", lowBound=0, upBound=N, cat="Integer")
@@ -306,16 +318,19 @@ class Milp:
         self.E = {(i, c): cont(f"E_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero != 3}
         self.Tmax = {c: cont(f"Tmax_{c.name}") for c in self.combos}
         self.W = cont("W")
+        self._sums: dict = {}
 
     def rank_sum(self, i: int, c: Combo, field_name: str, scale: float = 1.0) -> pulp.LpAffineExpression:
-        """sum over rank i's layers (under combination c) of a per-layer cost."""
-        inst = self.inst
-        block = inst.split.blocks[0]
-        terms = [(self.n[i, o, c], scale * getattr(inst.costs[block, o, c.sp], field_name))
-                 for o in inst.block_options()]
-        for j in inst.rank_fixed_layers(i):
-            terms += [(self.r[j, o, c], scale * getattr(inst.costs[j, o, c.sp], field_name)) for o in inst.options]
-        return pulp.lpSum(var * coef for var, coef in terms if coef)
+        """sum over rank i's layers (under combination c) of a per-layer cost (a fresh copy)."""
+        key = (i, c, field_name)
+        if key not in self._sums:
+            inst = self.inst
+            block = inst.split.blocks[0]
+            terms = [(self.n[i, o, c], getattr(inst.costs[block, o, c.sp], field_name)) for o in inst.block_options()]
+            for j in inst.rank_fixed_layers(i):
+                terms += [(self.r[j, o, c], getattr(inst.costs[j, o, c.sp], field_name)) for o in inst.options]
+            self._sums[key] = [(var, coef) for var, coef in terms if coef]
+        return pulp.LpAffineExpression([(var, coef * scale) for var, coef in self._sums[key]])
 
     def busy(self, i: int, c: Combo) -> pulp.LpAffineExpression:
         """T_i,c + X_i,c: rank i's time per micro-batch with exposed ZeRO-3 traffic."""
@@ -387,18 +402,24 @@ class Milp:
         terms = model_state_bytes_per_param(base.param_dtype)
         for i in range(inst.pp):
             layers = [inst.profile.layers[j] for j in inst.rank_fixed_layers(i) + [inst.split.blocks[0]]]
+            fixed_of = {z: sum(fixed_memory_bytes(inst.profile, inst.cluster, base, layers, z).values())
+                        for z in inst.zeros}
             for c in self.combos:
                 per_param = sum(v if (c.zero == 0 or (c.zero < 3 and name == "params_bytes")) else v / base.dp
                                 for name, v in terms.items())
-                fixed = sum(fixed_memory_bytes(inst.profile, inst.cluster, base, layers, c.zero).values())
+                fixed = fixed_of[c.zero]
                 in_flight = in_flight_micro_batches(c.schedule, i, inst.pp, base.num_micro_batches, c.v)
                 self.problem += (per_param * self.rank_sum(i, c, "local_params", 1 / GB)
                                  + in_flight * self.rank_sum(i, c, "activation_bytes", 1 / GB)
                                  <= (inst.cap_bytes - fixed) / GB * self.u[c]), f"memory_{i}_{c.name}"
 
-    def solve(self, incumbent_s: float | None = None) -> bool:
+    def solve(self) -> bool:
         """Build and solve; True when a plan was found (`self.proven`: optimal within MIP_GAP).
-        `incumbent_s` (the best step time so far) is handed to HiGHS as an objective bound."""
+        The incumbent (the best step time so far) is handed to HiGHS as an objective bound."""
+        incumbent_s = self.incumbent_s
+        if not self.combos:
+            self.proven = True
+            return False
         self.add_assignment_constraints()
         self.add_time_constraints()
         self.add_sync_constraints()
@@ -439,13 +460,18 @@ class Combo:
         return f"{self.schedule}_v{self.v}_z{self.zero}_sp{int(self.sp)}"
 
 
-def combinations(inst: Instance) -> list[Combo]:
-    """Every (schedule, ZeRO, SP) the instance allows whose model states can fit.
-    GPipe is left out unless pinned: it costs what 1F1B costs and holds more activations."""
+def combinations(inst: Instance, incumbent_s: float | None = None) -> list[Combo]:
+    """Every (schedule, ZeRO, SP) the instance allows whose model states can fit and
+    whose ZeRO lower bound is below the incumbent. Dominated choices are left out unless
+    pinned: GPipe costs what 1F1B costs and holds more activations; with tp > 1,
+    sequence parallelism moves the same bytes, does less elementwise work and keeps
+    fewer activations than no sequence parallelism."""
     schedules = [k for k in inst.schedules if k[0] != "gpipe"] or inst.schedules
+    sps = [q for q in inst.sps if q] or inst.sps
     params = total_local_params(inst)
-    return [Combo(k[0], k[1], z, q) for k in schedules for z in inst.zeros for q in inst.sps
-            if state_memory_lower_bound(inst, z, params) <= inst.cap_bytes]
+    return [Combo(k[0], k[1], z, q) for k in schedules for z in inst.zeros for q in sps
+            if state_memory_lower_bound(inst, z, params) <= inst.cap_bytes
+            and (incumbent_s is None or inst.zero_bounds_s.get(z, 0.0) < incumbent_s)]
 
 
 def total_local_params(inst: Instance) -> float:
@@ -517,9 +543,9 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
         if math.isinf(bound):
             rejected.append(Rejected(inst.base, None, None, "model states alone exceed the memory cap"))
             continue
-        milp = Milp(inst)
+        milp = Milp(inst, best.estimate.step_time_s if best else None)
         num_milps += 1
-        if not milp.solve(best.estimate.step_time_s if best else None):
+        if not milp.solve():
             why = "no placement fits the memory cap" if best is None else \
                 f"no placement that fits beats the best {best.estimate.step_time_s:.3g} s"
             rejected.append(Rejected(inst.base, None, None, why))
