@@ -125,6 +125,8 @@ def enumerate_meshes(profile: ModelProfile, cluster: ClusterSpec, constraints: C
     """(dp, pp, tp) candidates honouring the pins; pinned values are validated loudly."""
     world = cluster.world_size
     pins = {axis: getattr(constraints, axis) for axis in ("dp", "pp", "tp")}
+    if pins["tp"] and check_tp(profile, pins["tp"]):
+        raise ValueError(check_tp(profile, pins["tp"]))
     if all(pins.values()) and pins["dp"] * pins["tp"] * pins["pp"] != world:
         raise ValueError(f"dp({pins['dp']}) * tp({pins['tp']}) * pp({pins['pp']}) = "
                          f"{pins['dp'] * pins['tp'] * pins['pp']} != world_size({world})")
@@ -132,9 +134,6 @@ def enumerate_meshes(profile: ModelProfile, cluster: ClusterSpec, constraints: C
         if value and world % value:
             raise ValueError(f"{axis}={value} does not divide world_size({world})")
     if pins["tp"]:
-        reason = check_tp(profile, pins["tp"])
-        if reason:
-            raise ValueError(reason)
         tps = [pins["tp"]]
     else:
         tps = [t for t in _divisors(cluster.devices_per_node) if world % t == 0 and not check_tp(profile, t)]

@@ -1,0 +1,129 @@
+"""Compute, communication and step-time formulas against hand arithmetic, plus properties."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autoplan.cluster import ClusterSpec
+from autoplan.costmodels.communication import (LINK_EFFICIENCY, estimate_all_gather_s, estimate_all_reduce_s,
+                                               estimate_p2p_s, estimate_reduce_scatter_s, group_levels)
+from autoplan.costmodels.compute import estimate_layer_time, matmul_efficiency
+from autoplan.costmodels.pipeline import ParallelConfig, exposed_s, pipeline_time_s, OVERLAP_PENALTY
+from autoplan.layers import LayerProfile
+
+A100 = ClusterSpec.preset("dgx-a100-80gb", num_nodes=4)
+NVLINK = 300e9 * LINK_EFFICIENCY
+IB = 25e9 * LINK_EFFICIENCY
+
+
+def test_ring_all_reduce_inside_a_node():
+    expected = 2 * 7 / 8 * 1e9 / NVLINK + 2 * 7 * 3e-6
+    assert estimate_all_reduce_s(1e9, group_levels(A100, size=8, stride=1)) == pytest.approx(expected)
+
+
+def test_all_gather_and_reduce_scatter_are_half_an_all_reduce():
+    levels = group_levels(A100, size=4, stride=1)
+    expected = 3 / 4 * 1e9 / NVLINK + 3 * 3e-6
+    assert estimate_all_gather_s(1e9, levels) == pytest.approx(expected)
+    assert estimate_reduce_scatter_s(1e9, levels) == pytest.approx(expected)
+
+
+def test_hierarchical_all_reduce_across_nodes():
+    # 32 ranks, stride 1: 8 inside each node over NVLink, then 4 nodes over IB on 1/8 of the bytes
+    levels = group_levels(A100, size=32, stride=1)
+    assert [(n, link.bandwidth_gbps) for n, link in levels] == [(8, 300.0), (4, 25.0)]
+    expected = 2 * 7 / 8 * 1e9 / NVLINK + 2 * 3 / 4 * (1e9 / 8) / IB + 2 * 7 * 3e-6 + 2 * 3 * 5e-6
+    assert estimate_all_reduce_s(1e9, levels) == pytest.approx(expected)
+
+
+def test_axis_placement():
+    # tp innermost stays in the node; dp with stride 8 (tp = 8) crosses nodes entirely
+    assert [(n, l.bandwidth_gbps) for n, l in group_levels(A100, size=8, stride=1)] == [(8, 300.0)]
+    assert [(n, l.bandwidth_gbps) for n, l in group_levels(A100, size=4, stride=8)] == [(4, 25.0)]
+    assert [(n, l.bandwidth_gbps) for n, l in group_levels(A100, size=4, stride=2)] == [(4, 300.0)]
+    assert group_levels(A100, size=1, stride=1) == []
+
+
+def test_p2p():
+    assert estimate_p2p_s(1e8, A100.inter_node) == pytest.approx(1e8 / IB + 5e-6)
+
+
+def layer(fwd_flops=1e12, tp_fraction=1.0, elementwise=0.0, **extra) -> LayerProfile:
+    return LayerProfile(name="l", signature="s", param_count=10, fwd_flops=fwd_flops, bwd_flops=2 * fwd_flops,
+                        tp_flops_fraction=tp_fraction, elementwise_bytes=elementwise,
+                        saved_bytes={"none": 100.0}, tp_saved_bytes={"none": 50.0}, output_bytes=0.0, **extra)
+
+
+def test_roofline_matmul_time():
+    device = A100.device
+    time = estimate_layer_time(layer(), device, micro_batch_size=2, tp=1, sequence_parallel=False,
+                               recompute="none", compute_dtype="bfloat16")
+    efficiency = device.matmul_efficiency * 2e12 / (2e12 + 2e9)
+    assert time.forward_s == pytest.approx(2e12 / (312e12 * efficiency))
+    assert time.backward_s == pytest.approx(2 * time.forward_s)
+    assert time.recompute_s == 0.0
+
+
+def test_tp_divides_only_its_fraction_and_full_recompute_repeats_forward():
+    device = A100.device
+    half = estimate_layer_time(layer(tp_fraction=0.5), device, micro_batch_size=1, tp=4, sequence_parallel=False,
+                               recompute="full", compute_dtype="bfloat16")
+    flops = 1e12 * (0.5 / 4 + 0.5)
+    assert half.forward_s == pytest.approx(flops / (312e12 * matmul_efficiency(flops, device)))
+    assert half.recompute_s == pytest.approx(half.forward_s)
+
+
+def test_elementwise_is_memory_bound():
+    device = A100.device
+    time = estimate_layer_time(layer(fwd_flops=0.0, elementwise=4e9), device, micro_batch_size=1, tp=1,
+                               sequence_parallel=False, recompute="selective", compute_dtype="bfloat16")
+    elementwise = 2e9 / (2039e9 * device.memory_efficiency)  # bf16 halves the float32 bytes
+    assert time.forward_s == pytest.approx(elementwise, rel=1e-6)
+    assert time.recompute_s == pytest.approx(elementwise, rel=1e-6)
+    assert time.backward_s == pytest.approx(2 * elementwise, rel=1e-6)
+
+
+def test_measured_times_replace_the_roofline():
+    measured = layer(measured_fwd_s=0.01, measured_bwd_s=0.02, measured_device=A100.device.name)
+    time = estimate_layer_time(measured, A100.device, micro_batch_size=3, tp=2, sequence_parallel=False,
+                               recompute="none", compute_dtype="bfloat16")
+    assert (time.forward_s, time.backward_s) == pytest.approx((0.03 / 2, 0.06 / 2))
+
+
+def test_pipeline_formula():
+    config = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=1, num_micro_batches=8)
+    # (m - 1) * max + sum for 1F1B, plus 2 p2p per micro-batch and boundary
+    assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.0) == pytest.approx(7 * 2 + 5)
+    interleaved = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=1, num_micro_batches=8,
+                                 schedule="interleaved_1f1b", virtual_stages=2)
+    assert pipeline_time_s([1.0] * 4, interleaved, 0.1) == pytest.approx(8 + 3 / 2 + 2 * 0.1 * (16 + 3))
+
+
+def test_overlap():
+    assert exposed_s(1.0, 3.0) == pytest.approx(OVERLAP_PENALTY)
+    assert exposed_s(3.0, 1.0) == pytest.approx((1 - OVERLAP_PENALTY) * 2 + OVERLAP_PENALTY * 3)
+
+
+sizes = st.floats(min_value=1.0, max_value=1e12, allow_nan=False)
+
+
+@settings(max_examples=50, deadline=None)
+@given(num_bytes=sizes, extra=sizes, size=st.sampled_from([2, 4, 8, 16, 32]), stride=st.sampled_from([1, 2, 8]))
+def test_collectives_positive_finite_monotone(num_bytes, extra, size, stride):
+    levels = group_levels(A100, size=size, stride=stride)
+    for estimate in (estimate_all_reduce_s, estimate_all_gather_s, estimate_reduce_scatter_s):
+        small, large = estimate(num_bytes, levels), estimate(num_bytes + extra, levels)
+        assert 0 < small <= large and math.isfinite(large)
+
+
+@settings(max_examples=50, deadline=None)
+@given(flops=st.floats(min_value=1e3, max_value=1e16), mbs=st.integers(1, 64), tp=st.sampled_from([1, 2, 4, 8]))
+def test_layer_time_positive_finite_monotone(flops, mbs, tp):
+    device = A100.device
+    kwargs = dict(tp=tp, sequence_parallel=False, recompute="none", compute_dtype="bfloat16")
+    small = estimate_layer_time(layer(fwd_flops=flops), device, micro_batch_size=mbs, **kwargs).total_s
+    large = estimate_layer_time(layer(fwd_flops=flops), device, micro_batch_size=mbs + 1, **kwargs).total_s
+    assert 0 < small <= large and math.isfinite(large)
