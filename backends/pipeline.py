@@ -56,7 +56,8 @@ def validate_pipeline_plan(plan: Plan) -> None:
     """ValueError (with the arithmetic) for a plan torch's schedules cannot run."""
     pp, virtual, n = plan.mesh["pp"], plan.virtual_stages, plan.num_micro_batches
     if len(plan.stages) != pp * virtual:
-        raise ValueError(f"plan has {len(plan.stages)} stages but pp({pp}) * virtual_stages({virtual}) = {pp * virtual}")
+        raise ValueError(f"plan has {len(plan.stages)} stages but "
+                         f"pp({pp}) * virtual_stages({virtual}) = {pp * virtual}")
     for position, stage in enumerate(plan.stages):
         if stage.index != position or stage.pp_rank != position % pp:
             raise ValueError(f"stage {position} has index={stage.index}, pp_rank={stage.pp_rank}; "
@@ -121,7 +122,8 @@ class PipelineEngine:
                 # its parameter (a local slice) so every copy's local gradient lines up.
                 if isinstance(parameter.grad, DTensor) and parameter.grad.placements != parameter.placements:
                     parameter.grad = parameter.grad.redistribute(placements=parameter.placements)
-            grads = [_local(parameter.grad) for parameter in parameters]
+            grads = [parameter.grad._local_tensor if isinstance(parameter.grad, DTensor) else parameter.grad
+                     for parameter in parameters]
             total = torch.stack(grads).sum(0)
             if group is not None:
                 dist.all_reduce(total, group=group)
@@ -147,10 +149,6 @@ class PipelineEngine:
         gathered: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(self.pp_group)
         dist.all_gather_object(gathered, local, group=self.pp_group)
         return {name: value for part in gathered for name, value in part.items()}
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
 
 
 def build_pipeline(model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Callable,

@@ -85,8 +85,8 @@ def trace_with_layer_leaves(model: nn.Module, layer_names: set[str]) -> fx.Graph
     try:
         return _LayerLeafTracer(layer_names).trace(model)
     except Exception as error:  # fx raises TraceError, TypeError, ...: say where
-        raise ValueError(f"cannot trace {type(model).__name__}.forward with torch.fx for pipeline "
-                         f"splitting (plan layers are kept as leaf modules): {type(error).__name__}: {error}") from error
+        raise ValueError(f"cannot trace {type(model).__name__}.forward with torch.fx for pipeline splitting "
+                         f"(plan layers stay leaf modules): {type(error).__name__}: {error}") from error
 
 
 def _find_module(model: nn.Module, name: str) -> nn.Module | None:
