@@ -5,16 +5,15 @@
     >>> split.stage_modules[1]                      # a GraphModule: (x,) -> logits   # doctest: +SKIP
     >>> dict(split.stage_modules[1].named_parameters())["lm_head.weight"]          # doctest: +SKIP
 
-Why not `torch.distributed.pipelining.pipeline()`: it traces with `torch.export`, which
-(1) replaces every submodule by an `InterpreterModule` running ATen ops, so the stage has
-no `nn.Linear` / `nn.Embedding` left for `parallelize_module` (tensor parallel styles only
-accept those) nor eager modules for activation checkpointing; and (2) specialises shapes
-into the graph (GPT's `chunk(3)` of the fused q|k|v output becomes `split(hidden)`), which
-is wrong once tensor parallelism shards that output. Here the model is traced with
-`torch.fx` keeping every plan layer a leaf `call_module`, so each stage is a small
-`GraphModule` whose glue (adds, position ids, ...) is traced and whose layers are the
-user's own eager modules at their original paths ("blocks.3.attn.c_attn"), which is
-exactly what tensor parallel, recompute, FSDP and the full state dict need.
+Why not `torch.distributed.pipelining.pipeline()`: it traces with `torch.export` and
+unflattens each stage into `InterpreterModule`s running ATen graphs, so a stage holds no
+`nn.Linear` / `nn.Embedding` for `parallelize_module` (its Colwise/Rowwise styles accept
+only those; checked on gpt-tiny: `blocks.0.attn.c_attn` becomes an InterpreterModule).
+Here the model is traced with `torch.fx` keeping every plan layer a leaf `call_module`,
+so each stage is a small `GraphModule` whose glue (adds, position ids, ...) is traced
+and whose layers are the user's own eager modules at their original paths
+("blocks.3.attn.c_attn"), which is what tensor parallel, recompute, FSDP and the full
+state dict need. Tied parameters are treated as `pipeline()` does (a copy per stage).
 
 Stage k's graph takes the values live across the cut before it as positional inputs
 (stage 0 takes the model's inputs) and returns those live across the cut after it;
