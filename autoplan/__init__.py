@@ -5,22 +5,37 @@
     >>> plan = autoplan.plan(model, cluster, example_inputs=(tokens,))   # doctest: +SKIP
     >>> print(autoplan.explain(plan))                                    # doctest: +SKIP
 """
+from autoplan import zoo
 from autoplan.cluster import ClusterSpec, DeviceSpec, LinkSpec
 from autoplan.constraints import Constraints
 from autoplan.plan import Plan
 
-__all__ = ["ClusterSpec", "DeviceSpec", "LinkSpec", "Constraints", "Plan", "plan", "parallelize", "explain"]
+__all__ = ["ClusterSpec", "DeviceSpec", "LinkSpec", "Constraints", "Plan", "plan", "parallelize", "explain", "zoo"]
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # The planner and runner import torch.distributed and PuLP; load them on first use.
-    if name in ("plan", "explain"):
-        from autoplan import api
+# The planner (PuLP) and the runner (torch.distributed) load on first use. These are
+# real functions, not a module __getattr__: importing the submodule `autoplan.plan`
+# (the Plan schema) would otherwise shadow the function `autoplan.plan`.
+def plan(model, cluster, example_inputs, loss_fn=None, constraints=None, objective="throughput", model_name=None):
+    from autoplan import api
 
-        return getattr(api, name)
-    if name == "parallelize":
-        from autoplan.distributed import parallelize
+    return api.plan(model, cluster, example_inputs, loss_fn=loss_fn, constraints=constraints,
+                    objective=objective, model_name=model_name)
 
-        return parallelize
-    raise AttributeError(f"module 'autoplan' has no attribute {name!r}")
+
+def explain(plan: Plan) -> str:
+    from autoplan import api
+
+    return api.explain(plan)
+
+
+def parallelize(model, cluster, example_inputs, loss_fn=None, plan=None, model_name=None):
+    from autoplan import distributed
+
+    return distributed.parallelize(model, cluster, example_inputs, loss_fn=loss_fn, plan=plan, model_name=model_name)
+
+
+plan.__doc__ = "Plan `model` on `cluster`; see autoplan.api.plan."
+explain.__doc__ = "The full report `autoplan show` prints; see autoplan.api.explain."
+parallelize.__doc__ = "Plan (unless given a Plan) and apply it on this rank; see autoplan.distributed.parallelize."
