@@ -59,15 +59,8 @@ def run(args: argparse.Namespace) -> dict | None:
     if batch_size != plan.global_batch_size:
         raise ValueError(f"the model's inputs hold a global batch of {batch_size} but the plan was made for "
                          f"global_batch_size={plan.global_batch_size}")
-    try:
-        model = parallelize(job.module, plan.cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn,
-                            plan=plan, model_name=plan.model_name)
-    except ModuleNotFoundError as error:  # TEMPORARY until autoplan.api / autoplan.profile land
-        if not (error.name or "").startswith("autoplan."):
-            raise
-        from autoplan.backends.runner import apply_plan
-
-        model = apply_plan(job.module, plan, job.loss_fn, example_inputs=job.example_inputs)
+    model = parallelize(job.module, plan.cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn, plan=plan,
+                        model_name=plan.model_name)
     measurement = measure_training(model, [(job.example_inputs, job.targets)], steps=args.steps, warmup=args.warmup)
     mine = {"step_times_s": measurement.step_times_s, "peak_memory_bytes": measurement.peak_memory_bytes,
             "losses": measurement.losses}

@@ -16,7 +16,8 @@ def test_bench_reports_every_candidate_and_goes_on_past_failures(tmp_path):
 
     json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     report = run_bench("gpt-tiny", ClusterSpec.local(world_size=2), steps=2, baselines=False,
-                       fixes=[Constraints(pp=2, dp=1, tp=1, schedule="1f1b"), Constraints(tp=3)],
+                       fixes=[Constraints(pp=2, dp=1, tp=1, schedule="1f1b", micro_batch_size=2),
+                              Constraints(tp=3)],
                        json_path=str(json_path), plot_path=str(plot_path), progress=False)
     assert json.loads(json_path.read_text()) == report
     assert plot_path.stat().st_size > 0
