@@ -12,24 +12,45 @@ Layers. The longest run of layers with one `signature` is the repeated body
 it (final norm, head) to the last stage. Blocks are identical, so a pipeline rank's
 share is an integer count per recompute option and the MILP does not grow with depth.
 
-Variables (rank i < p, recompute option o, schedule k = (name, v), ZeRO z, SP q):
-    n[i,o] in Z+    blocks of rank i recomputed with o
-    r[j,o] in {0,1} recompute option of pinned prefix/suffix layer j
-    y[k], zz[z], s[q] in {0,1}, one each chosen
-    T[i], X[i], E[i] >= 0   rank time per micro-batch, exposed ZeRO-3 comm per
-                            micro-batch, the dp sync not hidden behind backward
-    Tmax, Zp, W >= 0        slowest rank, pipeline time, worst sync + optimizer
-    A[i], S[i] >= 0         activation GB per micro-batch, model-state GB
-Objective: minimise Zp + W (the step time of `costmodels.pipeline.estimate_step`).
-Per-layer costs (time, backward, activation bytes, params, ZeRO-3 comm) come from
-`costmodels.pipeline.estimate_layer_cost` for every (o, q); a binary that selects a
-configuration activates its constraint through big-M (M = an upper bound of the
-expression, computed from the coefficients). Times are in seconds, memory in GB.
+Configurations. A combination c = (schedule, v, ZeRO stage, sequence parallelism) is
+chosen by a binary u_c (sum_c u_c = 1). Combinations dominated in time and memory are
+not offered unless pinned (GPipe by 1F1B; SP off by SP on when tp > 1), nor those
+whose model states cannot fit or whose ZeRO lower bound exceeds the incumbent.
+
+Variables (rank i < p, recompute option o, combination c):
+    u_c in {0,1}           the configuration
+    n[i,o,c] in Z+         blocks of rank i recomputed with o, under c (0 unless u_c = 1)
+    r[j,o,c] in {0,1}      recompute option o of pinned prefix/suffix layer j, under c
+    X[i,c] >= 0            ZeRO-3 traffic of rank i not hidden behind its compute
+    E[i,c] >= 0            dp gradient sync of rank i not hidden behind its backward
+    Tmax_c >= 0            slowest rank's time per micro-batch under c
+    W >= 0                 worst rank's exposed sync + optimizer step
+Every per-rank quantity is linear in the counts: time_i,c = sum_o n[i,o,c] t(o, sp_c)
++ sum_j,o r[j,o,c] t_j(o, sp_c), likewise backward, activation bytes, parameters and
+ZeRO-3 traffic, with coefficients from `costmodels.pipeline.estimate_layer_cost`.
+Objective (= `costmodels.pipeline.estimate_step`, checked by the planner tests):
+    min sum_c [(m - 1/v_c) Tmax_c + (1/v_c) sum_i (time_i,c + X_i,c)
+               + 2 p2p_c (m v_c + p - 1) u_c]  +  W
+Linearisation: the configuration binary enters by big-M on the counts
+(n[i,o,c] <= N u_c, sum_o r[j,o,c] = u_c), i.e. the disaggregated (convex-hull) form of
+the disjunction over configurations (Balas 1979): every constraint written per c with
+its own copy of the counts holds trivially when u_c = 0, so memory, time and sync
+constraints need no further big-M and the LP relaxation stays tight. Constraint
+families (`Milp.add_*_constraints`, each named): assignment, time (ZeRO-3 exposure,
+slowest rank), sync (dp sync exposure + optimizer), memory (per rank and combination:
+states + in-flight * activations + fixed terms <= cap * u_c).
+
+A pinned field restricts the options above; a fully pinned configuration is evaluated by
+the same MILP, which then only places layers (stage boundaries and per-layer recompute
+are not Constraints fields). HiGHS solves each MILP to MIP_GAP, with the incumbent step
+time as objective bound and MILP_TIME_LIMIT_S as a guard (counted in the stats).
 """
 from __future__ import annotations
 
 import itertools
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -50,10 +71,31 @@ ZERO_OPTIONS = (0, 1, 3)  # ZeRO-2 costs what ZeRO-1 does (memory.py); planned o
 MAX_MICRO_BATCH_SIZE = 64
 MIP_GAP = 1e-4
 """Relative optimality gap at which a MILP counts as solved."""
-MILP_TIME_LIMIT_S = 0.3
+MILP_TIME_LIMIT_S = 0.2
 """Per-MILP time limit; an instance stopped by it returns its incumbent (reported in
 the solver stats as `milps_time_limited`)."""
 HIGHS_AVAILABLE = pulp.HiGHS(msg=False).available()
+
+
+def _silence_highs_banner() -> None:
+    """highspy prints a copyright banner to the C stdout when the first solver object is
+    made, before PuLP can switch output off; make that first object with stdout closed."""
+    if not HIGHS_AVAILABLE:
+        return
+    import highspy
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+_silence_highs_banner()
 
 
 @dataclass
@@ -75,6 +117,8 @@ class Rejected:
     peak_memory_bytes: float | None
     why: str
     recompute: str = "-"
+    instance: "Instance | None" = None
+    """Set when memory ruled the pair out (to say how much it would need)."""
 
 
 @dataclass
@@ -540,14 +584,17 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
                                      f"lower bound {bound:.3g} s >= best {best.estimate.step_time_s:.3g} s"))
             continue
         if math.isinf(bound):
-            rejected.append(Rejected(inst.base, None, None, "model states alone exceed the memory cap"))
+            rejected.append(Rejected(inst.base, None, None, "model states alone exceed the memory cap",
+                                     instance=inst))
             continue
         milp = Milp(inst, best.estimate.step_time_s if best else None)
         num_milps += 1
         if not milp.solve():
-            why = "no placement fits the memory cap" if best is None else \
-                f"no placement that fits beats the best {best.estimate.step_time_s:.3g} s"
-            rejected.append(Rejected(inst.base, None, None, why))
+            if best is None:
+                rejected.append(Rejected(inst.base, None, None, "no placement fits the memory cap", instance=inst))
+            else:
+                rejected.append(Rejected(inst.base, None, None,
+                                         f"no placement that fits beats the best {best.estimate.step_time_s:.3g} s"))
             continue
         solution = milp.solution()
         time_limited += not milp.proven
@@ -579,8 +626,10 @@ def runners_up(best: Solution, solved: list[Solution], rejected: list[Rejected],
         out.append(Rejected(solution.config, solution.estimate.step_time_s, solution.estimate.peak_memory_bytes,
                             f"slower by {slower:.1%}", summary_recompute(solution)))
     for item in rejected:
-        if "memory" in item.why or "fits" in item.why:
-            item.why = f"{item.why} ({cap / GB:.0f} GB)"
+        if item.instance is not None and len(out) < limit:
+            need = smallest_memory_plan(item.instance).estimate.peak_memory_bytes
+            item.why = f"needs {need / GB:.1f} GB > {cap / GB:.1f} GB" if need > cap else item.why
+            item.peak_memory_bytes = need
             out.append(item)
     pruned = [item for item in rejected if item.why.startswith("lower bound")]
     return (out + pruned)[:limit]
