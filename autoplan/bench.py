@@ -93,12 +93,15 @@ def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequ
                 entry = _run_candidate(name, constraints, job, model_name, cluster, steps, seq_len,
                                        Path(scratch) / f"{index}-plan.json", runnable, launcher_args, timeout_s)
             candidates.append(entry)
-            console.print(f"  {name}: {entry['status']}")
+            console.print(f"  {name}: {entry['status'].split(':')[0]}")
     report = {"model": model_name, "cluster": cluster.describe(), "cluster_calibrated": cluster.calibrated,
               "steps": steps, "global_batch_size": job.example_inputs[0].shape[0], "seq_len": seq_len,
               "candidates": candidates}
     if progress:
         console.print(bench_table(report))
+        for entry in candidates:
+            if entry["status"] != "ok":
+                console.print(f"{entry['name']}: {entry['status']}", soft_wrap=True)
     if json_path:
         write_atomically(Path(json_path), json.dumps(report, indent=2) + "\n")
     if plot_path:
@@ -201,7 +204,7 @@ def bench_table(report: dict):
             _fmt(entry["measured_tokens_per_s"], "{:.4g}"),
             _fmt(entry["predicted_peak_memory_bytes"] and entry["predicted_peak_memory_bytes"] / 1e6, "{:.1f}"),
             _fmt(entry["measured_peak_memory_bytes"] and entry["measured_peak_memory_bytes"] / 1e6, "{:.1f}"),
-            _fmt(entry["measured_mfu"], "{:.1%}"), entry["status"])
+            _fmt(entry["measured_mfu"], "{:.1%}"), entry["status"].split(":")[0])
     return table
 
 
