@@ -263,6 +263,10 @@ def plot_bench(report: dict, path: str | os.PathLike) -> None:
              width, label="predicted")
     bars.bar([p + width / 2 for p in positions], [c["measured_step_s"] or 0 for c in report["candidates"]],
              width, label="measured")
+    for position, candidate in zip(positions, report["candidates"]):
+        if candidate["measured_step_s"] is None:  # say why the measured bar is missing
+            bars.text(position + width / 2, 0, candidate["status"].split(":")[0], rotation=90, ha="center",
+                      va="bottom", fontsize=8)
     bars.set_xticks(list(positions), names, rotation=20)
     bars.set_ylabel("step time (s)")
     bars.set_title(f"{report['model']} on {report['cluster']}")
