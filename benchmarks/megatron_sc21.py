@@ -27,6 +27,10 @@ from autoplan.solver import solve
 
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "megatron_sc21.json"
 VOCAB, SEQ = 51200, 2048
+ATTENTION_SCORE_PASSES = 6
+"""Passes over the a * s^2 attention scores per forward without fused attention (Megatron
+2021): written by QK^T, read and written by the fused scale-mask-softmax, read and
+written by dropout, read by the AV batched matmul."""
 
 
 def reference_path() -> Path:
@@ -43,8 +47,9 @@ def gpt_profile(*, layers: int, hidden: int, heads: int, global_batch: int, seq:
     Block: params 12h^2 + 13h (tp splits 12h^2 + 7h); forward FLOPs 24 s h^2 + 4 s^2 h,
     backward twice; saved bytes 2 * s h (34 + 5 a s / h) of which 2 * s h (24 + 5 a s / h)
     tp-split (Korthikanti eq. 1-2), selective 2 * 34 s h (24 of it tp-split), full
-    2 * 2 s h (the block input); elementwise traffic 4 * (22 s h + 4 a s^2) bytes
-    (norms, bias-GeLU, dropouts, residual adds, fused softmax: reads + writes);
+    2 * 2 s h (the block input); elementwise traffic 4 * (22 s h + 6 a s^2) bytes
+    (norms, bias-GeLU, dropouts, residual adds: 22 s h; attention scores: 6 passes,
+    ATTENTION_SCORE_PASSES);
     2 all-reduces of s h forward and backward.
     """
     s, h, a, V = seq, hidden, heads, vocab
@@ -53,7 +58,7 @@ def gpt_profile(*, layers: int, hidden: int, heads: int, global_batch: int, seq:
     blocks = [LayerProfile(
         name=f"blocks.{i}", signature="block", param_count=12 * h * h + 13 * h, tp_param_count=12 * h * h + 7 * h,
         fwd_flops=block_flops, bwd_flops=2 * block_flops, tp_flops_fraction=1.0,
-        elementwise_bytes=4 * (22 * s * h + 4 * a * s * s),
+        elementwise_bytes=4 * (22 * s * h + ATTENTION_SCORE_PASSES * a * s * s),
         saved_bytes={"none": 2 * s * h * (34 + attention), "selective": 2 * s * h * 34, "full": 4 * s * h},
         tp_saved_bytes={"none": 2 * s * h * (24 + attention), "selective": 2 * s * h * 24, "full": 0.0},
         output_bytes=4 * s * h, tp_allreduce_bytes_fwd=8 * s * h, tp_allreduce_bytes_bwd=8 * s * h,
