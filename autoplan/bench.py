@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -84,7 +85,7 @@ def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequ
     if baselines:
         named += list(baseline_constraints(cluster).items())
     named += [("fix:" + ",".join(f"{key}={value}" for key, value in fix.pinned().items()), fix) for fix in fixes]
-    console = Console(quiet=not progress)
+    console = Console(quiet=not progress, width=None if sys.stdout.isatty() else 160)  # a log file gets the whole table
     runnable = _why_not_runnable(cluster, launcher_args)
     candidates = []
     with tempfile.TemporaryDirectory(prefix="autoplan-bench-") as scratch:
