@@ -71,9 +71,11 @@ ZERO_OPTIONS = (0, 1, 3)  # ZeRO-2 costs what ZeRO-1 does (memory.py); planned o
 MAX_MICRO_BATCH_SIZE = 64
 MIP_GAP = 1e-4
 """Relative optimality gap at which a MILP counts as solved."""
-MILP_TIME_LIMIT_S = 0.2
-"""Per-MILP time limit; an instance stopped by it returns its incumbent (reported in
-the solver stats as `milps_time_limited`)."""
+MILP_TIME_LIMIT_S = (1.5, 0.25)
+"""Per-MILP time limit for the first FIRST_MILPS instances (the most promising by lower
+bound, where the best plan almost always is) and for the rest; an instance stopped by
+it returns its incumbent (counted in the solver stats as `milps_time_limited`)."""
+FIRST_MILPS = 4
 HIGHS_AVAILABLE = pulp.HiGHS(msg=False).available()
 
 
@@ -351,12 +353,14 @@ class Milp:
         self.problem = pulp.LpProblem("autoplan", pulp.LpMinimize)
         self.combos = combinations(inst, incumbent_s)
         p, N = inst.pp, len(inst.split.blocks)
-        self.u = {c: pulp.LpVariable(f"u_{c.name}", cat="Binary") for c in self.combos}
-        self.n = {(i, o, c): pulp.LpVariable(f"n_{i}_{o}_{c.name}", lowBound=0, upBound=N, cat="Integer")
+        # PuLP >= 3.3 attaches variables to the problem (LpVariable(...) is deprecated there)
+        var = getattr(self.problem, "add_variable", None) or pulp.LpVariable
+        self.u = {c: var(f"u_{c.name}", cat="Binary") for c in self.combos}
+        self.n = {(i, o, c): var(f"n_{i}_{o}_{c.name}", lowBound=0, upBound=N, cat="Integer")
                   for i in range(p) for o in inst.block_options() for c in self.combos}
-        self.r = {(j, o, c): pulp.LpVariable(f"r_{j}_{o}_{c.name}", cat="Binary")
+        self.r = {(j, o, c): var(f"r_{j}_{o}_{c.name}", cat="Binary")
                   for j in inst.split.prefix + inst.split.suffix for o in inst.options for c in self.combos}
-        cont = lambda name: pulp.LpVariable(name, lowBound=0)  # noqa: E731
+        cont = lambda name: var(name, lowBound=0)  # noqa: E731
         self.X = {(i, c): cont(f"X_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero == 3}
         self.E = {(i, c): cont(f"E_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero != 3}
         self.Tmax = {c: cont(f"Tmax_{c.name}") for c in self.combos}
@@ -456,7 +460,7 @@ class Milp:
                                  + in_flight * self.rank_sum(i, c, "activation_bytes", 1 / GB)
                                  <= (inst.cap_bytes - fixed) / GB * self.u[c]), f"memory_{i}_{c.name}"
 
-    def solve(self) -> bool:
+    def solve(self, time_limit_s: float = MILP_TIME_LIMIT_S[0]) -> bool:
         """Build and solve; True when a plan was found (`self.proven`: optimal within MIP_GAP).
         The incumbent (the best step time so far) is handed to HiGHS as an objective bound."""
         incumbent_s = self.incumbent_s
@@ -469,10 +473,12 @@ class Milp:
         self.add_memory_constraints()
         self.problem += self.pipeline_expression() + self.W, "step_time_s"
         if HIGHS_AVAILABLE:
-            options = {"objective_bound": incumbent_s} if incumbent_s is not None else {}
-            solver = pulp.HiGHS(msg=False, gapRel=MIP_GAP, timeLimit=MILP_TIME_LIMIT_S, **options)
+            options = {"mip_heuristic_effort": 0.3}
+            if incumbent_s is not None:
+                options["objective_bound"] = incumbent_s
+            solver = pulp.HiGHS(msg=False, gapRel=MIP_GAP, timeLimit=time_limit_s, **options)
         else:
-            solver = pulp.PULP_CBC_CMD(msg=False, gapRel=MIP_GAP, timeLimit=MILP_TIME_LIMIT_S)
+            solver = pulp.PULP_CBC_CMD(msg=False, gapRel=MIP_GAP, timeLimit=time_limit_s)
         status = self.problem.solve(solver)
         self.proven = self.problem.sol_status == pulp.LpSolutionOptimal
         return pulp.LpStatus[status] == "Optimal" and self.problem.sol_status in (
@@ -538,7 +544,32 @@ def place_layers(inst: Instance, config: ParallelConfig, counts: list[dict[str, 
 
 
 def balanced_counts(num_blocks: int, pp: int, option: str) -> list[dict[str, int]]:
-    return [{option: num_blocks // pp + (1 if i < num_blocks % pp else 0)} for i in range(pp)]
+    """Equal blocks per rank; the remainder goes to the ranks after the first, which
+    holds the embeddings."""
+    extra = [1 if 0 < (i - 1) % pp + 1 <= num_blocks % pp else 0 for i in range(pp)] if pp > 1 else [0]
+    return [{option: num_blocks // pp + extra[i]} for i in range(pp)]
+
+
+def heuristic_solution(inst: Instance, combos: list[Combo]) -> Solution | None:
+    """A quick feasible plan to start from: balanced blocks, one recompute option for all
+    (the fastest that fits), per configuration combination. It is a real plan evaluated
+    by the cost model, so it is a valid incumbent; the MILP then only has to beat it."""
+    if len(inst.split.blocks) < inst.pp * max((c.v for c in combos), default=1):
+        combos = [c for c in combos if len(inst.split.blocks) >= inst.pp * c.v]
+    block = inst.split.blocks[0]
+    best = None
+    for c in combos:
+        options = sorted(inst.block_options(), key=lambda o: inst.costs[block, o, c.sp].time_s)
+        for option in options:
+            fixed = {j: option if option in inst.options else inst.options[-1]
+                     for j in inst.split.prefix + inst.split.suffix}
+            solution = place_layers(inst, inst.config((c.schedule, c.v), c.zero, c.sp),
+                                    balanced_counts(len(inst.split.blocks), inst.pp, option), fixed)
+            if solution.estimate.peak_memory_bytes <= inst.cap_bytes:
+                if best is None or solution.estimate.step_time_s < best.estimate.step_time_s:
+                    best = solution
+                break
+    return best
 
 
 # ----------------------------------------------------------------------- driver
@@ -587,9 +618,16 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
             rejected.append(Rejected(inst.base, None, None, "model states alone exceed the memory cap",
                                      instance=inst))
             continue
+        start = heuristic_solution(inst, combinations(inst, best.estimate.step_time_s if best else None))
+        if start is not None:
+            solved.append(start)
+            if best is None or start.estimate.step_time_s < best.estimate.step_time_s:
+                best = start
         milp = Milp(inst, best.estimate.step_time_s if best else None)
         num_milps += 1
-        if not milp.solve():
+        if not milp.solve(MILP_TIME_LIMIT_S[0] if num_milps <= FIRST_MILPS else MILP_TIME_LIMIT_S[1]):
+            if start is not None:  # nothing better than the heuristic plan, already recorded
+                continue
             if best is None:
                 rejected.append(Rejected(inst.base, None, None, "no placement fits the memory cap", instance=inst))
             else:
@@ -618,10 +656,12 @@ def runners_up(best: Solution, solved: list[Solution], rejected: list[Rejected],
                cluster: ClusterSpec, limit: int = 5) -> list[Rejected]:
     """The next fastest distinct configurations, then the memory-infeasible ones."""
     cap = constraints.max_memory_fraction * cluster.device.memory_bytes
-    out = []
+    out, seen = [], {(best.config.mesh["dp"], best.config.mesh["pp"], best.config.micro_batch_size)}
     for solution in sorted(solved, key=lambda s: s.estimate.step_time_s):
-        if solution is best:
+        key = (solution.config.mesh["dp"], solution.config.mesh["pp"], solution.config.micro_batch_size)
+        if solution is best or key in seen:
             continue
+        seen.add(key)
         slower = solution.estimate.step_time_s / best.estimate.step_time_s - 1
         out.append(Rejected(solution.config, solution.estimate.step_time_s, solution.estimate.peak_memory_bytes,
                             f"slower by {slower:.1%}", summary_recompute(solution)))
