@@ -11,7 +11,8 @@ evaluated by the cost model, the free fields are still the planner's, e.g. micro
     ddp        dp = world, tp = pp = 1, ZeRO 0            (PyTorch DDP)
     fsdp       dp = world, tp = pp = 1, ZeRO 3            (FSDP / ZeRO-3)
     megatron   tp = devices per node (local: min(N, 2), as a CPU has no NVLink to
-               justify more), pp = nodes, dp = the rest, sequence parallel, 1F1B
+               justify more), pp = nodes, dp = the rest, 1F1B (sequence parallelism
+               left to the planner)
     pipeline   pp = world, 1F1B
     fix:...    each `--fix` given
 
@@ -44,8 +45,8 @@ def baseline_constraints(cluster: ClusterSpec) -> dict[str, Constraints]:
     """The hand-tuned configurations of the module docstring, for this cluster.
 
     >>> megatron = baseline_constraints(ClusterSpec.local(world_size=4))["megatron"]
-    >>> megatron.dp, megatron.pp, megatron.tp, megatron.sequence_parallel
-    (2, 1, 2, True)
+    >>> megatron.dp, megatron.pp, megatron.tp
+    (2, 1, 2)
     """
     world = cluster.world_size
     per_node = cluster.devices_per_node
@@ -55,8 +56,7 @@ def baseline_constraints(cluster: ClusterSpec) -> dict[str, Constraints]:
     return {
         "ddp": Constraints(dp=world, tp=1, pp=1, zero_stage=0, **plain),
         "fsdp": Constraints(dp=world, tp=1, pp=1, zero_stage=3, **plain),
-        "megatron": Constraints(tp=tp, pp=pp, dp=world // (tp * pp), zero_stage=0, sequence_parallel=tp > 1,
-                                schedule="1f1b", **plain),
+        "megatron": Constraints(tp=tp, pp=pp, dp=world // (tp * pp), zero_stage=0, schedule="1f1b", **plain),
         "pipeline": Constraints(dp=1, tp=1, pp=world, zero_stage=0, schedule="1f1b", **plain),
     }
 
