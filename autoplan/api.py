@@ -115,7 +115,7 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
         step_time_s=step_s, peak_memory_bytes=estimate.peak_memory_bytes, breakdown=dict(estimate.breakdown),
         tokens_per_s=tokens / step_s,
         mfu=profile.model_flops_per_sequence * profile.global_batch_size / (step_s * cluster.world_size * peak))
-    measured = any(layer.measured_fwd_s is not None and layer.measured_device == cluster.device.name
+    measured = any(layer.measured_fwd_s is not None and layer.measured_device in (cluster.device.name, cluster.device.kind)
                    for layer in profile.layers)
     return Plan(
         model_name=profile.model_name, mesh=config.mesh, global_batch_size=profile.global_batch_size,

@@ -82,7 +82,7 @@ def estimate_layer_time(layer: LayerProfile, device: DeviceSpec, *, micro_batch_
     4.59
     """
     tp_scale = layer.tp_flops_fraction / tp + (1.0 - layer.tp_flops_fraction)
-    if layer.measured_fwd_s is not None and layer.measured_device == device.name:
+    if layer.measured_fwd_s is not None and layer.measured_device in (device.name, device.kind):
         forward_s = layer.measured_fwd_s * micro_batch_size * tp_scale
         backward_s = (layer.measured_bwd_s or 2 * layer.measured_fwd_s) * micro_batch_size * tp_scale
         elementwise_fwd_s = 0.0
