@@ -305,12 +305,10 @@ def lower_bound_s(inst: Instance) -> float:
     def cheapest(index: int, field_name: str, options=None) -> float:
         return min(getattr(inst.costs[index, o, q], field_name) for o in (options or inst.options) for q in inst.sps)
 
-    fixed = [i for i in split.prefix + split.suffix]
-    total_s = len(split.blocks) * cheapest(block, "time_s", inst.block_options()) + sum(cheapest(i, "time_s") for i in fixed)
-    params = len(split.blocks) * inst.costs[block, inst.options[0], inst.sps[0]].local_params + sum(
-        inst.costs[i, inst.options[0], inst.sps[0]].local_params for i in fixed)
-    zero3_s = len(split.blocks) * inst.costs[block, inst.options[0], inst.sps[0]].zero3_comm_s + sum(
-        inst.costs[i, inst.options[0], inst.sps[0]].zero3_comm_s for i in fixed)
+    fixed = split.prefix + split.suffix
+    total_s = len(split.blocks) * cheapest(block, "time_s", inst.block_options()) + sum(
+        cheapest(i, "time_s") for i in fixed)
+    params, zero3_s = total_local_params(inst), total_over_layers(inst, "zero3_comm_s")
     v = max(s[1] for s in inst.schedules)
     p2p = p2p_time_s(inst.profile, inst.cluster, inst.config(("1f1b", 1), 0, inst.sps[-1]))
     block_s = cheapest(block, "time_s", inst.block_options())
@@ -523,9 +521,15 @@ def combinations(inst: Instance, incumbent_s: float | None = None) -> list[Combo
             and (incumbent_s is None or inst.zero_bounds_s.get(z, 0.0) < incumbent_s)]
 
 
+def total_over_layers(inst: Instance, field_name: str) -> float:
+    """A per-layer cost that no recompute or SP choice changes, summed over the model."""
+    split, key = inst.split, (inst.options[0], inst.sps[0])
+    return len(split.blocks) * getattr(inst.costs[(split.blocks[0], *key)], field_name) + sum(
+        getattr(inst.costs[(j, *key)], field_name) for j in split.prefix + split.suffix)
+
+
 def total_local_params(inst: Instance) -> float:
-    return sum(inst.costs[j, inst.options[0], inst.sps[0]].local_params for j in inst.split.prefix + inst.split.suffix) \
-        + len(inst.split.blocks) * inst.costs[inst.split.blocks[0], inst.options[0], inst.sps[0]].local_params
+    return total_over_layers(inst, "local_params")
 
 
 def place_layers(inst: Instance, config: ParallelConfig, counts: list[dict[str, int]],

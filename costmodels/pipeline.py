@@ -35,8 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from autoplan.cluster import ClusterSpec
-from autoplan.costmodels.communication import (collective_coefficients, estimate_all_reduce_s, estimate_p2p_s,
-                                               flat_levels, group_levels, pipeline_link)
+from autoplan.costmodels.communication import (collective_coefficients, estimate_all_reduce_s, estimate_collective_s,
+                                               estimate_p2p_s, flat_levels, group_levels, pipeline_link)
 from autoplan.costmodels.compute import DTYPE_BYTES, estimate_layer_time, estimate_optimizer_step_s
 from autoplan.costmodels.memory import (estimate_activation_bytes, estimate_comm_buffer_bytes,
                                         estimate_model_state_bytes, estimate_transient_bytes,
@@ -111,8 +111,8 @@ def estimate_layer_cost(layer: LayerProfile, recompute: str, cluster: ClusterSpe
     if dp > 1:
         dp_levels = flat_levels(cluster, dp, tp)
         gather_bytes = params * DTYPE_BYTES[param_dtype]
-        zero3_comm = (2 * _collective_s("all_gather", gather_bytes, dp_levels)
-                      + _collective_s("reduce_scatter", params * DTYPE_BYTES[grad_reduce_dtype], dp_levels))
+        zero3_comm = (2 * estimate_collective_s("all_gather", gather_bytes, dp_levels)
+                      + estimate_collective_s("reduce_scatter", params * DTYPE_BYTES[grad_reduce_dtype], dp_levels))
     return LayerCost(
         compute_s=times.forward_s + times.backward_s,
         recompute_s=times.recompute_s,
@@ -124,11 +124,6 @@ def estimate_layer_cost(layer: LayerProfile, recompute: str, cluster: ClusterSpe
         local_params=params,
         zero3_comm_s=zero3_comm,
     )
-
-
-def _collective_s(kind: str, num_bytes: float, levels) -> float:
-    per_byte, latency = collective_coefficients(kind, levels)
-    return per_byte * num_bytes + latency
 
 
 def dp_sync_coefficients(cluster: ClusterSpec, config: ParallelConfig, zero_stage: int) -> tuple[float, float]:
