@@ -98,7 +98,8 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
                                               param_dtype=config.param_dtype,
                                               grad_reduce_dtype=config.grad_reduce_dtype).time_s
             layer_choices[layer_index] = LayerChoice(name=layer.name, recompute=option, stage=index)
-        stages.append(StagePlan(index=index, pp_rank=index % config.pp, layers=[profile.layers[i].name for i, _ in entries],
+        stages.append(StagePlan(index=index, pp_rank=index % config.pp,
+                                layers=[profile.layers[i].name for i, _ in entries],
                                 predicted_time_s=stage_time,
                                 predicted_memory_bytes=estimate.rank_memory_bytes[index % config.pp]))
     tp_styles: dict[str, TPSite] = {}
@@ -115,7 +116,8 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
         step_time_s=step_s, peak_memory_bytes=estimate.peak_memory_bytes, breakdown=dict(estimate.breakdown),
         tokens_per_s=tokens / step_s,
         mfu=profile.model_flops_per_sequence * profile.global_batch_size / (step_s * cluster.world_size * peak))
-    measured = any(layer.measured_fwd_s is not None and layer.measured_device in (cluster.device.name, cluster.device.kind)
+    device_names = (cluster.device.name, cluster.device.kind)
+    measured = any(layer.measured_fwd_s is not None and layer.measured_device in device_names
                    for layer in profile.layers)
     return Plan(
         model_name=profile.model_name, mesh=config.mesh, global_batch_size=profile.global_batch_size,

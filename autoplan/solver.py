@@ -213,7 +213,8 @@ def micro_batch_sizes(global_batch: int, dp: int, pinned: int | None) -> list[in
     return [b for b in _divisors(global_batch // dp) if b <= MAX_MICRO_BATCH_SIZE]
 
 
-def schedule_options(pp: int, num_micro_batches: int, num_blocks: int, constraints: Constraints) -> list[tuple[str, int]]:
+def schedule_options(pp: int, num_micro_batches: int, num_blocks: int,
+                     constraints: Constraints) -> list[tuple[str, int]]:
     """(schedule, virtual stages) choices: interleaving needs m % pp == 0 (Megatron-LM)
     and at least v blocks per rank."""
     if pp == 1:
@@ -687,7 +688,8 @@ def smallest_memory_plan(inst: Instance) -> Solution:
     return place_layers(inst, config, counts, {j: option for j in inst.split.prefix + inst.split.suffix})
 
 
-def infeasible_error(profile: ModelProfile, cluster: ClusterSpec, split: LayerSplit, instances, constraints) -> ValueError:
+def infeasible_error(profile: ModelProfile, cluster: ClusterSpec, split: LayerSplit, instances,
+                     constraints: Constraints) -> ValueError:
     smallest = min((smallest_memory_plan(inst) for _, inst in instances), key=lambda s: s.estimate.peak_memory_bytes)
     est = smallest.estimate
     cap = constraints.max_memory_fraction * cluster.device.memory_bytes

@@ -166,7 +166,8 @@ def main() -> int:
                       f"x{result['free_tflops'] / result['tflops']:.2f}")
     console.print(table)
     mae = sum(errors) / len(errors)
-    console.print(f"Table 1 mean absolute error: {mae:.1%} (required <= 10%); free plan >= pinned on every row: {free_ok}")
+    console.print(f"Table 1 mean absolute error: {mae:.1%} (required <= 10%); "
+                  f"free plan >= pinned on every row: {free_ok}")
     pairs = Table(title="Table 2: ZeRO-3 vs PTD-P (same model and GPU count)")
     for column in ("params (B)", "gpus", "ZeRO-3 published", "ZeRO-3 predicted", "PTD-P published",
                    "PTD-P predicted", "ordering"):

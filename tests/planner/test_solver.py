@@ -140,7 +140,8 @@ def test_fully_pinned_config_is_evaluated():
     pins = dict(dp=2, tp=1, pp=2, micro_batch_size=1, schedule="gpipe", zero_stage=0, recompute="full",
                 sequence_parallel=False)
     config = solve(profile, cluster, Constraints(**pins)).best.config
-    assert (config.schedule, config.zero_stage, config.sequence_parallel, config.num_micro_batches) == ("gpipe", 0, False, 4)
+    chosen = (config.schedule, config.zero_stage, config.sequence_parallel, config.num_micro_batches)
+    assert chosen == ("gpipe", 0, False, 4)
 
 
 def test_runners_up_say_why_they_lost():
