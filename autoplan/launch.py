@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -123,16 +124,14 @@ def _run(command: list[str], env: dict, timeout_s: float) -> tuple[int | None, s
 
 def _describe_failure(returncode: int | None, stderr: str) -> str:
     """The ranks' own one-line errors when they printed them, else the launcher's last lines."""
-    lines = stderr.strip().splitlines()
     ranks_of: dict[str, list[str]] = {}  # message -> ranks that printed it ("rank R: message")
-    for line in lines:
-        if line.startswith(ERROR_PREFIX):
-            rank, _, message = line[len(ERROR_PREFIX):].strip().removeprefix("rank ").partition(": ")
-            ranks_of.setdefault(message, []).append(rank)
+    pattern = re.escape(ERROR_PREFIX) + r" rank (\S+): (.*?)\s*(?=" + re.escape(ERROR_PREFIX) + r"|\n|$)"
+    for rank, message in re.findall(pattern, stderr):  # lookahead: lines of two ranks may interleave
+        ranks_of.setdefault(message, []).append(rank)
     status = "timed out" if returncode is None else f"failed (exit code {returncode})"
     if ranks_of:
         return f"{status}: " + "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {','.join(sorted(ranks))}: {message}"
                                          for message, ranks in ranks_of.items())
     if "SIGKILL" in stderr:  # the kernel's OOM killer leaves no Python error behind
         return f"{status}: a rank was killed by SIGKILL (out of host memory?)"
-    return f"{status}; last lines of stderr:\n" + "\n".join(lines[-STDERR_TAIL_LINES:])
+    return f"{status}; last lines of stderr:\n" + "\n".join(stderr.strip().splitlines()[-STDERR_TAIL_LINES:])

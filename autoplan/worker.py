@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
         what = "out of memory" if isinstance(error, (MemoryError, torch.OutOfMemoryError)) else type(error).__name__
         message = " ".join(str(error).split())[:500]
-        print(f"{ERROR_PREFIX} rank {rank}: {what}: {message}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"{ERROR_PREFIX} rank {rank}: {what}: {message}\n")  # one write: ranks share the pipe
+        sys.stderr.flush()
         if os.environ.get("AUTOPLAN_DEBUG"):
             traceback.print_exc()
         return 1

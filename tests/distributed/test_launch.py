@@ -51,3 +51,13 @@ def test_a_failing_job_raises_one_line_per_rank_not_a_traceback(tmp_path):
     assert re.search(r"ranks? [01](,[01])?: ValueError: unknown model 'no-such-model'", message), message
     assert message.count("unknown model") == 1
     assert "Traceback" not in message
+
+
+def test_rank_errors_are_grouped_even_when_their_lines_interleave():
+    from autoplan.launch import _describe_failure
+
+    stderr = ("noise\nautoplan.worker: rank 2: ValueError: tp=3 does not divide 4"
+              "autoplan.worker: rank 3: ValueError: tp=3 does not divide 4\n"
+              "Traceback (most recent call last):\nautoplan.worker: rank 0: KeyError: 'x'\n")
+    assert _describe_failure(1, stderr) == ("failed (exit code 1): ranks 2,3: ValueError: tp=3 does not divide 4; "
+                                            "rank 0: KeyError: 'x'")
