@@ -215,13 +215,14 @@ def micro_batch_sizes(global_batch: int, dp: int, pinned: int | None) -> list[in
 
 def schedule_options(pp: int, num_micro_batches: int, num_blocks: int,
                      constraints: Constraints) -> list[tuple[str, int]]:
-    """(schedule, virtual stages) choices: interleaving needs m % pp == 0 (Megatron-LM)
-    and at least v blocks per rank."""
+    """(schedule, virtual stages) choices: 1F1B needs m >= pp and interleaving m % pp == 0
+    (torch.distributed.pipelining, as Megatron-LM) and at least v blocks per rank."""
     if pp == 1:
         options = [(constraints.schedule or "1f1b", 1)]
     else:
         virtual = [constraints.virtual_stages] if constraints.virtual_stages else list(VIRTUAL_STAGE_OPTIONS)
-        options = [("gpipe", 1), ("1f1b", 1)] + [
+        # torch's Schedule1F1B needs at least one micro-batch per pipeline rank.
+        options = [("gpipe", 1)] + ([("1f1b", 1)] if num_micro_batches >= pp else []) + [
             ("interleaved_1f1b", v) for v in virtual
             if v > 1 and num_blocks >= pp * v and num_micro_batches % pp == 0]
         if constraints.schedule:

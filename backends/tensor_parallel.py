@@ -96,6 +96,14 @@ def _torch_styles(styles: dict[str, TPSite], sequence_parallel: bool) -> dict[st
     first block) is where the replicated stream is split along the sequence.
     """
     sequence_parallel = sequence_parallel and any(s.style == "sequence_parallel" for s in styles.values())
+    if sequence_parallel:
+        # Norms/dropouts in the root ahead of the first block (GPT's embedding dropout) see the
+        # replicated embedding stream, which is only split along the sequence inside the first
+        # block: they run replicated, like the embedding itself.
+        first_in_block = next((i for i, (p, s) in enumerate(styles.items())
+                               if s.style == "sequence_parallel" and _parent(p)), len(styles))
+        styles = {p: s for i, (p, s) in enumerate(styles.items())
+                  if not (s.style == "sequence_parallel" and not _parent(p) and i < first_in_block)}
     stream = Shard(1) if sequence_parallel else Replicate()
     torch_styles: dict[str, ParallelStyle] = {}
     colwise_parents = [_parent(p) for p, s in styles.items() if s.style == "colwise" and _parent(p)]
@@ -117,7 +125,7 @@ def _torch_styles(styles: dict[str, TPSite], sequence_parallel: bool) -> dict[st
         elif site.style == "vocab_output":
             torch_styles[path] = ColwiseParallel(input_layouts=stream, output_layouts=Replicate())
         elif sequence_parallel:
-            torch_styles[path] = SequenceParallel()
+            torch_styles[path] = SequenceParallel(use_local_output=True)  # the residual stream stays local
     if sequence_parallel and any(s.style == "vocab_embedding" for s in styles.values()):
         first_sp_site = next(p for p, s in styles.items() if s.style == "sequence_parallel")
         entry = _parent(first_sp_site)
