@@ -12,9 +12,9 @@ What is measured, and how it becomes cost-model constants:
 
 * Matmul throughput per dtype, `C = A @ B` of square n x n matrices for growing n (F = 2 n^3
   FLOP each). The cost model prices F FLOPs at `peak_flops[dtype] * matmul_efficiency *
-  F / (F + HALF_EFFICIENCY_FLOPS)` (costmodels/compute.py). Calibration takes the
+  F / (F + device.matmul_half_efficiency_flops)` (costmodels/compute.py). Calibration takes the
   large-matmul point (n, achieved) (the largest size measured) and solves for
-  the saturated rate `R[dtype] = achieved / (F / (F + HALF_EFFICIENCY_FLOPS))` through
+  the saturated rate `R[dtype] = achieved / (F / (F + device.matmul_half_efficiency_flops))` through
   that same function, so the cost model reproduces the measured rate at that size; then
   `matmul_efficiency = min(1, R[float32] / preset peak_flops[float32])` and
   `peak_flops[dtype] = R[dtype] / matmul_efficiency` for every measured dtype. The float32

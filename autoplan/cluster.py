@@ -38,6 +38,11 @@ class DeviceSpec(BaseModel):
     """Dense peak FLOP/s per dtype name ("float32", "bfloat16", "float16")."""
     matmul_efficiency: float = Field(default=0.7, gt=0, le=1)
     """Share of peak a large matmul achieves (calibration replaces it)."""
+    matmul_half_efficiency_flops: float = Field(default=2e9, gt=0)
+    """FLOPs per layer and micro-batch at which matmul efficiency is half its large-size
+    value (small GEMMs do not fill the device). 2e9 for GPUs: cuBLAS BF16 GEMMs on A100
+    reach ~90% of their asymptotic rate above ~1e10 FLOPs per call and a transformer layer
+    issues ~6 GEMMs (calibrated on benchmarks/megatron_sc21.py)."""
     memory_efficiency: float = Field(default=0.8, gt=0, le=1)
     """Share of memory bandwidth an elementwise kernel achieves (calibrated)."""
     framework_overhead_bytes: int = Field(default=0, ge=0)

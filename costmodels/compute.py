@@ -1,11 +1,11 @@
 """Roofline time of one layer for one micro-batch on one device.
 
     matmul time      = FLOPs / (peak(dtype) * efficiency(FLOPs))
-    efficiency(F)    = device.matmul_efficiency * F / (F + HALF_EFFICIENCY_FLOPS)
+    efficiency(F)    = device.matmul_efficiency * F / (F + device.matmul_half_efficiency_flops)
     elementwise time = elementwise_bytes / (memory_bandwidth * memory_efficiency)
 
 The efficiency curve saturates at `device.matmul_efficiency` for large layers and
-halves at HALF_EFFICIENCY_FLOPS: small GEMMs do not fill the device's SMs and pay
+halves at `device.matmul_half_efficiency_flops`: small GEMMs do not fill the device's SMs and pay
 kernel-launch latency. Tensor parallelism divides `tp_flops_fraction` of the FLOPs
 by t (and the curve sees the smaller per-rank matmuls). Elementwise traffic is split
 like the saved activations: the tensor-parallel share of `saved_bytes["none"]` is
@@ -32,12 +32,6 @@ from dataclasses import dataclass
 from autoplan.cluster import DeviceSpec
 from autoplan.layers import LayerProfile
 
-# FLOPs per layer and micro-batch at which a transformer layer reaches half of its
-# large-size efficiency. Calibrated once for every Megatron-LM row
-# (benchmarks/megatron_sc21.py): cuBLAS BF16 GEMMs on A100 reach ~90% of their
-# asymptotic rate above ~1e10 FLOPs per call and a layer issues ~6 GEMMs, so the
-# half-point of a whole layer sits near 2e9 FLOPs.
-HALF_EFFICIENCY_FLOPS = 2e9
 # Backward of elementwise ops moves about twice the forward's bytes.
 BACKWARD_ELEMENTWISE_FACTOR = 2.0
 
@@ -59,7 +53,7 @@ class LayerTime:
 
 def matmul_efficiency(flops: float, device: DeviceSpec) -> float:
     """Achievable share of peak for `flops` of matmul work (saturating curve)."""
-    return device.matmul_efficiency * flops / (flops + HALF_EFFICIENCY_FLOPS)
+    return device.matmul_efficiency * flops / (flops + device.matmul_half_efficiency_flops)
 
 
 def tp_elementwise_share(layer: LayerProfile) -> float:

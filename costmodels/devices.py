@@ -61,6 +61,10 @@ PRESETS: dict[str, dict] = {
 # roughly 1-2 GB/s with ~50 us latency. `autoplan calibrate` measures all of these.
 LOCAL_PEAK_FLOPS = {"float32": 80e9, "bfloat16": 40e9, "float16": 20e9}
 LOCAL_MEMORY_BANDWIDTH_GBPS = 10.0
+# A CPU core's float32 GEMM rate is flat from n=128 (2 * 128^3 = 4e6 FLOPs per call,
+# `autoplan calibrate` on this machine), so a layer's matmuls reach half speed far below
+# a GPU's 2e9: 1e6 FLOPs.
+LOCAL_HALF_EFFICIENCY_FLOPS = 1e6
 LOCAL_LINK = {"bandwidth_gbps": 1.0, "latency_us": 50.0}
 # A Python process with torch and gloo imported holds ~300 MB resident before any model.
 LOCAL_OVERHEAD_BYTES = 300 * 1024**2
@@ -68,6 +72,7 @@ LOCAL_OVERHEAD_BYTES = 300 * 1024**2
 CALIBRATED_CONSTANTS = {
     "device.peak_flops[float32] (local)": "one core, AVX2 FMA, 32 FLOP/cycle x 2.5 GHz",
     "device.matmul_efficiency": "0.7: large-GEMM share of peak reported by Megatron-LM (SC21)",
+    "device.matmul_half_efficiency_flops": "2e9 GPU (cuBLAS GEMM size curve), 1e6 CPU core",
     "device.memory_efficiency": "0.8: STREAM-like share of datasheet HBM bandwidth",
     "intra_node.bandwidth_gbps": "NVLink datasheet (GPU) / loopback gloo estimate (local)",
     "inter_node.bandwidth_gbps": "InfiniBand HCA rate per GPU (DGX user guides)",
@@ -89,6 +94,7 @@ def local_cluster_fields(world_size: int) -> dict:
             "memory_bytes": int(total_bytes // max(world_size, 1)),
             "memory_bandwidth_gbps": LOCAL_MEMORY_BANDWIDTH_GBPS,
             "peak_flops": dict(LOCAL_PEAK_FLOPS),
+            "matmul_half_efficiency_flops": LOCAL_HALF_EFFICIENCY_FLOPS,
             "framework_overhead_bytes": 0,
         },
         "intra_node": dict(LOCAL_LINK),
