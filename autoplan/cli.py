@@ -157,8 +157,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     console.print(f"[bold]autoplan demo[/]: plan {DEMO_MODEL} (global batch {DEMO_BATCH}) for {DEMO_CLUSTER}, "
                   f"run it with torch's launcher, compare predicted with measured")
-    run_bench(DEMO_MODEL, ClusterSpec.parse(DEMO_CLUSTER), steps=args.steps, global_batch_size=DEMO_BATCH,
-              baselines=False)
+    report = run_bench(DEMO_MODEL, ClusterSpec.parse(DEMO_CLUSTER), steps=args.steps,
+                       global_batch_size=DEMO_BATCH, baselines=False)
+    chosen = next(c for c in report["candidates"] if c["chosen"])
+    if chosen.get("status") != "ok":
+        raise RuntimeError(f"the demo plan did not run: {chosen.get('status')}")
+    per_rank = chosen["measured_peak_memory_bytes_per_rank"]
+    shown = ("micro_batch_size", "num_micro_batches", "schedule", "zero_stage", "sequence_parallel")
+    console.print(f"plan: mesh {chosen['mesh']}, " + ", ".join(f"{k} {chosen['plan'][k]}" for k in shown
+                                                             if k in chosen["plan"]))
+    console.print(f"step time: predicted {chosen['predicted_step_s']:.3f} s, measured {chosen['measured_step_s']:.3f} s "
+                  f"(median of {args.steps})")
+    console.print(f"peak memory per rank: predicted {chosen['predicted_peak_memory_bytes'] / 1e6:.1f} MB (worst rank), "
+                  f"measured " + ", ".join(f"rank {r}: {b / 1e6:.1f} MB" for r, b in enumerate(per_rank)))
 
 
 COMMANDS = {"plan": cmd_plan, "show": cmd_show, "run": cmd_run, "bench": cmd_bench,

@@ -86,14 +86,16 @@ def local_cluster_fields(world_size: int) -> dict:
         total_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         total_bytes = 16 * GiB
+    # Each rank runs one thread; with more ranks than cores they share the cores.
+    core_share = min(1.0, (os.cpu_count() or 1) / max(world_size, 1))
     return {
         "devices_per_node": world_size,
         "device": {
             "name": "cpu",
             "kind": "cpu",
             "memory_bytes": int(total_bytes // max(world_size, 1)),
-            "memory_bandwidth_gbps": LOCAL_MEMORY_BANDWIDTH_GBPS,
-            "peak_flops": dict(LOCAL_PEAK_FLOPS),
+            "memory_bandwidth_gbps": LOCAL_MEMORY_BANDWIDTH_GBPS * core_share,
+            "peak_flops": {dtype: flops * core_share for dtype, flops in LOCAL_PEAK_FLOPS.items()},
             "matmul_half_efficiency_flops": LOCAL_HALF_EFFICIENCY_FLOPS,
             "framework_overhead_bytes": 0,
         },
