@@ -1,0 +1,56 @@
+"""The `autoplan` command line, run in-process through its entry point."""
+import json
+
+import pytest
+
+from autoplan import Plan
+from autoplan.cli import main
+
+
+def test_plan_then_show(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "gpt2-small", "--cluster", "dgx-a100-80gb:2", "--global-batch-size", "64",
+                 "--seq-len", "256", "-o", str(out)]) == 0
+    plan = Plan.from_json(out)
+    assert plan.world_size == 16 and plan.global_batch_size == 64 and plan.seq_len == 256
+    assert main(["show", str(out)]) == 0
+    report = capsys.readouterr().out
+    for heading in ("stages", "per-layer choices", "runners-up"):
+        assert heading in report
+    assert f"pp={plan.mesh['pp']} x dp={plan.mesh['dp']} x tp={plan.mesh['tp']}" in report
+
+
+def test_fix_pins_every_axis(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--fix", "dp=1,pp=2,tp=2,schedule=gpipe",
+                 "-o", str(out)]) == 0
+    plan = Plan.from_json(out)
+    assert plan.mesh == {"dp": 1, "pp": 2, "tp": 2} and plan.schedule == "gpipe"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--model", "nope-1b", "--cluster", "local:2"], "unknown model 'nope-1b'"),
+    (["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--fix", "tp=3"], "tp=3"),
+    (["plan", "--model", "gpt-tiny", "--cluster", "dgx-a100-80gb:0"], "num_nodes"),
+    (["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--global-batch-size", "10", "--fix", "dp=4,micro_batch_size=3"],
+     "12"),
+])
+def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.startswith("autoplan: error:")
+
+
+def test_show_and_run_refuse_a_corrupt_plan_file_whole(tmp_path, capsys):
+    bad = tmp_path / "plan.json"
+    bad.write_text(json.dumps({"version": 1, "mesh": {"dp": 2}}))
+    assert main(["show", str(bad)]) == 2
+    assert main(["run", str(tmp_path / "missing.json"), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "not a valid plan" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_plan_file_is_written_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--fix", "tp=3", "-o", str(out)]) == 2
+    assert not out.exists() and list(tmp_path.iterdir()) == []
