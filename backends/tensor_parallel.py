@@ -96,10 +96,10 @@ def _torch_styles(styles: dict[str, TPSite], sequence_parallel: bool) -> dict[st
     first block) is where the replicated stream is split along the sequence.
     """
     sequence_parallel = sequence_parallel and any(s.style == "sequence_parallel" for s in styles.values())
-    if sequence_parallel:
-        # Norms/dropouts in the root ahead of the first block (GPT's embedding dropout) see the
-        # replicated embedding stream, which is only split along the sequence inside the first
-        # block: they run replicated, like the embedding itself.
+    if sequence_parallel and any(s.style == "vocab_embedding" for s in styles.values()):
+        # Norms/dropouts in the root between a vocab-split embedding and the first block (GPT's
+        # embedding dropout) see the replicated embedding stream, which is only split along the
+        # sequence inside the first block: they run replicated, like the embedding itself.
         first_in_block = next((i for i, (p, s) in enumerate(styles.items())
                                if s.style == "sequence_parallel" and _parent(p)), len(styles))
         styles = {p: s for i, (p, s) in enumerate(styles.items())

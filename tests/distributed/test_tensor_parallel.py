@@ -81,6 +81,16 @@ def test_gpt_block_runs_megatron_collectives():
     # forward; operator f all-reduces the input gradient of each colwise group in backward.
     counts, _ = results[False]
     assert counts == {"forward": {"all_reduce": NUM_ROWWISE}, "backward": {"all_reduce": NUM_COLWISE_GROUPS}}
+    # ... and the cost model charges exactly those collectives: one (seq, hidden) float32
+    # tensor per all-reduce that ran, per sequence.
+    from autoplan.profile import profile_model
+    from autoplan.zoo import build
+
+    job = build("gpt-tiny", batch_size=2, device="meta")
+    block = next(layer for layer in profile_model(job.module, job.example_inputs).layers if layer.name == "blocks.0")
+    one_all_reduce_bytes = job.module.config.seq_len * job.module.config.hidden * 4
+    assert block.tp_allreduce_bytes_fwd == counts["forward"]["all_reduce"] * one_all_reduce_bytes
+    assert block.tp_allreduce_bytes_bwd == counts["backward"]["all_reduce"] * one_all_reduce_bytes
     # Sequence parallelism (Korthikanti et al. 2022): g becomes a reduce-scatter (rowwise outputs)
     # and f an all-gather (colwise group inputs) in forward; in backward each turns into the other.
     counts, norm_grad_placements = results[True]
