@@ -71,7 +71,7 @@ ZERO_OPTIONS = (0, 1, 3)  # ZeRO-2 costs what ZeRO-1 does (memory.py); planned o
 MAX_MICRO_BATCH_SIZE = 64
 MIP_GAP = 1e-4
 """Relative optimality gap at which a MILP counts as solved."""
-MILP_TIME_LIMIT_S = (1.5, 0.25)
+MILP_TIME_LIMIT_S = (0.6, 0.25)
 """Per-MILP time limit for the first FIRST_MILPS instances (the most promising by lower
 bound, where the best plan almost always is) and for the rest; an instance stopped by
 it returns its incumbent (counted in the solver stats as `milps_time_limited`)."""
