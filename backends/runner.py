@@ -12,6 +12,7 @@ stage schedule is `autoplan.backends.pipeline`'s; slicing and the loss mean stay
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import Callable, Iterator
 
@@ -27,6 +28,10 @@ from autoplan.backends.mesh import build_device_mesh
 from autoplan.backends.recompute import apply_recompute
 from autoplan.backends.tensor_parallel import apply_tensor_parallel, gather_full_state_dict
 from autoplan.plan import Plan
+
+# FSDP2 warns whenever a wrapped root returns a view (our logits are one): a hazard only for
+# in-place ops on the output, which train_step never does. Keep users' logs readable.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
