@@ -25,6 +25,8 @@ console = Console(stderr=False, highlight=False)
 DEMO_MODEL = "gpt-small-demo"
 DEMO_CLUSTER = "local:4"
 DEMO_BATCH = 16
+LAUNCHER_FLAG_PREFIXES = ("--nnodes", "--node-rank", "--node_rank", "--rdzv", "--master-addr", "--master_addr",
+                          "--master-port", "--master_port", "--max-restarts", "--monitor-interval")
 
 
 def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="the full report of a saved plan")
     show.add_argument("plan_file")
 
-    run = commands.add_parser("run", help="launch a plan on this machine through torch's launcher")
+    run = commands.add_parser("run", help="launch a plan on this machine through torch's launcher "
+                                         "(multi-node flags --nnodes/--node-rank/--rdzv-* pass through)")
     run.add_argument("plan_file", nargs="?", help="a plan JSON (or give --model/--cluster to plan now)")
     _add_model_args(run, required=False)
     run.add_argument("--nproc", type=int, default=None, help="processes on this node (default: the plan's devices per node)")
@@ -127,7 +130,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise ValueError("give a plan file, or --model and --cluster to plan now")
     nproc = args.nproc or plan.cluster.devices_per_node
     console.print(f"launching {plan.model_name} on {nproc} process(es): {_summary(plan)}")
-    result = launch(plan_path, nproc=nproc, steps=args.steps, out_path=None)
+    result = launch(plan_path, nproc=nproc, steps=args.steps, out_path=None, launcher_args=args.launcher_args,
+                    seq_len=plan.seq_len)
     console.print(f"measured median step {result['median_step_s']:.4g} s "
                   f"(predicted {plan.predicted.step_time_s:.4g} s); peak memory per rank "
                   f"{[round(b / 1e6, 1) for b in result['peak_memory_bytes']]} MB")
@@ -139,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     fixes = [Constraints.parse_fix(args.fix)] if args.fix else []
     run_bench(args.model, ClusterSpec.parse(args.cluster), steps=args.steps, fixes=fixes,
               global_batch_size=args.global_batch_size, seq_len=args.seq_len,
-              json_path=args.json_path, plot_path=args.plot_path)
+              json_path=args.json_path, plot_path=args.plot_path, launcher_args=args.launcher_args)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -178,7 +182,13 @@ COMMANDS = {"plan": cmd_plan, "show": cmd_show, "run": cmd_run, "bench": cmd_ben
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `run` and `bench` hand torch's launcher what they do not know themselves
+    # (--nnodes, --node-rank, --rdzv-backend, --rdzv-endpoint, --rdzv-id, ...).
+    if extra and (args.command not in ("run", "bench") or not all(
+            arg.startswith(LAUNCHER_FLAG_PREFIXES) or not arg.startswith("-") for arg in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.launcher_args = extra
     try:
         COMMANDS[args.command](args)
     except ValueError as error:

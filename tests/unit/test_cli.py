@@ -54,3 +54,11 @@ def test_plan_file_is_written_whole_or_not_at_all(tmp_path):
     out = tmp_path / "plan.json"
     assert main(["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--fix", "tp=3", "-o", str(out)]) == 2
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_only_launcher_flags_pass_through_to_torchrun(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "plan.json", "--nproc", "2", "--bogus"])
+    assert exit_info.value.code == 2 and "--bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # plan does not launch anything
+        main(["plan", "--model", "gpt-tiny", "--cluster", "local:2", "--nnodes", "2"])
