@@ -5,6 +5,7 @@ to the Plan (building, tracing/profiling and solving all included).
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 
@@ -43,7 +44,17 @@ def main() -> int:
                       f"dp{mesh['dp']} pp{mesh['pp']} tp{mesh['tp']}", str(result.micro_batch_size),
                       result.schedule + (f" v{result.virtual_stages}" if result.virtual_stages > 1 else ""),
                       str(result.zero_stage), f"{result.predicted.step_time_s:.3g}", f"{result.predicted.mfu:.1%}")
-    Console(width=170).print(table)
+    console = Console(width=170)
+    console.print(table)
+    # The acceptance targets are for the command a user types: a fresh process, torch import,
+    # zoo build, trace, profile and solve all included.
+    for name, nodes, batch, target_s in (("gpt3-175b", 128, 1536, 10), ("megatron-1t", 384, 3072, 30)):
+        command = [sys.executable, "-m", "autoplan.cli", "plan", "--model", name,
+                   "--cluster", f"dgx-a100-80gb:{nodes}", "--global-batch-size", str(batch)]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        console.print(f"`autoplan plan --model {name} --cluster dgx-a100-80gb:{nodes}` wall: "
+                      f"{time.perf_counter() - started:.1f} s (target <= {target_s} s)")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -99,6 +100,24 @@ MLP_CONFIGS: dict[str, MLPConfig] = {"mlp-tiny": MLPConfig(num_layers=4, in_feat
 MODEL_NAMES: tuple[str, ...] = (*GPT_CONFIGS, *LLAMA_CONFIGS, *MLP_CONFIGS)
 
 
+@contextmanager
+def _skip_init_on(device: torch.device):
+    """Skip torch.nn.init on the meta device: it computes nothing there but costs ~1.5 s
+    (meta decompositions of uniform_/normal_) for GPT-3 175B's 400 tensors."""
+    if device.type != "meta":
+        yield
+        return
+    names = ("uniform_", "normal_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
 def build(name: str, *, batch_size: int = 8, seq_len: int | None = None,
           device: str | torch.device = "meta", seed: int = 0) -> Job:
     """Build a zoo model (or load `file.py:factory`) with one global batch of inputs.
@@ -119,7 +138,7 @@ def build(name: str, *, batch_size: int = 8, seq_len: int | None = None,
         torch.manual_seed(seed)
     if name in MLP_CONFIGS:
         config = MLP_CONFIGS[name]
-        with device:
+        with device, _skip_init_on(device):
             module = ResidualMLP(config)
         inputs = torch.randn(batch_size, config.in_features, device=device)
         targets = torch.randn(batch_size, config.out_features, device=device)
@@ -132,7 +151,7 @@ def build(name: str, *, batch_size: int = 8, seq_len: int | None = None,
         config = LLAMA_CONFIGS[name]
         config = replace(config, seq_len=seq_len or config.seq_len)
         model_cls = Llama
-    with device:
+    with device, _skip_init_on(device):
         module = model_cls(config)
     generator = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed + 1)
     tokens = torch.randint(0, config.vocab_size, (batch_size, config.seq_len + 1), device=device, generator=generator)
