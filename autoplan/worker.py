@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             from autoplan.cluster import write_atomically
 
             write_atomically(Path(args.out), json.dumps(result, indent=2) + "\n")
+        # Leave together: a rank tearing gloo down while its peer still holds the pair
+        # connections made rank 0 abort (SIGABRT) now and then after the last collective.
+        import torch.distributed as dist
+
+        dist.barrier()
     except Exception as error:  # one line per failing rank; the launcher stops the others
         import torch
 
