@@ -26,9 +26,14 @@ its math fallback, which no real device runs for training.
 
 Bytes are counted at float32 (4 bytes per floating element; integer and bool tensors at
 their own size), per sequence.
+
+`measure_layer` runs one layer on a real device instead (random weights, inputs of the
+traced shapes): median forward and backward seconds and the bytes autograd kept.
+`autoplan.profile_store` calls it once per distinct layer and micro-batch size.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import statistics
@@ -55,7 +60,7 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
     `loss_fn(output, targets)` is profiled as part of the last layer (with `targets` cut to
     one sequence; without targets it is called with None, and a loss that needs targets is
     left out). `measure=True` also times each distinct layer's forward and backward for one
-    sequence on `device` (default: CUDA when available, else CPU).
+    sequence on `device` (default: CUDA when available, else CPU; see `measure_layer`).
 
         >>> profile = profile_model(model, (tokens,), model_name="gpt2-small")   # doctest: +SKIP
         >>> [(layer.name, layer.fwd_flops) for layer in profile.layers]         # doctest: +SKIP
@@ -66,7 +71,7 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
                          f"got {type(first).__name__}{'' if first is None else ' of shape ' + str(tuple(getattr(first, 'shape', ())))}")
     one_sequence = tuple(_first_sequence(x) for x in example_inputs)
     traced = trace_model(module, one_sequence)
-    loss = _loss_on_meta(loss_fn, targets)
+    loss = bind_loss(loss_fn, _first_sequence(targets), torch.device("meta"))
     measure_device = torch.device(device) if device is not None else \
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -83,7 +88,10 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
                 raise ValueError(f"cannot profile layer {key[0]!r} ({type(module.get_submodule(key[0])).__name__}) "
                                  f"forward and backward on meta tensors: {type(error).__name__}: {error}") from error
             if measure:
-                costs[key].update(_measure_layer(traced, key[0], measure_device))
+                measured_loss = bind_loss(loss_fn, _first_sequence(targets), measure_device) if with_loss else None
+                measured = measure_layer(traced, key[0], measure_device, loss=measured_loss)
+                costs[key].update(measured_fwd_s=measured.forward_s, measured_bwd_s=measured.backward_s,
+                                  measured_device=device_name(measure_device))
         param_count, tp_param_count = _count_parameters(traced, layer, counted)
         layer_tp = traced.tp[layer]
         layers.append(LayerProfile(name=layer, signature=traced.signatures[layer], param_count=param_count,
@@ -105,16 +113,21 @@ def _first_sequence(value: Any) -> Any:
     return value[:1] if isinstance(value, torch.Tensor) and value.dim() >= 1 else value
 
 
-def _loss_on_meta(loss_fn: Callable | None, targets: torch.Tensor | None) -> Callable | None:
+def bind_loss(loss_fn: Callable | None, targets: torch.Tensor | None, device: torch.device) -> Callable | None:
+    """`loss_fn` with `targets` (already cut to the batch) made on `device`: `loss(output)`.
+
+    Meta targets become zeros (valid class ids) or random values on a real device. Without
+    targets the loss is called with None, and a loss that needs them returns the output
+    unchanged (the layer is timed without it)."""
     if loss_fn is None:
         return None
-    meta_targets = None if targets is None else torch.empty_like(_first_sequence(targets), device="meta")
+    bound_targets = None if targets is None else _materialize(targets, device)
 
     def loss(output: Any) -> Any:
         try:
-            return loss_fn(output, meta_targets)
-        except Exception:  # a loss that needs the targets we were not given: profile without it
-            if meta_targets is None:
+            return loss_fn(output, bound_targets)
+        except Exception:  # a loss that needs the targets we were not given: go on without it
+            if bound_targets is None:
                 return output
             raise
     return loss
@@ -366,35 +379,84 @@ def _allreduce_bytes(traced: TracedModel, layer: str) -> dict[str, float]:
 
 # --- measurement on a real device -------------------------------------------------------------
 
-def _measure_layer(traced: TracedModel, layer: str, device: torch.device, repeats: int = 3) -> dict[str, Any]:
-    """Median forward and backward seconds of one sequence through the layer on `device`,
-    with random weights and inputs (integer inputs are zeros: valid token ids)."""
+@dataclass(frozen=True)
+class LayerMeasurement:
+    """One layer run forward and backward on a real device, for one batch of inputs."""
+
+    forward_s: float
+    """Median forward seconds (the loss included when one was given)."""
+    backward_s: float
+    """Median backward seconds."""
+    saved_bytes: float
+    """Bytes autograd kept for backward: unique storages without the layer's parameters and
+    buffers, at the dtype the layer ran in (what recompute "none" keeps)."""
+
+
+def device_name(device: torch.device) -> str:
+    """What a measurement on `device` is labelled with: the GPU's name, or "cpu".
+
+    >>> device_name(torch.device("cpu"))
+    'cpu'
+    """
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _materialize(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A real tensor shaped like `t`: random floats (in `dtype` when given), zeros for integers."""
+    if t.is_floating_point():
+        return torch.randn(t.shape, dtype=dtype or t.dtype, device=device).requires_grad_(t.requires_grad)
+    return torch.zeros(t.shape, dtype=t.dtype, device=device)
+
+
+def measure_layer(traced: TracedModel, layer: str, device: torch.device, *, dtype: torch.dtype | None = None,
+                  loss: Callable | None = None, repeats: int = 3) -> LayerMeasurement:
+    """Run `layer` of `traced` forward and backward on `device` with random weights and inputs
+    of the traced shapes (integer inputs are zeros: valid token ids); floating tensors in `dtype`
+    (default: as traced). `loss(output)`, when given, runs after the forward and is timed with it.
+
+    The first round warms up and counts what autograd saves (`saved_tensors_hooks`); the
+    times are the medians of `repeats` more rounds.
+
+        >>> traced = trace_model(module, (tokens[:2],))                       # doctest: +SKIP
+        >>> measure_layer(traced, "blocks.0", torch.device("cpu")).forward_s  # doctest: +SKIP
+        0.0012
+    """
     module = traced.module.get_submodule(layer)
-
-    def materialize(t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point():
-            return torch.randn(t.shape, dtype=t.dtype, device=device).requires_grad_(t.requires_grad)
-        return torch.zeros(t.shape, dtype=t.dtype, device=device)
-
-    state = {name: materialize(t) for name, t in _layer_state(traced, layer).items()}
-    args, kwargs = tree_map_only(torch.Tensor, materialize, _layer_inputs(traced, layer))
+    made: dict[int, torch.Tensor] = {}  # one real tensor per meta tensor: tied names stay tied
+    state = {}
+    for name, t in _layer_state(traced, layer).items():
+        if id(t) not in made:
+            made[id(t)] = _materialize(t, device, dtype)
+        state[name] = made[id(t)]
+    args, kwargs = tree_map_only(torch.Tensor, lambda t: _materialize(t, device, dtype), _layer_inputs(traced, layer))
+    state_keys = {_storage_key(t) for t in state.values()}
 
     def synchronize() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    saved: list[torch.Tensor] = []
+    saved_bytes = 0.0
     forward_s, backward_s = [], []
-    for _ in range(repeats + 1):  # the first round warms up
+    for round_index in range(repeats + 1):  # round 0 warms up and counts saved tensors
+        counting = torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t) \
+            if round_index == 0 else contextlib.nullcontext()
         synchronize()
         start = time.perf_counter()
-        output = torch.func.functional_call(module, state, args, kwargs)
+        with counting:
+            output = torch.func.functional_call(module, state, args, kwargs)
+            final = loss(output) if loss is not None else output
         synchronize()
         middle = time.perf_counter()
-        roots = [t for t in _tensors(output) if t.requires_grad]
+        if round_index == 0:
+            kept = {_storage_key(t): t.untyped_storage().nbytes() for t in saved
+                    if t.dim() > 0 and _storage_key(t) not in state_keys}
+            saved_bytes, saved = float(sum(kept.values())), []
+        roots = [t for t in _tensors(final) if t.requires_grad]
         if roots:
             torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
         synchronize()
         forward_s.append(middle - start)
         backward_s.append(time.perf_counter() - middle)
-    return dict(measured_fwd_s=statistics.median(forward_s[1:]), measured_bwd_s=statistics.median(backward_s[1:]),
-                measured_device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
+    return LayerMeasurement(forward_s=statistics.median(forward_s[1:]), backward_s=statistics.median(backward_s[1:]),
+                            saved_bytes=saved_bytes)
