@@ -60,6 +60,44 @@ class LayerProfile(BaseModel):
     """Measured forward seconds per sequence on `measured_device`, when profiled."""
     measured_bwd_s: float | None = None
     measured_device: str | None = None
+    """Device name or kind ("cpu", "cuda") the measured times apply to."""
+    measured_by_mbs: dict[int, tuple[float, float]] = Field(default_factory=dict)
+    """Micro-batch size b -> measured (forward, backward) seconds of a micro-batch of b
+    sequences (`autoplan profile`); see `measured_micro_batch_s`."""
+    measured_source: str | None = None
+    """Where the measured times come from, e.g. "NVIDIA H100 80GB HBM3 (h100.json)"."""
+
+    def measured_micro_batch_s(self, micro_batch_size: int) -> tuple[float, float]:
+        """Measured (forward, backward) seconds of one micro-batch of `micro_batch_size` sequences.
+
+        The entry of `measured_by_mbs` for that size; between two measured sizes the
+        per-sequence time is interpolated linearly in b; beyond them the nearest size's
+        per-sequence time is scaled by b. Without entries: `measured_fwd_s` * b (the backward
+        twice the forward when it was not measured).
+
+            >>> layer = LayerProfile(name="l", signature="s", param_count=0, fwd_flops=0, bwd_flops=0,
+            ...                      saved_bytes={}, output_bytes=0, measured_fwd_s=1.0,
+            ...                      measured_by_mbs={2: (2.0, 4.0), 4: (2.0, 4.0)})
+            >>> layer.measured_micro_batch_s(3)    # per sequence: 1.0 at b=2, 0.5 at b=4 -> 0.75
+            (2.25, 4.5)
+            >>> layer.measured_micro_batch_s(8)    # 0.5 per sequence, as at b=4
+            (4.0, 8.0)
+        """
+        b = micro_batch_size
+        if not self.measured_by_mbs:
+            assert self.measured_fwd_s is not None, f"layer {self.name!r} has no measured times"
+            return self.measured_fwd_s * b, (self.measured_bwd_s or 2 * self.measured_fwd_s) * b
+        if b in self.measured_by_mbs:
+            return self.measured_by_mbs[b]
+        sizes = sorted(self.measured_by_mbs)
+        below, above = max((s for s in sizes if s < b), default=None), min((s for s in sizes if s > b), default=None)
+        if below is None or above is None:
+            nearest = below if above is None else above
+            fwd, bwd = self.measured_by_mbs[nearest]
+            return fwd / nearest * b, bwd / nearest * b
+        weight = (b - below) / (above - below)
+        return tuple(((1 - weight) * low / below + weight * high / above) * b
+                     for low, high in zip(self.measured_by_mbs[below], self.measured_by_mbs[above]))
 
 
 class ModelProfile(BaseModel):

@@ -18,7 +18,9 @@ the non-matmul part (norms, activations, softmax/attention core), estimated by t
 forward elementwise time.
 
 When the profile carries `measured_fwd_s` / `measured_bwd_s` for this device the
-measured seconds replace the roofline (scaled by micro-batch and tp the same way).
+measured seconds replace the roofline (scaled by tp the same way): the time measured at
+this micro-batch size, or interpolated from the sizes measured
+(`LayerProfile.measured_micro_batch_s`, `autoplan profile`).
 
     >>> from autoplan.cluster import ClusterSpec
     >>> d = ClusterSpec.preset("dgx-a100-80gb").device
@@ -77,8 +79,9 @@ def estimate_layer_time(layer: LayerProfile, device: DeviceSpec, *, micro_batch_
     """
     tp_scale = layer.tp_flops_fraction / tp + (1.0 - layer.tp_flops_fraction)
     if layer.measured_fwd_s is not None and layer.measured_device in (device.name, device.kind):
-        forward_s = layer.measured_fwd_s * micro_batch_size * tp_scale
-        backward_s = (layer.measured_bwd_s or 2 * layer.measured_fwd_s) * micro_batch_size * tp_scale
+        measured_fwd_s, measured_bwd_s = layer.measured_micro_batch_s(micro_batch_size)
+        forward_s = measured_fwd_s * tp_scale
+        backward_s = measured_bwd_s * tp_scale
         elementwise_fwd_s = 0.0
     else:
         peak = device.peak_flops_for(compute_dtype)
@@ -104,7 +107,8 @@ def estimate_layer_time(layer: LayerProfile, device: DeviceSpec, *, micro_batch_
 def estimate_optimizer_step_s(num_params: float, device: DeviceSpec, param_dtype: str) -> float:
     """Adam over `num_params` local parameters, memory-bound: it reads the fp32 master
     weight, gradient and two moments (16 bytes) and writes master, moments and the
-    compute copy (12 + param bytes) — PyTorch's fused Adam moves ~28 + 2 bytes/param.
+    compute copy (12 + param bytes) — PyTorch's fused Adam moves ~28 + 2 bytes/param
+    (`device.adam_bytes_per_param`, which calibration measures on the device).
 
     >>> from autoplan.cluster import ClusterSpec
     >>> d = ClusterSpec.preset("dgx-a100-80gb").device
@@ -112,5 +116,5 @@ def estimate_optimizer_step_s(num_params: float, device: DeviceSpec, param_dtype
     18.4
     """
     extra = DTYPE_BYTES[param_dtype] if param_dtype != "float32" else 0
-    moved = num_params * (28 + extra)
+    moved = num_params * (device.adam_bytes_per_param + extra)
     return moved / (device.memory_bandwidth_gbps * 1e9 * device.memory_efficiency)
