@@ -17,11 +17,12 @@ __version__ = "0.1.0"
 # The planner (PuLP) and the runner (torch.distributed) load on first use. These are
 # real functions, not a module __getattr__: importing the submodule `autoplan.plan`
 # (the Plan schema) would otherwise shadow the function `autoplan.plan`.
-def plan(model, cluster, example_inputs, loss_fn=None, constraints=None, objective="throughput", model_name=None):
+def plan(model, cluster, example_inputs, loss_fn=None, constraints=None, objective="throughput", model_name=None,
+         *, profile_file=None):
     from autoplan import api
 
     return api.plan(model, cluster, example_inputs, loss_fn=loss_fn, constraints=constraints,
-                    objective=objective, model_name=model_name)
+                    objective=objective, model_name=model_name, profile_file=profile_file)
 
 
 def explain(plan: Plan) -> str:

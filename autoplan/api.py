@@ -9,9 +9,13 @@
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
+import os
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 from autoplan.cluster import ClusterSpec
 from autoplan.constraints import Constraints
@@ -21,13 +25,36 @@ from autoplan.plan import Candidate, LayerChoice, Plan, Prediction, StagePlan, T
 from autoplan.solver import Solution, SolveResult, default_dtypes, solve, split_layers
 
 OBJECTIVES = ("throughput",)
+ESTIMATED = "estimated (roofline)"
+
+_profile_file_for_callers: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "autoplan_profile_file", default=None)
+
+
+@contextlib.contextmanager
+def planning_with_profile(profile_file: str | os.PathLike | None) -> Iterator[None]:
+    """Within the block, `plan` calls that give no `profile_file` use this one: how
+    `autoplan bench --profile` reaches the plans `autoplan.bench` makes.
+
+    >>> with planning_with_profile("gpt-tiny.cpu.json"):        # doctest: +SKIP
+    ...     run_bench("gpt-tiny", ClusterSpec.local(2))
+    """
+    token = _profile_file_for_callers.set(None if profile_file is None else str(profile_file))
+    try:
+        yield
+    finally:
+        _profile_file_for_callers.reset(token)
 
 
 def plan(model, cluster: ClusterSpec, example_inputs: tuple, loss_fn: Callable | None = None,
          constraints: Constraints | None = None, objective: str = "throughput",
-         model_name: str | None = None) -> Plan:
+         model_name: str | None = None, *, profile_file: str | os.PathLike | None = None) -> Plan:
     """Profile `model` on one global batch of `example_inputs` and return the fastest plan
     that fits `cluster` (SPEC.md section 2).
+
+    `profile_file` (written by `autoplan profile`) replaces the roofline time of every layer
+    it measured, when it was measured on the cluster's device kind in the plan's dtype;
+    `plan.measured_sources` and `explain` say which layers used it.
 
     >>> cluster = ClusterSpec.preset("dgx-a100-80gb", num_nodes=16)         # doctest: +SKIP
     >>> plan(model, cluster, example_inputs=(tokens,)).mesh                   # doctest: +SKIP
@@ -36,13 +63,22 @@ def plan(model, cluster: ClusterSpec, example_inputs: tuple, loss_fn: Callable |
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not supported; use one of {list(OBJECTIVES)}")
     constraints = constraints or Constraints()
-    default_dtypes(cluster, constraints)  # rejects a pinned activation_dtype before profiling
+    param_dtype, _ = default_dtypes(cluster, constraints)  # rejects a pinned activation_dtype before profiling
     from autoplan.profile import profile_model
+    from autoplan.profile_store import ProfileFile, apply_profile, ranks_per_core
 
+    profile_file = profile_file or _profile_file_for_callers.get()
+    measured = ProfileFile.from_json(profile_file) if profile_file else None  # a bad file fails before profiling
     started = time.perf_counter()
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     profile = profile_model(model, example_inputs, model_name=model_name or type(model).__name__, loss_fn=loss_fn)
+    summary = None
+    if measured is not None:
+        profile, summary = apply_profile(profile, measured, cluster.device, compute_dtype=param_dtype,
+                                         source=Path(profile_file).name, ranks_per_core=ranks_per_core(cluster))
     result = plan_from_profile(profile, cluster, constraints)
+    if summary:
+        result.measured_sources["profile_file"] = summary
     result.solver["total_wall_time_s"] = time.perf_counter() - started
     return result
 
@@ -86,6 +122,7 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
     """The Plan of the solver's best solution (stages, per-layer choices, tp styles, prediction)."""
     best = result.best
     config, estimate = best.config, best.estimate
+    sources = layer_time_sources(profile, cluster)
     stages = []
     layer_choices = {}
     for index, entries in enumerate(stage_layout(profile, best)):
@@ -97,7 +134,8 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
                                               sequence_parallel=config.sequence_parallel,
                                               param_dtype=config.param_dtype,
                                               grad_reduce_dtype=config.grad_reduce_dtype).time_s
-            layer_choices[layer_index] = LayerChoice(name=layer.name, recompute=option, stage=index)
+            layer_choices[layer_index] = LayerChoice(name=layer.name, recompute=option, stage=index,
+                                                     time_source=sources[layer_index])
         stages.append(StagePlan(index=index, pp_rank=index % config.pp,
                                 layers=[profile.layers[i].name for i, _ in entries],
                                 predicted_time_s=stage_time,
@@ -116,9 +154,6 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
         step_time_s=step_s, peak_memory_bytes=estimate.peak_memory_bytes, breakdown=dict(estimate.breakdown),
         tokens_per_s=tokens / step_s,
         mfu=profile.model_flops_per_sequence * profile.global_batch_size / (step_s * cluster.world_size * peak))
-    device_names = (cluster.device.name, cluster.device.kind)
-    measured = any(layer.measured_fwd_s is not None and layer.measured_device in device_names
-                   for layer in profile.layers)
     return Plan(
         model_name=profile.model_name, mesh=config.mesh, global_batch_size=profile.global_batch_size,
         micro_batch_size=config.micro_batch_size, num_micro_batches=config.num_micro_batches,
@@ -135,27 +170,55 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
                               sequence_parallel=r.config.sequence_parallel, step_time_s=r.step_time_s,
                               peak_memory_bytes=r.peak_memory_bytes, why=r.why) for r in result.runners_up],
         model_fingerprint=profile.fingerprint, cluster_fingerprint=cluster.fingerprint(), cluster=cluster,
-        measured_sources={"layer_time": "measured" if measured else "estimated (roofline)",
-                          "memory": "estimated"},
+        measured_sources={"layer_time": _summarize_sources(profile, sources), "memory": "estimated"},
         solver=dict(result.stats))
 
 
-def _compress_runs(plan: Plan) -> list[tuple[str, str, int]]:
-    """(first..last layer names, recompute, stage) with runs of equal choices folded."""
+def layer_time_sources(profile: ModelProfile, cluster: ClusterSpec) -> list[str]:
+    """Per layer, where the cost model takes its time from: "measured on <device> (<file>)"
+    when the profile carries measurements for the cluster's device (as `estimate_layer_time`
+    decides), else "estimated (roofline)"."""
+    device_names = (cluster.device.name, cluster.device.kind)
+    return [f"measured on {layer.measured_source or layer.measured_device}"
+            if layer.measured_fwd_s is not None and layer.measured_device in device_names else ESTIMATED
+            for layer in profile.layers]
+
+
+def _summarize_sources(profile: ModelProfile, sources: list[str]) -> str:
+    """One line: "measured on cpu (p.json) for 6/9 layers (blocks.0 .. lm_head); estimated
+    (roofline) for 3/9 layers (tok_emb .. drop)" — runs of consecutive layers folded."""
+    if set(sources) == {ESTIMATED}:
+        return ESTIMATED
+    runs: dict[str, list[list[str]]] = {}
+    for index, (layer, source) in enumerate(zip(profile.layers, sources)):
+        if index and sources[index - 1] == source:
+            runs[source][-1].append(layer.name)
+        else:
+            runs.setdefault(source, []).append([layer.name])
+    return "; ".join(
+        f"{source} for {sources.count(source)}/{len(sources)} layers ("
+        + ", ".join(run[0] if len(run) == 1 else f"{run[0]} .. {run[-1]}" for run in source_runs) + ")"
+        for source, source_runs in runs.items())
+
+
+def _compress_runs(plan: Plan) -> list[tuple[str, str, int, str]]:
+    """(first..last layer names, recompute, stage, time source) with runs of equal choices folded."""
     rows: list[list] = []
     for layer in plan.layers:
-        if rows and rows[-1][1] == layer.recompute and rows[-1][2] == layer.stage:
-            rows[-1][3] = layer.name
-            rows[-1][4] += 1
+        source = layer.time_source or "-"
+        if rows and rows[-1][1:4] == [layer.recompute, layer.stage, source]:
+            rows[-1][4] = layer.name
+            rows[-1][5] += 1
         else:
-            rows.append([layer.name, layer.recompute, layer.stage, layer.name, 1])
-    return [(f"{first} .. {last} ({count})" if count > 1 else first, recompute, stage)
-            for first, recompute, stage, last, count in rows]
+            rows.append([layer.name, layer.recompute, layer.stage, source, layer.name, 1])
+    return [(f"{first} .. {last} ({count})" if count > 1 else first, recompute, stage, source)
+            for first, recompute, stage, source, last, count in rows]
 
 
 def explain(plan: Plan) -> str:
-    """The full report `autoplan show` prints: mesh, stages, per-layer choices, time and
-    memory breakdown, runners-up and why they lost.
+    """The full report `autoplan show` prints: mesh, stages, per-layer choices (and whether
+    each layer's time was measured or estimated), cost sources, time and memory breakdown,
+    runners-up and why they lost.
 
     >>> print(explain(Plan.from_json("plan.json")))    # doctest: +SKIP
     """
@@ -185,11 +248,15 @@ def explain(plan: Plan) -> str:
                        f"{stage.predicted_memory_bytes / 1e9:.2f} GB", f"{stage.predicted_memory_bytes / capacity:.0%}")
     console.print(stages)
     layers = Table(title="per-layer choices")
-    for column in ("layers", "recompute", "stage"):
+    for column in ("layers", "recompute", "stage", "layer time"):
         layers.add_column(column)
-    for names, recompute, stage in _compress_runs(plan):
-        layers.add_row(names, recompute, str(stage))
+    for names, recompute, stage, source in _compress_runs(plan):
+        layers.add_row(names, recompute, str(stage), source)
     console.print(layers)
+    if plan.measured_sources:
+        console.print("cost sources:")
+        for name, source in plan.measured_sources.items():
+            console.print(f"  {name.replace('_', ' ')}: {source}", soft_wrap=True)
     breakdown = Table(title="breakdown (worst rank)")
     breakdown.add_column("term")
     breakdown.add_column("value", justify="right")

@@ -1,7 +1,9 @@
-"""The `autoplan` command line: plan, show, run, bench, calibrate, demo.
+"""The `autoplan` command line: plan, show, run, bench, calibrate, profile, demo.
 
     autoplan plan --model gpt3-175b --cluster dgx-a100-80gb:128 --global-batch-size 1536 -o plan.json
     autoplan show plan.json
+    autoplan profile --model gpt-small-demo --device cpu -o demo.cpu.json
+    autoplan plan --model gpt-small-demo --cluster local:4 --profile demo.cpu.json
     autoplan run plan.json --nproc 4
     autoplan demo
 
@@ -37,6 +39,8 @@ def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> N
     parser.add_argument("--global-batch-size", type=int, default=None, help="sequences per optimizer step")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
     parser.add_argument("--fix", default="", help="pins, e.g. dp=8,tp=4,pp=2,schedule=1f1b,zero_stage=1")
+    parser.add_argument("--profile", default=None,
+                        help="a file from `autoplan profile`: its measured layer times replace the roofline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--device", choices=("cpu", "cuda"), default=None)
     calibrate.add_argument("-o", "--output", default="cluster.calibrated.toml")
 
+    profile = commands.add_parser("profile", help="measure each distinct layer on this machine's device "
+                                                 "and write a profile file for --profile")
+    profile.add_argument("--model", required=True, help="zoo name or path/file.py:factory")
+    profile.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                         help="where to measure (default: cuda when available, else cpu)")
+    profile.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
+    profile.add_argument("--global-batch-size", type=int, default=8,
+                         help="the batch the micro-batch sizes divide (default 8)")
+    profile.add_argument("--micro-batch-sizes", default=None,
+                         help="comma-separated, e.g. 1,2,4 (default: powers of two up to 8 dividing the batch)")
+    profile.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                         help="compute dtype (default: bfloat16 on cuda, float32 on cpu, as the planner's)")
+    profile.add_argument("--cluster", default=None,
+                         help="whose device the roofline columns use (default: local:1 on cpu, the matching DGX preset on cuda)")
+    profile.add_argument("-o", "--output", default="profile.json")
+
     demo = commands.add_parser("demo", help="plan a small GPT for local:4, run it, print predicted vs measured")
     demo.add_argument("--steps", type=int, default=5)
     return parser
@@ -82,7 +102,7 @@ def _make_plan(args: argparse.Namespace):
     job = build(args.model, batch_size=batch, seq_len=args.seq_len, device="meta")
     started = time.perf_counter()
     plan = make_plan(job.module, cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn,
-                     constraints=Constraints.parse_fix(args.fix), model_name=args.model)
+                     constraints=Constraints.parse_fix(args.fix), model_name=args.model, profile_file=args.profile)
     plan.seq_len = args.seq_len
     return plan, time.perf_counter() - started
 
@@ -120,6 +140,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.plan_file:
         from autoplan.plan import Plan
 
+        if args.profile:
+            raise ValueError("--profile applies when planning (--model/--cluster), not to a saved plan")
         plan_path = args.plan_file
         plan = Plan.from_json(plan_path)
     elif args.model and args.cluster:
@@ -138,12 +160,17 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    from autoplan.api import planning_with_profile
     from autoplan.bench import run_bench
+    from autoplan.profile_store import ProfileFile
 
     fixes = [Constraints.parse_fix(args.fix)] if args.fix else []
-    run_bench(args.model, ClusterSpec.parse(args.cluster), steps=args.steps, fixes=fixes,
-              global_batch_size=args.global_batch_size, seq_len=args.seq_len,
-              json_path=args.json_path, plot_path=args.plot_path, launcher_args=args.launcher_args)
+    if args.profile:
+        ProfileFile.from_json(args.profile)  # a bad file is one error, not one failed candidate each
+    with planning_with_profile(args.profile):
+        run_bench(args.model, ClusterSpec.parse(args.cluster), steps=args.steps, fixes=fixes,
+                  global_batch_size=args.global_batch_size, seq_len=args.seq_len,
+                  json_path=args.json_path, plot_path=args.plot_path, launcher_args=args.launcher_args)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -154,6 +181,52 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     calibrated = calibrate(cluster, device=device)
     calibrated.to_file(args.output)
     console.print(f"wrote {args.output}: use it with --cluster {args.output}")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    import torch
+
+    from autoplan.profile import profile_model
+    from autoplan.profile_store import default_micro_batch_sizes, measure_profile, profile_table
+    from autoplan.zoo import build
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = _parse_sizes(args.micro_batch_sizes) if args.micro_batch_sizes else \
+        default_micro_batch_sizes(args.global_batch_size)
+    job = build(args.model, batch_size=max(args.global_batch_size, *sizes), seq_len=args.seq_len, device="meta")
+    measured = measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets, device=device,
+                               micro_batch_sizes=sizes, dtype=args.dtype, model_name=args.model)
+    measured.to_json(args.output)
+    estimated = profile_model(job.module, job.example_inputs, model_name=args.model, loss_fn=job.loss_fn,
+                              targets=job.targets)
+    cluster = ClusterSpec.parse(args.cluster) if args.cluster else _roofline_cluster(measured.device_name)
+    wide = Console(highlight=False, width=None if sys.stdout.isatty() else 140)  # a log gets the whole table
+    wide.print(profile_table(measured, estimated, cluster.device if cluster else None))
+    console.print(f"wrote {args.output}: add --profile {args.output} to autoplan plan/run/bench "
+                  f"for a {measured.device_kind} cluster")
+
+
+def _parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--micro-batch-sizes {text!r}: expected comma-separated integers, e.g. 1,2,4") from None
+    if min(sizes) < 1:
+        raise ValueError(f"--micro-batch-sizes {text!r}: sizes must be >= 1")
+    return sizes
+
+
+def _roofline_cluster(device_name: str) -> ClusterSpec | None:
+    """local:1 for "cpu"; for a GPU the preset sharing most of its name's parts
+    ("NVIDIA H100 80GB HBM3" -> dgx-h100); None when no preset's name matches."""
+    from autoplan.costmodels.devices import PRESETS
+
+    if device_name == "cpu":
+        return ClusterSpec.local(1)
+    shared = {name: sum(part in device_name for part in preset["device"]["name"].split("-"))
+              for name, preset in PRESETS.items()}
+    best = max(shared, key=shared.get)
+    return ClusterSpec.preset(best) if shared[best] else None
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -177,7 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"plan": cmd_plan, "show": cmd_show, "run": cmd_run, "bench": cmd_bench,
-            "calibrate": cmd_calibrate, "demo": cmd_demo}
+            "calibrate": cmd_calibrate, "profile": cmd_profile, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

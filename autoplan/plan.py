@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,7 @@ from autoplan.cluster import ClusterSpec, write_atomically
 from autoplan.constraints import Recompute, Schedule
 
 PLAN_VERSION = 1
+Model = TypeVar("Model", bound=BaseModel)
 
 TPStyle = Literal["colwise", "rowwise", "vocab_embedding", "vocab_output", "sequence_parallel"]
 
@@ -62,6 +63,9 @@ class LayerChoice(BaseModel):
     name: str
     recompute: Recompute = "none"
     stage: int = 0
+    time_source: str | None = None
+    """Where the layer's time comes from: "measured on <device> (<profile file>)" or
+    "estimated (roofline)" (None in plans written before profiles existed)."""
 
 
 class Prediction(BaseModel):
@@ -137,7 +141,10 @@ class Plan(BaseModel):
     cluster_fingerprint: str = ""
     cluster: ClusterSpec
     measured_sources: dict[str, str] = Field(default_factory=dict)
-    """Which inputs were measured and which estimated, e.g. {"layer_time": "estimated"}."""
+    """Which inputs were measured and which estimated, one line each, e.g.
+    {"layer_time": "estimated (roofline) for 1/9 layers (tok_emb); measured on cpu (p.json) for
+    8/9 layers (pos_emb .. lm_head)", "memory": "estimated", "profile_file": "p.json: measured
+    on cpu for 8/9 layers"}; per layer in `layers[i].time_source`."""
     solver: dict[str, float | str] = Field(default_factory=dict)
     """Solver statistics: name, wall time, number of MILPs solved."""
 
@@ -152,22 +159,7 @@ class Plan(BaseModel):
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "Plan":
         """Read a plan written by `to_json`; a missing or corrupt file raises ValueError."""
-        path = Path(path)
-        if not path.exists():
-            raise ValueError(f"plan file {str(path)!r} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"plan file {str(path)!r} is not valid JSON: {error}") from None
-        if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
-            found = data.get("version") if isinstance(data, dict) else None
-            raise ValueError(
-                f"plan file {str(path)!r} has version {found!r}; this autoplan reads version {PLAN_VERSION}"
-            )
-        try:
-            return cls.model_validate(data)
-        except Exception as error:  # pydantic.ValidationError -> a short ValueError
-            raise ValueError(f"plan file {str(path)!r} is not a valid plan: {error}") from None
+        return read_json_model(cls, path, "plan", PLAN_VERSION)
 
     def stages_of_rank(self, pp_rank: int) -> list[StagePlan]:
         """The stages pipeline rank `pp_rank` runs (several with interleaving)."""
@@ -176,3 +168,24 @@ class Plan(BaseModel):
     def recompute_of(self) -> dict[str, str]:
         """Layer name -> recompute option."""
         return {layer.name: layer.recompute for layer in self.layers}
+
+
+def read_json_model(model: type[Model], path: str | os.PathLike, what: str, version: int) -> Model:
+    """Read a `model` written as JSON (a plan, a profile) whose "version" must be `version`.
+    A missing file, bad JSON, another version or a field that does not validate raises a
+    one-line ValueError naming the `what` file: "plan file 'p.json' is not a valid plan: ..."."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{what} file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what} file {str(path)!r} is not valid JSON: {error}") from None
+    found = data.get("version") if isinstance(data, dict) else None
+    if found != version:
+        raise ValueError(f"{what} file {str(path)!r} has version {found!r}; this autoplan reads version {version}")
+    try:
+        return model.model_validate(data)
+    except Exception as error:  # pydantic.ValidationError -> one short line
+        raise ValueError(f"{what} file {str(path)!r} is not a valid {what}: {' '.join(str(error).split())[:300]}") \
+            from None

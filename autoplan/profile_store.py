@@ -1,0 +1,312 @@
+"""Profile files: per-layer times measured on a real device, keyed by layer signature and device kind.
+
+    >>> from autoplan import zoo
+    >>> job = zoo.build("gpt-tiny", batch_size=8, device="meta")
+    >>> measured = measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets, device="cpu",
+    ...                            micro_batch_sizes=[1, 2], model_name="gpt-tiny")   # doctest: +SKIP
+    >>> measured.to_json("gpt-tiny.cpu.json")                                          # doctest: +SKIP
+    >>> profile, summary = apply_profile(model_profile, ProfileFile.from_json("gpt-tiny.cpu.json"),
+    ...                                  cluster.device, source="gpt-tiny.cpu.json")  # doctest: +SKIP
+
+What is measured. Each distinct layer (one per `signature`: the hash of its op sequence,
+shapes and dtypes for ONE sequence, so the 4 blocks of gpt-tiny share one entry) runs
+forward and backward on the device present with random weights, once per micro-batch size
+b, on inputs of b sequences (`autoplan.profile.measure_layer`): median seconds of the whole
+micro-batch and the bytes autograd keeps for backward (recompute "none"). The loss rides on
+the last layer, as in the profiler; its entry key carries `LOSS_SUFFIX`. Floating tensors
+run in `compute_dtype` (default: bfloat16 on CUDA and float32 on CPU, the planner's default
+dtypes), and on CPU in one thread, as each `local` rank runs (`autoplan.worker`); the
+thread count is restored afterwards.
+
+How it is used. `apply_profile` fills `LayerProfile.measured_by_mbs` for every layer whose
+signature has an entry, when the file's device kind matches the cluster's ("cuda" applies
+to every CUDA preset: a profile made on one H100 plans a DGX H100 cluster) and its
+compute dtype is the plan's. The cost model then uses the measured seconds instead of the
+roofline (`costmodels/compute.py`), and the Plan names per layer which it used.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+from autoplan.cluster import ClusterSpec, DeviceSpec, write_atomically
+from autoplan.constraints import dtype_name
+from autoplan.layers import LayerProfile, ModelProfile
+from autoplan.plan import read_json_model
+
+PROFILE_VERSION = 1
+LOSS_SUFFIX = "+loss"
+"""Appended to the last layer's signature when the loss was measured with it."""
+DEFAULT_MICRO_BATCH_CAP = 8
+"""`default_micro_batch_sizes` measures powers of two up to this: beyond it the per-sequence
+time is flat (a device is full), and each size costs one more run of every layer."""
+
+
+class MicroBatchMeasurement(BaseModel):
+    """One distinct layer at one micro-batch size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fwd_s: float = Field(ge=0)
+    """Median forward seconds of the whole micro-batch."""
+    bwd_s: float = Field(ge=0)
+    """Median backward seconds of the whole micro-batch."""
+    saved_bytes: float = Field(ge=0)
+    """Bytes autograd kept for backward (recompute "none"), the whole micro-batch, at `compute_dtype`."""
+
+
+class LayerEntry(BaseModel):
+    """The measurements of one layer signature."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    example_layer: str
+    """The first layer with this signature in the measured model, e.g. "blocks.0"."""
+    num_layers: int = Field(default=1, ge=1)
+    """Layers of the measured model that share it."""
+    micro_batches: dict[int, MicroBatchMeasurement]
+    """Micro-batch size (sequences) -> measurement."""
+
+
+class ProfileFile(BaseModel):
+    """What `autoplan profile` writes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = PROFILE_VERSION
+    model_name: str
+    input_shape: list[int]
+    """Shape of one sequence of the first model input (the signatures depend on it)."""
+    device_kind: Literal["cpu", "cuda"]
+    device_name: str
+    """torch.cuda.get_device_name(), or "cpu"."""
+    compute_dtype: str
+    """Dtype the floating tensors ran in."""
+    num_threads: int
+    """torch.get_num_threads() while measuring (1 on CPU: one thread per local rank)."""
+    repeats: int
+    """Timed rounds per measurement (after one warm-up); times are their medians."""
+    torch_version: str
+    created: str
+    """UTC date and time of the measurement, ISO 8601."""
+    entries: dict[str, LayerEntry]
+    """Layer signature (with `LOSS_SUFFIX` for the last layer with its loss) -> measurements."""
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write the file whole or not at all."""
+        write_atomically(Path(path), self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ProfileFile":
+        """Read a file written by `to_json`; a missing or corrupt file raises ValueError naming it."""
+        return read_json_model(cls, path, "profile", PROFILE_VERSION)
+
+
+def default_micro_batch_sizes(global_batch_size: int) -> list[int]:
+    """The micro-batch sizes worth measuring: the sizes the solver can pick (divisors of the
+    global batch, up to `solver.MAX_MICRO_BATCH_SIZE`) that are powers of two up to
+    `DEFAULT_MICRO_BATCH_CAP`; other sizes are interpolated.
+
+    >>> default_micro_batch_sizes(8), default_micro_batch_sizes(12), default_micro_batch_sizes(3)
+    ([1, 2, 4, 8], [1, 2, 4], [1])
+    """
+    from autoplan.solver import MAX_MICRO_BATCH_SIZE
+
+    cap = min(DEFAULT_MICRO_BATCH_CAP, MAX_MICRO_BATCH_SIZE, global_batch_size)
+    return [b for b in (2**k for k in range(cap.bit_length())) if b <= cap and global_batch_size % b == 0]
+
+
+def _entry_keys(signatures: list[str], with_loss: bool) -> list[str]:
+    """The file key of each layer, in model order."""
+    return [*signatures[:-1], signatures[-1] + (LOSS_SUFFIX if with_loss else "")]
+
+
+def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable | None = None,
+                    targets: torch.Tensor | None = None, device: str | torch.device | None = None,
+                    micro_batch_sizes: list[int] | tuple[int, ...] = (1,), *, dtype: str | None = None,
+                    model_name: str = "model", repeats: int = 3, progress: bool = True) -> ProfileFile:
+    """Measure every distinct layer of `module` at each micro-batch size on `device` (default:
+    CUDA when available, else CPU). `example_inputs` need at least max(micro_batch_sizes)
+    sequences (dim 0); the module may live on meta (weights are made on the device per layer).
+
+        >>> measured = measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets,
+        ...                            device="cpu", micro_batch_sizes=[1, 2])   # doctest: +SKIP
+        >>> measured.entries[key].micro_batches[2].fwd_s                         # doctest: +SKIP
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from autoplan.profile import bind_loss, device_name, measure_layer
+    from autoplan.trace import trace_model
+
+    device = torch.device(device) if device is not None else \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: profiles are measured on 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device 'cuda': no CUDA device here (torch {torch.__version__}, "
+                         f"torch.cuda.is_available() is False); use --device cpu")
+    dtype = dtype_name(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    sizes = sorted(set(micro_batch_sizes))
+    first = example_inputs[0] if example_inputs else None
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        raise ValueError("example_inputs[0] must be a tensor whose dim 0 is the batch")
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"micro_batch_sizes must be >= 1, got {list(micro_batch_sizes)}")
+    if sizes[-1] > first.shape[0]:
+        raise ValueError(f"micro-batch size {sizes[-1]} > the {first.shape[0]} sequences of example_inputs[0]; "
+                         f"give a global batch of at least {sizes[-1]}")
+
+    def cut(value, b: int):
+        return value[:b] if isinstance(value, torch.Tensor) and value.dim() >= 1 else value
+
+    one = trace_model(module, tuple(cut(x, 1) for x in example_inputs))
+    keys = _entry_keys([one.signatures[layer] for layer in one.layers], loss_fn is not None)
+    jobs: dict[str, str] = {}  # key -> the first layer with it
+    for layer, key in zip(one.layers, keys):
+        jobs.setdefault(key, layer)
+    entries = {key: LayerEntry(example_layer=layer, num_layers=keys.count(key), micro_batches={})
+               for key, layer in jobs.items()}
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as each `local` rank runs; restored below
+    try:
+        measured_threads = torch.get_num_threads()
+        with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"measuring {model_name} on {device.type}", total=len(sizes) * len(jobs))
+            for b in sizes:
+                traced = trace_model(module, tuple(cut(x, b) for x in example_inputs))
+                for key, layer in jobs.items():
+                    bar.update(task, description=f"{layer} at micro-batch {b}")
+                    loss = bind_loss(loss_fn, cut(targets, b), device) if key.endswith(LOSS_SUFFIX) else None
+                    result = measure_layer(traced, layer, device, dtype=getattr(torch, dtype), loss=loss,
+                                           repeats=repeats)
+                    entries[key].micro_batches[b] = MicroBatchMeasurement(
+                        fwd_s=result.forward_s, bwd_s=result.backward_s, saved_bytes=result.saved_bytes)
+                    bar.advance(task)
+    finally:
+        torch.set_num_threads(threads)
+    return ProfileFile(
+        model_name=model_name, input_shape=list(cut(first, 1).shape), device_kind=device.type,
+        device_name=device_name(device), compute_dtype=dtype, num_threads=measured_threads, repeats=repeats,
+        torch_version=torch.__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), entries=entries)
+
+
+def match_layers(profile: ModelProfile, profile_file: ProfileFile) -> list[str | None]:
+    """The file key of each layer of `profile`, None where the file has no entry for it.
+
+    The last layer takes the entry measured with the loss when there is one."""
+    keys = []
+    for index, layer in enumerate(profile.layers):
+        candidates = [layer.signature + LOSS_SUFFIX] if index == len(profile.layers) - 1 else []
+        candidates.append(layer.signature)
+        keys.append(next((key for key in candidates if key in profile_file.entries), None))
+    return keys
+
+
+def ranks_per_core(cluster: ClusterSpec) -> float:
+    """How many ranks of `cluster` share one core of this machine (at least 1): a CPU profile
+    is measured in one thread, and a `local` cluster with more ranks than cores gives each
+    rank cores / ranks of one (as `costmodels.devices.local_cluster_fields` assumes).
+
+    >>> ranks_per_core(ClusterSpec.preset("dgx-h100"))
+    1.0
+    """
+    if cluster.device.kind != "cpu":
+        return 1.0
+    return max(1.0, cluster.devices_per_node / (os.cpu_count() or 1))
+
+
+def apply_profile(profile: ModelProfile, profile_file: ProfileFile, device: DeviceSpec | str, *,
+                  compute_dtype: str | None = None, source: str = "profile",
+                  ranks_per_core: float = 1.0) -> tuple[ModelProfile, str]:
+    """`profile` with the measured times of `profile_file` on every layer whose signature it
+    holds, and one line saying what was applied (or why nothing was).
+
+    `device` is the cluster's DeviceSpec (matched by kind: a "cuda" file applies to every
+    CUDA preset) or a device kind or name. A file measured in another dtype than the plan's
+    `compute_dtype` is not applied. `source` names the file in the Plan's cost sources.
+    Measured times are stretched by `ranks_per_core` (see the function of that name).
+
+        >>> applied, summary = apply_profile(profile, ProfileFile.from_json("p.json"),
+        ...                                  ClusterSpec.local(2).device, source="p.json")  # doctest: +SKIP
+        >>> summary                                                                          # doctest: +SKIP
+        'p.json: measured on cpu for 9/9 layers'
+    """
+    kind = device.kind if isinstance(device, DeviceSpec) else device
+    measured_on = profile_file.device_kind + ("" if profile_file.device_name == profile_file.device_kind
+                                              else f" ({profile_file.device_name})")
+    if kind not in (profile_file.device_kind, profile_file.device_name):
+        return profile, f"{source}: not used: measured on {measured_on}, the plan's devices are {kind}"
+    if compute_dtype is not None and dtype_name(compute_dtype) != profile_file.compute_dtype:
+        return profile, (f"{source}: not used: measured in {profile_file.compute_dtype}, the plan computes in "
+                         f"{compute_dtype} (profile with --dtype {compute_dtype}, or pin "
+                         f"param_dtype={profile_file.compute_dtype})")
+    keys = match_layers(profile, profile_file)
+    if not any(keys):
+        return profile, (f"{source}: not used: no layer's signature is in it (measured for {profile_file.model_name} "
+                         f"with one sequence of shape {profile_file.input_shape}: same --seq-len?)")
+    layers = [layer if key is None else _with_measurements(layer, profile_file, key, source, ranks_per_core)
+              for layer, key in zip(profile.layers, keys)]
+    found = sum(key is not None for key in keys)
+    stretched = f", times x{ranks_per_core:.3g} ({ranks_per_core:.3g} ranks per core)" if ranks_per_core > 1 else ""
+    return (profile.model_copy(update={"layers": layers}),
+            f"{source}: measured on {profile_file.device_name} for {found}/{len(keys)} layers{stretched}")
+
+
+def _with_measurements(layer: LayerProfile, profile_file: ProfileFile, key: str, source: str,
+                       stretch: float) -> LayerProfile:
+    by_mbs = {b: (m.fwd_s * stretch, m.bwd_s * stretch)
+              for b, m in profile_file.entries[key].micro_batches.items()}
+    smallest = min(by_mbs)
+    return layer.model_copy(update=dict(
+        measured_fwd_s=by_mbs[smallest][0] / smallest, measured_bwd_s=by_mbs[smallest][1] / smallest,
+        measured_device=profile_file.device_kind, measured_by_mbs=by_mbs,
+        measured_source=f"{profile_file.device_name} ({source})"))
+
+
+def profile_table(profile_file: ProfileFile, profile: ModelProfile, device: DeviceSpec | None):
+    """The rich Table `autoplan profile` prints: per distinct layer and micro-batch size, the
+    measured times beside the roofline's (ms) for `device` (None: no roofline columns) and
+    the measured saved bytes beside the profiler's count (at the file's dtype). `profile`
+    is the profiler's, without measurements (else the "roofline" would be the measurement)."""
+    from rich.table import Table
+
+    from autoplan.costmodels.compute import DTYPE_BYTES, estimate_layer_time
+
+    by_key = {key: layer for layer, key in zip(profile.layers, match_layers(profile, profile_file)) if key}
+    dtype = profile_file.compute_dtype
+    table = Table(title=f"{profile_file.model_name} on {profile_file.device_name} ({dtype}); "
+                        f"roofline: {device.name if device else '-'}")
+    for column in ("signature", "layer", "mbs", "fwd ms", "bwd ms", "roofline fwd ms", "roofline bwd ms",
+                   "saved", "profiled saved"):
+        table.add_column(column, justify="left" if column in ("signature", "layer") else "right")
+    for key, entry in profile_file.entries.items():
+        layer = by_key.get(key)
+        shown = entry.example_layer + (f" (x{entry.num_layers})" if entry.num_layers > 1 else "")
+        for b, measured in sorted(entry.micro_batches.items()):
+            roofline = ("-", "-")
+            if layer is not None and device is not None:
+                time = estimate_layer_time(layer, device, micro_batch_size=b, tp=1, sequence_parallel=False,
+                                           recompute="none", compute_dtype=dtype)
+                roofline = (f"{time.forward_s * 1e3:.3f}", f"{time.backward_s * 1e3:.3f}")
+            profiled = "-" if layer is None else _format_bytes(layer.saved_bytes.get("none", 0.0) * b
+                                                               * DTYPE_BYTES[dtype] / 4)
+            table.add_row(key[:8] + key[16:], shown, str(b), f"{measured.fwd_s * 1e3:.3f}",
+                          f"{measured.bwd_s * 1e3:.3f}", *roofline, _format_bytes(measured.saved_bytes), profiled)
+    return table
+
+
+def _format_bytes(count: float) -> str:
+    """1234567 -> "1.23 MB" (decimal units, as the rest of autoplan prints)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count:.0f} B"
