@@ -47,6 +47,14 @@ class DeviceSpec(BaseModel):
     """Share of memory bandwidth an elementwise kernel achieves (calibrated)."""
     framework_overhead_bytes: int = Field(default=0, ge=0)
     """Memory the framework keeps per device whatever the model (CUDA context, allocator slack)."""
+    adam_bytes_per_param: float = Field(default=28.0, gt=0)
+    """Memory traffic of one Adam step per parameter, bytes (plus the compute copy when
+    params are not fp32). 28 for a fused kernel (reads master weight, gradient and two
+    moments, writes master and moments); PyTorch's multi-tensor Adam on a CPU makes
+    several passes and moves more (`autoplan calibrate` measures it)."""
+    overlaps_communication: bool = True
+    """Whether collectives run beside compute (NCCL on CUDA streams). A CPU rank's gloo
+    collectives share the cores its compute uses, so on `local` all communication is exposed."""
 
     @field_validator("peak_flops")
     @classmethod

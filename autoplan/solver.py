@@ -60,9 +60,9 @@ from autoplan.cluster import ClusterSpec
 from autoplan.constraints import RECOMPUTE_OPTIONS, Constraints
 from autoplan.costmodels.compute import estimate_optimizer_step_s
 from autoplan.costmodels.memory import in_flight_micro_batches, model_state_bytes_per_param
-from autoplan.costmodels.pipeline import (OVERLAP_PENALTY, LayerCost, ParallelConfig, StepEstimate,
-                                          dp_sync_coefficients, estimate_layer_cost, estimate_step,
-                                          fixed_memory_bytes, p2p_time_s)
+from autoplan.costmodels.pipeline import (LayerCost, ParallelConfig, StepEstimate, dp_sync_coefficients,
+                                          estimate_layer_cost, estimate_step, fixed_memory_bytes, overlap_penalty,
+                                          p2p_time_s)
 from autoplan.layers import ModelProfile
 
 GB = 1e9
@@ -299,7 +299,7 @@ def lower_bound_s(inst: Instance) -> float:
     """Perfect balance (but the slowest rank holds >= ceil(N/p) blocks and the first and
     last ranks their pinned layers plus a block), the largest v allowed, the cheapest
     recompute/SP option per layer, and per ZeRO option only the unavoidable
-    OVERLAP_PENALTY share of its communication."""
+    `overlap_penalty` share of its communication."""
     split, base, pp = inst.split, inst.base, inst.pp
     m = base.num_micro_batches
     block = split.blocks[0]
@@ -311,6 +311,7 @@ def lower_bound_s(inst: Instance) -> float:
     total_s = len(split.blocks) * cheapest(block, "time_s", inst.block_options()) + sum(
         cheapest(i, "time_s") for i in fixed)
     params, zero3_s = total_local_params(inst), total_over_layers(inst, "zero3_comm_s")
+    sync_units, penalty = total_over_layers(inst, "sync_units"), overlap_penalty(inst.cluster)
     v = max(s[1] for s in inst.schedules)
     p2p = p2p_time_s(inst.profile, inst.cluster, inst.config(("1f1b", 1), 0, inst.sps[-1]))
     block_s = cheapest(block, "time_s", inst.block_options())
@@ -320,13 +321,13 @@ def lower_bound_s(inst: Instance) -> float:
     bounds = []
     for zero in inst.zeros:
         config = inst.config(("1f1b", 1), zero, False)
-        zero3_share = OVERLAP_PENALTY * zero3_s if zero == 3 else 0.0
+        zero3_share = penalty * zero3_s if zero == 3 else 0.0
         busy = total_s + zero3_share
         slowest = max(busy / pp, slowest_s)
         pipeline = (m - 1 / v) * slowest + busy / v + (2 * p2p * (m + pp - 1) if pp > 1 else 0.0)
         per_param, latency = dp_sync_coefficients(inst.cluster, config, zero)
         shard = params / pp / (base.dp if zero >= 1 else 1)
-        extra = OVERLAP_PENALTY * (per_param * params / pp + latency) + estimate_optimizer_step_s(
+        extra = penalty * (per_param * params + latency * sync_units) / pp + estimate_optimizer_step_s(
             shard, inst.cluster.device, base.param_dtype)
         inst.zero_bounds_s[zero] = pipeline + extra
         if state_memory_lower_bound(inst, zero, params) <= inst.cap_bytes:
@@ -403,14 +404,15 @@ class Milp:
     def add_time_constraints(self) -> None:
         """ZeRO-3: X_i,c >= (1 - pen)(comm_i,c - T_i,c) + pen comm_i,c,  X_i,c >= pen comm_i,c;
         Tmax_c >= T_i,c + X_i,c for every rank i."""
+        penalty = overlap_penalty(self.inst.cluster)
         for c in self.combos:
             for i in range(self.inst.pp):
                 if c.zero == 3:
                     comm = self.rank_sum(i, c, "zero3_comm_s")
                     time_s = self.rank_sum(i, c, "time_s")
-                    self.problem += self.X[i, c] >= (1 - OVERLAP_PENALTY) * (comm - time_s) + OVERLAP_PENALTY * comm, \
+                    self.problem += self.X[i, c] >= (1 - penalty) * (comm - time_s) + penalty * comm, \
                         f"zero3_exposed_{i}_{c.name}"
-                    self.problem += self.X[i, c] >= OVERLAP_PENALTY * comm, f"zero3_hidden_share_{i}_{c.name}"
+                    self.problem += self.X[i, c] >= penalty * comm, f"zero3_hidden_share_{i}_{c.name}"
                 self.problem += self.Tmax[c] >= self.busy(i, c), f"slowest_rank_{i}_{c.name}"
 
     def pipeline_expression(self) -> pulp.LpAffineExpression:
@@ -426,9 +428,11 @@ class Milp:
         return pulp.lpSum(terms)
 
     def add_sync_constraints(self) -> None:
-        """sync_i,c = a_z params_i,c + b_z u_c;  E_i,c >= sync_i,c - backward_i,c;
+        """sync_i,c = a_z params_i,c + b_z units_i,c (layers holding parameters);
+        E_i,c >= sync_i,c - backward_i,c;
         W >= sum_c (1 - pen) E_i,c + pen sync_i,c + optimizer_i,c  for every rank i."""
         inst = self.inst
+        penalty = overlap_penalty(inst.cluster)
         opt_per_param = estimate_optimizer_step_s(1.0, inst.cluster.device, inst.base.param_dtype)
         for i in range(inst.pp):
             total = []
@@ -437,10 +441,10 @@ class Milp:
                 total.append(opt_per_param / (inst.base.dp if c.zero >= 1 else 1) * params)
                 per_param, latency = dp_sync_coefficients(inst.cluster, inst.config(("1f1b", 1), c.zero, c.sp), c.zero)
                 if per_param:
-                    sync = per_param * params + latency * self.u[c]
+                    sync = per_param * params + latency * self.rank_sum(i, c, "sync_units")
                     self.problem += self.E[i, c] >= sync - self.rank_sum(i, c, "backward_s"), \
                         f"dp_sync_exposed_{i}_{c.name}"
-                    total.append((1 - OVERLAP_PENALTY) * self.E[i, c] + OVERLAP_PENALTY * sync)
+                    total.append((1 - penalty) * self.E[i, c] + penalty * sync)
             self.problem += self.W >= pulp.lpSum(total), f"sync_and_optimizer_{i}"
 
     def add_memory_constraints(self) -> None:

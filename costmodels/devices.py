@@ -66,6 +66,9 @@ LOCAL_MEMORY_BANDWIDTH_GBPS = 10.0
 # a GPU's 2e9: 1e6 FLOPs.
 LOCAL_HALF_EFFICIENCY_FLOPS = 1e6
 LOCAL_LINK = {"bandwidth_gbps": 1.0, "latency_us": 50.0}
+# torch.optim.AdamW's multi-tensor (foreach) path on a CPU makes about a dozen passes
+# over parameter-sized tensors; measured here as ~100 bytes moved per parameter.
+LOCAL_ADAM_BYTES_PER_PARAM = 100.0
 # A Python process with torch and gloo imported holds ~300 MB resident before any model.
 LOCAL_OVERHEAD_BYTES = 300 * 1024**2
 
@@ -98,6 +101,8 @@ def local_cluster_fields(world_size: int) -> dict:
             "peak_flops": {dtype: flops * core_share for dtype, flops in LOCAL_PEAK_FLOPS.items()},
             "matmul_half_efficiency_flops": LOCAL_HALF_EFFICIENCY_FLOPS,
             "framework_overhead_bytes": 0,
+            "adam_bytes_per_param": LOCAL_ADAM_BYTES_PER_PARAM,
+            "overlaps_communication": False,
         },
         "intra_node": dict(LOCAL_LINK),
         "inter_node": dict(LOCAL_LINK),

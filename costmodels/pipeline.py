@@ -23,7 +23,14 @@ Then each rank synchronises gradients over dp and steps its optimizer:
 The sync overlaps with the last micro-batch's backward (backward_i):
     exposed(c, w) = (1 - OVERLAP_PENALTY) * max(0, c - w) + OVERLAP_PENALTY * c
 The hidden part is not free: NCCL kernels share SMs and HBM bandwidth with the
-compute they overlap.
+compute they overlap. On a device that does not overlap communication
+(`device.overlaps_communication` False: CPU ranks, whose gloo collectives share the cores)
+the penalty is 1 and every collective is exposed.
+
+Every collective pays its latency: the backends issue one data-parallel collective per
+layer holding parameters (FSDP2 units), and per tensor-parallel site (`tp_collectives`):
+an all-reduce after each rowwise Linear / vocab-split embedding or output in forward, one
+per group of colwise Linears reading one tensor in backward.
 
 `estimate_step` evaluates one fully specified plan (mesh, micro-batch, schedule,
 ZeRO, sequence parallelism, layers per rank with their recompute option); the MILP in
@@ -86,6 +93,8 @@ class LayerCost:
     local_params: float
     zero3_comm_s: float
     """ZeRO-3 per micro-batch: all-gather forward + all-gather backward + reduce-scatter."""
+    sync_units: float = 0.0
+    """1 when the layer holds parameters: the backend syncs its gradients in a collective of its own."""
 
     @property
     def time_s(self) -> float:
@@ -101,9 +110,10 @@ def estimate_layer_cost(layer: LayerProfile, recompute: str, cluster: ClusterSpe
                                 compute_dtype=param_dtype)
     act_scale = micro_batch_size * DTYPE_BYTES[param_dtype] / 4
     tp_levels = group_levels(cluster, tp, 1)
-    fwd_comm = estimate_all_reduce_s(layer.tp_allreduce_bytes_fwd * act_scale, tp_levels) \
+    fwd_calls, bwd_calls = tp_collectives(layer)
+    fwd_comm = fwd_calls * estimate_all_reduce_s(layer.tp_allreduce_bytes_fwd * act_scale / fwd_calls, tp_levels) \
         if tp > 1 and layer.tp_allreduce_bytes_fwd else 0.0
-    bwd_comm = estimate_all_reduce_s(layer.tp_allreduce_bytes_bwd * act_scale, tp_levels) \
+    bwd_comm = bwd_calls * estimate_all_reduce_s(layer.tp_allreduce_bytes_bwd * act_scale / bwd_calls, tp_levels) \
         if tp > 1 and layer.tp_allreduce_bytes_bwd else 0.0
     recompute_comm = fwd_comm if recompute == "full" else 0.0
     params = local_param_count(layer, tp)
@@ -123,11 +133,38 @@ def estimate_layer_cost(layer: LayerProfile, recompute: str, cluster: ClusterSpe
                                                    activation_dtype=param_dtype),
         local_params=params,
         zero3_comm_s=zero3_comm,
+        sync_units=1.0 if params else 0.0,
     )
 
 
+def tp_collectives(layer: LayerProfile) -> tuple[int, int]:
+    """(forward, backward) tensor-parallel all-reduces of `layer` per micro-batch (at least 1 each):
+    one per rowwise / vocab-split site forward; backward one per group of colwise Linears
+    (sites under one parent module read one tensor) and per vocab-split output head.
+
+    >>> from autoplan.plan import TPSite
+    >>> sites = {f"b.attn.{n}": TPSite(style="colwise") for n in "qkv"}
+    >>> sites.update({"b.attn.o": TPSite(style="rowwise"), "b.mlp.fc": TPSite(style="colwise"),
+    ...               "b.mlp.proj": TPSite(style="rowwise")})
+    >>> tp_collectives(LayerProfile(name="b", signature="s", param_count=1, fwd_flops=0, bwd_flops=0,
+    ...                             saved_bytes={}, output_bytes=0, tp_sites=sites))
+    (2, 2)
+    """
+    sites = layer.tp_sites.items()
+    forward = sum(site.style in ("rowwise", "vocab_embedding", "vocab_output") for _, site in sites)
+    colwise_parents = {path.rpartition(".")[0] for path, site in sites if site.style == "colwise"}
+    backward = len(colwise_parents) + sum(site.style == "vocab_output" for _, site in sites)
+    return max(forward, 1), max(backward, 1)
+
+
+def overlap_penalty(cluster: ClusterSpec) -> float:
+    """OVERLAP_PENALTY where collectives run beside compute, else 1 (all exposed)."""
+    return OVERLAP_PENALTY if cluster.device.overlaps_communication else 1.0
+
+
 def dp_sync_coefficients(cluster: ClusterSpec, config: ParallelConfig, zero_stage: int) -> tuple[float, float]:
-    """(seconds per local parameter, latency seconds) of the end-of-step gradient sync."""
+    """(seconds per local parameter, latency seconds per layer holding parameters) of the
+    end-of-step gradient sync."""
     if config.dp == 1 or zero_stage == 3:
         return 0.0, 0.0
     grad_bytes = DTYPE_BYTES[config.grad_reduce_dtype]
@@ -140,9 +177,9 @@ def dp_sync_coefficients(cluster: ClusterSpec, config: ParallelConfig, zero_stag
     return rs_byte * grad_bytes + ag_byte * DTYPE_BYTES[config.param_dtype], rs_latency + ag_latency
 
 
-def exposed_s(communication_s: float, overlappable_s: float) -> float:
-    """(1 - OVERLAP_PENALTY) * max(0, c - w) + OVERLAP_PENALTY * c."""
-    return (1 - OVERLAP_PENALTY) * max(0.0, communication_s - overlappable_s) + OVERLAP_PENALTY * communication_s
+def exposed_s(communication_s: float, overlappable_s: float, penalty: float = OVERLAP_PENALTY) -> float:
+    """(1 - penalty) * max(0, c - w) + penalty * c  (penalty: `overlap_penalty`)."""
+    return (1 - penalty) * max(0.0, communication_s - overlappable_s) + penalty * communication_s
 
 
 def p2p_time_s(profile: ModelProfile, cluster: ClusterSpec, config: ParallelConfig) -> float:
@@ -202,6 +239,7 @@ def estimate_step(profile: ModelProfile, cluster: ClusterSpec, config: ParallelC
     `rank_layers[i]` lists (layer index, recompute option) of pipeline rank i.
     """
     times, extras, memories = [], [], []
+    penalty = overlap_penalty(cluster)
     worst = {"tp_comm_s": 0.0, "recompute_s": 0.0, "zero3_exposed_s": 0.0}
     for rank, entries in enumerate(rank_layers):
         costs = [estimate_layer_cost(profile.layers[index], option, cluster, dp=config.dp, tp=config.tp,
@@ -210,13 +248,13 @@ def estimate_step(profile: ModelProfile, cluster: ClusterSpec, config: ParallelC
                                      param_dtype=config.param_dtype, grad_reduce_dtype=config.grad_reduce_dtype)
                  for index, option in entries]
         busy_s = sum(cost.time_s for cost in costs)
-        zero3_s = exposed_s(sum(c.zero3_comm_s for c in costs), busy_s) if config.zero_stage == 3 else 0.0
+        zero3_s = exposed_s(sum(c.zero3_comm_s for c in costs), busy_s, penalty) if config.zero_stage == 3 else 0.0
         times.append(busy_s + zero3_s)
         local_params = sum(cost.local_params for cost in costs)
         per_param_s, latency_s = dp_sync_coefficients(cluster, config, config.zero_stage)
-        sync_s = per_param_s * local_params + latency_s if per_param_s else 0.0
+        sync_s = per_param_s * local_params + latency_s * sum(c.sync_units for c in costs) if per_param_s else 0.0
         shard = local_params / (config.dp if config.zero_stage >= 1 else 1)
-        extras.append((exposed_s(sync_s, sum(c.backward_s for c in costs)),
+        extras.append((exposed_s(sync_s, sum(c.backward_s for c in costs), penalty),
                        estimate_optimizer_step_s(shard, cluster.device, config.param_dtype)))
         if times[-1] >= max(times):
             worst = {"tp_comm_s": sum(c.tp_comm_s for c in costs), "recompute_s": sum(c.recompute_s for c in costs),
