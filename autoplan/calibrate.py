@@ -23,7 +23,10 @@ What is measured, and how it becomes cost-model constants:
 * Elementwise bandwidth: `c = a + b` over large float32 tensors moves 3 x 4 bytes per
   element. The same rule: `memory_efficiency = min(1, measured / preset bandwidth)`,
   `memory_bandwidth_gbps = measured / memory_efficiency`.
-* Collectives (all-reduce, all-gather, reduce-scatter, send-recv) over message sizes S
+* Adam: one `torch.optim.AdamW` step over ADAM_PARAMS float32 parameters on every rank
+  at once; `adam_bytes_per_param = seconds per parameter * measured elementwise bandwidth`,
+  the traffic the cost model then charges per parameter (28 for a fused GPU kernel).
+* Collectives (all-reduce, all-gather, reduce-scatter, send/recv) over message sizes S
   (the full tensor: all-reduce input, all-gather output, reduce-scatter input). The ring
   algorithm on n ranks sends `steps` messages carrying `factor * S` bytes per rank:
   all-reduce steps = 2(n-1), factor = 2(n-1)/n; all-gather and reduce-scatter steps =
@@ -34,6 +37,12 @@ What is measured, and how it becomes cost-model constants:
   least-squares fit (reported); the link written into the spec is the one fit of all
   collectives together (both fits weight each point by 1/t, i.e. minimise relative
   error, so small messages fix the latency and large ones the bandwidth).
+
+* Latency under load (CPU): ranks alternate a small matmul and a 1 KiB all-reduce, and
+  the time beyond the matmuls alone, per all-reduce, divided by its 2(n-1) messages is the
+  per-message latency a training step sees: with more ranks than cores a collective also
+  waits for descheduled peers, which an idle ping-pong never shows. The link latency
+  written is the larger of this and the fitted one.
 
 The links measured are the ones between the `nproc` ranks of this machine: `intra_node`.
 For the `local` preset (one machine) `inter_node` gets the same figures; for a multi-node
@@ -58,9 +67,10 @@ from autoplan.cluster import ClusterSpec
 MATMUL_SIZES: dict[str, tuple[int, ...]] = {"cpu": (128, 256, 512, 1024), "cuda": (1024, 2048, 4096, 8192)}
 """Square matmul sizes tried per dtype (a dtype stops growing once one matmul takes MAX_SINGLE_OP_S);
 a GPU needs n in the thousands to approach its peak."""
-MESSAGE_BYTES: dict[str, tuple[int, ...]] = {"cpu": tuple(4**k * 1024 for k in range(7)),
+MESSAGE_BYTES: dict[str, tuple[int, ...]] = {"cpu": tuple(4**k * 1024 for k in range(8)),
                                              "cuda": tuple(4**k * 1024 for k in range(10))}
-"""Collective message sizes: 1 KiB .. 4 MiB on CPU, .. 256 MiB on GPUs (NVLink needs large messages)."""
+"""Collective message sizes: 1 KiB .. 16 MiB on CPU (a layer's gradients; gloo's rate drops
+beyond the caches), .. 256 MiB on GPUs (NVLink needs large messages)."""
 ELEMENTWISE_NUMEL: dict[str, int] = {"cpu": 4 * 1024 * 1024, "cuda": 64 * 1024 * 1024}
 """Elements per float32 operand of the elementwise timing: 16 MiB on CPU; 256 MiB on a GPU,
 well beyond its L2 cache."""
@@ -71,6 +81,13 @@ MAX_SINGLE_OP_S = 0.1
 """A dtype's size ladder stops after a single matmul takes this long (slow CPU bf16)."""
 COLLECTIVE_REPEATS = 5
 """Timed repetitions per collective and size (after one warm-up); the median is kept."""
+LOADED_LATENCY_ROUNDS = 30
+"""Compute + small all-reduce rounds of the latency-under-load probe (CPU)."""
+LOADED_LATENCY_WORK = (256, 256, 768)
+"""The matmul (m, k, n) each rank runs between two all-reduces of the probe: a Linear of a small layer."""
+ADAM_PARAMS = (32, 1 << 18)
+"""The Adam probe's parameters, tensors x elements: 8 M, so its states (4 x 32 MiB) overflow the
+caches as a model's do."""
 
 
 @dataclass
@@ -99,6 +116,10 @@ class Calibration:
     collectives: dict[str, CollectiveFit] = field(default_factory=dict)
     link: CollectiveFit | None = None
     """The joint fit of all collectives; None with one rank."""
+    loaded_latency_us: float | None = None
+    """Per-message latency of an all-reduce issued between compute (CPU, several ranks)."""
+    adam_seconds_per_param: float | None = None
+    """One AdamW step's seconds per float32 parameter, median over ranks."""
     wall_s: float = 0.0
 
     def large_matmul_flops(self, dtype: str) -> tuple[int, float]:
@@ -138,9 +159,12 @@ class Calibration:
         memory_efficiency = min(1.0, self.elementwise_gbps / device["memory_bandwidth_gbps"])
         device["memory_efficiency"] = memory_efficiency
         device["memory_bandwidth_gbps"] = self.elementwise_gbps / memory_efficiency
+        if self.adam_seconds_per_param:
+            device["adam_bytes_per_param"] = self.adam_seconds_per_param * self.elementwise_gbps * 1e9
         if self.link is not None:
             # the communication model uses bandwidth_gbps * LINK_EFFICIENCY as the achieved rate
-            link = {"bandwidth_gbps": self.link.bandwidth_gbps / LINK_EFFICIENCY, "latency_us": self.link.latency_us}
+            latency_us = max(self.link.latency_us, self.loaded_latency_us or 0.0)
+            link = {"bandwidth_gbps": self.link.bandwidth_gbps / LINK_EFFICIENCY, "latency_us": latency_us}
             data["intra_node"] = link
             if cluster.num_nodes == 1 or cluster.device.kind == "cpu":
                 data["inter_node"] = dict(link)
@@ -159,6 +183,12 @@ class Calibration:
             table.add_row(f"matmul {dtype} GFLOP/s per rank (n: value)", curve)
         table.add_row("matmul FLOPs at half rate (float32 fit)", f"{self.half_efficiency_flops():.3g}")
         table.add_row("elementwise GB/s per rank", f"{self.elementwise_gbps:.3g}")
+        if self.adam_seconds_per_param:
+            table.add_row("AdamW ns per parameter (bytes moved per parameter)",
+                          f"{self.adam_seconds_per_param * 1e9:.3g} "
+                          f"({self.adam_seconds_per_param * self.elementwise_gbps * 1e9:.3g})")
+        if self.loaded_latency_us is not None:
+            table.add_row("all-reduce latency per message under load, us", f"{self.loaded_latency_us:.3g}")
         for fit in [*self.collectives.values(), *([self.link] if self.link else [])]:
             table.add_row(f"{fit.name}: latency us / bandwidth GB/s",
                           f"{fit.latency_us:.3g} / {fit.bandwidth_gbps:.3g}")
@@ -208,6 +238,9 @@ def measure(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None,
             (per_rank[0]["matmul"][dtype][i][0], statistics.median(rank["matmul"][dtype][i][1] for rank in per_rank))
             for i in range(sizes)]
     result.elementwise_gbps = statistics.median(rank["elementwise_gbps"] for rank in per_rank)
+    result.adam_seconds_per_param = statistics.median(rank["adam_s_per_param"] for rank in per_rank)
+    if per_rank[0].get("loaded_latency_s") is not None:
+        result.loaded_latency_us = per_rank[0]["loaded_latency_s"] * 1e6
     if nproc > 1:
         timings = per_rank[0]["collectives"]  # already the max over ranks
         result.collectives = {name: fit_collectives({name: points}, nproc, name) for name, points in timings.items()}
@@ -232,11 +265,13 @@ def ring_terms(name: str, nproc: int) -> tuple[int, float]:
 
 
 def fit_collectives(timings: dict[str, list[tuple[int, float]]], nproc: int, label: str) -> CollectiveFit:
-    """Least-squares `t = steps * latency + factor * S / bandwidth` over every (collective, S, t).
+    """`t = steps * latency + factor * S / bandwidth` fitted to every (collective, S, t).
 
-    Rows are weighted by 1/t (relative error). A negative latency is clamped to 0; a
-    non-positive slope (noise swamping the bandwidth term) falls back to the largest
-    message's `factor * S / t`.
+    The latency is the least-squares fit over all points weighted by 1/t (relative error,
+    so the small messages fix it; clamped at 0). The bandwidth is then the large-message
+    rate: over each collective's largest message, `sum factor * S / sum (t - steps * latency)`.
+    A single fit would take it from the mid-size messages, which gloo moves from cache
+    several times faster than the megabytes of a layer's gradients.
 
     >>> fit = fit_collectives({"send_recv": [(0, 1e-5), (10**9, 1e-5 + 1.0)]}, 2, "x")
     >>> round(fit.latency_us, 3), round(fit.bandwidth_gbps, 3)
@@ -251,13 +286,15 @@ def fit_collectives(timings: dict[str, list[tuple[int, float]]], nproc: int, lab
             points.append((size, seconds))
     solution = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
                                   torch.tensor(values, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1)
-    latency_s, seconds_per_byte = solution.tolist()
-    if not seconds_per_byte > 0:
-        name, measured = max(((n, m) for n, m in timings.items()), key=lambda item: max(s for s, _ in item[1]))
+    latency_s = max(solution[0].item(), 0.0)
+    moved, spent = 0.0, 0.0
+    for name, measured in timings.items():
+        steps, factor = ring_terms(name, nproc)
         size, seconds = max(measured)
-        seconds_per_byte = seconds / (ring_terms(name, nproc)[1] * size)
-    return CollectiveFit(name=label, latency_us=max(latency_s, 0.0) * 1e6,
-                         bandwidth_gbps=1.0 / seconds_per_byte / 1e9, points=sorted(points))
+        moved += factor * size
+        spent += max(seconds - steps * latency_s, seconds / 2)
+    return CollectiveFit(name=label, latency_us=latency_s * 1e6, bandwidth_gbps=moved / spent / 1e9,
+                         points=sorted(points))
 
 
 # ------------------------------------------------------------------ the spawned ranks
@@ -274,7 +311,7 @@ def _run_on_ranks(nproc: int, device: str, dtypes: list[str], matmul_sizes: tupl
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    total = len(dtypes) + 1 + (len(COLLECTIVES) * len(message_bytes) if nproc > 1 else 0)
+    total = len(dtypes) + 2 + (len(COLLECTIVES) * len(message_bytes) + 1 if nproc > 1 else 0)
     processes = [context.Process(target=_rank_main, daemon=True,
                                  args=(rank, nproc, port, device, dtypes, matmul_sizes, message_bytes, queue))
                  for rank in range(nproc)]
@@ -337,7 +374,12 @@ def _rank_main(rank: int, nproc: int, port: int, device: str, dtypes: list[str],
         dist.barrier()
         result["elementwise_gbps"] = _time_elementwise(timer)
         report("elementwise bandwidth")
+        dist.barrier()
+        result["adam_s_per_param"] = _time_adam(timer)
+        report("AdamW step")
         if nproc > 1:
+            result["loaded_latency_s"] = _time_loaded_latency(timer, nproc) if device == "cpu" else None
+            report("latency under load")
             for name in COLLECTIVES:
                 result["collectives"][name] = []
                 for size in message_bytes:
@@ -401,6 +443,42 @@ def _time_elementwise(timer: _Timer) -> float:
     a, b, c = (torch.randn(ELEMENTWISE_NUMEL[timer.device.type], device=timer.device) for _ in range(3))
     seconds = timer.repeated(lambda: torch.add(a, b, out=c))
     return 3 * a.numel() * a.element_size() / seconds / 1e9
+
+
+def _time_adam(timer: _Timer) -> float:
+    """Seconds per parameter of one AdamW step (after a warm-up step that creates the states)."""
+    count, numel = ADAM_PARAMS
+    params = [torch.nn.Parameter(torch.randn(numel, device=timer.device)) for _ in range(count)]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    return timer.repeated(optimizer.step) / (count * numel)
+
+
+def _time_loaded_latency(timer: _Timer, nproc: int) -> float:
+    """Per-message seconds of a small all-reduce issued between matmuls, beyond the matmuls'
+    own time (the slowest rank's; see the module docstring)."""
+    import torch.distributed as dist
+
+    m, k, n = LOADED_LATENCY_WORK
+    a, b = torch.randn(m, k, device=timer.device), torch.randn(k, n, device=timer.device)
+    small = torch.zeros(256, device=timer.device)
+
+    def rounds(sync: bool) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(LOADED_LATENCY_ROUNDS):
+            torch.mm(a, b)
+            if sync:
+                dist.all_reduce(small)
+        seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        return seconds.item()
+
+    rounds(True)  # warm-up
+    extra = [rounds(True) - rounds(False) for _ in range(3)]
+    steps, _ = ring_terms("all_reduce", nproc)
+    return max(statistics.median(extra), 0.0) / LOADED_LATENCY_ROUNDS / steps
 
 
 def _time_collective(timer: _Timer, name: str, size: int, nproc: int, rank: int) -> tuple[int, float]:
