@@ -21,7 +21,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule
 
 from autoplan.backends.data_parallel import apply_data_parallel
 from autoplan.backends.mesh import build_device_mesh
@@ -84,7 +83,7 @@ class ParallelModel:
         micro_targets = local_targets.chunk(num_micro) if local_targets is not None else [None] * num_micro
         # ZeRO 0/1 all-reduce / reduce-scatter once, after the last micro-batch (gradients stay
         # full-size meanwhile); ZeRO 2/3 reduce-scatter every micro-batch so gradients stay sharded.
-        defer_sync = isinstance(self.module, FSDPModule) and self.plan.zero_stage <= 1 and num_micro > 1
+        defer_sync = hasattr(self.module, "set_requires_gradient_sync") and self.plan.zero_stage <= 1 and num_micro > 1
         total = torch.zeros((), device=self.device)
         for index in range(num_micro):
             if defer_sync:
@@ -143,5 +142,5 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn: LossFn, example_inputs: tu
     apply_tensor_parallel(model, mesh["tp"], plan.tp_styles, plan.tp_divide_attrs, plan.sequence_parallel)
     apply_recompute(model, plan.recompute_of())
     apply_data_parallel(model, mesh["dp"], plan.zero_stage, [layer.name for layer in plan.layers],
-                        plan.param_dtype, plan.grad_reduce_dtype)
+                        plan.param_dtype, plan.grad_reduce_dtype, prefer_ddp=True)
     return ParallelModel(model, plan, mesh, loss_fn)
