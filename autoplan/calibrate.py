@@ -4,9 +4,12 @@
     >>> cluster.calibrated, cluster.device.peak_flops["float32"] * cluster.device.matmul_efficiency  # doctest: +SKIP
     (True, 60.2e9)
 
-Every measurement runs on `nproc` real ranks at once (spawned processes on a gloo or NCCL
-process group), so what is measured is what a rank sees while its neighbours work too:
-on a CPU with fewer cores than ranks, each rank's FLOP/s is its share of the machine.
+Every measurement runs on `nproc` real ranks (spawned processes on a gloo or NCCL process
+group). GPU ranks time their own device at once. CPU ranks share the machine's cores, so
+matmul and elementwise rates are timed on rank 0 alone and divided by the measured
+`shared_core_slowdown` (below): the rates written are what a rank gets while every rank
+computes, and a rank alone in a pipeline bubble runs that much faster. (Timing all ranks
+at once instead flatters small matmuls, which finish inside one scheduler time slice.)
 
 What is measured, and how it becomes cost-model constants:
 
@@ -38,11 +41,13 @@ What is measured, and how it becomes cost-model constants:
   collectives together (both fits weight each point by 1/t, i.e. minimise relative
   error, so small messages fix the latency and large ones the bandwidth).
 
-* Latency under load (CPU): ranks alternate a small matmul and a 1 KiB all-reduce, and
-  the time beyond the matmuls alone, per all-reduce, divided by its 2(n-1) messages is the
-  per-message latency a training step sees: with more ranks than cores a collective also
-  waits for descheduled peers, which an idle ping-pong never shows. The link latency
-  written is the larger of this and the fitted one.
+* Sharing cores (CPU, several ranks): an MLP's forward + backward (a layer's mix of
+  matmuls and elementwise work) timed on rank 0 alone and on every rank at once;
+  `device.shared_core_slowdown` = all-busy time / alone time (1 when every rank has a core).
+* Collective overhead under load (CPU): ranks alternate a smaller MLP step and a 1 KiB
+  all-reduce; the time per round beyond the MLP steps alone, less the fitted all-reduce
+  time, is `collective_overhead_us`: with more ranks than cores a collective waits for
+  its peers to be scheduled, which an idle ping-pong never shows.
 
 The links measured are the ones between the `nproc` ranks of this machine: `intra_node`.
 For the `local` preset (one machine) `inter_node` gets the same figures; for a multi-node
@@ -81,10 +86,16 @@ MAX_SINGLE_OP_S = 0.1
 """A dtype's size ladder stops after a single matmul takes this long (slow CPU bf16)."""
 COLLECTIVE_REPEATS = 5
 """Timed repetitions per collective and size (after one warm-up); the median is kept."""
-LOADED_LATENCY_ROUNDS = 30
-"""Compute + small all-reduce rounds of the latency-under-load probe (CPU)."""
-LOADED_LATENCY_WORK = (256, 256, 768)
-"""The matmul (m, k, n) each rank runs between two all-reduces of the probe: a Linear of a small layer."""
+SHARING_MLP = (256, 512, 2)
+"""The shared-core probe: tokens, width, blocks of (Linear(w, 4w), GELU, Linear(4w, w)), forward +
+backward: 4 M parameters, ~0.1 s per step alone, so the cores' caches are shared as a model's are."""
+SHARING_REPEATS = 3
+"""Alone / all-busy alternations of the shared-core probe (the median ratio is kept: a shared
+machine's scheduler makes single timings scatter by +-30%)."""
+LOADED_MLP = (256, 256, 1)
+"""The collective-overhead probe's compute between two all-reduces (~10 ms alone)."""
+LOADED_ROUNDS = 20
+"""MLP step + small all-reduce rounds of the collective-overhead probe (CPU)."""
 ADAM_PARAMS = (32, 1 << 18)
 """The Adam probe's parameters, tensors x elements: 8 M, so its states (4 x 32 MiB) overflow the
 caches as a model's do."""
@@ -116,8 +127,13 @@ class Calibration:
     collectives: dict[str, CollectiveFit] = field(default_factory=dict)
     link: CollectiveFit | None = None
     """The joint fit of all collectives; None with one rank."""
-    loaded_latency_us: float | None = None
-    """Per-message latency of an all-reduce issued between compute (CPU, several ranks)."""
+    shared_core_slowdown: float = 1.0
+    """All-busy over alone time of the probe MLP step (CPU, several ranks)."""
+    rates_alone: bool = False
+    """matmul_flops and elementwise_gbps were timed on one rank alone (CPU, several ranks):
+    `apply` divides them by shared_core_slowdown."""
+    loaded_extra_us: float | None = None
+    """Time a 1 KiB all-reduce issued between MLP steps adds per round (CPU, several ranks)."""
     adam_seconds_per_param: float | None = None
     """One AdamW step's seconds per float32 parameter, median over ranks."""
     wall_s: float = 0.0
@@ -148,47 +164,61 @@ class Calibration:
         # that saturates at device.matmul_efficiency; solve for the saturated rate that
         # gives the measured rate at the measured size.
         saturated = {}
+        share = self.shared_core_slowdown if self.rates_alone else 1.0
+        elementwise_gbps = self.elementwise_gbps / share
         for dtype in self.matmul_flops:
             n, achieved = self.large_matmul_flops(dtype)
+            achieved /= share
             unit = cluster.device.model_copy(update={"matmul_efficiency": 1.0})
             saturated[dtype] = achieved / matmul_efficiency(2 * n**3, unit)
         efficiency = min(1.0, saturated["float32"] / device["peak_flops"]["float32"])
         device["matmul_efficiency"] = efficiency
         device["peak_flops"] = {**device["peak_flops"],
                                 **{dtype: rate / efficiency for dtype, rate in saturated.items()}}
-        memory_efficiency = min(1.0, self.elementwise_gbps / device["memory_bandwidth_gbps"])
+        memory_efficiency = min(1.0, elementwise_gbps / device["memory_bandwidth_gbps"])
         device["memory_efficiency"] = memory_efficiency
-        device["memory_bandwidth_gbps"] = self.elementwise_gbps / memory_efficiency
-        if self.adam_seconds_per_param:
-            device["adam_bytes_per_param"] = self.adam_seconds_per_param * self.elementwise_gbps * 1e9
+        device["memory_bandwidth_gbps"] = elementwise_gbps / memory_efficiency
+        if self.adam_seconds_per_param:  # timed on every rank at once: the all-busy bandwidth prices it
+            device["adam_bytes_per_param"] = self.adam_seconds_per_param * elementwise_gbps * 1e9
         if self.link is not None:
             # the communication model uses bandwidth_gbps * LINK_EFFICIENCY as the achieved rate
-            latency_us = max(self.link.latency_us, self.loaded_latency_us or 0.0)
-            link = {"bandwidth_gbps": self.link.bandwidth_gbps / LINK_EFFICIENCY, "latency_us": latency_us}
+            link = {"bandwidth_gbps": self.link.bandwidth_gbps / LINK_EFFICIENCY, "latency_us": self.link.latency_us,
+                    "collective_overhead_us": self.collective_overhead_us()}
             data["intra_node"] = link
             if cluster.num_nodes == 1 or cluster.device.kind == "cpu":
                 data["inter_node"] = dict(link)
+        device["shared_core_slowdown"] = max(1.0, self.shared_core_slowdown)
         data["calibrated"] = True
         return ClusterSpec.model_validate(data)
+
+    def collective_overhead_us(self) -> float:
+        """The loaded all-reduce's extra time beyond the fitted idle one (0 when not measured)."""
+        if self.loaded_extra_us is None or self.link is None:
+            return 0.0
+        steps, _ = ring_terms("all_reduce", self.nproc)
+        return max(0.0, self.loaded_extra_us - steps * self.link.latency_us)
 
     def table(self):
         """A rich Table of the measurements (what `autoplan calibrate` prints)."""
         from rich.table import Table
 
         table = Table(title=f"calibration: {self.nproc} {self.device} rank(s), {self.wall_s:.1f} s")
+        share = self.shared_core_slowdown if self.rates_alone else 1.0
+        who = "rank 0 alone" if self.rates_alone else "per rank"
         table.add_column("measured")
         table.add_column("value", justify="right")
         for dtype, points in self.matmul_flops.items():
             curve = ", ".join(f"{n}: {flops / 1e9:.3g}" for n, flops in points)
-            table.add_row(f"matmul {dtype} GFLOP/s per rank (n: value)", curve)
+            table.add_row(f"matmul {dtype} GFLOP/s, {who} (n: value)", curve)
         table.add_row("matmul FLOPs at half rate (float32 fit)", f"{self.half_efficiency_flops():.3g}")
-        table.add_row("elementwise GB/s per rank", f"{self.elementwise_gbps:.3g}")
+        table.add_row(f"elementwise GB/s, {who}", f"{self.elementwise_gbps:.3g}")
         if self.adam_seconds_per_param:
             table.add_row("AdamW ns per parameter (bytes moved per parameter)",
                           f"{self.adam_seconds_per_param * 1e9:.3g} "
-                          f"({self.adam_seconds_per_param * self.elementwise_gbps * 1e9:.3g})")
-        if self.loaded_latency_us is not None:
-            table.add_row("all-reduce latency per message under load, us", f"{self.loaded_latency_us:.3g}")
+                          f"({self.adam_seconds_per_param * self.elementwise_gbps * 1e9 / share:.3g})")
+        if self.nproc > 1 and self.device == "cpu":
+            table.add_row("shared-core slowdown (all ranks busy / one alone)", f"{self.shared_core_slowdown:.3g}")
+            table.add_row("collective overhead under load, us", f"{self.collective_overhead_us():.3g}")
         for fit in [*self.collectives.values(), *([self.link] if self.link else [])]:
             table.add_row(f"{fit.name}: latency us / bandwidth GB/s",
                           f"{fit.latency_us:.3g} / {fit.bandwidth_gbps:.3g}")
@@ -231,16 +261,20 @@ def measure(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None,
     dtypes = ["float32", *sorted(set(cluster.device.peak_flops) - {"float32"})]
     started = time.perf_counter()
     per_rank = _run_on_ranks(nproc, device, dtypes, tuple(matmul_sizes), tuple(message_bytes), progress)
-    result = Calibration(device=device, nproc=nproc, matmul_flops={}, elementwise_gbps=0.0)
+    alone = device == "cpu" and nproc > 1
+    result = Calibration(device=device, nproc=nproc, matmul_flops={}, elementwise_gbps=0.0, rates_alone=alone)
+    timed = per_rank[:1] if alone else per_rank
     for dtype in dtypes:
-        sizes = min(len(rank["matmul"][dtype]) for rank in per_rank)
+        sizes = min(len(rank["matmul"][dtype]) for rank in timed)
         result.matmul_flops[dtype] = [
-            (per_rank[0]["matmul"][dtype][i][0], statistics.median(rank["matmul"][dtype][i][1] for rank in per_rank))
+            (timed[0]["matmul"][dtype][i][0], statistics.median(rank["matmul"][dtype][i][1] for rank in timed))
             for i in range(sizes)]
-    result.elementwise_gbps = statistics.median(rank["elementwise_gbps"] for rank in per_rank)
+    result.elementwise_gbps = statistics.median(rank["elementwise_gbps"] for rank in timed)
     result.adam_seconds_per_param = statistics.median(rank["adam_s_per_param"] for rank in per_rank)
-    if per_rank[0].get("loaded_latency_s") is not None:
-        result.loaded_latency_us = per_rank[0]["loaded_latency_s"] * 1e6
+    if per_rank[0].get("sharing") is not None:
+        alone_s, busy_s, extra_s = per_rank[0]["sharing"]
+        result.shared_core_slowdown = busy_s / alone_s
+        result.loaded_extra_us = extra_s * 1e6
     if nproc > 1:
         timings = per_rank[0]["collectives"]  # already the max over ranks
         result.collectives = {name: fit_collectives({name: points}, nproc, name) for name, points in timings.items()}
@@ -367,19 +401,20 @@ def _rank_main(rank: int, nproc: int, port: int, device: str, dtypes: list[str],
                 queue.put((rank, "progress", label))
 
         result = {"matmul": {}, "collectives": {}}
+        active = device == "cuda" or nproc == 1 or rank == 0  # CPU rates are timed alone (module docstring)
         dist.barrier()
         for dtype in dtypes:
-            result["matmul"][dtype] = _time_matmuls(timer, getattr(torch, dtype), matmul_sizes)
+            result["matmul"][dtype] = _time_matmuls(timer, getattr(torch, dtype), matmul_sizes, active)
             report(f"matmul {dtype}")
         dist.barrier()
-        result["elementwise_gbps"] = _time_elementwise(timer)
+        result["elementwise_gbps"] = _time_elementwise(timer) if active else 0.0
         report("elementwise bandwidth")
         dist.barrier()
         result["adam_s_per_param"] = _time_adam(timer)
         report("AdamW step")
         if nproc > 1:
-            result["loaded_latency_s"] = _time_loaded_latency(timer, nproc) if device == "cpu" else None
-            report("latency under load")
+            result["sharing"] = _time_sharing(timer, rank) if device == "cpu" else None
+            report("shared cores")
             for name in COLLECTIVES:
                 result["collectives"][name] = []
                 for size in message_bytes:
@@ -421,8 +456,10 @@ class _Timer:
         return statistics.median(times)
 
 
-def _time_matmuls(timer: _Timer, dtype: torch.dtype, sizes: tuple[int, ...]) -> list[tuple[int, float]]:
-    """(n, FLOP/s) per size; all ranks time the same size at once and stop growing together."""
+def _time_matmuls(timer: _Timer, dtype: torch.dtype, sizes: tuple[int, ...], active: bool = True
+                  ) -> list[tuple[int, float]]:
+    """(n, FLOP/s) per size; the active ranks time the same size at once, all stop growing together
+    (an inactive rank waits in the barriers and reports 0)."""
     import torch.distributed as dist
 
     points = []
@@ -430,8 +467,8 @@ def _time_matmuls(timer: _Timer, dtype: torch.dtype, sizes: tuple[int, ...]) -> 
         a = torch.randn(n, n, device=timer.device).to(dtype)
         b = torch.randn(n, n, device=timer.device).to(dtype)
         dist.barrier()
-        seconds = timer.repeated(lambda: torch.mm(a, b))
-        points.append((n, 2 * n**3 / seconds))
+        seconds = timer.repeated(lambda: torch.mm(a, b)) if active else 0.0
+        points.append((n, 2 * n**3 / seconds if active else 0.0))
         slowest = torch.tensor([seconds], device=timer.device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         if slowest.item() > MAX_SINGLE_OP_S:
@@ -455,30 +492,55 @@ def _time_adam(timer: _Timer) -> float:
     return timer.repeated(optimizer.step) / (count * numel)
 
 
-def _time_loaded_latency(timer: _Timer, nproc: int) -> float:
-    """Per-message seconds of a small all-reduce issued between matmuls, beyond the matmuls'
-    own time (the slowest rank's; see the module docstring)."""
+def _probe_mlp(tokens: int, width: int, blocks: int):
+    """A forward + backward step of `blocks` x (Linear(w, 4w), GELU, Linear(4w, w)) on `tokens` rows."""
+    layers = [m for _ in range(blocks) for m in (torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                                   torch.nn.Linear(4 * width, width))]
+    mlp, x = torch.nn.Sequential(*layers), torch.randn(tokens, width)
+
+    def step() -> None:
+        mlp(x).sum().backward()
+
+    step()
+    return step
+
+
+def _slowest(seconds: float) -> float:
     import torch.distributed as dist
 
-    m, k, n = LOADED_LATENCY_WORK
-    a, b = torch.randn(m, k, device=timer.device), torch.randn(k, n, device=timer.device)
-    small = torch.zeros(256, device=timer.device)
+    value = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
+
+
+def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float]:
+    """(seconds of one probe-MLP step on rank 0 alone, on every rank at once (the slowest, at the
+    median ratio), extra seconds per round of a 1 KiB all-reduce issued between smaller steps)."""
+    import torch.distributed as dist
+
+    step = _probe_mlp(*SHARING_MLP)
+    pairs = []
+    for _ in range(SHARING_REPEATS):
+        dist.barrier()
+        alone = timer.repeated(step) if rank == 0 else 0.0  # the others wait in the barrier
+        dist.barrier()
+        pairs.append((_slowest(alone), _slowest(timer.repeated(step))))
+    alone, busy = sorted(pairs, key=lambda pair: pair[1] / pair[0])[len(pairs) // 2]
+
+    small_step, small = _probe_mlp(*LOADED_MLP), torch.zeros(256)
 
     def rounds(sync: bool) -> float:
         dist.barrier()
         start = time.perf_counter()
-        for _ in range(LOADED_LATENCY_ROUNDS):
-            torch.mm(a, b)
+        for _ in range(LOADED_ROUNDS):
+            small_step()
             if sync:
                 dist.all_reduce(small)
-        seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        return seconds.item()
+        return _slowest(time.perf_counter() - start) / LOADED_ROUNDS
 
     rounds(True)  # warm-up
-    extra = [rounds(True) - rounds(False) for _ in range(3)]
-    steps, _ = ring_terms("all_reduce", nproc)
-    return max(statistics.median(extra), 0.0) / LOADED_LATENCY_ROUNDS / steps
+    extra = statistics.median(rounds(True) - rounds(False) for _ in range(3))
+    return alone, busy, max(extra, 0.0)
 
 
 def _time_collective(timer: _Timer, name: str, size: int, nproc: int, rank: int) -> tuple[int, float]:

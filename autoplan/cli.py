@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                          help="compute dtype (default: bfloat16 on cuda, float32 on cpu, as the planner's)")
     profile.add_argument("--cluster", default=None,
-                         help="whose device the roofline columns use (default: local:1 on cpu, the matching DGX preset on cuda)")
+                         help="the cluster the profile is for: local:N measures while N-1 peers keep the other "
+                              "cores busy, as its ranks do; its device is the roofline columns' (default: local:1 "
+                              "on cpu, the matching DGX preset on cuda)")
     profile.add_argument("-o", "--output", default="profile.json")
 
     demo = commands.add_parser("demo", help="plan a small GPT for local:4, run it, print predicted vs measured")
@@ -194,12 +196,16 @@ def cmd_profile(args: argparse.Namespace) -> None:
     sizes = _parse_sizes(args.micro_batch_sizes) if args.micro_batch_sizes else \
         default_micro_batch_sizes(args.global_batch_size)
     job = build(args.model, batch_size=max(args.global_batch_size, *sizes), seq_len=args.seq_len, device="meta")
+    cluster = ClusterSpec.parse(args.cluster) if args.cluster else None
+    # a local:N cluster's ranks share the cores: measure while N - 1 peers compute too
+    peers = cluster.devices_per_node - 1 if cluster and cluster.device.kind == "cpu" and device == "cpu" else 0
     measured = measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets, device=device,
-                               micro_batch_sizes=sizes, dtype=args.dtype, model_name=args.model)
+                               micro_batch_sizes=sizes, dtype=args.dtype, model_name=args.model, busy_peers=peers,
+                               peer_model=args.model)
     measured.to_json(args.output)
     estimated = profile_model(job.module, job.example_inputs, model_name=args.model, loss_fn=job.loss_fn,
                               targets=job.targets)
-    cluster = ClusterSpec.parse(args.cluster) if args.cluster else _roofline_cluster(measured.device_name)
+    cluster = cluster or _roofline_cluster(measured.device_name)
     wide = Console(highlight=False, width=None if sys.stdout.isatty() else 140)  # a log gets the whole table
     wide.print(profile_table(measured, estimated, cluster.device if cluster else None))
     console.print(f"wrote {args.output}: add --profile {args.output} to autoplan plan/run/bench "

@@ -52,6 +52,11 @@ class DeviceSpec(BaseModel):
     params are not fp32). 28 for a fused kernel (reads master weight, gradient and two
     moments, writes master and moments); PyTorch's multi-tensor Adam on a CPU makes
     several passes and moves more (`autoplan calibrate` measures it)."""
+    shared_core_slowdown: float = Field(default=1.0, ge=1)
+    """How much slower a rank computes when every rank of the node computes than when it
+    runs alone: > 1 where ranks share CPU cores (`local` with more ranks than cores), 1 for
+    GPUs. The device's rates are the all-busy ones; a rank whose peers idle (a pipeline
+    bubble) runs up to this much faster (costmodels/pipeline.py)."""
     overlaps_communication: bool = True
     """Whether collectives run beside compute (NCCL on CUDA streams). A CPU rank's gloo
     collectives share the cores its compute uses, so on `local` all communication is exposed."""
@@ -83,6 +88,10 @@ class LinkSpec(BaseModel):
     """GB/s per device, one direction."""
     latency_us: float = Field(ge=0)
     """One-message latency, microseconds."""
+    collective_overhead_us: float = Field(default=0.0, ge=0)
+    """Fixed cost of each collective call (and each send) beyond its messages, microseconds:
+    on CPU ranks that outnumber the cores, the wait for every peer to be scheduled while
+    the others compute (`autoplan calibrate` measures it); 0 for NCCL on GPUs."""
 
 
 class ClusterSpec(BaseModel):

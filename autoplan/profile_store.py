@@ -16,7 +16,11 @@ micro-batch and the bytes autograd keeps for backward (recompute "none"). The lo
 the last layer, as in the profiler; its entry key carries `LOSS_SUFFIX`. Floating tensors
 run in `compute_dtype` (default: bfloat16 on CUDA and float32 on CPU, the planner's default
 dtypes), and on CPU in one thread, as each `local` rank runs (`autoplan.worker`); the
-thread count is restored afterwards.
+thread count is restored afterwards. A `local:N` cluster's ranks share this machine's
+cores, so for it the layers are measured while N - 1 peer processes keep their cores busy
+(`busy_peers`, recorded as `concurrent_ranks`): the times are a rank's while every rank
+computes, the rate `costmodels.pipeline` charges (a rank alone in a bubble runs faster by
+`device.shared_core_slowdown`).
 
 How it is used. `apply_profile` fills `LayerProfile.measured_by_mbs` for every layer whose
 signature has an entry, when the file's device kind matches the cluster's ("cuda" applies
@@ -26,6 +30,7 @@ roofline (`costmodels/compute.py`), and the Plan names per layer which it used.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from pathlib import Path
@@ -90,6 +95,8 @@ class ProfileFile(BaseModel):
     """Dtype the floating tensors ran in."""
     num_threads: int
     """torch.get_num_threads() while measuring (1 on CPU: one thread per local rank)."""
+    concurrent_ranks: int = Field(default=1, ge=1)
+    """Processes computing at once while measuring on a CPU: this one and its busy peers."""
     repeats: int
     """Timed rounds per measurement (after one warm-up); times are their medians."""
     torch_version: str
@@ -130,7 +137,8 @@ def _entry_keys(signatures: list[str], with_loss: bool) -> list[str]:
 def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable | None = None,
                     targets: torch.Tensor | None = None, device: str | torch.device | None = None,
                     micro_batch_sizes: list[int] | tuple[int, ...] = (1,), *, dtype: str | None = None,
-                    model_name: str = "model", repeats: int = 3, progress: bool = True) -> ProfileFile:
+                    model_name: str = "model", repeats: int = 3, progress: bool = True,
+                    busy_peers: int = 0, peer_model: str | None = None) -> ProfileFile:
     """Measure every distinct layer of `module` at each micro-batch size on `device` (default:
     CUDA when available, else CPU). `example_inputs` need at least max(micro_batch_sizes)
     sequences (dim 0); the module may live on meta (weights are made on the device per layer).
@@ -138,6 +146,11 @@ def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable 
         >>> measured = measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets,
         ...                            device="cpu", micro_batch_sizes=[1, 2])   # doctest: +SKIP
         >>> measured.entries[key].micro_batches[2].fwd_s                         # doctest: +SKIP
+
+    `busy_peers` (CPU only): processes that keep other cores busy meanwhile, as the other
+    ranks of a `local` cluster do (module docstring). Each peer measures `peer_model` (a zoo
+    name or file.py:factory: the same model, so the caches are shared as in training) over
+    and over, or without one steps the calibration's probe MLP.
     """
     from rich.console import Console
     from rich.progress import Progress
@@ -159,6 +172,8 @@ def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable 
         raise ValueError("example_inputs[0] must be a tensor whose dim 0 is the batch")
     if not sizes or sizes[0] < 1:
         raise ValueError(f"micro_batch_sizes must be >= 1, got {list(micro_batch_sizes)}")
+    if busy_peers and device.type != "cpu":
+        raise ValueError(f"busy_peers={busy_peers}: only CPU ranks share cores; a GPU is measured alone")
     if sizes[-1] > first.shape[0]:
         raise ValueError(f"micro-batch size {sizes[-1]} > the {first.shape[0]} sequences of example_inputs[0]; "
                          f"give a global batch of at least {sizes[-1]}")
@@ -178,7 +193,8 @@ def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable 
         torch.set_num_threads(1)  # as each `local` rank runs; restored below
     try:
         measured_threads = torch.get_num_threads()
-        with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
+        with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar, \
+                _busy_peers(busy_peers, peer_model, sizes, first.shape[1] if first.dim() > 1 else None):
             task = bar.add_task(f"measuring {model_name} on {device.type}", total=len(sizes) * len(jobs))
             for b in sizes:
                 traced = trace_model(module, tuple(cut(x, b) for x in example_inputs))
@@ -195,8 +211,57 @@ def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable 
     return ProfileFile(
         model_name=model_name, input_shape=list(cut(first, 1).shape), device_kind=device.type,
         device_name=device_name(device), compute_dtype=dtype, num_threads=measured_threads, repeats=repeats,
+        concurrent_ranks=1 + busy_peers,
         torch_version=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), entries=entries)
+
+
+@contextlib.contextmanager
+def _busy_peers(count: int, model: str | None = None, sizes: list[int] | None = None, seq_len: int | None = None):
+    """`count` spawned processes computing in one thread each until the block ends: measuring
+    `model`'s layers at `sizes` over and over, or stepping the probe MLP."""
+    if count < 1:
+        yield
+        return
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    stop, ready = context.Event(), context.Queue()
+    peers = [context.Process(target=_busy_loop, args=(stop, ready, model, sizes, seq_len), daemon=True)
+             for _ in range(count)]
+    for peer in peers:
+        peer.start()
+    try:
+        for _ in peers:
+            ready.get(timeout=120)
+        yield
+    finally:
+        stop.set()
+        for peer in peers:
+            peer.join(timeout=10)
+            if peer.is_alive():
+                peer.kill()
+
+
+def _busy_loop(stop, ready, model: str | None, sizes: list[int] | None, seq_len: int | None) -> None:
+    """A peer of `_busy_peers`, computing until `stop`."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    if model is None:
+        from autoplan.calibrate import SHARING_MLP, _probe_mlp
+
+        step = _probe_mlp(*SHARING_MLP)
+    else:
+        from autoplan.zoo import build
+
+        job = build(model, batch_size=max(sizes), seq_len=seq_len, device="meta")
+
+        def step() -> None:
+            measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets, device="cpu",
+                            micro_batch_sizes=sizes, model_name=model, repeats=1, progress=False)
+    ready.put(os.getpid())
+    while not stop.is_set():
+        step()
 
 
 def match_layers(profile: ModelProfile, profile_file: ProfileFile) -> list[str | None]:
@@ -233,7 +298,8 @@ def apply_profile(profile: ModelProfile, profile_file: ProfileFile, device: Devi
     `device` is the cluster's DeviceSpec (matched by kind: a "cuda" file applies to every
     CUDA preset) or a device kind or name. A file measured in another dtype than the plan's
     `compute_dtype` is not applied. `source` names the file in the Plan's cost sources.
-    Measured times are stretched by `ranks_per_core` (see the function of that name).
+    Measured times are stretched by `ranks_per_core` (see the function of that name) over the
+    ranks per core they were measured at (`concurrent_ranks`; 1 for a local:N profile used on local:N).
 
         >>> applied, summary = apply_profile(profile, ProfileFile.from_json("p.json"),
         ...                                  ClusterSpec.local(2).device, source="p.json")  # doctest: +SKIP
@@ -253,10 +319,14 @@ def apply_profile(profile: ModelProfile, profile_file: ProfileFile, device: Devi
     if not any(keys):
         return profile, (f"{source}: not used: no layer's signature is in it (measured for {profile_file.model_name} "
                          f"with one sequence of shape {profile_file.input_shape}: same --seq-len?)")
-    layers = [layer if key is None else _with_measurements(layer, profile_file, key, source, ranks_per_core)
+    measured_sharing = max(1.0, profile_file.concurrent_ranks / (os.cpu_count() or 1)) \
+        if profile_file.device_kind == "cpu" else 1.0
+    stretch = ranks_per_core / measured_sharing
+    layers = [layer if key is None else _with_measurements(layer, profile_file, key, source, stretch)
               for layer, key in zip(profile.layers, keys)]
     found = sum(key is not None for key in keys)
-    stretched = f", times x{ranks_per_core:.3g} ({ranks_per_core:.3g} ranks per core)" if ranks_per_core > 1 else ""
+    stretched = f", times x{stretch:.3g} ({ranks_per_core:.3g} ranks per core, measured at " \
+                f"{measured_sharing:.3g})" if stretch != 1 else ""
     return (profile.model_copy(update={"layers": layers}),
             f"{source}: measured on {profile_file.device_name} for {found}/{len(keys)} layers{stretched}")
 

@@ -8,9 +8,11 @@ devices_per_node; otherwise it is split into an intra-node level
 (the rest, over InfiniBand at the per-device NIC rate).
 
 Ring collectives on a level with n members, B bytes, bandwidth bw, latency alpha
-(Thakur, Rabenseifner & Gropp 2005; NCCL's ring algorithm):
-    reduce-scatter / all-gather: (n-1)/n * B / bw + (n-1) * alpha
-    all-reduce (= reduce-scatter + all-gather):  2 (n-1)/n * B / bw + 2 (n-1) * alpha
+(Thakur, Rabenseifner & Gropp 2005; NCCL's ring algorithm), plus the link's fixed
+`collective_overhead_us` o per call (0 on GPUs; on CPU ranks sharing cores the wait for
+peers to be scheduled, calibrated):
+    reduce-scatter / all-gather: (n-1)/n * B / bw + (n-1) * alpha + o
+    all-reduce (= reduce-scatter + all-gather):  2 (n-1)/n * B / bw + 2 (n-1) * alpha + o
 Hierarchical (intra first): reduce-scatter inside the node, then the collective
 across nodes on the B / n_intra shard each device holds, then all-gather inside.
 
@@ -83,7 +85,7 @@ def flat_levels(cluster: ClusterSpec, size: int, stride: int) -> list[Level]:
         return []
     link = cluster.intra_node if size * stride <= cluster.devices_per_node else cluster.inter_node
     return [(size, LinkSpec(bandwidth_gbps=link.bandwidth_gbps * SHARDED_RING_EFFICIENCY / LINK_EFFICIENCY,
-                            latency_us=link.latency_us))]
+                            latency_us=link.latency_us, collective_overhead_us=link.collective_overhead_us))]
 
 
 def collective_coefficients(kind: Collective, levels: list[Level]) -> tuple[float, float]:
@@ -98,7 +100,7 @@ def collective_coefficients(kind: Collective, levels: list[Level]) -> tuple[floa
         bandwidth = link.bandwidth_gbps * 1e9 * LINK_EFFICIENCY
         # all-reduce: every level reduce-scatters going out and all-gathers coming back
         per_byte += passes * (members - 1) / members / shard / bandwidth
-        latency += passes * (members - 1) * link.latency_us * 1e-6
+        latency += passes * (members - 1) * link.latency_us * 1e-6 + link.collective_overhead_us * 1e-6
         shard *= members
     return per_byte, latency
 
@@ -130,7 +132,7 @@ def estimate_p2p_s(num_bytes: float, link: LinkSpec) -> float:
     >>> round(estimate_p2p_s(25e6, LinkSpec(bandwidth_gbps=25.0, latency_us=5.0)) * 1e3, 3)
     1.116
     """
-    return num_bytes / (link.bandwidth_gbps * 1e9 * LINK_EFFICIENCY) + link.latency_us * 1e-6
+    return num_bytes / (link.bandwidth_gbps * 1e9 * LINK_EFFICIENCY) + (link.latency_us + link.collective_overhead_us) * 1e-6
 
 
 def pipeline_link(cluster: ClusterSpec, pp: int, stride: int) -> LinkSpec:

@@ -102,6 +102,7 @@ def local_cluster_fields(world_size: int) -> dict:
             "matmul_half_efficiency_flops": LOCAL_HALF_EFFICIENCY_FLOPS,
             "framework_overhead_bytes": 0,
             "adam_bytes_per_param": LOCAL_ADAM_BYTES_PER_PARAM,
+            "shared_core_slowdown": 1.0 / core_share,
             "overlaps_communication": False,
         },
         "intra_node": dict(LOCAL_LINK),

@@ -9,11 +9,15 @@ Per pipeline rank i and micro-batch (b sequences per data-parallel rank):
     again in backward plus a reduce-scatter of its gradients: c_i, overlapped with T_i:
           X_i = exposed(c_i, T_i)
 Pipeline with m micro-batches, p ranks, v chunks per rank (v = 1 except interleaved):
-    pipeline = m * max_i(T_i + X_i) + (sum_i (T_i + X_i) - max_i(T_i + X_i)) / v
-               + 2 * p2p * (m * v + p - 1)                              (p > 1)
+    critical = m * max_i(T_i + X_i) + (sum_i (T_i + X_i) - max_i(T_i + X_i)) / v
+    pipeline = max(critical / s, m * mean_i(T_i + X_i)) + 2 * p2p * (m * v + p - 1)   (p > 1)
 i.e. (m - 1) * max + sum for GPipe/1F1B (bubble (p-1)/m, Narayanan et al. SC21) and
 the bubble divided by v for interleaved 1F1B, whose point-to-point sends (the boundary
 activation, forward, and its gradient, backward) happen v times as often.
+s = device.shared_core_slowdown is 1 on GPUs, where the max is `critical`. Ranks that
+share CPU cores are timed all busy (s > 1 times slower than alone): while some idle in
+the bubble the others run faster, down to the bound every rank's own work sets,
+m * mean(T + X) at the all-busy rate.
 Then each rank synchronises gradients over dp and steps its optimizer:
     step = pipeline + max_i (exposed(sync_i, backward_i) + optimizer_i)
     sync_i: ZeRO 0 all-reduce of the rank's gradients (grad_reduce_dtype);
@@ -193,11 +197,13 @@ def p2p_time_s(profile: ModelProfile, cluster: ClusterSpec, config: ParallelConf
     return estimate_p2p_s(num_bytes, pipeline_link(cluster, config.pp, config.dp * config.tp))
 
 
-def pipeline_time_s(stage_times_s: list[float], config: ParallelConfig, p2p_s: float) -> float:
-    """m * max + (sum - max) / v + 2 * p2p * (m v + p - 1) (module docstring)."""
+def pipeline_time_s(stage_times_s: list[float], config: ParallelConfig, p2p_s: float,
+                    shared_core_slowdown: float = 1.0) -> float:
+    """max((m * max + (sum - max) / v) / s, m * mean) + 2 * p2p * (m v + p - 1) (module docstring)."""
     m, v, p = config.num_micro_batches, config.virtual_stages, config.pp
     slowest = max(stage_times_s)
-    time_s = m * slowest + (sum(stage_times_s) - slowest) / v
+    critical_s = m * slowest + (sum(stage_times_s) - slowest) / v
+    time_s = max(critical_s / shared_core_slowdown, m * sum(stage_times_s) / len(stage_times_s))
     return time_s + (2 * p2p_s * (m * v + p - 1) if p > 1 else 0.0)
 
 
@@ -268,7 +274,7 @@ def estimate_step(profile: ModelProfile, cluster: ClusterSpec, config: ParallelC
                                          config.zero_stage))
         memories.append(memory)
     p2p_s = p2p_time_s(profile, cluster, config)
-    pipeline_s = pipeline_time_s(times, config, p2p_s)
+    pipeline_s = pipeline_time_s(times, config, p2p_s, cluster.device.shared_core_slowdown)
     sync_rank = max(range(len(extras)), key=lambda i: sum(extras[i]))
     m = config.num_micro_batches
     rank_memory_bytes = [sum(memory.values()) for memory in memories]
@@ -277,7 +283,7 @@ def estimate_step(profile: ModelProfile, cluster: ClusterSpec, config: ParallelC
     breakdown = {
         "pipeline_s": pipeline_s,
         "stage_max_s": max(times),
-        "bubble_s": pipeline_s - m * max(times) - p2p_total_s,
+        "bubble_s": max(0.0, pipeline_s - m * max(times) - p2p_total_s),
         "p2p_s": p2p_total_s,
         "tp_comm_s": m * worst["tp_comm_s"],
         "recompute_s": m * worst["recompute_s"],
