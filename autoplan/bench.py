@@ -18,6 +18,10 @@ evaluated by the cost model, the free fields are still the planner's, e.g. micro
 
 Each is launched for `steps` timed steps (after warm-up) through torch's launcher and
 reported with predicted and measured step time, tokens/s, peak memory per rank and MFU.
+With `rounds` > 1 every candidate is launched once per round, the rounds interleaved
+(candidate 1, 2, ..., then again), and its measured step is the median over all its timed
+steps: a shared machine's speed drifts by tens of percent over minutes, and interleaving
+spreads that drift over the candidates instead of onto whichever ran in a slow spell.
 A candidate that is infeasible, runs out of memory or fails is reported as
 "failed: <one line>" and the bench goes on; one that cannot run on this machine (a GPU
 cluster without GPUs, several nodes) keeps its prediction and says "not run: <why>".
@@ -64,7 +68,7 @@ def baseline_constraints(cluster: ClusterSpec) -> dict[str, Constraints]:
 def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequence[Constraints] = (),
               global_batch_size: int | None = None, seq_len: int | None = None, json_path: str | None = None,
               plot_path: str | None = None, progress: bool = True, *, baselines: bool = True,
-              launcher_args: Sequence[str] = (), timeout_s: float = 600.0) -> dict:
+              launcher_args: Sequence[str] = (), timeout_s: float = 600.0, rounds: int = 1) -> dict:
     """Plan, launch and measure every candidate; print a table; write JSON and a figure if asked.
 
     Returns the report: {"model", "cluster", "steps", "global_batch_size", "seq_len",
@@ -80,6 +84,8 @@ def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequ
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     job = build(model_name, batch_size=global_batch_size or DEFAULT_GLOBAL_BATCH_SIZE, seq_len=seq_len, device="meta")
     named = [("autoplan", Constraints())]
     if baselines:
@@ -87,16 +93,21 @@ def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequ
     named += [("fix:" + ",".join(f"{key}={value}" for key, value in fix.pinned().items()), fix) for fix in fixes]
     console = Console(quiet=not progress, width=None if sys.stdout.isatty() else 160)  # a log file gets the whole table
     runnable = _why_not_runnable(cluster, launcher_args)
-    candidates = []
+    candidates: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="autoplan-bench-") as scratch:
-        for index, (name, constraints) in enumerate(named):
-            with console.status(f"[{index + 1}/{len(named)}] {name}: planning and running {steps} step(s)"):
-                entry = _run_candidate(name, constraints, job, model_name, cluster, steps, seq_len,
-                                       Path(scratch) / f"{index}-plan.json", runnable, launcher_args, timeout_s)
-            candidates.append(entry)
-            console.print(f"  {name}: {entry['status'].split(':')[0]}")
+        for round_index in range(rounds):
+            for index, (name, constraints) in enumerate(named):
+                label = f"round {round_index + 1}/{rounds}, " if rounds > 1 else ""
+                with console.status(f"[{label}{index + 1}/{len(named)}] {name}: planning and running {steps} step(s)"):
+                    entry = _run_candidate(name, constraints, job, model_name, cluster, steps, seq_len,
+                                           Path(scratch) / f"{index}-plan.json", runnable, launcher_args, timeout_s)
+                if round_index == 0:
+                    candidates.append(entry)
+                else:
+                    _merge_round(candidates[index], entry)
+                console.print(f"  {label}{name}: {entry['status'].split(':')[0]}")
     report = {"model": model_name, "cluster": cluster.describe(), "cluster_calibrated": cluster.calibrated,
-              "steps": steps, "global_batch_size": job.example_inputs[0].shape[0], "seq_len": seq_len,
+              "steps": steps, "rounds": rounds, "global_batch_size": job.example_inputs[0].shape[0], "seq_len": seq_len,
               "candidates": candidates}
     if progress:
         console.print(bench_table(report))
@@ -108,6 +119,28 @@ def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequ
     if plot_path:
         plot_bench(report, plot_path)
     return report
+
+
+def _merge_round(entry: dict, again: dict) -> None:
+    """Fold a later round's run of a candidate into its entry: all timed steps pooled, the
+    median re-taken; the largest peak memory kept; a failure in any round is reported."""
+    if again["status"] != "ok" and entry["status"] == "ok":
+        entry["status"] = again["status"]
+    if not again["measured_step_times_s"]:
+        return
+    entry["measured_step_times_s"] = (entry["measured_step_times_s"] or []) + again["measured_step_times_s"]
+    median_s = statistics.median(entry["measured_step_times_s"])
+    if entry["measured_step_s"]:
+        scale = entry["measured_step_s"] / median_s
+        entry["measured_tokens_per_s"] *= scale
+        if entry["measured_mfu"] is not None:
+            entry["measured_mfu"] *= scale
+    else:
+        entry.update({key: again[key] for key in ("measured_tokens_per_s", "measured_mfu",
+                                                  "measured_peak_memory_bytes_per_rank")})
+    entry["measured_step_s"] = median_s
+    entry["measured_peak_memory_bytes"] = max(entry["measured_peak_memory_bytes"] or 0,
+                                              again["measured_peak_memory_bytes"] or 0)
 
 
 def _why_not_runnable(cluster: ClusterSpec, launcher_args: Sequence[str]) -> str | None:
@@ -130,7 +163,7 @@ def _run_candidate(name: str, constraints: Constraints, job, model_name: str, cl
 
     entry = {"name": name, "chosen": name == "autoplan", "status": "ok", "mesh": None,
              "constraints": constraints.model_dump(mode="json", exclude_none=True),
-             "predicted_step_s": None, "measured_step_s": None,
+             "predicted_step_s": None, "measured_step_s": None, "measured_step_times_s": None,
              "predicted_peak_memory_bytes": None, "measured_peak_memory_bytes": None,
              "measured_peak_memory_bytes_per_rank": None, "predicted_tokens_per_s": None,
              "measured_tokens_per_s": None, "predicted_mfu": None, "measured_mfu": None, "plan": None}
@@ -155,7 +188,8 @@ def _run_candidate(name: str, constraints: Constraints, job, model_name: str, cl
         entry["status"] = "ok (result on the node of rank 0)"
         return entry
     measured_s = result["median_step_s"]
-    entry.update(measured_step_s=measured_s, measured_peak_memory_bytes=result["max_peak_memory_bytes"],
+    entry.update(measured_step_s=measured_s, measured_step_times_s=result["step_times_s"],
+                 measured_peak_memory_bytes=result["max_peak_memory_bytes"],
                  measured_peak_memory_bytes_per_rank=result["peak_memory_bytes"],
                  measured_tokens_per_s=result["tokens_per_s"])
     if entry["predicted_mfu"] is not None:  # same model FLOPs and peak: MFU scales with 1 / step time

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="the chosen plan against hand-tuned baselines, predicted vs measured")
     _add_model_args(bench)
     bench.add_argument("--steps", type=int, default=5)
+    bench.add_argument("--rounds", type=int, default=1,
+                       help="launch every candidate this many times, interleaved; the median step is over all")
     bench.add_argument("--json", dest="json_path", default=None)
     bench.add_argument("--plot", dest="plot_path", default=None)
 
@@ -172,15 +174,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     with planning_with_profile(args.profile):
         run_bench(args.model, ClusterSpec.parse(args.cluster), steps=args.steps, fixes=fixes,
                   global_batch_size=args.global_batch_size, seq_len=args.seq_len,
-                  json_path=args.json_path, plot_path=args.plot_path, launcher_args=args.launcher_args)
+                  json_path=args.json_path, plot_path=args.plot_path, launcher_args=args.launcher_args,
+                  rounds=args.rounds)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from autoplan.calibrate import calibrate
+    from autoplan.calibrate import measure
 
     cluster = ClusterSpec.parse(args.cluster)
     device = args.device or cluster.device.kind
-    calibrated = calibrate(cluster, device=device)
+    measurement = measure(cluster, device=device)
+    Console(highlight=False, width=None if sys.stdout.isatty() else 140).print(measurement.table())
+    calibrated = measurement.apply(cluster)
     calibrated.to_file(args.output)
     console.print(f"wrote {args.output}: use it with --cluster {args.output}")
 

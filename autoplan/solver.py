@@ -297,8 +297,8 @@ def build_instance(profile: ModelProfile, cluster: ClusterSpec, split: LayerSpli
 
 def lower_bound_s(inst: Instance) -> float:
     """Perfect balance (but the slowest rank holds >= ceil(N/p) blocks and the first and
-    last ranks their pinned layers plus a block; ranks sharing cores: the larger of that
-    critical path / s and the mean rank's work), the largest v allowed, the cheapest
+    last ranks their pinned layers plus a block), the largest v allowed (and shared cores'
+    bubble discount s), the cheapest
     recompute/SP option per layer, and per ZeRO option only the unavoidable
     `overlap_penalty` share of its communication."""
     split, base, pp = inst.split, inst.base, inst.pp
@@ -326,8 +326,8 @@ def lower_bound_s(inst: Instance) -> float:
         zero3_share = penalty * zero3_s if zero == 3 else 0.0
         busy = total_s + zero3_share
         slowest = max(busy / pp, slowest_s)
-        critical = (m - 1 / v) * slowest + busy / v
-        pipeline = max(critical / slowdown, m * busy / pp) + (2 * p2p * (m + pp - 1) if pp > 1 else 0.0)
+        w = v * slowdown
+        pipeline = (m - 1 / w) * slowest + busy / w + (2 * p2p * (m + pp - 1) if pp > 1 else 0.0)
         per_param, latency = dp_sync_coefficients(inst.cluster, config, zero)
         shard = params / pp / (base.dp if zero >= 1 else 1)
         extra = penalty * (per_param * params + latency * sync_units) / pp + estimate_optimizer_step_s(
@@ -419,28 +419,19 @@ class Milp:
                 self.problem += self.Tmax[c] >= self.busy(i, c), f"slowest_rank_{i}_{c.name}"
 
     def pipeline_expression(self) -> pulp.LpAffineExpression:
-        """sum_c (m - 1/v_c) Tmax_c + (1/v_c) sum_i (T_i,c + X_i,c) + 2 p2p_c (m v_c + p - 1) u_c.
-        Ranks sharing cores (s = device.shared_core_slowdown > 1): P replaces the compute part,
-        P >= (1/s) sum_c [(m - 1/v_c) Tmax_c + (1/v_c) sum_i (T_i,c + X_i,c)] and
-        P >= (m/p) sum_c sum_i (T_i,c + X_i,c)   (costmodels.pipeline.pipeline_time_s)."""
+        """sum_c (m - 1/w_c) Tmax_c + (1/w_c) sum_i (T_i,c + X_i,c) + 2 p2p_c (m v_c + p - 1) u_c
+        with w_c = v_c s (s = device.shared_core_slowdown, 1 on GPUs; costmodels.pipeline)."""
         inst = self.inst
         m, p = inst.base.num_micro_batches, inst.pp
-        critical, comm_terms, work = [], [], []
+        slowdown = inst.cluster.device.shared_core_slowdown
+        terms = []
         for c in self.combos:
             p2p = p2p_time_s(inst.profile, inst.cluster, inst.config((c.schedule, c.v), c.zero, c.sp))
             comm = 2 * p2p * (m * c.v + p - 1) if p > 1 else 0.0
-            busy = pulp.lpSum(self.busy(i, c) for i in range(p))
-            critical.append((m - 1 / c.v) * self.Tmax[c] + (1 / c.v) * busy)
-            comm_terms.append(comm * self.u[c])
-            work.append(m / p * busy)
-        slowdown = inst.cluster.device.shared_core_slowdown
-        if slowdown == 1.0:
-            return pulp.lpSum(critical) + pulp.lpSum(comm_terms)
-        var = getattr(self.problem, "add_variable", None) or pulp.LpVariable
-        compute = var("P_shared_cores", lowBound=0)
-        self.problem += compute >= (1 / slowdown) * pulp.lpSum(critical), "shared_cores_critical_path"
-        self.problem += compute >= pulp.lpSum(work), "shared_cores_total_work"
-        return compute + pulp.lpSum(comm_terms)
+            w = c.v * slowdown
+            terms.append((m - 1 / w) * self.Tmax[c] + (1 / w) * pulp.lpSum(self.busy(i, c) for i in range(p))
+                         + comm * self.u[c])
+        return pulp.lpSum(terms)
 
     def add_sync_constraints(self) -> None:
         """sync_i,c = a_z params_i,c + b_z units_i,c (layers holding parameters);

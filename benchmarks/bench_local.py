@@ -1,11 +1,12 @@
 """The local benchmark the README quotes: calibrate this machine, then bench on local:4.
 
-    python benchmarks/bench_local.py                   # calibrates (~40 s), then benches
-    python benchmarks/bench_local.py --cluster local4.toml --steps 3
+    python benchmarks/bench_local.py                   # calibrates (~30 s), then benches (~20 min)
+    python benchmarks/bench_local.py --cluster local4.toml --steps 3 --rounds 1
 
 For a small zoo GPT and the custom model of examples/custom_model.py, the planner's plan
 and the hand-tuned baselines (DDP, FSDP, Megatron-style, pipeline) each run for `--steps`
-timed steps through torch's launcher. Prints, per model: the chosen plan's measured step
+timed steps through torch's launcher, `--rounds` times interleaved (this VM's speed drifts by
+tens of percent over minutes; the median is over every round's steps). Prints, per model: the chosen plan's measured step
 time against the best measured candidate, and the median |predicted - measured| /
 measured over the candidates of step time and of peak memory (worst rank). Reports are
 written to benchmarks/out/.
@@ -17,7 +18,10 @@ from pathlib import Path
 
 from autoplan import ClusterSpec
 from autoplan.bench import run_bench, summarize
+from autoplan.api import planning_with_profile
 from autoplan.calibrate import calibrate
+from autoplan.profile_store import default_micro_batch_sizes, measure_profile
+from autoplan.zoo import build
 
 MODELS = ("gpt-small-demo", str(Path(__file__).resolve().parent.parent / "examples" / "custom_model.py") + ":factory")
 OUT = Path(__file__).resolve().parent / "out"
@@ -28,6 +32,10 @@ def main() -> None:
     parser.add_argument("--cluster", default=None, help="a calibrated cluster file (default: calibrate local:4 now)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--global-batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-profile", action="store_true",
+                        help="plan from the calibrated roofline only (default: also `autoplan profile` each model "
+                             "under local:4's load and plan with the measured layer times)")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     if args.cluster:
@@ -39,8 +47,15 @@ def main() -> None:
     lines = []
     for model in MODELS:
         label = Path(model.split(":")[0]).stem if ":" in model else model
-        report = run_bench(model, cluster, steps=args.steps, global_batch_size=args.global_batch_size,
-                           json_path=str(OUT / f"bench_{label}.json"), plot_path=str(OUT / f"bench_{label}.png"))
+        profile_path = None if args.no_profile else str(OUT / f"profile_{label}.json")
+        if profile_path:
+            job = build(model, batch_size=args.global_batch_size, device="meta")
+            measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets, device="cpu",
+                            micro_batch_sizes=default_micro_batch_sizes(args.global_batch_size), model_name=model,
+                            busy_peers=cluster.devices_per_node - 1, peer_model=model).to_json(profile_path)
+        with planning_with_profile(profile_path):
+            report = run_bench(model, cluster, steps=args.steps, global_batch_size=args.global_batch_size, rounds=args.rounds,
+                               json_path=str(OUT / f"bench_{label}.json"), plot_path=str(OUT / f"bench_{label}.png"))
         lines.append(describe(label, summarize(report)))
     print("\n".join(lines))
 

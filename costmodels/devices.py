@@ -25,8 +25,9 @@ _H100_PEAKS = {"float32": 67e12, "bfloat16": 989.5e12, "float16": 989.5e12}
 _NVLINK4 = {"bandwidth_gbps": 450.0, "latency_us": 3.0}
 _NDR_IB = {"bandwidth_gbps": 50.0, "latency_us": 5.0}
 # Latencies: NCCL tests on DGX systems show ~3 us NVLink and ~5 us IB small-message latency.
-# Framework overhead: CUDA context + cuBLAS workspace + allocator fragmentation, ~2 GiB
-# measured on our H100 runs (docs/validation.md); the same figure is used for every GPU.
+# Framework overhead: CUDA context (~0.5-1 GiB) + cuBLAS workspace + allocator
+# fragmentation, estimated at 2 GiB for every GPU; not yet measured (no GPU lent so far:
+# benchmarks/gpu_validation.py checks it, docs/validation.md).
 _CUDA_OVERHEAD_BYTES = 2 * GiB
 
 
@@ -73,14 +74,22 @@ LOCAL_ADAM_BYTES_PER_PARAM = 100.0
 LOCAL_OVERHEAD_BYTES = 300 * 1024**2
 
 CALIBRATED_CONSTANTS = {
-    "device.peak_flops[float32] (local)": "one core, AVX2 FMA, 32 FLOP/cycle x 2.5 GHz",
+    "device.peak_flops.float32": "GPU datasheets (A100 19.5 TFLOP/s FP32, ...); local: one core, "
+                                 "AVX2 FMA, 32 FLOP/cycle x 2.5 GHz, times cores / ranks",
+    "device.peak_flops.bfloat16": "GPU datasheets (dense tensor core); local: half the float32 guess",
     "device.matmul_efficiency": "0.7: large-GEMM share of peak reported by Megatron-LM (SC21)",
-    "device.matmul_half_efficiency_flops": "2e9 GPU (cuBLAS GEMM size curve), 1e6 CPU core",
+    "device.memory_bandwidth_gbps": "HBM datasheets (A100-80GB 2,039 GB/s, ...); local: 10 GB/s a core",
     "device.memory_efficiency": "0.8: STREAM-like share of datasheet HBM bandwidth",
-    "intra_node.bandwidth_gbps": "NVLink datasheet (GPU) / loopback gloo estimate (local)",
-    "inter_node.bandwidth_gbps": "InfiniBand HCA rate per GPU (DGX user guides)",
-    "*.latency_us": "NCCL tests small-message latency",
+    "device.adam_bytes_per_param": "28: a fused Adam kernel's reads and writes; local: ~100 (multi-tensor passes)",
+    "device.shared_core_slowdown": "1 on GPUs; local: ranks / cores",
+    "intra_node.bandwidth_gbps": "NVLink datasheet (GPU) / loopback gloo guess (local)",
+    "intra_node.latency_us": "NCCL tests small-message latency (GPU) / loopback guess (local)",
+    "intra_node.collective_overhead_us": "0: NCCL calls are asynchronous; measured on CPU ranks",
+    "inter_node.bandwidth_gbps": "InfiniBand HCA rate per GPU (DGX user guides); local: = intra_node",
 }
+"""Every cost-model constant `autoplan calibrate` replaces (a ClusterSpec field path) and the
+source of its preset value; `python benchmarks/constants.py` prints them beside the values
+measured on this machine."""
 
 
 def local_cluster_fields(world_size: int) -> dict:

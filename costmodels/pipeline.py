@@ -9,15 +9,14 @@ Per pipeline rank i and micro-batch (b sequences per data-parallel rank):
     again in backward plus a reduce-scatter of its gradients: c_i, overlapped with T_i:
           X_i = exposed(c_i, T_i)
 Pipeline with m micro-batches, p ranks, v chunks per rank (v = 1 except interleaved):
-    critical = m * max_i(T_i + X_i) + (sum_i (T_i + X_i) - max_i(T_i + X_i)) / v
-    pipeline = max(critical / s, m * mean_i(T_i + X_i)) + 2 * p2p * (m * v + p - 1)   (p > 1)
+    pipeline = m * max_i(T_i + X_i) + (sum_i (T_i + X_i) - max_i(T_i + X_i)) / (v * s)
+               + 2 * p2p * (m * v + p - 1)                              (p > 1)
 i.e. (m - 1) * max + sum for GPipe/1F1B (bubble (p-1)/m, Narayanan et al. SC21) and
 the bubble divided by v for interleaved 1F1B, whose point-to-point sends (the boundary
 activation, forward, and its gradient, backward) happen v times as often.
-s = device.shared_core_slowdown is 1 on GPUs, where the max is `critical`. Ranks that
-share CPU cores are timed all busy (s > 1 times slower than alone): while some idle in
-the bubble the others run faster, down to the bound every rank's own work sets,
-m * mean(T + X) at the all-busy rate.
+s = device.shared_core_slowdown is 1 on GPUs. Ranks that share CPU cores are timed all
+busy, as they are in the steady state; in the warm-up and cool-down (the bubble) fewer
+ranks compute, and each runs up to s times faster.
 Then each rank synchronises gradients over dp and steps its optimizer:
     step = pipeline + max_i (exposed(sync_i, backward_i) + optimizer_i)
     sync_i: ZeRO 0 all-reduce of the rank's gradients (grad_reduce_dtype);
@@ -60,6 +59,9 @@ from autoplan.layers import LayerProfile, ModelProfile
 # report 10-35% compute slow-down under concurrent collectives). Calibrated against
 # Table 2 of Narayanan et al. SC21 (benchmarks/megatron_sc21.py).
 OVERLAP_PENALTY = 0.3
+
+DDP_BUCKET_BYTES = 25 * 1024**2
+"""DistributedDataParallel's default bucket_cap_mb (25 MiB)."""
 
 
 @dataclass(frozen=True)
@@ -166,14 +168,24 @@ def overlap_penalty(cluster: ClusterSpec) -> float:
     return OVERLAP_PENALTY if cluster.device.overlaps_communication else 1.0
 
 
+def uses_ddp_buckets(config: ParallelConfig, zero_stage: int) -> bool:
+    """Whether the backend syncs gradients with DistributedDataParallel's reducer
+    (`backends.data_parallel`: ZeRO 0, no tp, no pipeline, float32) rather than per layer."""
+    return (zero_stage == 0 and config.tp == 1 and config.pp == 1
+            and config.param_dtype == config.grad_reduce_dtype == "float32")
+
+
 def dp_sync_coefficients(cluster: ClusterSpec, config: ParallelConfig, zero_stage: int) -> tuple[float, float]:
     """(seconds per local parameter, latency seconds per layer holding parameters) of the
-    end-of-step gradient sync."""
+    end-of-step gradient sync. DDP's reducer all-reduces DDP_BUCKET_BYTES buckets instead
+    of layers: its latency is charged per byte, one latency per bucket."""
     if config.dp == 1 or zero_stage == 3:
         return 0.0, 0.0
     grad_bytes = DTYPE_BYTES[config.grad_reduce_dtype]
     if zero_stage == 0:  # DDP / Megatron: one hierarchical NCCL all-reduce
         per_byte, latency = collective_coefficients("all_reduce", group_levels(cluster, config.dp, config.tp))
+        if uses_ddp_buckets(config, zero_stage):
+            return (per_byte + latency / DDP_BUCKET_BYTES) * grad_bytes, 0.0
         return per_byte * grad_bytes, latency
     levels = flat_levels(cluster, config.dp, config.tp)  # sharded data parallel (communication.flat_levels)
     rs_byte, rs_latency = collective_coefficients("reduce_scatter", levels)
@@ -199,11 +211,10 @@ def p2p_time_s(profile: ModelProfile, cluster: ClusterSpec, config: ParallelConf
 
 def pipeline_time_s(stage_times_s: list[float], config: ParallelConfig, p2p_s: float,
                     shared_core_slowdown: float = 1.0) -> float:
-    """max((m * max + (sum - max) / v) / s, m * mean) + 2 * p2p * (m v + p - 1) (module docstring)."""
+    """m * max + (sum - max) / (v s) + 2 * p2p * (m v + p - 1) (module docstring)."""
     m, v, p = config.num_micro_batches, config.virtual_stages, config.pp
     slowest = max(stage_times_s)
-    critical_s = m * slowest + (sum(stage_times_s) - slowest) / v
-    time_s = max(critical_s / shared_core_slowdown, m * sum(stage_times_s) / len(stage_times_s))
+    time_s = m * slowest + (sum(stage_times_s) - slowest) / (v * shared_core_slowdown)
     return time_s + (2 * p2p_s * (m * v + p - 1) if p > 1 else 0.0)
 
 

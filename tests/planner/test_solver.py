@@ -116,6 +116,25 @@ def test_free_optimum_equals_brute_force():
     assert result.best.estimate.step_time_s == pytest.approx(brute_force(profile, cluster), rel=2e-4)
 
 
+def shared_core_cluster() -> ClusterSpec:
+    """tiny_cluster as CPU ranks sharing cores: bubbles discounted, nothing overlapped,
+    a fixed cost per collective."""
+    data = tiny_cluster().model_dump()
+    data["device"].update(shared_core_slowdown=2.5, overlaps_communication=False, adam_bytes_per_param=100.0)
+    for link in ("intra_node", "inter_node"):
+        data[link]["collective_overhead_us"] = 3000.0
+    return ClusterSpec.model_validate(data)
+
+
+def test_shared_cores_optimum_equals_brute_force():
+    profile, cluster = tiny_profile(), shared_core_cluster()
+    result = solve(profile, cluster)
+    assert result.best.estimate.step_time_s == pytest.approx(brute_force(profile, cluster), rel=2e-4)
+    # the terms are live: the same plan costs more with them than on tiny_cluster
+    plain = estimate_step(profile, tiny_cluster(), result.best.config, result.best.rank_layers)
+    assert result.best.estimate.step_time_s != pytest.approx(plain.step_time_s, rel=1e-3)
+
+
 def test_tighter_memory_forces_recompute_and_stays_exact():
     profile, cluster = tiny_profile(), tiny_cluster(memory_bytes=1_500_000_000)
     result = solve(profile, cluster)

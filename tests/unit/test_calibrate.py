@@ -97,3 +97,18 @@ def test_bad_arguments_are_value_errors():
         calibrate(ClusterSpec.local(world_size=2), device="tpu", progress=False)
     with pytest.raises(ValueError, match="nproc"):
         calibrate(ClusterSpec.local(world_size=2), nproc=0, progress=False)
+
+
+def test_rates_timed_alone_are_divided_by_the_shared_core_slowdown():
+    timings = {name: [(size, ring_terms(name, 4)[0] * 1e-3 + ring_terms(name, 4)[1] * size / 1e9)
+                      for size in (1e3, 1e6)] for name in ("all_reduce", "send_recv")}
+    measured = Calibration(device="cpu", nproc=4, matmul_flops={"float32": [(1024, 80e9)]}, elementwise_gbps=20.0,
+                           link=fit_collectives(timings, 4, "link"), shared_core_slowdown=2.0, rates_alone=True,
+                           adam_seconds_per_param=5e-9, loaded_extra_us=9000.0)
+    cluster = measured.apply(ClusterSpec.local(world_size=4))
+    device = cluster.device
+    assert device.shared_core_slowdown == 2.0
+    assert device.memory_bandwidth_gbps * device.memory_efficiency == pytest.approx(10.0)
+    assert device.adam_bytes_per_param == pytest.approx(5e-9 * 10e9)
+    # the extra time of a loaded all-reduce beyond its 6 fitted latencies of 1 ms
+    assert cluster.intra_node.collective_overhead_us == pytest.approx(9000.0 - 6 * 1000.0, rel=1e-3)

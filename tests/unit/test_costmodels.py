@@ -127,3 +127,58 @@ def test_layer_time_positive_finite_monotone(flops, mbs, tp):
     small = estimate_layer_time(layer(fwd_flops=flops), device, micro_batch_size=mbs, **kwargs).total_s
     large = estimate_layer_time(layer(fwd_flops=flops), device, micro_batch_size=mbs + 1, **kwargs).total_s
     assert 0 < small <= large and math.isfinite(large)
+
+
+# --- ranks sharing CPU cores, per-call collective costs, DDP buckets, Adam traffic ---------------
+def _local(**device) -> ClusterSpec:
+    data = ClusterSpec.local(world_size=4).model_dump()
+    data["device"].update(device)
+    data["intra_node"].update(bandwidth_gbps=1.0, latency_us=100.0, collective_overhead_us=2000.0)
+    data["inter_node"] = dict(data["intra_node"])
+    return ClusterSpec.model_validate(data)
+
+
+def test_shared_cores_discount_only_the_bubble():
+    config = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=1, num_micro_batches=8)
+    # m * max + (sum - max) / (v s): the steady state runs all busy, the bubble s times faster
+    assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.0, shared_core_slowdown=2.0) == \
+        pytest.approx(8 * 2 + 3 / 2)
+
+
+def test_collective_overhead_is_paid_once_per_call():
+    cluster = _local()
+    levels = group_levels(cluster, size=4, stride=1)
+    bandwidth = 1e9 * LINK_EFFICIENCY
+    assert estimate_all_reduce_s(1e6, levels) == pytest.approx(2 * 3 / 4 * 1e6 / bandwidth + 6 * 100e-6 + 2e-3)
+    assert estimate_p2p_s(1e6, cluster.intra_node) == pytest.approx(1e6 / bandwidth + 100e-6 + 2e-3)
+
+
+def test_cpu_ranks_expose_all_communication():
+    from autoplan.costmodels.pipeline import overlap_penalty
+
+    assert overlap_penalty(_local()) == 1.0
+    assert exposed_s(1.0, 3.0, overlap_penalty(_local())) == pytest.approx(1.0)
+    assert overlap_penalty(A100) == OVERLAP_PENALTY
+
+
+def test_ddp_buckets_replace_per_layer_latency():
+    from autoplan.costmodels.pipeline import DDP_BUCKET_BYTES, dp_sync_coefficients
+
+    cluster = _local()
+    ddp = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=1, num_micro_batches=1)
+    per_param, per_layer = dp_sync_coefficients(cluster, ddp, 0)
+    ring_byte = 2 * 3 / 4 / (1e9 * LINK_EFFICIENCY)
+    call = 6 * 100e-6 + 2e-3
+    assert per_layer == 0.0
+    assert per_param == pytest.approx(4 * (ring_byte + call / DDP_BUCKET_BYTES))
+    # with a pipeline the stage modules sync per layer (replicate_with_fsdp)
+    staged = ParallelConfig(dp=2, tp=1, pp=2, micro_batch_size=1, num_micro_batches=2)
+    per_param, per_layer = dp_sync_coefficients(cluster, staged, 0)
+    assert per_layer == pytest.approx(2 * 100e-6 + 2e-3)
+
+
+def test_adam_traffic_is_the_devices_constant():
+    from autoplan.costmodels.compute import estimate_optimizer_step_s
+
+    cluster = _local(adam_bytes_per_param=64.0, memory_bandwidth_gbps=8.0, memory_efficiency=1.0)
+    assert estimate_optimizer_step_s(1e6, cluster.device, "float32") == pytest.approx(64e6 / 8e9)
