@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--cluster", default=None, help="a calibrated local:4 file (default: calibrate now)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--global-batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     preset = ClusterSpec.local(world_size=4)
@@ -33,6 +34,7 @@ def main() -> None:
     rows = []
     for label, cluster in (("preset", preset), ("calibrated", calibrated)):
         report = run_bench(args.model, cluster, steps=args.steps, global_batch_size=args.global_batch_size,
+                           rounds=args.rounds,
                            json_path=str(OUT / f"calibration_effect_{label}.json"))
         rows.append((label, summarize(report)))
     print(f"{args.model} on local:4, {args.steps} timed steps per candidate")

@@ -121,10 +121,11 @@ def estimate_zero3_gathered_bytes(layers: list[LayerProfile], *, tp: int, param_
 
 
 def estimate_comm_buffer_bytes(layers: list[LayerProfile], *, micro_batch_size: int, tp: int, dp: int,
-                               activation_dtype: str) -> float:
-    """The largest collective buffer: a tp all-reduce of one layer's output or a dp bucket."""
+                               activation_dtype: str, ddp_bucket_views: bool = False) -> float:
+    """The largest collective buffer: a tp all-reduce of one layer's output or a dp bucket
+    (none with DDP's `gradient_as_bucket_view`, whose buckets are the gradients themselves)."""
     tp_bytes = 0.0
     if tp > 1:
         tp_bytes = max(max(layer.tp_allreduce_bytes_fwd, layer.tp_allreduce_bytes_bwd) for layer in layers)
         tp_bytes *= micro_batch_size * DTYPE_BYTES[activation_dtype] / 4
-    return max(tp_bytes, DDP_BUCKET_BYTES if dp > 1 else 0.0)
+    return max(tp_bytes, DDP_BUCKET_BYTES if dp > 1 and not ddp_bucket_views else 0.0)

@@ -226,6 +226,7 @@ def fixed_memory_bytes(profile: ModelProfile, cluster: ClusterSpec, config: Para
         "transient_bytes": estimate_transient_bytes(rank_layers, micro_batch_size=mbs, tp=tp,
                                                     activation_dtype=config.param_dtype),
         "comm_buffer_bytes": estimate_comm_buffer_bytes(profile.layers, micro_batch_size=mbs, tp=tp,
+                                                        ddp_bucket_views=uses_ddp_buckets(config, zero_stage),
                                                         dp=config.dp, activation_dtype=config.param_dtype),
         "framework_overhead_bytes": float(cluster.device.framework_overhead_bytes),
         "zero3_gathered_bytes": 0.0,
