@@ -409,13 +409,16 @@ def _materialize(t: torch.Tensor, device: torch.device, dtype: torch.dtype | Non
 
 
 def measure_layer(traced: TracedModel, layer: str, device: torch.device, *, dtype: torch.dtype | None = None,
-                  loss: Callable | None = None, repeats: int = 3) -> LayerMeasurement:
+                  loss: Callable | None = None, repeats: int = 3, min_time_s: float = 0.0) -> LayerMeasurement:
     """Run `layer` of `traced` forward and backward on `device` with random weights and inputs
     of the traced shapes (integer inputs are zeros: valid token ids); floating tensors in `dtype`
     (default: as traced). `loss(output)`, when given, runs after the forward and is timed with it.
 
     The first round warms up and counts what autograd saves (`saved_tensors_hooks`); the
-    times are the medians of `repeats` more rounds.
+    times are the medians of `repeats` more rounds. With `min_time_s` the rounds go on until
+    they add up to that long and the times are their means: on cores shared with other
+    processes a short round gets a whole core or half of one as the scheduler's slices fall,
+    and only the average over many slices is the rate a rank sees.
 
         >>> traced = trace_model(module, (tokens[:2],))                       # doctest: +SKIP
         >>> measure_layer(traced, "blocks.0", torch.device("cpu")).forward_s  # doctest: +SKIP
@@ -438,7 +441,9 @@ def measure_layer(traced: TracedModel, layer: str, device: torch.device, *, dtyp
     saved: list[torch.Tensor] = []
     saved_bytes = 0.0
     forward_s, backward_s = [], []
-    for round_index in range(repeats + 1):  # round 0 warms up and counts saved tensors
+    round_index = 0
+    while round_index <= repeats or sum(forward_s[1:]) + sum(backward_s[1:]) < min_time_s:
+        # round 0 warms up and counts saved tensors
         counting = torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t) \
             if round_index == 0 else contextlib.nullcontext()
         synchronize()
@@ -458,5 +463,7 @@ def measure_layer(traced: TracedModel, layer: str, device: torch.device, *, dtyp
         synchronize()
         forward_s.append(middle - start)
         backward_s.append(time.perf_counter() - middle)
-    return LayerMeasurement(forward_s=statistics.median(forward_s[1:]), backward_s=statistics.median(backward_s[1:]),
+        round_index += 1
+    average = statistics.mean if min_time_s else statistics.median
+    return LayerMeasurement(forward_s=average(forward_s[1:]), backward_s=average(backward_s[1:]),
                             saved_bytes=saved_bytes)

@@ -48,6 +48,9 @@ from autoplan.plan import read_json_model
 PROFILE_VERSION = 1
 LOSS_SUFFIX = "+loss"
 """Appended to the last layer's signature when the loss was measured with it."""
+SHARED_CORE_MIN_TIME_S = 0.4
+"""With busy peers, each layer and size is timed over at least this long and averaged
+(`autoplan.profile.measure_layer`): single rounds of a few ms scatter 2x with the scheduler."""
 DEFAULT_MICRO_BATCH_CAP = 8
 """`default_micro_batch_sizes` measures powers of two up to this: beyond it the per-sequence
 time is flat (a device is full), and each size costs one more run of every layer."""
@@ -202,7 +205,7 @@ def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable 
                     bar.update(task, description=f"{layer} at micro-batch {b}")
                     loss = bind_loss(loss_fn, cut(targets, b), device) if key.endswith(LOSS_SUFFIX) else None
                     result = measure_layer(traced, layer, device, dtype=getattr(torch, dtype), loss=loss,
-                                           repeats=repeats)
+                                           repeats=repeats, min_time_s=SHARED_CORE_MIN_TIME_S if busy_peers else 0.0)
                     entries[key].micro_batches[b] = MicroBatchMeasurement(
                         fwd_s=result.forward_s, bwd_s=result.backward_s, saved_bytes=result.saved_bytes)
                     bar.advance(task)
