@@ -89,7 +89,7 @@ class LinkSpec(BaseModel):
     latency_us: float = Field(ge=0)
     """One-message latency, microseconds."""
     collective_overhead_us: float = Field(default=0.0, ge=0)
-    """Fixed cost of each collective call (and each send) beyond its messages, microseconds:
+    """Fixed cost of each collective call beyond its messages, microseconds:
     on CPU ranks that outnumber the cores, the wait for every peer to be scheduled while
     the others compute (`autoplan calibrate` measures it); 0 for NCCL on GPUs."""
 

@@ -150,7 +150,8 @@ def test_collective_overhead_is_paid_once_per_call():
     levels = group_levels(cluster, size=4, stride=1)
     bandwidth = 1e9 * LINK_EFFICIENCY
     assert estimate_all_reduce_s(1e6, levels) == pytest.approx(2 * 3 / 4 * 1e6 / bandwidth + 6 * 100e-6 + 2e-3)
-    assert estimate_p2p_s(1e6, cluster.intra_node) == pytest.approx(1e6 / bandwidth + 100e-6 + 2e-3)
+    # a pipeline's sends are posted ahead: no wait for a descheduled peer
+    assert estimate_p2p_s(1e6, cluster.intra_node) == pytest.approx(1e6 / bandwidth + 100e-6)
 
 
 def test_cpu_ranks_expose_all_communication():
