@@ -22,6 +22,9 @@ With `rounds` > 1 every candidate is launched once per round, the rounds interle
 (candidate 1, 2, ..., then again), and its measured step is the median over all its timed
 steps: a shared machine's speed drifts by tens of percent over minutes, and interleaving
 spreads that drift over the candidates instead of onto whichever ran in a slow spell.
+Candidates whose plans are identical (the planner often picks a baseline's configuration)
+are one plan run more often: their steps are pooled and they report the same median
+(`pooled_with` names the others).
 A candidate that is infeasible, runs out of memory or fails is reported as
 "failed: <one line>" and the bench goes on; one that cannot run on this machine (a GPU
 cluster without GPUs, several nodes) keeps its prediction and says "not run: <why>".
@@ -106,6 +109,7 @@ def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequ
                 else:
                     _merge_round(candidates[index], entry)
                 console.print(f"  {label}{name}: {entry['status'].split(':')[0]}")
+    _pool_identical_plans(candidates)
     report = {"model": model_name, "cluster": cluster.describe(), "cluster_calibrated": cluster.calibrated,
               "steps": steps, "rounds": rounds, "global_batch_size": job.example_inputs[0].shape[0], "seq_len": seq_len,
               "candidates": candidates}
@@ -119,6 +123,28 @@ def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequ
     if plot_path:
         plot_bench(report, plot_path)
     return report
+
+
+def _pool_identical_plans(candidates: list[dict]) -> None:
+    """Give candidates with identical plans (mesh and every plan field) the median of all
+    their measured steps, and name each other in `pooled_with`."""
+    groups: dict[str, list[dict]] = {}
+    for entry in candidates:
+        if entry["measured_step_times_s"]:
+            key = json.dumps([entry["mesh"], entry["plan"]], sort_keys=True)
+            groups.setdefault(key, []).append(entry)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        pooled = [t for entry in group for t in entry["measured_step_times_s"]]
+        median_s = statistics.median(pooled)
+        for entry in group:
+            scale = entry["measured_step_s"] / median_s
+            entry["measured_tokens_per_s"] *= scale
+            if entry["measured_mfu"] is not None:
+                entry["measured_mfu"] *= scale
+            entry["measured_step_s"] = median_s
+            entry["pooled_with"] = [other["name"] for other in group if other is not entry]
 
 
 def _merge_round(entry: dict, again: dict) -> None:

@@ -32,3 +32,16 @@ def test_a_failed_round_is_reported_and_a_later_success_fills_in():
     entry = _entry([0.5], 80)
     _merge_round(entry, _entry(None, None, status="failed: timeout"))
     assert entry["status"] == "failed: timeout" and entry["measured_step_s"] == 0.5
+
+
+def test_identical_plans_share_their_pooled_steps():
+    from autoplan.bench import _pool_identical_plans
+
+    plan = {"micro_batch_size": 2, "zero_stage": 0}
+    chosen = {"name": "autoplan", "mesh": {"dp": 4}, "plan": dict(plan), **_entry([1.0, 1.2], 100)}
+    ddp = {"name": "ddp", "mesh": {"dp": 4}, "plan": dict(plan), **_entry([0.8, 0.9], 100)}
+    other = {"name": "fsdp", "mesh": {"dp": 4}, "plan": {**plan, "zero_stage": 3}, **_entry([2.0], 50)}
+    _pool_identical_plans([chosen, ddp, other])
+    assert chosen["measured_step_s"] == ddp["measured_step_s"] == statistics.median([1.0, 1.2, 0.8, 0.9])
+    assert chosen["pooled_with"] == ["ddp"] and ddp["pooled_with"] == ["autoplan"]
+    assert other["measured_step_s"] == 2.0 and "pooled_with" not in other
