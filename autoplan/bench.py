@@ -139,12 +139,17 @@ def _pool_identical_plans(candidates: list[dict]) -> None:
         pooled = [t for entry in group for t in entry["measured_step_times_s"]]
         median_s = statistics.median(pooled)
         for entry in group:
-            scale = entry["measured_step_s"] / median_s
-            entry["measured_tokens_per_s"] *= scale
-            if entry["measured_mfu"] is not None:
-                entry["measured_mfu"] *= scale
-            entry["measured_step_s"] = median_s
+            _set_measured_step(entry, median_s)
             entry["pooled_with"] = [other["name"] for other in group if other is not entry]
+
+
+def _set_measured_step(entry: dict, median_s: float) -> None:
+    """A new measured median step; tokens/s and MFU (both 1 / step time) follow it."""
+    scale = entry["measured_step_s"] / median_s
+    entry["measured_tokens_per_s"] *= scale
+    if entry["measured_mfu"] is not None:
+        entry["measured_mfu"] *= scale
+    entry["measured_step_s"] = median_s
 
 
 def _merge_round(entry: dict, again: dict) -> None:
@@ -156,15 +161,10 @@ def _merge_round(entry: dict, again: dict) -> None:
         return
     entry["measured_step_times_s"] = (entry["measured_step_times_s"] or []) + again["measured_step_times_s"]
     median_s = statistics.median(entry["measured_step_times_s"])
-    if entry["measured_step_s"]:
-        scale = entry["measured_step_s"] / median_s
-        entry["measured_tokens_per_s"] *= scale
-        if entry["measured_mfu"] is not None:
-            entry["measured_mfu"] *= scale
-    else:
-        entry.update({key: again[key] for key in ("measured_tokens_per_s", "measured_mfu",
+    if not entry["measured_step_s"]:
+        entry.update({key: again[key] for key in ("measured_step_s", "measured_tokens_per_s", "measured_mfu",
                                                   "measured_peak_memory_bytes_per_rank")})
-    entry["measured_step_s"] = median_s
+    _set_measured_step(entry, median_s)
     entry["measured_peak_memory_bytes"] = max(entry["measured_peak_memory_bytes"] or 0,
                                               again["measured_peak_memory_bytes"] or 0)
 
