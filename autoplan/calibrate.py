@@ -49,6 +49,11 @@ What is measured, and how it becomes cost-model constants:
   time, is `collective_overhead_us`: with more ranks than cores a collective waits for
   its peers to be scheduled, which an idle ping-pong never shows.
 
+* DTensor dispatch (CPU, several ranks): a colwise + rowwise Linear pair tensor-parallel
+  over pairs of ranks (DTensor, `parallelize_module`) against the same local Linears with
+  the same two all-reduces issued by hand, every rank busy; half the difference per step is
+  `device.tp_dispatch_overhead_us`, the host time DTensor adds per tensor-parallel site.
+
 The links measured are the ones between the `nproc` ranks of this machine: `intra_node`.
 For the `local` preset (one machine) `inter_node` gets the same figures; for a multi-node
 preset `inter_node` keeps its datasheet value.
@@ -96,6 +101,13 @@ LOADED_MLP = (256, 256, 1)
 """The collective-overhead probe's compute between two all-reduces (~10 ms alone)."""
 LOADED_ROUNDS = 20
 """MLP step + small all-reduce rounds of the collective-overhead probe (CPU)."""
+DISPATCH_MLP = (16, 64)
+"""The DTensor-dispatch probe: tokens, width of a colwise Linear(w, 4w) + rowwise Linear(4w, w)
+pair, small enough that its matmuls take microseconds and the host work is what is timed."""
+DISPATCH_ROUNDS = 20
+"""Forward + backward steps per timing of the DTensor-dispatch probe."""
+DISPATCH_REPEATS = 5
+"""DTensor / by-hand alternations of the dispatch probe (the median difference is kept)."""
 ADAM_PARAMS = (32, 1 << 18)
 """The Adam probe's parameters, tensors x elements: 8 M, so its states (4 x 32 MiB) overflow the
 caches as a model's do."""
@@ -136,6 +148,8 @@ class Calibration:
     """Time a 1 KiB all-reduce issued between MLP steps adds per round (CPU, several ranks)."""
     adam_seconds_per_param: float | None = None
     """One AdamW step's seconds per float32 parameter, median over ranks."""
+    tp_dispatch_s: float | None = None
+    """Host seconds DTensor adds per tensor-parallel site and micro-batch (CPU, several ranks)."""
     wall_s: float = 0.0
 
     def large_matmul_flops(self, dtype: str) -> tuple[int, float]:
@@ -187,6 +201,8 @@ class Calibration:
             data["intra_node"] = link
             if cluster.num_nodes == 1 or cluster.device.kind == "cpu":
                 data["inter_node"] = dict(link)
+        if self.tp_dispatch_s is not None:
+            device["tp_dispatch_overhead_us"] = self.tp_dispatch_s * 1e6
         device["shared_core_slowdown"] = max(1.0, self.shared_core_slowdown)
         data["calibrated"] = True
         return ClusterSpec.model_validate(data)
@@ -219,6 +235,8 @@ class Calibration:
         if self.nproc > 1 and self.device == "cpu":
             table.add_row("shared-core slowdown (all ranks busy / one alone)", f"{self.shared_core_slowdown:.3g}")
             table.add_row("collective overhead under load, us", f"{self.collective_overhead_us():.3g}")
+            if self.tp_dispatch_s is not None:
+                table.add_row("DTensor host time per tensor-parallel site, us", f"{self.tp_dispatch_s * 1e6:.3g}")
         for fit in [*self.collectives.values(), *([self.link] if self.link else [])]:
             table.add_row(f"{fit.name}: latency us / bandwidth GB/s",
                           f"{fit.latency_us:.3g} / {fit.bandwidth_gbps:.3g}")
@@ -275,6 +293,7 @@ def measure(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None,
         alone_s, busy_s, extra_s = per_rank[0]["sharing"]
         result.shared_core_slowdown = busy_s / alone_s
         result.loaded_extra_us = extra_s * 1e6
+        result.tp_dispatch_s = per_rank[0]["tp_dispatch_s"]
     if nproc > 1:
         timings = per_rank[0]["collectives"]  # already the max over ranks
         result.collectives = {name: fit_collectives({name: points}, nproc, name) for name, points in timings.items()}
@@ -345,7 +364,7 @@ def _run_on_ranks(nproc: int, device: str, dtypes: list[str], matmul_sizes: tupl
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    total = len(dtypes) + 2 + (len(COLLECTIVES) * len(message_bytes) + 1 if nproc > 1 else 0)
+    total = len(dtypes) + 2 + (len(COLLECTIVES) * len(message_bytes) + 2 if nproc > 1 else 0)
     processes = [context.Process(target=_rank_main, daemon=True,
                                  args=(rank, nproc, port, device, dtypes, matmul_sizes, message_bytes, queue))
                  for rank in range(nproc)]
@@ -415,6 +434,8 @@ def _rank_main(rank: int, nproc: int, port: int, device: str, dtypes: list[str],
         if nproc > 1:
             result["sharing"] = _time_sharing(timer, rank) if device == "cpu" else None
             report("shared cores")
+            result["tp_dispatch_s"] = _time_tp_dispatch(nproc, rank) if device == "cpu" else None
+            report("DTensor dispatch")
             for name in COLLECTIVES:
                 result["collectives"][name] = []
                 for size in message_bytes:
@@ -541,6 +562,42 @@ def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float]:
     rounds(True)  # warm-up
     extra = statistics.median(rounds(True) - rounds(False) for _ in range(3))
     return alone, busy, max(extra, 0.0)
+
+
+def _time_tp_dispatch(nproc: int, rank: int) -> float:
+    """Host seconds DTensor adds per tensor-parallel site and step (module docstring), >= 0."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tokens, width = DISPATCH_MLP
+    tp = 2 if nproc % 2 == 0 else nproc
+    mesh = init_device_mesh("cpu", (nproc // tp, tp), mesh_dim_names=("dp", "tp"))["tp"]
+    split = torch.nn.ModuleDict({"fc": torch.nn.Linear(width, 4 * width), "proj": torch.nn.Linear(4 * width, width)})
+    parallelize_module(split, mesh, {"fc": ColwiseParallel(), "proj": RowwiseParallel()})
+    fc, proj = torch.nn.Linear(width, 4 * width // tp), torch.nn.Linear(4 * width // tp, width)
+    group = mesh.get_group()
+    x = torch.randn(tokens, width, requires_grad=True)
+
+    def tensor_parallel() -> None:  # all-reduces: proj's output forward, x's gradient backward
+        split["proj"](torch.nn.functional.gelu(split["fc"](x))).sum().backward()
+
+    def by_hand() -> None:
+        y = proj(torch.nn.functional.gelu(fc(x)))
+        dist.all_reduce(y.detach(), group=group)
+        y.sum().backward()
+        dist.all_reduce(x.grad, group=group)
+
+    def seconds(step) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(DISPATCH_ROUNDS):
+            step()
+        return _slowest(time.perf_counter() - start) / DISPATCH_ROUNDS
+
+    seconds(tensor_parallel), seconds(by_hand)  # warm-up
+    extra = statistics.median(seconds(tensor_parallel) - seconds(by_hand) for _ in range(DISPATCH_REPEATS))
+    return max(extra / 2, 0.0)
 
 
 def _time_collective(timer: _Timer, name: str, size: int, nproc: int, rank: int) -> tuple[int, float]:

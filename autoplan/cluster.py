@@ -57,6 +57,11 @@ class DeviceSpec(BaseModel):
     runs alone: > 1 where ranks share CPU cores (`local` with more ranks than cores), 1 for
     GPUs. The device's rates are the all-busy ones; a rank whose peers idle (a pipeline
     bubble) runs up to this much faster (costmodels/pipeline.py)."""
+    tp_dispatch_overhead_us: float = Field(default=0.0, ge=0)
+    """Host time DTensor adds per tensor-parallel site (one split Linear, norm or embedding)
+    per micro-batch, forward + backward, microseconds: wrapping, sharding propagation and
+    redistribution run in Python around every op on a DTensor. 0 on GPUs, where it runs
+    ahead of the kernels; a CPU rank pays it in full (`autoplan calibrate` measures it)."""
     overlaps_communication: bool = True
     """Whether collectives run beside compute (NCCL on CUDA streams). A CPU rank's gloo
     collectives share the cores its compute uses, so on `local` all communication is exposed."""

@@ -70,6 +70,10 @@ LOCAL_LINK = {"bandwidth_gbps": 1.0, "latency_us": 50.0}
 # torch.optim.AdamW's multi-tensor (foreach) path on a CPU makes about a dozen passes
 # over parameter-sized tensors; measured here as ~100 bytes moved per parameter.
 LOCAL_ADAM_BYTES_PER_PARAM = 100.0
+# DTensor's host work per tensor-parallel site (a split Linear's forward + backward):
+# `autoplan calibrate` measured 2.2-3.0 ms with 4 ranks on this 2-core machine (all busy,
+# shared-core slowdown ~2.5), i.e. ~1 ms for a rank with a core of its own.
+LOCAL_TP_DISPATCH_US = 1000.0
 # A Python process with torch and gloo imported holds ~300 MB resident before any model.
 LOCAL_OVERHEAD_BYTES = 300 * 1024**2
 
@@ -82,6 +86,8 @@ CALIBRATED_CONSTANTS = {
     "device.memory_efficiency": "0.8: STREAM-like share of datasheet HBM bandwidth",
     "device.adam_bytes_per_param": "28: a fused Adam kernel's reads and writes; local: ~100 (multi-tensor passes)",
     "device.shared_core_slowdown": "1 on GPUs; local: ranks / cores",
+    "device.tp_dispatch_overhead_us": "0 on GPUs (host work runs ahead of the kernels); local: 1 ms a core, "
+                                      "times ranks / cores",
     "intra_node.bandwidth_gbps": "NVLink datasheet (GPU) / loopback gloo guess (local)",
     "intra_node.latency_us": "NCCL tests small-message latency (GPU) / loopback guess (local)",
     "intra_node.collective_overhead_us": "0: NCCL calls are asynchronous; measured on CPU ranks",
@@ -112,6 +118,7 @@ def local_cluster_fields(world_size: int) -> dict:
             "framework_overhead_bytes": 0,
             "adam_bytes_per_param": LOCAL_ADAM_BYTES_PER_PARAM,
             "shared_core_slowdown": 1.0 / core_share,
+            "tp_dispatch_overhead_us": LOCAL_TP_DISPATCH_US / core_share,
             "overlaps_communication": False,
         },
         "intra_node": dict(LOCAL_LINK),

@@ -33,7 +33,10 @@ the penalty is 1 and every collective is exposed.
 Every collective pays its latency: the backends issue one data-parallel collective per
 layer holding parameters (FSDP2 units), and per tensor-parallel site (`tp_collectives`):
 an all-reduce after each rowwise Linear / vocab-split embedding or output in forward, one
-per group of colwise Linears reading one tensor in backward.
+per group of colwise Linears reading one tensor in backward. Sequence parallelism splits
+each of these all-reduces into a reduce-scatter and an all-gather: the same bytes, twice
+the calls (`tp_site_comm_s`). Each site also pays DTensor's host time per micro-batch,
+`device.tp_dispatch_overhead_us` (`tp_dispatch_s`; 0 on GPUs, measured on CPU ranks).
 
 `estimate_step` evaluates one fully specified plan (mesh, micro-batch, schedule,
 ZeRO, sequence parallelism, layers per rank with their recompute option); the MILP in
@@ -117,10 +120,13 @@ def estimate_layer_cost(layer: LayerProfile, recompute: str, cluster: ClusterSpe
     act_scale = micro_batch_size * DTYPE_BYTES[param_dtype] / 4
     tp_levels = group_levels(cluster, tp, 1)
     fwd_calls, bwd_calls = tp_collectives(layer)
-    fwd_comm = fwd_calls * estimate_all_reduce_s(layer.tp_allreduce_bytes_fwd * act_scale / fwd_calls, tp_levels) \
-        if tp > 1 and layer.tp_allreduce_bytes_fwd else 0.0
-    bwd_comm = bwd_calls * estimate_all_reduce_s(layer.tp_allreduce_bytes_bwd * act_scale / bwd_calls, tp_levels) \
-        if tp > 1 and layer.tp_allreduce_bytes_bwd else 0.0
+    fwd_comm = fwd_calls * tp_site_comm_s(layer.tp_allreduce_bytes_fwd * act_scale / fwd_calls, tp_levels,
+                                          sequence_parallel) if tp > 1 and layer.tp_allreduce_bytes_fwd else 0.0
+    bwd_comm = bwd_calls * tp_site_comm_s(layer.tp_allreduce_bytes_bwd * act_scale / bwd_calls, tp_levels,
+                                          sequence_parallel) if tp > 1 and layer.tp_allreduce_bytes_bwd else 0.0
+    dispatch = tp_dispatch_s(layer, cluster, sequence_parallel) if tp > 1 else 0.0
+    fwd_comm += dispatch / 2
+    bwd_comm += dispatch / 2
     recompute_comm = fwd_comm if recompute == "full" else 0.0
     params = local_param_count(layer, tp)
     zero3_comm = 0.0
@@ -141,6 +147,30 @@ def estimate_layer_cost(layer: LayerProfile, recompute: str, cluster: ClusterSpe
         zero3_comm_s=zero3_comm,
         sync_units=1.0 if params else 0.0,
     )
+
+
+def tp_dispatch_s(layer: LayerProfile, cluster: ClusterSpec, sequence_parallel: bool) -> float:
+    """DTensor's host time for `layer`'s tensor-parallel sites, forward + backward of one
+    micro-batch (`device.tp_dispatch_overhead_us` per site; half forward, half backward).
+    Norm / dropout sites are DTensors only with sequence parallelism."""
+    sites = sum(site.style != "sequence_parallel" or sequence_parallel for site in layer.tp_sites.values())
+    return sites * cluster.device.tp_dispatch_overhead_us * 1e-6
+
+
+def tp_site_comm_s(num_bytes: float, levels: list, sequence_parallel: bool) -> float:
+    """One tensor-parallel site's collective on `num_bytes`: an all-reduce, or with sequence
+    parallelism the reduce-scatter and all-gather it splits into (same bytes moved, but two
+    calls, each paying `collective_overhead_us`).
+
+    >>> from autoplan.cluster import LinkSpec
+    >>> levels = [(2, LinkSpec(bandwidth_gbps=1.0, latency_us=0.0, collective_overhead_us=1000.0))]
+    >>> round((tp_site_comm_s(0, levels, True) - tp_site_comm_s(0, levels, False)) * 1e3, 3)
+    1.0
+    """
+    if not sequence_parallel:
+        return estimate_all_reduce_s(num_bytes, levels)
+    return (estimate_collective_s("reduce_scatter", num_bytes, levels)
+            + estimate_collective_s("all_gather", num_bytes, levels))
 
 
 def tp_collectives(layer: LayerProfile) -> tuple[int, int]:

@@ -120,7 +120,8 @@ def shared_core_cluster() -> ClusterSpec:
     """tiny_cluster as CPU ranks sharing cores: bubbles discounted, nothing overlapped,
     a fixed cost per collective."""
     data = tiny_cluster().model_dump()
-    data["device"].update(shared_core_slowdown=2.5, overlaps_communication=False, adam_bytes_per_param=100.0)
+    data["device"].update(shared_core_slowdown=2.5, overlaps_communication=False, adam_bytes_per_param=100.0,
+                          tp_dispatch_overhead_us=2000.0)
     for link in ("intra_node", "inter_node"):
         data[link]["collective_overhead_us"] = 3000.0
     return ClusterSpec.model_validate(data)

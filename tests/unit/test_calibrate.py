@@ -51,6 +51,8 @@ def test_two_rank_calibration_is_fast_positive_and_reproduces_a_direct_matmul_ti
                device.memory_efficiency, cluster.intra_node.bandwidth_gbps, cluster.intra_node.latency_us]
     assert all(math.isfinite(x) and x > 0 for x in numbers), numbers
     assert cluster.intra_node != preset.intra_node and cluster.inter_node == cluster.intra_node
+    # DTensor's wrapping and sharding propagation cost host time beyond the same collectives by hand
+    assert device.tp_dispatch_overhead_us > 0 and device.tp_dispatch_overhead_us != preset.device.tp_dispatch_overhead_us
     flops = 2 * MATMUL_N**3
     implied_s = flops / (device.peak_flops["float32"] * matmul_efficiency(flops, device))
     direct_s = _direct_matmul_s(MATMUL_N)

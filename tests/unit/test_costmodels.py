@@ -183,3 +183,43 @@ def test_adam_traffic_is_the_devices_constant():
 
     cluster = _local(adam_bytes_per_param=64.0, memory_bandwidth_gbps=8.0, memory_efficiency=1.0)
     assert estimate_optimizer_step_s(1e6, cluster.device, "float32") == pytest.approx(64e6 / 8e9)
+
+
+def _tp_block() -> LayerProfile:
+    from autoplan.plan import TPSite
+
+    sites = {"b.attn.qkv": TPSite(style="colwise"), "b.attn.o": TPSite(style="rowwise"),
+             "b.mlp.fc": TPSite(style="colwise"), "b.mlp.proj": TPSite(style="rowwise"),
+             "b.ln_1": TPSite(style="sequence_parallel"), "b.ln_2": TPSite(style="sequence_parallel")}
+    return LayerProfile(name="b", signature="s", param_count=10, fwd_flops=1e9, bwd_flops=2e9,
+                        saved_bytes={"none": 100.0, "full": 10.0}, tp_saved_bytes={"none": 50.0, "full": 5.0},
+                        output_bytes=0.0, tp_allreduce_bytes_fwd=2e6, tp_allreduce_bytes_bwd=2e6, tp_sites=sites)
+
+
+def _tp_comm_s(cluster: ClusterSpec, sequence_parallel: bool, recompute: str = "none") -> float:
+    from autoplan.costmodels.pipeline import estimate_layer_cost
+
+    return estimate_layer_cost(_tp_block(), recompute, cluster, dp=2, tp=2, micro_batch_size=1,
+                               sequence_parallel=sequence_parallel, param_dtype="float32",
+                               grad_reduce_dtype="float32").tp_comm_s
+
+
+def test_sequence_parallel_pays_two_calls_per_site():
+    # 2 all-reduces forward (rowwise) and 2 backward (colwise groups) of 1 MB each; with
+    # sequence parallelism each is a reduce-scatter + an all-gather: same bytes and ring
+    # steps, one more 2 ms call overhead
+    cluster = _local(tp_dispatch_overhead_us=0.0)
+    call = 2 * 100e-6 + 2e-3  # an all-reduce on 2 ranks: 2 ring steps + the call
+    all_reduce = 2 * 1 / 2 * 1e6 / (1e9 * LINK_EFFICIENCY) + call
+    assert _tp_comm_s(cluster, False) == pytest.approx(4 * all_reduce)
+    assert _tp_comm_s(cluster, True) == pytest.approx(4 * (all_reduce + 2e-3))
+
+
+def test_dtensor_dispatch_is_paid_per_site():
+    base, with_dispatch = _local(tp_dispatch_overhead_us=0.0), _local(tp_dispatch_overhead_us=1000.0)
+    # 4 Linear sites; the 2 norms are DTensors only under sequence parallelism
+    assert _tp_comm_s(with_dispatch, False) - _tp_comm_s(base, False) == pytest.approx(4e-3)
+    assert _tp_comm_s(with_dispatch, True) - _tp_comm_s(base, True) == pytest.approx(6e-3)
+    # full recompute runs the forward (half the dispatch) again
+    assert (_tp_comm_s(with_dispatch, False, "full") - _tp_comm_s(base, False, "full")
+            == pytest.approx(4e-3 * 1.5))
