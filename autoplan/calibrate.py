@@ -48,6 +48,10 @@ What is measured, and how it becomes cost-model constants:
   all-reduce; the time per round beyond the MLP steps alone, less the fitted all-reduce
   time, is `collective_overhead_us`: with more ranks than cores a collective waits for
   its peers to be scheduled, which an idle ping-pong never shows.
+* Pipeline send overhead under load (CPU): the same rounds with a ring exchange instead
+  (each rank's receive posted before its MLP step, as pipeline schedules post theirs,
+  then a 1 KiB send to the next rank); the extra time per round less one fitted latency
+  is `p2p_overhead_us`, the receiver's wait to be scheduled.
 
 * DTensor dispatch (CPU, several ranks): a colwise + rowwise Linear pair tensor-parallel
   over pairs of ranks (DTensor, `parallelize_module`) against the same local Linears with
@@ -148,6 +152,8 @@ class Calibration:
     """Time a 1 KiB all-reduce issued between MLP steps adds per round (CPU, several ranks)."""
     adam_seconds_per_param: float | None = None
     """One AdamW step's seconds per float32 parameter, median over ranks."""
+    loaded_p2p_extra_us: float | None = None
+    """Time a ring exchange (receive posted ahead) between MLP steps adds per round (CPU, several ranks)."""
     tp_dispatch_s: float | None = None
     """Host seconds DTensor adds per tensor-parallel site and micro-batch (CPU, several ranks)."""
     wall_s: float = 0.0
@@ -197,7 +203,7 @@ class Calibration:
         if self.link is not None:
             # the communication model uses bandwidth_gbps * LINK_EFFICIENCY as the achieved rate
             link = {"bandwidth_gbps": self.link.bandwidth_gbps / LINK_EFFICIENCY, "latency_us": self.link.latency_us,
-                    "collective_overhead_us": self.collective_overhead_us()}
+                    "collective_overhead_us": self.collective_overhead_us(), "p2p_overhead_us": self.p2p_overhead_us()}
             data["intra_node"] = link
             if cluster.num_nodes == 1 or cluster.device.kind == "cpu":
                 data["inter_node"] = dict(link)
@@ -213,6 +219,12 @@ class Calibration:
             return 0.0
         steps, _ = ring_terms("all_reduce", self.nproc)
         return max(0.0, self.loaded_extra_us - steps * self.link.latency_us)
+
+    def p2p_overhead_us(self) -> float:
+        """The loaded ring exchange's extra time beyond one fitted latency (0 when not measured)."""
+        if self.loaded_p2p_extra_us is None or self.link is None:
+            return 0.0
+        return max(0.0, self.loaded_p2p_extra_us - self.link.latency_us)
 
     def table(self):
         """A rich Table of the measurements (what `autoplan calibrate` prints)."""
@@ -235,6 +247,7 @@ class Calibration:
         if self.nproc > 1 and self.device == "cpu":
             table.add_row("shared-core slowdown (all ranks busy / one alone)", f"{self.shared_core_slowdown:.3g}")
             table.add_row("collective overhead under load, us", f"{self.collective_overhead_us():.3g}")
+            table.add_row("pipeline send overhead under load, us", f"{self.p2p_overhead_us():.3g}")
             if self.tp_dispatch_s is not None:
                 table.add_row("DTensor host time per tensor-parallel site, us", f"{self.tp_dispatch_s * 1e6:.3g}")
         for fit in [*self.collectives.values(), *([self.link] if self.link else [])]:
@@ -294,6 +307,7 @@ def measure(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None,
         result.shared_core_slowdown = busy_s / alone_s
         result.loaded_extra_us = extra_s * 1e6
         result.tp_dispatch_s = per_rank[0]["tp_dispatch_s"]
+        result.loaded_p2p_extra_us = per_rank[0]["p2p_extra_s"] * 1e6
     if nproc > 1:
         timings = per_rank[0]["collectives"]  # already the max over ranks
         result.collectives = {name: fit_collectives({name: points}, nproc, name) for name, points in timings.items()}
@@ -433,6 +447,7 @@ def _rank_main(rank: int, nproc: int, port: int, device: str, dtypes: list[str],
         report("AdamW step")
         if nproc > 1:
             result["sharing"] = _time_sharing(timer, rank) if device == "cpu" else None
+            result["p2p_extra_s"] = _time_loaded_p2p(rank, nproc) if device == "cpu" else None
             report("shared cores")
             result["tp_dispatch_s"] = _time_tp_dispatch(nproc, rank) if device == "cpu" else None
             report("DTensor dispatch")
@@ -562,6 +577,30 @@ def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float]:
     rounds(True)  # warm-up
     extra = statistics.median(rounds(True) - rounds(False) for _ in range(3))
     return alone, busy, max(extra, 0.0)
+
+
+def _time_loaded_p2p(rank: int, nproc: int) -> float:
+    """Extra seconds per round of a ring exchange (receive posted ahead, as a pipeline
+    schedule does; a 1 KiB activation to the next rank) between probe-MLP steps, every rank
+    busy: a pipeline send's wait for its peer to be scheduled."""
+    import torch.distributed as dist
+
+    step, buffer, inbox = _probe_mlp(*LOADED_MLP), torch.zeros(256), torch.zeros(256)
+
+    def rounds(exchange: bool) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(LOADED_ROUNDS):
+            pending = (dist.batch_isend_irecv([dist.P2POp(dist.irecv, inbox, (rank - 1) % nproc)])
+                       if exchange else [])
+            step()
+            if exchange:
+                for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, buffer, (rank + 1) % nproc)]) + pending:
+                    work.wait()
+        return _slowest(time.perf_counter() - start) / LOADED_ROUNDS
+
+    rounds(True)  # warm-up
+    return max(statistics.median(rounds(True) - rounds(False) for _ in range(3)), 0.0)
 
 
 def _time_tp_dispatch(nproc: int, rank: int) -> float:

@@ -97,6 +97,10 @@ class LinkSpec(BaseModel):
     """Fixed cost of each collective call beyond its messages, microseconds:
     on CPU ranks that outnumber the cores, the wait for every peer to be scheduled while
     the others compute (`autoplan calibrate` measures it); 0 for NCCL on GPUs."""
+    p2p_overhead_us: float = Field(default=0.0, ge=0)
+    """Fixed cost of each pipeline send beyond its message, microseconds: on CPU ranks that
+    outnumber the cores, the receiver's wait to be scheduled once the activation arrives
+    (`autoplan calibrate` measures it); 0 on GPUs."""
 
 
 class ClusterSpec(BaseModel):

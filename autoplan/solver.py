@@ -297,8 +297,8 @@ def build_instance(profile: ModelProfile, cluster: ClusterSpec, split: LayerSpli
 
 def lower_bound_s(inst: Instance) -> float:
     """Perfect balance (but the slowest rank holds >= ceil(N/p) blocks and the first and
-    last ranks their pinned layers plus a block), the largest v allowed (and shared cores'
-    bubble discount s), the cheapest
+    last ranks their pinned layers plus a block), the largest v allowed (and, on shared cores,
+    the critical path at alone speed), the cheapest
     recompute/SP option per layer, and per ZeRO option only the unavoidable
     `overlap_penalty` share of its communication."""
     split, base, pp = inst.split, inst.base, inst.pp
@@ -326,8 +326,8 @@ def lower_bound_s(inst: Instance) -> float:
         zero3_share = penalty * zero3_s if zero == 3 else 0.0
         busy = total_s + zero3_share
         slowest = max(busy / pp, slowest_s)
-        w = v * slowdown
-        pipeline = (m - 1 / w) * slowest + busy / w + (2 * p2p * (m + pp - 1) if pp > 1 else 0.0)
+        pipeline = max(((m - 1 / v) * slowest + busy / v) / slowdown, m * busy / pp) + (
+            2 * p2p * (m + pp - 1) if pp > 1 else 0.0)
         per_param, latency = dp_sync_coefficients(inst.cluster, config, zero)
         shard = params / pp / (base.dp if zero >= 1 else 1)
         extra = penalty * (per_param * params + latency * sync_units) / pp + estimate_optimizer_step_s(
@@ -368,6 +368,7 @@ class Milp:
         self.X = {(i, c): cont(f"X_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero == 3}
         self.E = {(i, c): cont(f"E_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero != 3}
         self.Tmax = {c: cont(f"Tmax_{c.name}") for c in self.combos}
+        self.P = {c: cont(f"P_{c.name}") for c in self.combos}
         self.W = cont("W")
         self._sums: dict = {}
 
@@ -419,8 +420,10 @@ class Milp:
                 self.problem += self.Tmax[c] >= self.busy(i, c), f"slowest_rank_{i}_{c.name}"
 
     def pipeline_expression(self) -> pulp.LpAffineExpression:
-        """sum_c (m - 1/w_c) Tmax_c + (1/w_c) sum_i (T_i,c + X_i,c) + 2 p2p_c (m v_c + p - 1) u_c
-        with w_c = v_c s (s = device.shared_core_slowdown, 1 on GPUs; costmodels.pipeline)."""
+        """sum_c P_c + 2 p2p_c (m v_c + p - 1) u_c, with B_c = sum_i (T_i,c + X_i,c) and
+        P_c >= ((m - 1/v_c) Tmax_c + B_c / v_c) / s,  P_c >= m B_c / p
+        (s = device.shared_core_slowdown, 1 on GPUs, where the first bound always binds;
+        costmodels.pipeline)."""
         inst = self.inst
         m, p = inst.base.num_micro_batches, inst.pp
         slowdown = inst.cluster.device.shared_core_slowdown
@@ -428,9 +431,12 @@ class Milp:
         for c in self.combos:
             p2p = p2p_time_s(inst.profile, inst.cluster, inst.config((c.schedule, c.v), c.zero, c.sp))
             comm = 2 * p2p * (m * c.v + p - 1) if p > 1 else 0.0
-            w = c.v * slowdown
-            terms.append((m - 1 / w) * self.Tmax[c] + (1 / w) * pulp.lpSum(self.busy(i, c) for i in range(p))
-                         + comm * self.u[c])
+            busy = pulp.lpSum(self.busy(i, c) for i in range(p))
+            self.problem += self.P[c] >= ((m - 1 / c.v) * self.Tmax[c] + (1 / c.v) * busy) * (1 / slowdown), \
+                f"pipeline_critical_path_{c.name}"
+            if slowdown > 1:
+                self.problem += self.P[c] >= (m / p) * busy, f"pipeline_shared_cores_{c.name}"
+            terms.append(self.P[c] + comm * self.u[c])
         return pulp.lpSum(terms)
 
     def add_sync_constraints(self) -> None:

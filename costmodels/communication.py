@@ -127,14 +127,16 @@ def estimate_reduce_scatter_s(num_bytes: float, levels: list[Level]) -> float:
 
 
 def estimate_p2p_s(num_bytes: float, link: LinkSpec) -> float:
-    """One point-to-point send: B / bw + alpha. No `collective_overhead_us`: pipeline schedules
-    post their receives ahead (batched isend/irecv), so a send does not wait for its peer to
-    be scheduled the way a blocking collective does.
+    """One point-to-point send: B / bw + alpha + `p2p_overhead_us`. Not `collective_overhead_us`:
+    pipeline schedules post their receives ahead (batched isend/irecv), so a send waits
+    only for its receiver to be scheduled (measured on CPU ranks, 0 on GPUs), not for a
+    whole group.
 
     >>> round(estimate_p2p_s(25e6, LinkSpec(bandwidth_gbps=25.0, latency_us=5.0)) * 1e3, 3)
     1.116
     """
-    return num_bytes / (link.bandwidth_gbps * 1e9 * LINK_EFFICIENCY) + link.latency_us * 1e-6
+    return (num_bytes / (link.bandwidth_gbps * 1e9 * LINK_EFFICIENCY)
+            + (link.latency_us + link.p2p_overhead_us) * 1e-6)
 
 
 def pipeline_link(cluster: ClusterSpec, pp: int, stride: int) -> LinkSpec:

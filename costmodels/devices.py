@@ -91,6 +91,7 @@ CALIBRATED_CONSTANTS = {
     "intra_node.bandwidth_gbps": "NVLink datasheet (GPU) / loopback gloo guess (local)",
     "intra_node.latency_us": "NCCL tests small-message latency (GPU) / loopback guess (local)",
     "intra_node.collective_overhead_us": "0: NCCL calls are asynchronous; measured on CPU ranks",
+    "intra_node.p2p_overhead_us": "0: NCCL sends are asynchronous; measured on CPU ranks",
     "inter_node.bandwidth_gbps": "InfiniBand HCA rate per GPU (DGX user guides); local: = intra_node",
 }
 """Every cost-model constant `autoplan calibrate` replaces (a ClusterSpec field path) and the

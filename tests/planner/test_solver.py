@@ -123,7 +123,7 @@ def shared_core_cluster() -> ClusterSpec:
     data["device"].update(shared_core_slowdown=2.5, overlaps_communication=False, adam_bytes_per_param=100.0,
                           tp_dispatch_overhead_us=2000.0)
     for link in ("intra_node", "inter_node"):
-        data[link]["collective_overhead_us"] = 3000.0
+        data[link].update(collective_overhead_us=3000.0, p2p_overhead_us=1500.0)
     return ClusterSpec.model_validate(data)
 
 

@@ -138,11 +138,17 @@ def _local(**device) -> ClusterSpec:
     return ClusterSpec.model_validate(data)
 
 
-def test_shared_cores_discount_only_the_bubble():
+def test_shared_cores_pipeline_is_bound_by_work_or_critical_path():
     config = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=1, num_micro_batches=8)
-    # m * max + (sum - max) / (v s): the steady state runs all busy, the bubble s times faster
-    assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.0, shared_core_slowdown=2.0) == \
-        pytest.approx(8 * 2 + 3 / 2)
+    # all-busy stage times 1, 2, 1, 1 on cores shared two ranks to a core (s = 2): the cores
+    # do 8 * (1 + 2 + 1 + 1) all-busy seconds over 4 ranks = 10 s; the slowest stage alone
+    # (2 / 2 = 1 s a micro-batch) plus the others' bubble at alone speed is 8 + 3 / 2 = 9.5 s
+    assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.0, shared_core_slowdown=2.0) == pytest.approx(10.0)
+    # a few micro-batches over many stages: the critical path binds, (2 * 2 + 3) / 2 = 3.5 s
+    short = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=1, num_micro_batches=2)
+    assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], short, 0.0, shared_core_slowdown=2.0) == pytest.approx(3.5)
+    # on a GPU (s = 1) the critical path always binds: (m - 1) * max + sum
+    assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.0) == pytest.approx(7 * 2 + 5)
 
 
 def test_collective_overhead_is_paid_once_per_call():
@@ -150,8 +156,10 @@ def test_collective_overhead_is_paid_once_per_call():
     levels = group_levels(cluster, size=4, stride=1)
     bandwidth = 1e9 * LINK_EFFICIENCY
     assert estimate_all_reduce_s(1e6, levels) == pytest.approx(2 * 3 / 4 * 1e6 / bandwidth + 6 * 100e-6 + 2e-3)
-    # a pipeline's sends are posted ahead: no wait for a descheduled peer
+    # a pipeline's receives are posted ahead: a send waits for one peer, not for a group
     assert estimate_p2p_s(1e6, cluster.intra_node) == pytest.approx(1e6 / bandwidth + 100e-6)
+    loaded = cluster.intra_node.model_copy(update={"p2p_overhead_us": 700.0})
+    assert estimate_p2p_s(1e6, loaded) == pytest.approx(1e6 / bandwidth + 100e-6 + 700e-6)
 
 
 def test_cpu_ranks_expose_all_communication():
