@@ -34,8 +34,6 @@ ADAM_BYTES = 8
 """Two fp32 moments per parameter."""
 GRAD_ACCUMULATOR_BYTES = 4
 """Gradients accumulate in fp32 (Megatron's main_grad; float32 training: the grad itself)."""
-DDP_BUCKET_BYTES = 25 * 1024**2
-"""torch DDP's default gradient bucket (bucket_cap_mb=25): the dp communication buffer."""
 
 
 def model_state_bytes_per_param(param_dtype: str) -> dict[str, float]:
@@ -121,11 +119,17 @@ def estimate_zero3_gathered_bytes(layers: list[LayerProfile], *, tp: int, param_
 
 
 def estimate_comm_buffer_bytes(layers: list[LayerProfile], *, micro_batch_size: int, tp: int, dp: int,
-                               activation_dtype: str, ddp_bucket_views: bool = False) -> float:
-    """The largest collective buffer: a tp all-reduce of one layer's output or a dp bucket
-    (none with DDP's `gradient_as_bucket_view`, whose buckets are the gradients themselves)."""
+                               activation_dtype: str, ddp_bucket_views: bool = False,
+                               grad_reduce_dtype: str = "float32") -> float:
+    """The largest collective buffer: a tp all-reduce of one layer's output, or the data-parallel
+    gradient buffer: none with DDP's `gradient_as_bucket_view` (its buckets are the gradients
+    themselves); with FSDP2 (ZeRO 1-3, and `replicate` beside tp or pp) one unit's gradients,
+    copied flat for the reduce-scatter / all-reduce: the largest layer's local parameters."""
     tp_bytes = 0.0
     if tp > 1:
         tp_bytes = max(max(layer.tp_allreduce_bytes_fwd, layer.tp_allreduce_bytes_bwd) for layer in layers)
         tp_bytes *= micro_batch_size * DTYPE_BYTES[activation_dtype] / 4
-    return max(tp_bytes, DDP_BUCKET_BYTES if dp > 1 and not ddp_bucket_views else 0.0)
+    unit_bytes = 0.0
+    if dp > 1 and not ddp_bucket_views:
+        unit_bytes = max(local_param_count(layer, tp) for layer in layers) * DTYPE_BYTES[grad_reduce_dtype]
+    return max(tp_bytes, unit_bytes)

@@ -262,7 +262,8 @@ def fixed_memory_bytes(profile: ModelProfile, cluster: ClusterSpec, config: Para
                                                     activation_dtype=config.param_dtype),
         "comm_buffer_bytes": estimate_comm_buffer_bytes(profile.layers, micro_batch_size=mbs, tp=tp,
                                                         ddp_bucket_views=uses_ddp_buckets(config, zero_stage),
-                                                        dp=config.dp, activation_dtype=config.param_dtype),
+                                                        dp=config.dp, activation_dtype=config.param_dtype,
+                                                        grad_reduce_dtype=config.grad_reduce_dtype),
         "framework_overhead_bytes": float(cluster.device.framework_overhead_bytes),
         "zero3_gathered_bytes": 0.0,
     }

@@ -104,3 +104,17 @@ def test_rank_memory_by_hand():
     assert memory["activations_bytes"] == pytest.approx(1 * 2 * (2 * S * H))        # in flight 1, 2 blocks x 2sh
     assert memory["transient_bytes"] == pytest.approx(S * H * (34 + ATTN))          # largest "none", bf16
     assert memory["framework_overhead_bytes"] == cluster.device.framework_overhead_bytes
+
+
+def test_data_parallel_buffer_is_one_fsdp_unit_or_none_with_ddp_bucket_views():
+    from autoplan.costmodels.memory import estimate_comm_buffer_bytes
+
+    layers = [gpt_block("blocks.0"), gpt_block("blocks.1")]
+    kwargs = dict(micro_batch_size=1, tp=1, activation_dtype="float32")
+    # FSDP2 copies a unit's gradients flat for its reduce-scatter: 12 H^2 fp32 gradients
+    assert estimate_comm_buffer_bytes(layers, dp=4, **kwargs) == pytest.approx(12 * H * H * 4)
+    assert estimate_comm_buffer_bytes(layers, dp=4, grad_reduce_dtype="bfloat16", **kwargs) == \
+        pytest.approx(12 * H * H * 2)
+    # DDP with gradient_as_bucket_view reduces the gradients in place; one rank reduces nothing
+    assert estimate_comm_buffer_bytes(layers, dp=4, ddp_bucket_views=True, **kwargs) == 0.0
+    assert estimate_comm_buffer_bytes(layers, dp=1, **kwargs) == 0.0
