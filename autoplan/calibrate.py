@@ -57,6 +57,8 @@ What is measured, and how it becomes cost-model constants:
   over pairs of ranks (DTensor, `parallelize_module`) against the same local Linears with
   the same two all-reduces issued by hand, every rank busy; half the difference per step is
   `device.tp_dispatch_overhead_us`, the host time DTensor adds per tensor-parallel site.
+  Then an AdamW step over 32 parameters sharded as DTensors against one over plain tensors
+  of their local size: the difference per tensor is `device.dtensor_param_step_us`.
 
 The links measured are the ones between the `nproc` ranks of this machine: `intra_node`.
 For the `local` preset (one machine) `inter_node` gets the same figures; for a multi-node
@@ -108,6 +110,8 @@ LOADED_ROUNDS = 20
 DISPATCH_MLP = (16, 64)
 """The DTensor-dispatch probe: tokens, width of a colwise Linear(w, 4w) + rowwise Linear(4w, w)
 pair, small enough that its matmuls take microseconds and the host work is what is timed."""
+DISPATCH_PARAMS = (32, 4096)
+"""The DTensor optimizer probe: parameter tensors x elements, sharded over the probe's pairs."""
 DISPATCH_ROUNDS = 20
 """Forward + backward steps per timing of the DTensor-dispatch probe."""
 DISPATCH_REPEATS = 5
@@ -156,6 +160,8 @@ class Calibration:
     """Time a ring exchange (receive posted ahead) between MLP steps adds per round (CPU, several ranks)."""
     tp_dispatch_s: float | None = None
     """Host seconds DTensor adds per tensor-parallel site and micro-batch (CPU, several ranks)."""
+    dtensor_param_step_s: float | None = None
+    """Host seconds an AdamW step adds per DTensor parameter (CPU, several ranks)."""
     wall_s: float = 0.0
 
     def large_matmul_flops(self, dtype: str) -> tuple[int, float]:
@@ -209,6 +215,8 @@ class Calibration:
                 data["inter_node"] = dict(link)
         if self.tp_dispatch_s is not None:
             device["tp_dispatch_overhead_us"] = self.tp_dispatch_s * 1e6
+        if self.dtensor_param_step_s is not None:
+            device["dtensor_param_step_us"] = self.dtensor_param_step_s * 1e6
         device["shared_core_slowdown"] = max(1.0, self.shared_core_slowdown)
         data["calibrated"] = True
         return ClusterSpec.model_validate(data)
@@ -250,6 +258,8 @@ class Calibration:
             table.add_row("pipeline send overhead under load, us", f"{self.p2p_overhead_us():.3g}")
             if self.tp_dispatch_s is not None:
                 table.add_row("DTensor host time per tensor-parallel site, us", f"{self.tp_dispatch_s * 1e6:.3g}")
+            if self.dtensor_param_step_s is not None:
+                table.add_row("AdamW host time per DTensor parameter, us", f"{self.dtensor_param_step_s * 1e6:.3g}")
         for fit in [*self.collectives.values(), *([self.link] if self.link else [])]:
             table.add_row(f"{fit.name}: latency us / bandwidth GB/s",
                           f"{fit.latency_us:.3g} / {fit.bandwidth_gbps:.3g}")
@@ -306,7 +316,7 @@ def measure(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None,
         alone_s, busy_s, extra_s = per_rank[0]["sharing"]
         result.shared_core_slowdown = busy_s / alone_s
         result.loaded_extra_us = extra_s * 1e6
-        result.tp_dispatch_s = per_rank[0]["tp_dispatch_s"]
+        result.tp_dispatch_s, result.dtensor_param_step_s = per_rank[0]["dtensor_s"]
         result.loaded_p2p_extra_us = per_rank[0]["p2p_extra_s"] * 1e6
     if nproc > 1:
         timings = per_rank[0]["collectives"]  # already the max over ranks
@@ -449,7 +459,7 @@ def _rank_main(rank: int, nproc: int, port: int, device: str, dtypes: list[str],
             result["sharing"] = _time_sharing(timer, rank) if device == "cpu" else None
             result["p2p_extra_s"] = _time_loaded_p2p(rank, nproc) if device == "cpu" else None
             report("shared cores")
-            result["tp_dispatch_s"] = _time_tp_dispatch(nproc, rank) if device == "cpu" else None
+            result["dtensor_s"] = _time_tp_dispatch(nproc, rank) if device == "cpu" else None
             report("DTensor dispatch")
             for name in COLLECTIVES:
                 result["collectives"][name] = []
@@ -603,10 +613,12 @@ def _time_loaded_p2p(rank: int, nproc: int) -> float:
     return max(statistics.median(rounds(True) - rounds(False) for _ in range(3)), 0.0)
 
 
-def _time_tp_dispatch(nproc: int, rank: int) -> float:
-    """Host seconds DTensor adds per tensor-parallel site and step (module docstring), >= 0."""
+def _time_tp_dispatch(nproc: int, rank: int) -> tuple[float, float]:
+    """Host seconds DTensor adds per tensor-parallel site and step, and per parameter tensor of
+    an AdamW step (module docstring), each >= 0."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     tokens, width = DISPATCH_MLP
@@ -636,7 +648,17 @@ def _time_tp_dispatch(nproc: int, rank: int) -> float:
 
     seconds(tensor_parallel), seconds(by_hand)  # warm-up
     extra = statistics.median(seconds(tensor_parallel) - seconds(by_hand) for _ in range(DISPATCH_REPEATS))
-    return max(extra / 2, 0.0)
+
+    count, numel = DISPATCH_PARAMS
+    plain = [torch.nn.Parameter(torch.randn(numel // tp)) for _ in range(count)]
+    sharded = [torch.nn.Parameter(distribute_tensor(torch.randn(numel), mesh, [Shard(0)])) for _ in range(count)]
+    for param in plain + sharded:
+        param.grad = torch.randn_like(param)
+    dtensor_step = torch.optim.AdamW(sharded, lr=1e-4).step
+    plain_step = torch.optim.AdamW(plain, lr=1e-4).step
+    seconds(dtensor_step), seconds(plain_step)  # warm-up: creates the states
+    step_extra = statistics.median(seconds(dtensor_step) - seconds(plain_step) for _ in range(DISPATCH_REPEATS))
+    return max(extra / 2, 0.0), max(step_extra / count, 0.0)
 
 
 def _time_collective(timer: _Timer, name: str, size: int, nproc: int, rank: int) -> tuple[int, float]:

@@ -62,6 +62,11 @@ class DeviceSpec(BaseModel):
     per micro-batch, forward + backward, microseconds: wrapping, sharding propagation and
     redistribution run in Python around every op on a DTensor. 0 on GPUs, where it runs
     ahead of the kernels; a CPU rank pays it in full (`autoplan calibrate` measures it)."""
+    dtensor_param_step_us: float = Field(default=0.0, ge=0)
+    """Host time the optimizer step adds per parameter tensor that is a DTensor (FSDP2's
+    shards, `replicate` beside tensor or pipeline parallelism, tensor-parallel weights),
+    microseconds: every op of the step goes through DTensor's dispatch. 0 on GPUs (it runs
+    ahead of the kernels); `autoplan calibrate` measures it on CPU ranks."""
     overlaps_communication: bool = True
     """Whether collectives run beside compute (NCCL on CUDA streams). A CPU rank's gloo
     collectives share the cores its compute uses, so on `local` all communication is exposed."""

@@ -30,6 +30,9 @@ class LayerProfile(BaseModel):
     """Parameter elements owned by the layer (a tied parameter counts in the first layer using it)."""
     tp_param_count: int = 0
     """Of which split by tensor parallelism."""
+    param_tensors: int = 0
+    """Parameter tensors owned by the layer (the optimizer steps each one; 0 in profiles
+    written before this field)."""
     fwd_flops: float
     """Forward FLOPs per sequence (torch.utils.flop_counter)."""
     bwd_flops: float

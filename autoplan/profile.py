@@ -92,10 +92,10 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
                 measured = measure_layer(traced, key[0], measure_device, loss=measured_loss)
                 costs[key].update(measured_fwd_s=measured.forward_s, measured_bwd_s=measured.backward_s,
                                   measured_device=device_name(measure_device))
-        param_count, tp_param_count = _count_parameters(traced, layer, counted)
+        param_count, tp_param_count, param_tensors = _count_parameters(traced, layer, counted)
         layer_tp = traced.tp[layer]
         layers.append(LayerProfile(name=layer, signature=traced.signatures[layer], param_count=param_count,
-                                   tp_param_count=tp_param_count, tp_sites=layer_tp.sites,
+                                   tp_param_count=tp_param_count, param_tensors=param_tensors, tp_sites=layer_tp.sites,
                                    tp_divisors=layer_tp.divisors, tp_divide_attrs=layer_tp.divide_attrs,
                                    **costs[key]))
 
@@ -139,10 +139,10 @@ def _fingerprint(module: nn.Module, traced: TracedModel) -> str:
     return hashlib.sha256("\n".join(text).encode()).hexdigest()[:16]
 
 
-def _count_parameters(traced: TracedModel, layer: str, counted: set[int]) -> tuple[int, int]:
-    """Elements of the layer's parameters not counted by an earlier layer, and of those the
-    tp-split ones: colwise and vocab weights and biases, rowwise weights (a rowwise bias is
-    added after the all-reduce, so it stays whole)."""
+def _count_parameters(traced: TracedModel, layer: str, counted: set[int]) -> tuple[int, int, int]:
+    """Elements of the layer's parameters not counted by an earlier layer, of those the
+    tp-split ones (colwise and vocab weights and biases, rowwise weights: a rowwise bias is
+    added after the all-reduce, so it stays whole), and the number of those tensors."""
     module = traced.module.get_submodule(layer)
     split = set()
     for path, site in traced.tp[layer].sites.items():
@@ -151,13 +151,14 @@ def _count_parameters(traced: TracedModel, layer: str, counted: set[int]) -> tup
             split.update(id(p) for p in site_module.parameters())
         elif site.style in ("rowwise", "vocab_embedding"):
             split.add(id(site_module.weight))
-    total = tp = 0
+    total = tp = tensors = 0
     for param in module.parameters():
         if id(param) not in counted:
             counted.add(id(param))
             total += param.numel()
             tp += param.numel() if id(param) in split else 0
-    return total, tp
+            tensors += 1
+    return total, tp, tensors
 
 
 # --- one layer on meta tensors -------------------------------------------------------------

@@ -61,7 +61,7 @@ from autoplan.constraints import RECOMPUTE_OPTIONS, Constraints
 from autoplan.costmodels.compute import estimate_optimizer_step_s
 from autoplan.costmodels.memory import in_flight_micro_batches, model_state_bytes_per_param
 from autoplan.costmodels.pipeline import (LayerCost, ParallelConfig, StepEstimate, dp_sync_coefficients,
-                                          estimate_layer_cost, estimate_step, fixed_memory_bytes, overlap_penalty,
+                                          dtensor_step_s_per_tensor, estimate_layer_cost, estimate_step, fixed_memory_bytes, overlap_penalty,
                                           p2p_time_s)
 from autoplan.layers import ModelProfile
 
@@ -331,7 +331,8 @@ def lower_bound_s(inst: Instance) -> float:
         per_param, latency = dp_sync_coefficients(inst.cluster, config, zero)
         shard = params / pp / (base.dp if zero >= 1 else 1)
         extra = penalty * (per_param * params + latency * sync_units) / pp + estimate_optimizer_step_s(
-            shard, inst.cluster.device, base.param_dtype)
+            shard, inst.cluster.device, base.param_dtype) + dtensor_step_s_per_tensor(
+            inst.cluster, config, zero) * total_over_layers(inst, "param_tensors") / pp
         inst.zero_bounds_s[zero] = pipeline + extra
         if state_memory_lower_bound(inst, zero, params) <= inst.cap_bytes:
             bounds.append(pipeline + extra)
@@ -451,6 +452,9 @@ class Milp:
             for c in self.combos:
                 params = self.rank_sum(i, c, "local_params")
                 total.append(opt_per_param / (inst.base.dp if c.zero >= 1 else 1) * params)
+                per_tensor = dtensor_step_s_per_tensor(inst.cluster, inst.config(("1f1b", 1), c.zero, c.sp), c.zero)
+                if per_tensor:
+                    total.append(per_tensor * self.rank_sum(i, c, "param_tensors"))
                 per_param, latency = dp_sync_coefficients(inst.cluster, inst.config(("1f1b", 1), c.zero, c.sp), c.zero)
                 if per_param:
                     sync = per_param * params + latency * self.rank_sum(i, c, "sync_units")

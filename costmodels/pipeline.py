@@ -109,6 +109,8 @@ class LayerCost:
     """ZeRO-3 per micro-batch: all-gather forward + all-gather backward + reduce-scatter."""
     sync_units: float = 0.0
     """1 when the layer holds parameters: the backend syncs its gradients in a collective of its own."""
+    param_tensors: float = 0.0
+    """Parameter tensors the layer holds (the optimizer's per-tensor host time with DTensors)."""
 
     @property
     def time_s(self) -> float:
@@ -151,6 +153,7 @@ def estimate_layer_cost(layer: LayerProfile, recompute: str, cluster: ClusterSpe
         local_params=params,
         zero3_comm_s=zero3_comm,
         sync_units=1.0 if params else 0.0,
+        param_tensors=float(layer.param_tensors),
     )
 
 
@@ -208,6 +211,18 @@ def uses_ddp_buckets(config: ParallelConfig, zero_stage: int) -> bool:
     (`backends.data_parallel`: ZeRO 0, no tp, no pipeline, float32) rather than per layer."""
     return (zero_stage == 0 and config.tp == 1 and config.pp == 1
             and config.param_dtype == config.grad_reduce_dtype == "float32")
+
+
+def params_are_dtensors(config: ParallelConfig, zero_stage: int) -> bool:
+    """Whether the backend makes the parameters DTensors (tensor parallelism, or FSDP2 for the
+    data-parallel sync: every case but DDP's reducer and a single data-parallel rank)."""
+    return config.tp > 1 or (config.dp > 1 and not uses_ddp_buckets(config, zero_stage))
+
+
+def dtensor_step_s_per_tensor(cluster: ClusterSpec, config: ParallelConfig, zero_stage: int) -> float:
+    """Optimizer host seconds per parameter tensor: `device.dtensor_param_step_us` when the
+    parameters are DTensors, else 0."""
+    return cluster.device.dtensor_param_step_us * 1e-6 if params_are_dtensors(config, zero_stage) else 0.0
 
 
 def dp_sync_coefficients(cluster: ClusterSpec, config: ParallelConfig, zero_stage: int) -> tuple[float, float]:
@@ -308,8 +323,10 @@ def estimate_step(profile: ModelProfile, cluster: ClusterSpec, config: ParallelC
         per_param_s, latency_s = dp_sync_coefficients(cluster, config, config.zero_stage)
         sync_s = per_param_s * local_params + latency_s * sum(c.sync_units for c in costs) if per_param_s else 0.0
         shard = local_params / (config.dp if config.zero_stage >= 1 else 1)
-        extras.append((exposed_s(sync_s, sum(c.backward_s for c in costs), penalty),
-                       estimate_optimizer_step_s(shard, cluster.device, config.param_dtype)))
+        optimizer_s = (estimate_optimizer_step_s(shard, cluster.device, config.param_dtype)
+                       + dtensor_step_s_per_tensor(cluster, config, config.zero_stage)
+                       * sum(c.param_tensors for c in costs))
+        extras.append((exposed_s(sync_s, sum(c.backward_s for c in costs), penalty), optimizer_s))
         if times[-1] >= max(times):
             worst = {"tp_comm_s": sum(c.tp_comm_s for c in costs), "recompute_s": sum(c.recompute_s for c in costs),
                      "zero3_exposed_s": zero3_s}

@@ -28,13 +28,14 @@ def tiny_cluster(memory_bytes: int = 2_000_000_000) -> ClusterSpec:
 
 def tiny_profile(global_batch: int = 8, heads: int = 4) -> ModelProfile:
     blocks = [LayerProfile(
-        name=f"blocks.{i}", signature="block", param_count=50_000_000, tp_param_count=48_000_000,
+        name=f"blocks.{i}", signature="block", param_count=50_000_000, tp_param_count=48_000_000, param_tensors=12,
         fwd_flops=1e11, bwd_flops=2e11, tp_flops_fraction=0.95, elementwise_bytes=2e8,
         saved_bytes={"none": 4e8, "selective": 1.5e8, "full": 2e7},
         tp_saved_bytes={"none": 3e8, "selective": 1e8, "full": 0.0},
         output_bytes=1e7, tp_allreduce_bytes_fwd=2e7, tp_allreduce_bytes_bwd=2e7,
         tp_divisors={f"blocks.{i}.attn heads": heads}) for i in range(NUM_BLOCKS)]
     embed = LayerProfile(name="embed", signature="embed", param_count=20_000_000, tp_param_count=20_000_000,
+                         param_tensors=1,
                          fwd_flops=0.0, bwd_flops=0.0, saved_bytes={o: 1e7 for o in OPTIONS}, output_bytes=1e7,
                          tp_allreduce_bytes_fwd=1e7)
     head = LayerProfile(name="head", signature="head", param_count=1000, fwd_flops=5e10, bwd_flops=1e11,
@@ -121,7 +122,7 @@ def shared_core_cluster() -> ClusterSpec:
     a fixed cost per collective."""
     data = tiny_cluster().model_dump()
     data["device"].update(shared_core_slowdown=2.5, overlaps_communication=False, adam_bytes_per_param=100.0,
-                          tp_dispatch_overhead_us=2000.0)
+                          tp_dispatch_overhead_us=2000.0, dtensor_param_step_us=700.0)
     for link in ("intra_node", "inter_node"):
         data[link].update(collective_overhead_us=3000.0, p2p_overhead_us=1500.0)
     return ClusterSpec.model_validate(data)

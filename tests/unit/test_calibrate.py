@@ -54,6 +54,7 @@ def test_two_rank_calibration_is_fast_positive_and_reproduces_a_direct_matmul_ti
     # DTensor's wrapping and sharding propagation cost host time beyond the same collectives by hand
     assert device.tp_dispatch_overhead_us > 0 and device.tp_dispatch_overhead_us != preset.device.tp_dispatch_overhead_us
     assert cluster.intra_node.p2p_overhead_us >= 0
+    assert device.dtensor_param_step_us > 0 and device.dtensor_param_step_us != preset.device.dtensor_param_step_us
     flops = 2 * MATMUL_N**3
     implied_s = flops / (device.peak_flops["float32"] * matmul_efficiency(flops, device))
     direct_s = _direct_matmul_s(MATMUL_N)
@@ -108,7 +109,7 @@ def test_rates_timed_alone_are_divided_by_the_shared_core_slowdown():
     measured = Calibration(device="cpu", nproc=4, matmul_flops={"float32": [(1024, 80e9)]}, elementwise_gbps=20.0,
                            link=fit_collectives(timings, 4, "link"), shared_core_slowdown=2.0, rates_alone=True,
                            adam_seconds_per_param=5e-9, loaded_extra_us=9000.0, loaded_p2p_extra_us=3000.0,
-                           tp_dispatch_s=2e-3)
+                           tp_dispatch_s=2e-3, dtensor_param_step_s=6e-4)
     cluster = measured.apply(ClusterSpec.local(world_size=4))
     device = cluster.device
     assert device.shared_core_slowdown == 2.0
@@ -120,3 +121,4 @@ def test_rates_timed_alone_are_divided_by_the_shared_core_slowdown():
     assert cluster.intra_node.p2p_overhead_us == pytest.approx(3000.0 - 1000.0, rel=1e-3)
     assert cluster.inter_node == cluster.intra_node
     assert device.tp_dispatch_overhead_us == pytest.approx(2000.0)
+    assert device.dtensor_param_step_us == pytest.approx(600.0)

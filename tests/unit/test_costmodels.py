@@ -231,3 +231,29 @@ def test_dtensor_dispatch_is_paid_per_site():
     # full recompute runs the forward (half the dispatch) again
     assert (_tp_comm_s(with_dispatch, False, "full") - _tp_comm_s(base, False, "full")
             == pytest.approx(4e-3 * 1.5))
+
+
+def test_optimizer_pays_dtensor_host_time_per_parameter_tensor_where_params_are_dtensors():
+    from autoplan.costmodels.pipeline import estimate_step, params_are_dtensors
+    from autoplan.layers import ModelProfile
+
+    ddp = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=2, num_micro_batches=1)
+    assert not params_are_dtensors(ddp, 0)          # DDP's reducer keeps plain tensors
+    assert params_are_dtensors(ddp, 1) and params_are_dtensors(ddp, 3)   # FSDP2 shards
+    staged = ParallelConfig(dp=2, tp=1, pp=2, micro_batch_size=2, num_micro_batches=2)
+    assert params_are_dtensors(staged, 0)           # replicate_with_fsdp beside a pipeline
+    assert params_are_dtensors(ParallelConfig(dp=1, tp=4, pp=1, micro_batch_size=2, num_micro_batches=1), 0)
+    assert not params_are_dtensors(ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=2, num_micro_batches=4), 0)
+
+    blocks = [layer(fwd_flops=1e6, param_tensors=5) for _ in range(3)]
+    profile = ModelProfile(model_name="m", layers=blocks, global_batch_size=8, seq_len=1, input_bytes=0.0,
+                           fingerprint="f", num_params=30, model_flops_per_sequence=0.0)
+    rank_layers = [[(i, "none") for i in range(3)]]
+
+    def optimizer_s(cluster: ClusterSpec, zero: int) -> float:
+        config = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=2, num_micro_batches=1, zero_stage=zero)
+        return estimate_step(profile, cluster, config, rank_layers).breakdown["optimizer_s"]
+
+    base, charged = _local(dtensor_param_step_us=0.0), _local(dtensor_param_step_us=400.0)
+    assert optimizer_s(charged, 3) - optimizer_s(base, 3) == pytest.approx(15 * 400e-6)
+    assert optimizer_s(charged, 0) == pytest.approx(optimizer_s(base, 0))
