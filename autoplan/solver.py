@@ -61,7 +61,7 @@ from autoplan.constraints import RECOMPUTE_OPTIONS, Constraints
 from autoplan.costmodels.compute import estimate_optimizer_step_s
 from autoplan.costmodels.memory import in_flight_micro_batches, model_state_bytes_per_param
 from autoplan.costmodels.pipeline import (LayerCost, ParallelConfig, StepEstimate, dp_sync_coefficients,
-                                          dtensor_step_s_per_tensor, estimate_layer_cost, estimate_step, fixed_memory_bytes, overlap_penalty,
+                                          dtensor_step_s_per_tensor, estimate_layer_cost, step_collectives_s, estimate_step, fixed_memory_bytes, overlap_penalty,
                                           p2p_time_s)
 from autoplan.layers import ModelProfile
 
@@ -333,6 +333,7 @@ def lower_bound_s(inst: Instance) -> float:
         extra = penalty * (per_param * params + latency * sync_units) / pp + estimate_optimizer_step_s(
             shard, inst.cluster.device, base.param_dtype) + dtensor_step_s_per_tensor(
             inst.cluster, config, zero) * total_over_layers(inst, "param_tensors") / pp
+        extra += step_collectives_s(inst.profile, inst.cluster, config)
         inst.zero_bounds_s[zero] = pipeline + extra
         if state_memory_lower_bound(inst, zero, params) <= inst.cap_bytes:
             bounds.append(pipeline + extra)
@@ -491,7 +492,8 @@ class Milp:
         self.add_time_constraints()
         self.add_sync_constraints()
         self.add_memory_constraints()
-        self.problem += self.pipeline_expression() + self.W, "step_time_s"
+        constant = step_collectives_s(self.inst.profile, self.inst.cluster, self.inst.config(("1f1b", 1), 0, False))
+        self.problem += self.pipeline_expression() + self.W + constant, "step_time_s"
         if HIGHS_AVAILABLE:
             options = {"mip_heuristic_effort": 0.3}
             if incumbent_s is not None:

@@ -22,8 +22,9 @@ critical path is the first term at alone speed; and the cores cannot do more tha
 pipeline's work, m * sum_i B_i of all-busy time spread over its p ranks: the second term.
 A 4-stage pipeline of gpt-small-demo with m = 4 on local:4 (2 cores) measured 0.47 s,
 against 0.86 s from the steady-state formula m * max + bubble / s and 0.55 s from this.
-Then each rank synchronises gradients over dp and steps its optimizer:
-    step = pipeline + max_i (exposed(sync_i, backward_i) + optimizer_i)
+Then each rank synchronises gradients over dp and steps its optimizer, and the runner
+reports the loss (`step_collectives_s`):
+    step = pipeline + max_i (exposed(sync_i, backward_i) + optimizer_i) + step collectives
     sync_i: ZeRO 0 all-reduce of the rank's gradients (grad_reduce_dtype);
             ZeRO 1/2 reduce-scatter of gradients + all-gather of the updated params;
             ZeRO 3 nothing more (done per micro-batch).
@@ -259,6 +260,32 @@ def p2p_time_s(profile: ModelProfile, cluster: ClusterSpec, config: ParallelConf
     return estimate_p2p_s(num_bytes, pipeline_link(cluster, config.pp, config.dp * config.tp))
 
 
+def step_collectives_s(profile: ModelProfile, cluster: ClusterSpec, config: ParallelConfig) -> float:
+    """Collectives issued once per step whatever the layer placement: the loss all-reduced
+    over dp and broadcast from the last pipeline stage (4 bytes each: their latency and call
+    overhead); DDP's small first bucket (1 MiB, one call more than bytes / 25 MiB); and the
+    gradients of parameters tied across pipeline stages (an embedding shared with the output
+    head) all-reduced between the stages holding them."""
+    scalar = 4.0
+    total = 0.0
+    if config.dp > 1:
+        dp_levels = group_levels(cluster, config.dp, config.tp)
+        total += estimate_all_reduce_s(scalar, dp_levels)
+        if uses_ddp_buckets(config, config.zero_stage):
+            total += collective_coefficients("all_reduce", dp_levels)[1]
+    if config.pp > 1:
+        pp_levels = group_levels(cluster, config.pp, config.dp * config.tp)
+        total += estimate_collective_s("all_gather", scalar, pp_levels)  # a broadcast: one ring pass
+        link = pipeline_link(cluster, config.pp, config.dp * config.tp)
+        for names in profile.tied_parameters:
+            owner = max((layer for layer in profile.layers if names[0].startswith(layer.name + ".")),
+                        key=lambda layer: len(layer.name), default=None)
+            if owner is not None:
+                grad_bytes = local_param_count(owner, config.tp) * DTYPE_BYTES[config.grad_reduce_dtype]
+                total += estimate_all_reduce_s(grad_bytes, [(2, link)])
+    return total
+
+
 def pipeline_time_s(stage_times_s: list[float], config: ParallelConfig, p2p_s: float,
                     shared_core_slowdown: float = 1.0) -> float:
     """max((m max + (sum - max) / v) / s, m sum / p) + 2 p2p (m v + p - 1) (module docstring)."""
@@ -357,6 +384,9 @@ def estimate_step(profile: ModelProfile, cluster: ClusterSpec, config: ParallelC
         "optimizer_s": extras[sync_rank][1],
         **memories[peak_rank],
     }
-    return StepEstimate(step_time_s=pipeline_s + sum(extras[sync_rank]), peak_memory_bytes=max(rank_memory_bytes),
+    step_collectives = step_collectives_s(profile, cluster, config)
+    breakdown["step_collectives_s"] = step_collectives
+    return StepEstimate(step_time_s=pipeline_s + sum(extras[sync_rank]) + step_collectives,
+                        peak_memory_bytes=max(rank_memory_bytes),
                         breakdown=breakdown, rank_time_s=times, rank_memory_bytes=rank_memory_bytes,
                         rank_memory=memories)

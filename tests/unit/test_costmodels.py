@@ -257,3 +257,26 @@ def test_optimizer_pays_dtensor_host_time_per_parameter_tensor_where_params_are_
     base, charged = _local(dtensor_param_step_us=0.0), _local(dtensor_param_step_us=400.0)
     assert optimizer_s(charged, 3) - optimizer_s(base, 3) == pytest.approx(15 * 400e-6)
     assert optimizer_s(charged, 0) == pytest.approx(optimizer_s(base, 0))
+
+
+def test_step_collectives_loss_first_ddp_bucket_and_tied_gradients():
+    from autoplan.costmodels.pipeline import step_collectives_s
+    from autoplan.layers import ModelProfile
+
+    cluster = _local()  # 1 GB/s, 100 us latency, 2 ms per collective call
+    embed = layer(fwd_flops=1e6).model_copy(update={"name": "embed", "param_count": 1_000_000})
+    head = layer(fwd_flops=1e6).model_copy(update={"name": "head", "param_count": 0})
+    profile = ModelProfile(model_name="m", layers=[embed, head], global_batch_size=8, seq_len=1, input_bytes=0.0,
+                           fingerprint="f", num_params=1_000_000, model_flops_per_sequence=0.0,
+                           tied_parameters=[["embed.weight", "head.weight"]])
+    bandwidth = 1e9 * LINK_EFFICIENCY
+    call_4 = 6 * 100e-6 + 2e-3                       # all-reduce on 4 ranks: 6 ring steps + the call
+    ddp = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=2, num_micro_batches=1)
+    loss = 2 * 3 / 4 * 4 / bandwidth + call_4
+    assert step_collectives_s(profile, cluster, ddp) == pytest.approx(loss + call_4)   # + DDP's first bucket
+    fsdp = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=2, num_micro_batches=1, zero_stage=3)
+    assert step_collectives_s(profile, cluster, fsdp) == pytest.approx(loss)
+    pipeline = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=2, num_micro_batches=4)
+    broadcast = 3 / 4 * 4 / bandwidth + 3 * 100e-6 + 2e-3
+    tied = 2 * 1 / 2 * 4e6 / bandwidth + 2 * 100e-6 + 2e-3   # 1 M fp32 gradients between two stages
+    assert step_collectives_s(profile, cluster, pipeline) == pytest.approx(broadcast + tied)
