@@ -106,7 +106,10 @@ machine's scheduler makes single timings scatter by +-30%)."""
 LOADED_MLP = (256, 256, 1)
 """The collective-overhead probe's compute between two all-reduces (~10 ms alone)."""
 LOADED_ROUNDS = 20
-"""MLP step + small all-reduce rounds of the collective-overhead probe (CPU)."""
+"""MLP step + small all-reduce (or ring exchange) rounds of the loaded-overhead probes (CPU)."""
+LOADED_REPEATS = 7
+"""With / without alternations of the loaded-overhead probes (the median difference is kept:
+single differences scatter by a factor of two on a shared 2-core VM)."""
 DISPATCH_MLP = (16, 64)
 """The DTensor-dispatch probe: tokens, width of a colwise Linear(w, 4w) + rowwise Linear(4w, w)
 pair, small enough that its matmuls take microseconds and the host work is what is timed."""
@@ -585,7 +588,7 @@ def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float]:
         return _slowest(time.perf_counter() - start) / LOADED_ROUNDS
 
     rounds(True)  # warm-up
-    extra = statistics.median(rounds(True) - rounds(False) for _ in range(3))
+    extra = statistics.median(rounds(True) - rounds(False) for _ in range(LOADED_REPEATS))
     return alone, busy, max(extra, 0.0)
 
 
@@ -610,7 +613,7 @@ def _time_loaded_p2p(rank: int, nproc: int) -> float:
         return _slowest(time.perf_counter() - start) / LOADED_ROUNDS
 
     rounds(True)  # warm-up
-    return max(statistics.median(rounds(True) - rounds(False) for _ in range(3)), 0.0)
+    return max(statistics.median(rounds(True) - rounds(False) for _ in range(LOADED_REPEATS)), 0.0)
 
 
 def _time_tp_dispatch(nproc: int, rank: int) -> tuple[float, float]:
