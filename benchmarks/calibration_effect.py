@@ -1,12 +1,13 @@
 """How much calibration improves the predictions: the same bench with the `local` preset's
-guessed figures and with this machine's measured ones.
+guessed figures, with this machine's measured ones (`autoplan calibrate`), and with those
+plus the model's measured layer times (`autoplan profile` under local:4's load).
 
-    python benchmarks/calibration_effect.py            # calibrates local:4 (~40 s), benches twice
-    python benchmarks/calibration_effect.py --cluster benchmarks/out/local4.calibrated.toml
+    python benchmarks/calibration_effect.py            # calibrates local:4 (~40 s), benches 3 times
+    python benchmarks/calibration_effect.py --cluster benchmarks/out/local4.calibrated.toml --no-profile
 
-Prints, for each cluster spec, the median |predicted - measured| / measured of step time
-and peak memory over the candidates, and whether the planner's choice was the fastest
-measured. Reports are written to benchmarks/out/.
+Prints, for each, the median |predicted - measured| / measured of step time and peak
+memory over the candidates, and the planner's choice against the fastest measured.
+Reports are written to benchmarks/out/.
 """
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import argparse
 from pathlib import Path
 
 from autoplan import ClusterSpec
+from autoplan.api import planning_with_profile
 from autoplan.bench import run_bench, summarize
 from autoplan.calibrate import calibrate
+from autoplan.profile_store import default_micro_batch_sizes, measure_profile
+from autoplan.zoo import build
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -27,15 +31,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--global-batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--no-profile", action="store_true", help="skip the calibrated + profiled bench")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     preset = ClusterSpec.local(world_size=4)
     calibrated = ClusterSpec.from_file(args.cluster) if args.cluster else calibrate(preset)
+    runs = [("preset", preset, None), ("calibrated", calibrated, None)]
+    if not args.no_profile:
+        profile_path = OUT / "calibration_effect_profile.json"
+        job = build(args.model, batch_size=args.global_batch_size, device="meta")
+        measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets, device="cpu",
+                        micro_batch_sizes=default_micro_batch_sizes(args.global_batch_size), model_name=args.model,
+                        busy_peers=calibrated.devices_per_node - 1, peer_model=args.model).to_json(profile_path)
+        runs.append(("+ profile", calibrated, str(profile_path)))
     rows = []
-    for label, cluster in (("preset", preset), ("calibrated", calibrated)):
-        report = run_bench(args.model, cluster, steps=args.steps, global_batch_size=args.global_batch_size,
-                           rounds=args.rounds,
-                           json_path=str(OUT / f"calibration_effect_{label}.json"))
+    for label, cluster, profile in runs:
+        with planning_with_profile(profile):
+            report = run_bench(args.model, cluster, steps=args.steps, global_batch_size=args.global_batch_size,
+                               rounds=args.rounds,
+                               json_path=str(OUT / f"calibration_effect_{label.strip('+ ')}.json"))
         rows.append((label, summarize(report)))
     print(f"{args.model} on local:4, {args.steps} timed steps per candidate")
     print(f"{'cluster spec':<12} {'step err':>9} {'memory err':>11} {'chosen ms':>10} {'best ms':>8}  best")

