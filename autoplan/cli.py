@@ -258,6 +258,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
                   f"(median of {args.steps})")
     console.print(f"peak memory per rank: predicted {chosen['predicted_peak_memory_bytes'] / 1e6:.1f} MB (worst rank), "
                   f"measured " + ", ".join(f"rank {r}: {b / 1e6:.1f} MB" for r, b in enumerate(per_rank)))
+    console.print("The prediction used the `local` preset's guessed figures. For this machine's: "
+                  f"`autoplan calibrate --cluster local:4 -o local4.toml`, `autoplan profile --model {DEMO_MODEL} "
+                  f"--cluster local4.toml --global-batch-size {DEMO_BATCH} -o demo.json`, then `autoplan bench "
+                  f"--model {DEMO_MODEL} --cluster local4.toml --global-batch-size {DEMO_BATCH} --profile demo.json`.")
 
 
 COMMANDS = {"plan": cmd_plan, "show": cmd_show, "run": cmd_run, "bench": cmd_bench,
