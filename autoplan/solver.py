@@ -24,13 +24,15 @@ Variables (rank i < p, recompute option o, combination c):
     X[i,c] >= 0            ZeRO-3 traffic of rank i not hidden behind its compute
     E[i,c] >= 0            dp gradient sync of rank i not hidden behind its backward
     Tmax_c >= 0            slowest rank's time per micro-batch under c
+    P_c >= 0               the pipeline's time under c (two bounds, below)
     W >= 0                 worst rank's exposed sync + optimizer step
 Every per-rank quantity is linear in the counts: time_i,c = sum_o n[i,o,c] t(o, sp_c)
 + sum_j,o r[j,o,c] t_j(o, sp_c), likewise backward, activation bytes, parameters and
 ZeRO-3 traffic, with coefficients from `costmodels.pipeline.estimate_layer_cost`.
 Objective (= `costmodels.pipeline.estimate_step`, checked by the planner tests):
-    min sum_c [(m - 1/v_c) Tmax_c + (1/v_c) sum_i (time_i,c + X_i,c)
-               + 2 p2p_c (m v_c + p - 1) u_c]  +  W
+    min sum_c [P_c + 2 p2p_c (m v_c + p - 1) u_c]  +  W  +  step collectives (a constant)
+    P_c >= ((m - 1/v_c) Tmax_c + (1/v_c) B_c) / s,   B_c = sum_i (time_i,c + X_i,c)
+    P_c >= m B_c / p                                 (only where ranks share cores, s > 1)
 Linearisation: the configuration binary enters by big-M on the counts
 (n[i,o,c] <= N u_c, sum_o r[j,o,c] = u_c), i.e. the disaggregated (convex-hull) form of
 the disjunction over configurations (Balas 1979): every constraint written per c with
@@ -61,8 +63,8 @@ from autoplan.constraints import RECOMPUTE_OPTIONS, Constraints
 from autoplan.costmodels.compute import estimate_optimizer_step_s
 from autoplan.costmodels.memory import in_flight_micro_batches, model_state_bytes_per_param
 from autoplan.costmodels.pipeline import (LayerCost, ParallelConfig, StepEstimate, dp_sync_coefficients,
-                                          dtensor_step_s_per_tensor, estimate_layer_cost, step_collectives_s, estimate_step, fixed_memory_bytes, overlap_penalty,
-                                          p2p_time_s)
+                                          dtensor_step_s_per_tensor, estimate_layer_cost, estimate_step,
+                                          fixed_memory_bytes, overlap_penalty, p2p_time_s, step_collectives_s)
 from autoplan.layers import ModelProfile
 
 GB = 1e9
