@@ -52,7 +52,6 @@ What is measured, and how it becomes cost-model constants:
   (each rank's receive posted before its MLP step, as pipeline schedules post theirs,
   then a 1 KiB send to the next rank); the extra time per round less one fitted latency
   is `p2p_overhead_us`, the receiver's wait to be scheduled.
-
 * DTensor dispatch (CPU, several ranks): a colwise + rowwise Linear pair tensor-parallel
   over pairs of ranks (DTensor, `parallelize_module`) against the same local Linears with
   the same two all-reduces issued by hand, every rank busy; half the difference per step is
@@ -578,18 +577,12 @@ def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float]:
 
     small_step, small = _probe_mlp(*LOADED_MLP), torch.zeros(256)
 
-    def rounds(sync: bool) -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(LOADED_ROUNDS):
-            small_step()
-            if sync:
-                dist.all_reduce(small)
-        return _slowest(time.perf_counter() - start) / LOADED_ROUNDS
+    def synced() -> None:
+        small_step()
+        dist.all_reduce(small)
 
-    rounds(True)  # warm-up
-    extra = statistics.median(rounds(True) - rounds(False) for _ in range(LOADED_REPEATS))
-    return alone, busy, max(extra, 0.0)
+    extra = _median_extra_s(synced, small_step, LOADED_ROUNDS, LOADED_REPEATS)
+    return alone, busy, extra
 
 
 def _time_loaded_p2p(rank: int, nproc: int) -> float:
@@ -600,20 +593,33 @@ def _time_loaded_p2p(rank: int, nproc: int) -> float:
 
     step, buffer, inbox = _probe_mlp(*LOADED_MLP), torch.zeros(256), torch.zeros(256)
 
-    def rounds(exchange: bool) -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(LOADED_ROUNDS):
-            pending = (dist.batch_isend_irecv([dist.P2POp(dist.irecv, inbox, (rank - 1) % nproc)])
-                       if exchange else [])
-            step()
-            if exchange:
-                for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, buffer, (rank + 1) % nproc)]) + pending:
-                    work.wait()
-        return _slowest(time.perf_counter() - start) / LOADED_ROUNDS
+    def exchanged() -> None:
+        pending = dist.batch_isend_irecv([dist.P2POp(dist.irecv, inbox, (rank - 1) % nproc)])
+        step()
+        for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, buffer, (rank + 1) % nproc)]) + pending:
+            work.wait()
 
-    rounds(True)  # warm-up
-    return max(statistics.median(rounds(True) - rounds(False) for _ in range(LOADED_REPEATS)), 0.0)
+    return _median_extra_s(exchanged, step, LOADED_ROUNDS, LOADED_REPEATS)
+
+
+def _per_round_s(fn, rounds: int) -> float:
+    """Seconds per call of `fn`, `rounds` calls on every rank at once, the slowest rank's."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        fn()
+    return _slowest(time.perf_counter() - start) / rounds
+
+
+def _median_extra_s(with_fn, without_fn, rounds: int, repeats: int) -> float:
+    """How much longer a round of `with_fn` takes than one of `without_fn`, >= 0: the median
+    over `repeats` alternations (after one warm-up of each), every rank running them at once."""
+    _per_round_s(with_fn, rounds), _per_round_s(without_fn, rounds)
+    extra = statistics.median(_per_round_s(with_fn, rounds) - _per_round_s(without_fn, rounds)
+                              for _ in range(repeats))
+    return max(extra, 0.0)
 
 
 def _time_tp_dispatch(nproc: int, rank: int) -> tuple[float, float]:
@@ -642,26 +648,16 @@ def _time_tp_dispatch(nproc: int, rank: int) -> tuple[float, float]:
         y.sum().backward()
         dist.all_reduce(x.grad, group=group)
 
-    def seconds(step) -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(DISPATCH_ROUNDS):
-            step()
-        return _slowest(time.perf_counter() - start) / DISPATCH_ROUNDS
-
-    seconds(tensor_parallel), seconds(by_hand)  # warm-up
-    extra = statistics.median(seconds(tensor_parallel) - seconds(by_hand) for _ in range(DISPATCH_REPEATS))
+    extra = _median_extra_s(tensor_parallel, by_hand, DISPATCH_ROUNDS, DISPATCH_REPEATS)
 
     count, numel = DISPATCH_PARAMS
     plain = [torch.nn.Parameter(torch.randn(numel // tp)) for _ in range(count)]
     sharded = [torch.nn.Parameter(distribute_tensor(torch.randn(numel), mesh, [Shard(0)])) for _ in range(count)]
     for param in plain + sharded:
         param.grad = torch.randn_like(param)
-    dtensor_step = torch.optim.AdamW(sharded, lr=1e-4).step
-    plain_step = torch.optim.AdamW(plain, lr=1e-4).step
-    seconds(dtensor_step), seconds(plain_step)  # warm-up: creates the states
-    step_extra = statistics.median(seconds(dtensor_step) - seconds(plain_step) for _ in range(DISPATCH_REPEATS))
-    return max(extra / 2, 0.0), max(step_extra / count, 0.0)
+    step_extra = _median_extra_s(torch.optim.AdamW(sharded, lr=1e-4).step, torch.optim.AdamW(plain, lr=1e-4).step,
+                                 DISPATCH_ROUNDS, DISPATCH_REPEATS)  # the warm-up creates the states
+    return extra / 2, step_extra / count
 
 
 def _time_collective(timer: _Timer, name: str, size: int, nproc: int, rank: int) -> tuple[int, float]:
