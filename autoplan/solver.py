@@ -30,7 +30,7 @@ Every per-rank quantity is linear in the counts: time_i,c = sum_o n[i,o,c] t(o, 
 + sum_j,o r[j,o,c] t_j(o, sp_c), likewise backward, activation bytes, parameters and
 ZeRO-3 traffic, with coefficients from `costmodels.pipeline.estimate_layer_cost`.
 Objective (= `costmodels.pipeline.estimate_step`, checked by the planner tests):
-    min sum_c [P_c + 2 p2p_c (m v_c + p - 1) u_c]  +  W  +  step collectives (a constant)
+    min sum_c [P_c + (2 p2p_c (m v_c + p - 1) + step collectives_c) u_c]  +  W
     P_c >= ((m - 1/v_c) Tmax_c + (1/v_c) B_c) / s,   B_c = sum_i (time_i,c + X_i,c)
     P_c >= m B_c / p                                 (only where ranks share cores, s > 1)
 Linearisation: the configuration binary enters by big-M on the counts
@@ -424,7 +424,7 @@ class Milp:
                 self.problem += self.Tmax[c] >= self.busy(i, c), f"slowest_rank_{i}_{c.name}"
 
     def pipeline_expression(self) -> pulp.LpAffineExpression:
-        """sum_c P_c + 2 p2p_c (m v_c + p - 1) u_c, with B_c = sum_i (T_i,c + X_i,c) and
+        """sum_c P_c + (2 p2p_c (m v_c + p - 1) + step collectives_c) u_c, with B_c = sum_i (T_i,c + X_i,c) and
         P_c >= ((m - 1/v_c) Tmax_c + B_c / v_c) / s,  P_c >= m B_c / p
         (s = device.shared_core_slowdown, 1 on GPUs, where the first bound always binds;
         costmodels.pipeline)."""
@@ -433,8 +433,11 @@ class Milp:
         slowdown = inst.cluster.device.shared_core_slowdown
         terms = []
         for c in self.combos:
-            p2p = p2p_time_s(inst.profile, inst.cluster, inst.config((c.schedule, c.v), c.zero, c.sp))
-            comm = 2 * p2p * (m * c.v + p - 1) if p > 1 else 0.0
+            config = inst.config((c.schedule, c.v), c.zero, c.sp)
+            p2p = p2p_time_s(inst.profile, inst.cluster, config)
+            # the per-step collectives depend on the ZeRO stage (DDP's first bucket): per combination
+            comm = (2 * p2p * (m * c.v + p - 1) if p > 1 else 0.0) + step_collectives_s(inst.profile, inst.cluster,
+                                                                                        config)
             busy = pulp.lpSum(self.busy(i, c) for i in range(p))
             self.problem += self.P[c] >= ((m - 1 / c.v) * self.Tmax[c] + (1 / c.v) * busy) * (1 / slowdown), \
                 f"pipeline_critical_path_{c.name}"
@@ -453,12 +456,13 @@ class Milp:
         for i in range(inst.pp):
             total = []
             for c in self.combos:
+                config = inst.config(("1f1b", 1), c.zero, c.sp)
                 params = self.rank_sum(i, c, "local_params")
                 total.append(opt_per_param / (inst.base.dp if c.zero >= 1 else 1) * params)
-                per_tensor = dtensor_step_s_per_tensor(inst.cluster, inst.config(("1f1b", 1), c.zero, c.sp), c.zero)
+                per_tensor = dtensor_step_s_per_tensor(inst.cluster, config, c.zero)
                 if per_tensor:
                     total.append(per_tensor * self.rank_sum(i, c, "param_tensors"))
-                per_param, latency = dp_sync_coefficients(inst.cluster, inst.config(("1f1b", 1), c.zero, c.sp), c.zero)
+                per_param, latency = dp_sync_coefficients(inst.cluster, config, c.zero)
                 if per_param:
                     sync = per_param * params + latency * self.rank_sum(i, c, "sync_units")
                     self.problem += self.E[i, c] >= sync - self.rank_sum(i, c, "backward_s"), \
@@ -494,8 +498,7 @@ class Milp:
         self.add_time_constraints()
         self.add_sync_constraints()
         self.add_memory_constraints()
-        constant = step_collectives_s(self.inst.profile, self.inst.cluster, self.inst.config(("1f1b", 1), 0, False))
-        self.problem += self.pipeline_expression() + self.W + constant, "step_time_s"
+        self.problem += self.pipeline_expression() + self.W, "step_time_s"
         if HIGHS_AVAILABLE:
             options = {"mip_heuristic_effort": 0.3}
             if incumbent_s is not None:
