@@ -54,7 +54,6 @@ def test_two_rank_calibration_is_fast_positive_and_reproduces_a_direct_matmul_ti
     assert cluster.intra_node != preset.intra_node and cluster.inter_node == cluster.intra_node
     # DTensor's wrapping and sharding propagation cost host time beyond the same collectives by hand
     assert device.tp_dispatch_overhead_us > 0 and device.tp_dispatch_overhead_us != preset.device.tp_dispatch_overhead_us
-    assert cluster.intra_node.p2p_overhead_us >= 0
     assert device.dtensor_param_step_us > 0 and device.dtensor_param_step_us != preset.device.dtensor_param_step_us
     flops = 2 * MATMUL_N**3
     implied_s = flops / (device.peak_flops["float32"] * matmul_efficiency(flops, device))
