@@ -49,8 +49,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from autoplan.errors import TraceError
 from autoplan.layers import LayerProfile, ModelProfile, selective_save_ops
-from autoplan.trace import TracedModel, _join, _tensors, trace_model
+from autoplan.trace import TracedModel, _join, _tensors, as_exported, trace_model
 
 def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "model",
                   loss_fn: Callable | None = None, *, targets: torch.Tensor | None = None,
@@ -97,7 +98,9 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
         layers.append(LayerProfile(name=layer, signature=traced.signatures[layer], param_count=param_count,
                                    tp_param_count=tp_param_count, param_tensors=param_tensors, tp_sites=layer_tp.sites,
                                    tp_divisors=layer_tp.divisors, tp_divide_attrs=layer_tp.divide_attrs,
-                                   **costs[key]))
+                                   **_repeated(costs[key], traced.num_calls[layer])))
+    _charge_unowned_parameters(traced, layers, counted)
+    check_conservation(traced, layers)
 
     inputs_bytes = sum(_tensor_bytes(t) for t in _tensors(one_sequence))
     is_tokens = first.dim() == 2 and not first.is_floating_point() and not first.is_complex()
@@ -107,6 +110,55 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
         tied_parameters=traced.tied_parameters, fingerprint=_fingerprint(module, traced),
         num_params=sum(p.numel() for p in module.parameters()),
         model_flops_per_sequence=sum(layer.fwd_flops + layer.bwd_flops for layer in layers))
+
+
+def _repeated(cost: dict[str, Any], num_calls: int) -> dict[str, Any]:
+    """A layer's costs when forward calls it `num_calls` times (T5's shared embedding): every
+    call computes and keeps its own activations; the output crossing a cut is the last call's."""
+    if num_calls == 1:
+        return cost
+    scaled = dict(cost)
+    for name in ("fwd_flops", "bwd_flops", "elementwise_bytes", "tp_allreduce_bytes_fwd", "tp_allreduce_bytes_bwd"):
+        scaled[name] = cost[name] * num_calls
+    for name in ("saved_bytes", "tp_saved_bytes"):
+        scaled[name] = {option: value * num_calls for option, value in cost[name].items()}
+    return scaled
+
+
+def _charge_unowned_parameters(traced: TracedModel, layers: list[LayerProfile], counted: set[int]) -> None:
+    """Parameters outside every layer (a position embedding or class token the root's own
+    forward adds) are charged to the first layer: replicated, never tensor-parallel split."""
+    unowned = [param for param in traced.module.parameters() if id(param) not in counted]
+    if unowned and layers:
+        layers[0].param_count += sum(param.numel() for param in unowned)
+        layers[0].param_tensors += len(unowned)
+        counted.update(id(param) for param in unowned)
+
+
+GLUE_FLOPS_TOLERANCE = 0.01
+"""Share of the model's forward FLOPs that may run outside every layer before a trace is refused."""
+
+
+def check_conservation(traced: TracedModel, layers: list[LayerProfile]) -> None:
+    """The layers account for every parameter and (within GLUE_FLOPS_TOLERANCE) every FLOP of
+    the model's forward: a TraceError names what is missing, rather than a plan that silently
+    leaves part of the model out.
+
+        >>> check_conservation(traced, profile.layers)     # doctest: +SKIP
+    """
+    model = type(traced.module).__name__
+    expected = sum(param.numel() for param in traced.module.parameters())
+    counted = sum(layer.param_count for layer in layers)
+    if counted != expected:
+        raise TraceError(f"profile of {model} holds {counted:,} parameters but the model has {expected:,}: "
+                         f"layers {[layer.name for layer in layers]} do not cover it")
+    glue = sum(traced.glue_flops.values())
+    layer_flops = sum(layer.fwd_flops for layer in layers)
+    if glue > GLUE_FLOPS_TOLERANCE * (glue + layer_flops):
+        where = ", ".join(f"{path or '<root>'} {flops:.3g}" for path, flops in traced.glue_flops.items() if flops)
+        raise TraceError(f"{model}: {glue / (glue + layer_flops):.1%} of the forward FLOPs run outside every layer "
+                         f"(> {GLUE_FLOPS_TOLERANCE:.0%}; by module: {where}): move that computation into a "
+                         f"submodule so a layer owns it")
 
 
 def _first_sequence(value: Any) -> Any:
@@ -326,7 +378,7 @@ def _profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> di
     for site_module in roles:
         handles += [site_module.register_forward_pre_hook(enter), site_module.register_forward_hook(leave)]
     try:
-        with FlopCounterMode(display=False) as forward_flops, _FusedAttention(), accounting, \
+        with FlopCounterMode(display=False) as forward_flops, _FusedAttention(), accounting, as_exported(), \
                 torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
             output = torch.func.functional_call(module, state, args, kwargs)
             final = loss(output) if loss is not None else output

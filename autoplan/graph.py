@@ -1,0 +1,127 @@
+"""The dataflow graph a trace records: nodes owned by modules, layer calls, what tp splits.
+
+    >>> from autoplan import zoo
+    >>> from autoplan.trace import trace_model
+    >>> job = zoo.build("gpt-tiny", batch_size=1, device="meta")
+    >>> traced = trace_model(job.module, job.example_inputs)
+    >>> traced.graph[0].module, traced.graph[0].is_module
+    ('tok_emb', True)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_leaves
+
+from autoplan.plan import TPSite
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+@dataclass(eq=False)
+class OpNode:
+    """One node of the dataflow graph: a leaf-module call or a torch call outside leaf modules."""
+
+    target: str
+    """The leaf module's class name ("Linear") or the torch function's name ("view", "scaled_dot_product_attention")."""
+    module: str
+    """Path of the module that ran it: the leaf module itself, or the module whose forward made the call."""
+    layer: str | None
+    """The layer it belongs to; None for glue code in the root between layers."""
+    args: tuple
+    kwargs: dict
+    output: Any
+    is_module: bool
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return _tensors((self.args, self.kwargs))
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        return _tensors(self.output)
+
+
+@dataclass
+class LayerCall:
+    """The first call of a layer during tracing: meta inputs and output."""
+
+    args: tuple
+    kwargs: dict
+    output: Any
+
+
+@dataclass
+class LayerTP:
+    """How tensor parallelism splits one layer; paths are full module paths."""
+
+    sites: dict[str, TPSite] = field(default_factory=dict)
+    divisors: dict[str, int] = field(default_factory=dict)
+    divide_attrs: dict[str, int] = field(default_factory=dict)
+    colwise_groups: list[list[str]] = field(default_factory=list)
+    """Colwise (and vocab-output) Linears grouped by the tensor they read: each group costs one
+    all-reduce of that input's gradient in backward."""
+
+    def renamed(self, old: str, new: str) -> "LayerTP":
+        """The same analysis for a repeated block at path `new` (analysed at `old`)."""
+        def move(key: str) -> str:
+            # keys are module paths, "path.attr" (divide attrs) or "path kind" (divisors)
+            if old and (key == old or key.startswith((old + ".", old + " "))):
+                return new + key[len(old):]
+            return key
+
+        return LayerTP({move(k): v for k, v in self.sites.items()},
+                       {move(k): v for k, v in self.divisors.items()},
+                       {move(k): v for k, v in self.divide_attrs.items()},
+                       [[move(p) for p in group] for group in self.colwise_groups])
+
+
+@dataclass
+class TracedModel:
+    """What `trace_model` learned; every tensor in it is on the meta device."""
+
+    module: nn.Module
+    layers: list[str]
+    """Units pipeline stages are cut between (module paths), in execution order."""
+    signatures: dict[str, str]
+    """Layer -> hash of its structure, shapes and dtypes; equal for repeated blocks."""
+    graph: list[OpNode]
+    """The dataflow graph in execution order."""
+    calls: dict[str, LayerCall]
+    tp: dict[str, LayerTP]
+    """Layer -> its tensor-parallel structure."""
+    tied_parameters: list[list[str]]
+    """Groups of parameter names sharing one tensor."""
+    meta_state: dict[str, torch.Tensor]
+    """Parameter and buffer name -> the meta tensor standing in for it (tied names share one)."""
+    inputs: tuple
+    output: Any
+    num_calls: dict[str, int] = field(default_factory=dict)
+    """Layer -> how many times forward calls it (2 for T5's shared embedding); its costs count that often."""
+    glue_flops: dict[str, float] = field(default_factory=dict)
+    """Module path -> forward FLOPs its own code ran outside every layer (no layer accounts for them)."""
+
+    @property
+    def tp_sites(self) -> dict[str, TPSite]:
+        return {path: site for layer in self.layers for path, site in self.tp[layer].sites.items()}
+
+    @property
+    def tp_divisors(self) -> dict[str, int]:
+        return {key: value for layer in self.layers for key, value in self.tp[layer].divisors.items()}
+
+    @property
+    def tp_divide_attrs(self) -> dict[str, int]:
+        return {key: value for layer in self.layers for key, value in self.tp[layer].divide_attrs.items()}
+
+    def representative(self, layer: str) -> str:
+        """The first layer with the same signature (the one that is analysed and profiled)."""
+        signature = self.signatures[layer]
+        return next(other for other in self.layers if self.signatures[other] == signature)
