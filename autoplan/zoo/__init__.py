@@ -5,7 +5,8 @@
     >>> job.module.config.num_layers, tuple(job.example_inputs[0].shape)
     (12, (8, 1024))
 
-`build` also loads `path/to/file.py:factory`, where factory() returns
+`build` also loads `hf:path/to/config.json` (a Hugging Face model, `autoplan.zoo.hf`) and
+`path/to/file.py:factory`, where factory() returns
 `(module, example_inputs)` or `(module, example_inputs, targets, loss_fn)`.
 """
 from __future__ import annotations
@@ -101,7 +102,7 @@ MODEL_NAMES: tuple[str, ...] = (*GPT_CONFIGS, *LLAMA_CONFIGS, *MLP_CONFIGS)
 
 
 @contextmanager
-def _skip_init_on(device: torch.device):
+def skip_init_on(device: torch.device):
     """Skip torch.nn.init on the meta device: it computes nothing there but costs ~1.5 s
     (meta decompositions of uniform_/normal_) for GPT-3 175B's 400 tensors."""
     if device.type != "meta":
@@ -127,18 +128,23 @@ def build(name: str, *, batch_size: int = 8, seq_len: int | None = None,
     """
     if ":" in name and name.split(":", 1)[0].endswith(".py"):
         return load_factory(name)
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)} or give path/file.py:factory")
+    if name not in MODEL_NAMES and not name.startswith("hf:"):
+        raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}, hf:path/to/config.json "
+                         "or path/file.py:factory")
     if batch_size < 1:
         raise ValueError(f"global batch size must be >= 1, got {batch_size}")
     if seq_len is not None and seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if name.startswith("hf:"):
+        from autoplan.zoo.hf import build_hf
+
+        return build_hf(name, batch_size=batch_size, seq_len=seq_len, device=device, seed=seed)
     device = torch.device(device)
     if device.type != "meta":
         torch.manual_seed(seed)
     if name in MLP_CONFIGS:
         config = MLP_CONFIGS[name]
-        with device, _skip_init_on(device):
+        with device, skip_init_on(device):
             module = ResidualMLP(config)
         inputs = torch.randn(batch_size, config.in_features, device=device)
         targets = torch.randn(batch_size, config.out_features, device=device)
@@ -151,7 +157,7 @@ def build(name: str, *, batch_size: int = 8, seq_len: int | None = None,
         config = LLAMA_CONFIGS[name]
         config = replace(config, seq_len=seq_len or config.seq_len)
         model_cls = Llama
-    with device, _skip_init_on(device):
+    with device, skip_init_on(device):
         module = model_cls(config)
     generator = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed + 1)
     tokens = torch.randint(0, config.vocab_size, (batch_size, config.seq_len + 1), device=device, generator=generator)
