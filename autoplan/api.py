@@ -21,7 +21,7 @@ from autoplan.cluster import ClusterSpec
 from autoplan.constraints import Constraints
 from autoplan.costmodels.pipeline import estimate_layer_cost
 from autoplan.layers import ModelProfile
-from autoplan.plan import Candidate, LayerChoice, Plan, Prediction, StagePlan, TPSite
+from autoplan.plan import SEQUENCE_PARALLEL_STYLES, Candidate, LayerChoice, Plan, Prediction, StagePlan, TPSite
 from autoplan.solver import Solution, SolveResult, default_dtypes, solve, split_layers
 
 OBJECTIVES = ("throughput",)
@@ -145,7 +145,7 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
     if config.tp > 1:
         for layer in profile.layers:
             tp_styles.update({path: site for path, site in layer.tp_sites.items()
-                              if site.style != "sequence_parallel" or config.sequence_parallel})
+                              if site.style not in SEQUENCE_PARALLEL_STYLES or config.sequence_parallel})
             tp_divide_attrs.update(layer.tp_divide_attrs)
     tokens = profile.global_batch_size * profile.seq_len
     peak = cluster.device.peak_flops_for(config.param_dtype)

@@ -108,6 +108,10 @@ class TracedModel:
     """Layer -> how many times forward calls it (2 for T5's shared embedding); its costs count that often."""
     glue_flops: dict[str, float] = field(default_factory=dict)
     """Module path -> forward FLOPs its own code ran outside every layer (no layer accounts for them)."""
+    module_calls: dict[str, tuple[tuple, dict]] = field(default_factory=dict)
+    """Module path -> (args, kwargs) of its first call (not for modules inside replayed repeats)."""
+    sequence_parallel_blocker: str | None = None
+    """Why sequence parallelism cannot run on this model (None: it can, or nothing is split)."""
 
     @property
     def tp_sites(self) -> dict[str, TPSite]:

@@ -123,6 +123,8 @@ class ModelProfile(BaseModel):
     num_params: int
     model_flops_per_sequence: float
     """Forward + backward FLOPs of the model for one sequence, without recompute."""
+    sequence_parallel_blocker: str | None = None
+    """Why sequence parallelism cannot run on this model (None: it can, or tp splits nothing)."""
 
 
 def selective_save_ops() -> frozenset:

@@ -22,7 +22,12 @@ from autoplan.constraints import Recompute, Schedule
 PLAN_VERSION = 1
 Model = TypeVar("Model", bound=BaseModel)
 
-TPStyle = Literal["colwise", "rowwise", "vocab_embedding", "vocab_output", "sequence_parallel"]
+TPStyle = Literal["colwise", "rowwise", "vocab_embedding", "vocab_output", "sequence_parallel",
+                  "colwise_input", "sequence_parallel_entry", "sequence_parallel_exit"]
+SEQUENCE_PARALLEL_STYLES = ("sequence_parallel", "sequence_parallel_entry", "sequence_parallel_exit")
+"""Sites that exist only when the plan runs sequence parallelism."""
+INPUT_STYLES = ("colwise_input", "sequence_parallel_entry", "sequence_parallel_exit")
+"""Sites that split nothing themselves: they lay out one input of the module."""
 
 
 class TPSite(BaseModel):
@@ -31,11 +36,23 @@ class TPSite(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     style: TPStyle
-    """colwise / rowwise Linear, vocab-split Embedding or output head, or a norm/dropout
-    that runs sequence-parallel."""
+    """colwise / rowwise Linear (nn.Linear or GPT-2's transposed Conv1D), vocab-split
+    Embedding or output head, a position-wise module (norm, dropout) that runs
+    sequence-parallel; or an input layout: `colwise_input` on the parent of a group of
+    colwise Linears reading one tensor (replicated once for the group: one all-gather with
+    sequence parallelism, one backward all-reduce), `sequence_parallel_entry` on the first
+    layer whose input the residual stream is split along the sequence at, and
+    `sequence_parallel_exit` on the last, whose output is gathered again."""
     fused_sizes: list[int] | None = None
     """For a colwise Linear whose output packs several tensors (fused q|k|v): the
     output-feature size of each part, so each part is split separately."""
+    input_key: int | str | None = None
+    """For layout styles: the argument of the module's forward holding the tensor, a position
+    (0 = first) or a keyword name (Hugging Face calls `self_attn(hidden_states=...)`); for the
+    exit, the position of the stream in the layer's output."""
+    num_positional: int | None = None
+    """For layout styles: how many positional arguments the module is called with (for the
+    exit: how many outputs it returns)."""
 
 
 class StagePlan(BaseModel):

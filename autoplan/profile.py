@@ -51,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from autoplan.errors import TraceError
 from autoplan.layers import LayerProfile, ModelProfile, selective_save_ops
+from autoplan.plan import INPUT_STYLES, SEQUENCE_PARALLEL_STYLES
 from autoplan.trace import TracedModel, _join, _tensors, as_exported, trace_model
 
 def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "model",
@@ -109,7 +110,8 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
         seq_len=int(first.shape[1]) if is_tokens else 1, input_bytes=float(inputs_bytes),
         tied_parameters=traced.tied_parameters, fingerprint=_fingerprint(module, traced),
         num_params=sum(p.numel() for p in module.parameters()),
-        model_flops_per_sequence=sum(layer.fwd_flops + layer.bwd_flops for layer in layers))
+        model_flops_per_sequence=sum(layer.fwd_flops + layer.bwd_flops for layer in layers),
+        sequence_parallel_blocker=traced.sequence_parallel_blocker)
 
 
 def _repeated(cost: dict[str, Any], num_calls: int) -> dict[str, Any]:
@@ -345,7 +347,7 @@ def _tp_roles(traced: TracedModel, layer: str, state: dict[str, torch.Tensor]
     its outputs are whole after the all-reduce)."""
     split_params, colwise_weights, roles = set(), set(), {}
     for path, site in traced.tp[layer].sites.items():
-        if site.style == "sequence_parallel":
+        if site.style in SEQUENCE_PARALLEL_STYLES or site.style in INPUT_STYLES:
             continue
         prefix = _join(path[len(layer) + 1:] if layer else path, "")
         is_colwise = site.style in ("colwise", "vocab_output")

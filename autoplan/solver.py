@@ -159,8 +159,15 @@ def _divisors(value: int) -> list[int]:
     return [d for d in range(1, value + 1) if value % d == 0]
 
 
+def can_sequence_parallel(profile: ModelProfile) -> bool:
+    """Whether the trace found a region sequence parallelism can run (an entry site)."""
+    return any(site.style == "sequence_parallel_entry" for layer in profile.layers for site in layer.tp_sites.values())
+
+
 def check_tp(profile: ModelProfile, tp: int) -> str | None:
     """Why `tp` cannot split the model, or None."""
+    if tp > 1 and not any(layer.tp_param_count for layer in profile.layers):
+        return f"tp={tp}: tensor parallelism finds nothing to split in this model (no Linear pairs, heads or vocabulary)"
     for layer in profile.layers:
         for name, value in layer.tp_divisors.items():
             if value % tp:
@@ -279,7 +286,7 @@ def build_instance(profile: ModelProfile, cluster: ClusterSpec, split: LayerSpli
     if not schedules:
         return None
     zeros = [constraints.zero_stage] if constraints.zero_stage is not None else (list(ZERO_OPTIONS) if dp > 1 else [0])
-    sps = [False, True] if tp > 1 else [False]
+    sps = [False, True] if tp > 1 and can_sequence_parallel(profile) else [False]
     if constraints.sequence_parallel is not None:
         sps = [constraints.sequence_parallel and tp > 1]
     options = [o for o in RECOMPUTE_OPTIONS if all(o in layer.saved_bytes for layer in profile.layers)]
@@ -625,6 +632,9 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
     """
     started = time.perf_counter()
     constraints = constraints or Constraints()
+    if constraints.sequence_parallel and not can_sequence_parallel(profile):
+        raise ValueError(f"sequence_parallel=True cannot run on {profile.model_name}: "
+                         f"{profile.sequence_parallel_blocker or 'no tensor-parallel region to split along the sequence'}")
     param_dtype, grad_dtype = default_dtypes(cluster, constraints)
     split = split_layers(profile)
     meshes = enumerate_meshes(profile, cluster, constraints, len(split.blocks))

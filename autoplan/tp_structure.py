@@ -20,7 +20,7 @@ from autoplan.graph import LayerCall, LayerTP, OpNode, TracedModel, _join, _tens
 from autoplan.plan import TPSite
 
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
-_ELEMENTWISE_MODULES = (nn.modules.dropout._DropoutNd, nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid,
+ELEMENTWISE_MODULES = (nn.modules.dropout._DropoutNd, nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid,
                         nn.Identity, nn.Mish, nn.LeakyReLU)
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
 _CHUNKS = {"chunk", "split", "tensor_split", "unbind", "split_with_sizes"}
@@ -28,6 +28,36 @@ _TRANSPOSES = {"transpose", "swapaxes", "swapdims", "permute", "t", "T", "mT"}
 _MATMULS = {"matmul", "__matmul__", "bmm"}
 _DIM_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "prod", "softmax",
                    "log_softmax", "cumsum", "norm", "var", "std", "logsumexp", "topk", "sort"}
+
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face's `Conv1D` (GPT-2): a Linear whose weight is stored (in, out), `x @ W + b`."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
+
+
+def is_linear(module: nn.Module | None) -> bool:
+    """nn.Linear, or a Linear stored transposed (`is_transposed_linear`)."""
+    return isinstance(module, nn.Linear) or (module is not None and is_transposed_linear(module))
+
+
+def out_features(module: nn.Module) -> int:
+    return module.weight.shape[1] if is_transposed_linear(module) else module.out_features
+
+
+def _is_position_wise(module: nn.Module, node: OpNode) -> bool:
+    """A module applied to each position on its own, which sequence parallelism can run on a
+    shard of the sequence: norms, dropout, or any other leaf with parameters (a hand-written
+    RMSNorm) that keeps its input's shape and is not a Linear or an Embedding."""
+    if isinstance(module, (*_NORMS, nn.modules.dropout._DropoutNd)):
+        return True
+    if is_linear(module) or isinstance(module, nn.Embedding) or next(module.children(), None) is not None:
+        return False
+    outputs = node.outputs
+    return (next(module.parameters(recurse=False), None) is not None and len(outputs) == 1
+            and bool(node.inputs) and outputs[0].shape == node.inputs[0].shape)
 
 
 class _Reject(Exception):
@@ -50,9 +80,9 @@ class _Region:
     """Leaf modules (dropout, activations) running on split tensors: no site of their own."""
 
 
-def find_tensor_parallel(traced: TracedModel) -> None:
+def find_tensor_parallel(traced: TracedModel) -> "ModelFlow":
     """Fill `traced.tp`: analyse each representative layer, copy the result to its repeats."""
-    flow = _ModelFlow(traced)
+    flow = ModelFlow(traced)
     analysed: dict[str, LayerTP] = {}
     for layer in traced.layers:
         representative = traced.representative(layer)
@@ -62,12 +92,10 @@ def find_tensor_parallel(traced: TracedModel) -> None:
             flow.add_module_sites(analysed[representative], search)
         traced.tp[layer] = analysed[representative].renamed(representative, layer)
 
-    if all(site.style == "sequence_parallel" for layer_tp in traced.tp.values() for site in layer_tp.sites.values()):
-        for layer_tp in traced.tp.values():  # nothing is split, so nothing runs sequence-parallel
-            layer_tp.sites.clear()
+    return flow
 
 
-class _ModelFlow:
+class ModelFlow:
     """Who produces and who reads every traced tensor; the model's inputs, outputs and vocabularies."""
 
     def __init__(self, traced: TracedModel):
@@ -78,11 +106,20 @@ class _ModelFlow:
             for t in node.inputs:
                 self.consumers.setdefault(id(t), []).append(node)
         self.model_outputs = {id(t) for t in _tensors(traced.output)}
-        model_inputs = {id(t) for t in _tensors(traced.inputs)}
+        self.model_inputs = {id(t) for t in _tensors(traced.inputs)}
         self.vocab_sizes = {node.module: self.modules[node.module].num_embeddings for node in traced.graph
                             if node.is_module and isinstance(self.modules[node.module], nn.Embedding)
-                            and id(node.inputs[0]) in model_inputs}
+                            and self.is_model_input(node.inputs[0])}
         """Embeddings indexed by the model's own input (tokens, not positions) -> vocabulary size."""
+
+    def is_model_input(self, tensor: torch.Tensor) -> bool:
+        """A model input, or a reshape of one (GPT-2's `input_ids.view(-1, T)`)."""
+        while id(tensor) not in self.model_inputs:
+            node = self.producer.get(id(tensor))
+            if node is None or node.is_module or node.target not in _RESHAPES or len(node.inputs) != 1:
+                return False
+            tensor = node.inputs[0]
+        return True
 
     def add_module_sites(self, layer_tp: LayerTP, search: "_SplitSearch") -> None:
         """Sites that are whole modules: vocab-split embeddings and output heads, and the norms
@@ -92,13 +129,13 @@ class _ModelFlow:
             if node.module in self.vocab_sizes:
                 layer_tp.sites[node.module] = TPSite(style="vocab_embedding")
                 layer_tp.divisors[f"{node.module} vocab"] = self.vocab_sizes[node.module]
-            elif (isinstance(module, nn.Linear) and module.out_features in self.vocab_sizes.values()
+            elif (is_linear(module) and out_features(module) in self.vocab_sizes.values()
                   and node.module not in layer_tp.sites and self.feeds_output(node)):
                 layer_tp.sites[node.module] = TPSite(style="vocab_output")
-                layer_tp.divisors[f"{node.module} vocab"] = module.out_features
+                layer_tp.divisors[f"{node.module} vocab"] = out_features(module)
                 layer_tp.colwise_groups.append([node.module])
-            elif (isinstance(module, (*_NORMS, nn.modules.dropout._DropoutNd)) and node.module not in search.inside
-                  and node.inputs[0].dim() >= 3):
+            elif (module is not None and node.module not in layer_tp.sites and node.module not in search.inside
+                  and node.inputs and node.inputs[0].dim() >= 3 and _is_position_wise(module, node)):
                 layer_tp.sites[node.module] = TPSite(style="sequence_parallel")
 
     def feeds_output(self, node: OpNode) -> bool:
@@ -109,8 +146,8 @@ class _ModelFlow:
             if id(tensor) in self.model_outputs:
                 return True
             for user in self.consumers.get(id(tensor), []):
-                if id(user) not in seen and not (user.is_module and isinstance(self.modules[user.module],
-                                                                                (nn.Linear, nn.Embedding))):
+                user_module = self.modules[user.module] if user.is_module else None
+                if id(user) not in seen and not (is_linear(user_module) or isinstance(user_module, nn.Embedding)):
                     seen.add(id(user))
                     frontier.extend(user.outputs)
         return False
@@ -127,7 +164,7 @@ class _SplitSearch:
         """Leaf modules that run on split tensors (an attention dropout): no site of their own."""
         self.groups: dict[int, list[OpNode]] = {}
         for node in nodes:
-            if node.is_module and isinstance(modules[node.module], nn.Linear):
+            if node.is_module and is_linear(modules[node.module]):
                 self.groups.setdefault(id(node.inputs[0]), []).append(node)
 
     def run(self) -> LayerTP:
@@ -168,7 +205,7 @@ class _SplitSearch:
                 continue
             seen.add(id(node))
             mod = self.modules[node.module] if node.is_module else None
-            if isinstance(mod, nn.Linear):
+            if is_linear(mod):
                 found.append(node)
             elif not isinstance(mod, nn.Embedding):
                 frontier.extend(node.inputs)
@@ -202,12 +239,12 @@ class _SplitSearch:
         mod = self.modules[node.module]
         d = next(d for d in dims if d is not None)
         x = node.inputs[0]
-        if isinstance(mod, nn.Linear) and d == x.dim() - 1:
+        if is_linear(mod) and d == x.dim() - 1:
             region.rowwise.append(node)
             return
         if isinstance(mod, _NORMS) and d < x.dim() - len(mod.normalized_shape):
             split[id(node.outputs[0])] = d  # a per-head norm (q/k norm) keeps heads split
-        elif isinstance(mod, _ELEMENTWISE_MODULES):
+        elif isinstance(mod, ELEMENTWISE_MODULES):
             split[id(node.outputs[0])] = d
         else:
             raise _Reject(f"{type(mod).__name__} at {node.module} reads a split tensor")
@@ -253,6 +290,9 @@ class _SplitSearch:
             if source is None or id(source) not in seed_ids:
                 raise _Reject("chunking a split dimension that is not a fused projection")
             region.fused_sizes[source.module] = [t.shape[d] for t in outputs]
+            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
+            if node.target == "split" and type(size) is int:  # GPT-2's .split(self.split_size, dim=2)
+                self._divide_attrs_equal_to(node.module, size, region)
             for t in outputs:
                 split[id(t)] = d
             return
@@ -312,10 +352,12 @@ class _SplitSearch:
             shape = shape[0]
         if len(shape) != out.dim() or shape[d_out] != out.shape[d_out]:
             return
-        owner = self.modules[node.module]
-        for attr, value in vars(owner).items():
-            if type(value) is int and value == out.shape[d_out]:
-                region.divide_attrs[_join(node.module, attr)] = value
+        self._divide_attrs_equal_to(node.module, out.shape[d_out], region)
+
+    def _divide_attrs_equal_to(self, path: str, size: int, region: _Region) -> None:
+        for attr, value in vars(self.modules[path]).items():
+            if type(value) is int and value == size:
+                region.divide_attrs[_join(path, attr)] = value
 
     def _record(self, region: _Region, result: LayerTP) -> None:
         for node in region.colwise:
@@ -335,7 +377,7 @@ class _SplitSearch:
         else:
             paths = [node.module for node in (*region.colwise, *region.rowwise)]
             owner = ".".join(os.path.commonprefix([path.split(".")[:-1] for path in paths]))
-            width = math.gcd(*(self.modules[node.module].out_features for node in region.colwise))
+            width = math.gcd(*(out_features(self.modules[node.module]) for node in region.colwise))
             result.divisors[f"{owner} width"] = width
         result.divide_attrs.update(region.divide_attrs)
 

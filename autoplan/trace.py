@@ -37,7 +37,8 @@ from torch.utils.flop_counter import flop_registry
 
 from autoplan.errors import TraceError
 from autoplan.graph import LayerCall, LayerTP, OpNode, TracedModel, _join, _tensors
-from autoplan.tp_structure import find_tensor_parallel
+from autoplan.sp_structure import add_colwise_input_sites, apply_sequence_parallel
+from autoplan.tp_structure import ELEMENTWISE_MODULES, find_tensor_parallel
 
 __all__ = ["LayerCall", "LayerTP", "OpNode", "TracedModel", "as_exported", "trace_model"]
 
@@ -83,8 +84,10 @@ def trace_model(module: nn.Module, example_inputs: tuple) -> TracedModel:
     traced = TracedModel(module, layers, signatures, recorder.nodes, recorder.calls, {},
                          _tied_parameters(module), meta_state, inputs, output,
                          num_calls={layer: recorder.num_calls.get(layer, 1) for layer in layers},
-                         glue_flops=glue.flops)
-    find_tensor_parallel(traced)
+                         glue_flops=glue.flops, module_calls=recorder.module_calls)
+    flow = find_tensor_parallel(traced)
+    add_colwise_input_sites(traced, flow)
+    apply_sequence_parallel(traced, flow)
     return traced
 
 
@@ -159,7 +162,14 @@ class _Recorder(TorchFunctionMode):
     def __init__(self, paths: dict[nn.Module, str], candidates: set[str]):
         super().__init__()
         self.paths, self.candidates = paths, candidates
-        self.leaves = {module for module in paths if next(module.children(), None) is None}
+        # Leaves are recorded as one node: modules with parameters of their own (Linear, norms) and
+        # the known elementwise ones; the ops of any other parameter-free leaf (Hugging Face's
+        # activation classes) are recorded one by one, so tensor parallelism sees through them.
+        self.leaves = {module for module in paths if next(module.children(), None) is None
+                       and (next(module.parameters(recurse=False), None) is not None
+                            or isinstance(module, ELEMENTWISE_MODULES))}
+        self.module_calls: dict[str, tuple[tuple, dict]] = {}
+        """Module path -> (args, kwargs) of its first call."""
         self.nodes: list[OpNode] = []
         self.calls: dict[str, LayerCall] = {}
         self.layer_order: list[str] = []
@@ -250,6 +260,7 @@ class _Recorder(TorchFunctionMode):
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         path = self.paths[module]
         self.stack.append((path, args, kwargs))
+        self.module_calls.setdefault(path, (args, kwargs))
         if self.current_layer is None and path in self.candidates:
             self.current_layer = path
             self.num_calls[path] = self.num_calls.get(path, 0) + 1

@@ -25,15 +25,18 @@ output gives the local heads. `gather_full_state_dict` undoes the permutation.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, PrepareModuleOutput,
+                                               RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
-from autoplan.plan import TPSite
+from autoplan.plan import SEQUENCE_PARALLEL_STYLES, TPSite
 
 FUSED_PERMUTATIONS_ATTR = "_autoplan_fused_row_permutations"
 """Attribute set on the parallelized root: parameter name -> row permutation applied."""
@@ -54,22 +57,25 @@ def fused_row_permutation(fused_sizes: list[int], tp: int) -> torch.Tensor:
     return torch.tensor(order)
 
 
-def _permute_fused_rows(module: nn.Module, styles: dict[str, TPSite], tp: int) -> dict[str, torch.Tensor]:
-    """Permute the rows of every fused colwise Linear in place; returns name -> permutation."""
+def _permute_fused_rows(module: nn.Module, styles: dict[str, TPSite], tp: int) -> dict[str, tuple[torch.Tensor, int]]:
+    """Permute the output features of every fused colwise Linear in place (rows of an
+    nn.Linear weight, columns of a transposed Conv1D weight); returns name -> (permutation, dim)."""
     permutations = {}
     for path, site in styles.items():
         if not site.fused_sizes:
             continue
         linear = module.get_submodule(path)
+        feature_dim = 0 if isinstance(linear, nn.Linear) else 1
         total = sum(site.fused_sizes)
-        if total != linear.weight.shape[0] or any(size % tp for size in site.fused_sizes):
+        if total != linear.weight.shape[feature_dim] or any(size % tp for size in site.fused_sizes):
             raise ValueError(f"{path}: fused_sizes {site.fused_sizes} must sum to the output features "
-                             f"{linear.weight.shape[0]} and each be divisible by tp={tp}")
+                             f"{linear.weight.shape[feature_dim]} and each be divisible by tp={tp}")
         order = fused_row_permutation(site.fused_sizes, tp)
         with torch.no_grad():
             for name, param in linear.named_parameters(recurse=False):
-                param.copy_(param[order.to(param.device)])
-                permutations[f"{path}.{name}"] = order
+                dim = feature_dim if name == "weight" else 0
+                param.copy_(param.index_select(dim, order.to(param.device)))
+                permutations[f"{path}.{name}"] = (order, dim)
     return permutations
 
 
@@ -86,54 +92,81 @@ def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 
 
-def _torch_styles(styles: dict[str, TPSite], sequence_parallel: bool) -> dict[str, ParallelStyle]:
+def _shard_parameters(placements: dict[str, Placement], name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+    for param_name, param in list(module.named_parameters(recurse=False)):
+        module.register_parameter(param_name, nn.Parameter(distribute_tensor(param, mesh, [placements[param_name]]),
+                                                           requires_grad=param.requires_grad))
+
+
+class TransposedColwiseParallel(ColwiseParallel):
+    """ColwiseParallel for a Linear stored (in, out), GPT-2's `Conv1D`: weight split along dim 1."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, partial(_shard_parameters, {"weight": Shard(1), "bias": Shard(0)}),
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+
+class TransposedRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel for a Linear stored (in, out): weight split along dim 0, bias whole."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.desired_input_layouts = (Shard(-1),)
+        return distribute_module(module, device_mesh,
+                                 partial(_shard_parameters, {"weight": Shard(0), "bias": Replicate()}),
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+
+def _prepare_input(site: TPSite, layout: Placement, desired: Placement, use_local_output: bool) -> PrepareModuleInput:
+    """PrepareModuleInput for the one argument `site.input_key` names (a position or a keyword)."""
+    if isinstance(site.input_key, str):
+        return PrepareModuleInput(input_kwarg_layouts={site.input_key: layout},
+                                  desired_input_kwarg_layouts={site.input_key: desired}, use_local_output=use_local_output)
+    count = max(site.num_positional or 1, site.input_key + 1)
+    layouts = tuple(layout if i == site.input_key else None for i in range(count))
+    wanted = tuple(desired if i == site.input_key else None for i in range(count))
+    return PrepareModuleInput(input_layouts=layouts, desired_input_layouts=wanted, use_local_output=use_local_output)
+
+
+def _torch_styles(module: nn.Module, styles: dict[str, TPSite], sequence_parallel: bool) -> dict[str, ParallelStyle]:
     """Plan styles -> torch parallel styles, with the layouts sequence parallelism needs.
 
-    With sequence parallelism the activations between a rowwise Linear and the next
-    colwise group are sharded along the sequence (dim 1): rowwise outputs reduce-scatter
-    to Shard(1), norms run on Shard(1), and each colwise group's parent all-gathers.
-    `styles` must be in model order: the first sequence-parallel site's parent (the
-    first block) is where the replicated stream is split along the sequence.
+    With sequence parallelism the residual stream is split along the sequence (dim 1) from
+    the `sequence_parallel_entry` layer on: rowwise outputs reduce-scatter to Shard(1),
+    position-wise modules run on Shard(1), and colwise inputs are all-gathered, once per
+    group on a `colwise_input` parent, or by each colwise Linear itself.
     """
-    sequence_parallel = sequence_parallel and any(s.style == "sequence_parallel" for s in styles.values())
-    if sequence_parallel and any(s.style == "vocab_embedding" for s in styles.values()):
-        # Norms/dropouts in the root between a vocab-split embedding and the first block (GPT's
-        # embedding dropout) see the replicated embedding stream, which is only split along the
-        # sequence inside the first block: they run replicated, like the embedding itself.
-        first_in_block = next((i for i, (p, s) in enumerate(styles.items())
-                               if s.style == "sequence_parallel" and _parent(p)), len(styles))
-        styles = {p: s for i, (p, s) in enumerate(styles.items())
-                  if not (s.style == "sequence_parallel" and not _parent(p) and i < first_in_block)}
+    sequence_parallel = sequence_parallel and any(s.style in SEQUENCE_PARALLEL_STYLES for s in styles.values())
     stream = Shard(1) if sequence_parallel else Replicate()
+    # The exit gathers the stream again: the head after it reads the whole sequence.
+    head_input = Replicate() if any(s.style == "sequence_parallel_exit" for s in styles.values()) else stream
     torch_styles: dict[str, ParallelStyle] = {}
-    colwise_parents = [_parent(p) for p, s in styles.items() if s.style == "colwise" and _parent(p)]
-    for parent in set(colwise_parents):
-        # The group's Linears share one DTensor input: one all-gather (SP) and one backward
-        # all-reduce / reduce-scatter per group. A lone colwise Linear without SP prepares its
-        # own input instead, so a parent that also uses its input elsewhere (a residual) works.
-        if sequence_parallel or colwise_parents.count(parent) > 1:
-            torch_styles[parent] = PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),))
     for path, site in styles.items():
-        if site.style == "colwise":
-            torch_styles[path] = ColwiseParallel()
+        plain_linear = isinstance(module.get_submodule(path), (nn.Linear, nn.Embedding))
+        colwise, rowwise = (ColwiseParallel, RowwiseParallel) if plain_linear else \
+            (TransposedColwiseParallel, TransposedRowwiseParallel)
+        if site.style == "colwise":  # its parent's colwise_input, if any, replicated the input already
+            prepared = styles.get(_parent(path), site).style == "colwise_input"
+            torch_styles[path] = colwise(input_layouts=Replicate() if prepared else stream)
         elif site.style == "rowwise":
-            torch_styles[path] = RowwiseParallel(output_layouts=stream)
+            torch_styles[path] = rowwise(output_layouts=stream)
         elif site.style == "vocab_embedding":
-            # Replicated output even with SP: models may add position embeddings to it first;
-            # the first sequence-parallel layer takes its shard of the sequence (no communication).
             torch_styles[path] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
         elif site.style == "vocab_output":
-            torch_styles[path] = ColwiseParallel(input_layouts=stream, output_layouts=Replicate())
-        elif sequence_parallel:
+            torch_styles[path] = colwise(input_layouts=head_input, output_layouts=Replicate())
+        elif site.style == "colwise_input":
+            torch_styles[path] = _prepare_input(site, stream, Replicate(), use_local_output=False)
+        elif sequence_parallel and site.style == "sequence_parallel":
             torch_styles[path] = SequenceParallel(use_local_output=True)  # the residual stream stays local
-    if sequence_parallel and any(s.style == "vocab_embedding" for s in styles.values()):
-        first_sp_site = next(p for p, s in styles.items() if s.style == "sequence_parallel")
-        entry = _parent(first_sp_site)
-        if not entry or entry in torch_styles:
-            raise ValueError(f"sequence parallelism must start inside a block: the first sequence_parallel site "
-                             f"{first_sp_site!r} sits in {entry or 'the root'!r}, the root or a colwise group")
-        torch_styles[entry] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
-                                                 use_local_output=True)
+        elif sequence_parallel and site.style == "sequence_parallel_entry":
+            # The whole stream enters; each rank keeps its shard of the sequence (no communication).
+            torch_styles[path] = _prepare_input(site, Replicate(), Shard(1), use_local_output=True)
+        elif sequence_parallel and site.style == "sequence_parallel_exit":
+            count = site.num_positional or 1
+            torch_styles[path] = PrepareModuleOutput(
+                output_layouts=tuple(Shard(1) if i == site.input_key else None for i in range(count)),
+                desired_output_layouts=tuple(Replicate() for _ in range(count)), use_local_output=True)
     return torch_styles
 
 
@@ -158,7 +191,7 @@ def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, styles: dict[s
     _divide_attributes(module, divide_attrs, tp)
     order = {name: index for index, (name, _) in enumerate(module.named_modules())}
     in_model_order = dict(sorted(styles.items(), key=lambda item: order[item[0]]))
-    parallelize_module(module, tp_mesh, _torch_styles(in_model_order, sequence_parallel))
+    parallelize_module(module, tp_mesh, _torch_styles(module, in_model_order, sequence_parallel))
     _retie(module, ties)
 
 
@@ -172,17 +205,22 @@ def _tied_parameter_names(module: nn.Module) -> list[list[str]]:
 
 def _retie(module: nn.Module, ties: list[list[str]]) -> None:
     """`distribute_module` replaces each module's parameters separately: point every name
-    of a tied group back at the first one's (now DTensor) parameter."""
+    of a tied group back at one parameter, the split (DTensor) one when only some of the
+    names belong to split modules (BERT's `cls.predictions.bias` is the decoder's bias)."""
+    def get(name: str) -> nn.Parameter:
+        path, _, attr = name.rpartition(".")
+        return getattr(module.get_submodule(path), attr)
+
     for names in ties:
-        owner_path, _, owner_attr = names[0].rpartition(".")
-        shared = getattr(module.get_submodule(owner_path), owner_attr)
-        for name in names[1:]:
+        split = [name for name in names if isinstance(get(name), DTensor)]
+        owner = split[0] if split else names[0]
+        shared = get(owner)
+        for name in names:
+            other = get(name)
+            if name in split and (other.shape != shared.shape or other.placements != shared.placements):
+                raise ValueError(f"tied parameters {owner} and {name} are split differently by the plan")
             path, _, attr = name.rpartition(".")
-            other = module.get_submodule(path)
-            if getattr(other, attr).shape != shared.shape or \
-                    getattr(getattr(other, attr), "placements", None) != getattr(shared, "placements", None):
-                raise ValueError(f"tied parameters {names[0]} and {name} are split differently by the plan")
-            setattr(other, attr, shared)
+            setattr(module.get_submodule(path), attr, shared)
 
 
 def gather_full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -192,7 +230,7 @@ def gather_full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     permutations. A collective: every rank of the module's mesh must call it.
     """
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-    for name, order in getattr(module, FUSED_PERMUTATIONS_ATTR, {}).items():
+    for name, (order, dim) in getattr(module, FUSED_PERMUTATIONS_ATTR, {}).items():
         if name in state:
-            state[name] = state[name][torch.argsort(order).to(state[name].device)]
+            state[name] = state[name].index_select(dim, torch.argsort(order).to(state[name].device))
     return state

@@ -63,6 +63,7 @@ from autoplan.costmodels.memory import (estimate_activation_bytes, estimate_comm
                                         estimate_zero3_gathered_bytes, in_flight_micro_batches,
                                         local_param_count)
 from autoplan.layers import LayerProfile, ModelProfile
+from autoplan.plan import INPUT_STYLES
 
 # Share of overlapped communication time still charged to the step: NCCL kernels
 # occupy SMs and HBM bandwidth while compute runs (Jangda et al., CoCoNet, ASPLOS 2022,
@@ -163,7 +164,8 @@ def tp_dispatch_s(layer: LayerProfile, cluster: ClusterSpec, sequence_parallel: 
     """DTensor's host time for `layer`'s tensor-parallel sites, forward + backward of one
     micro-batch (`device.tp_dispatch_overhead_us` per site; half forward, half backward).
     Norm / dropout sites are DTensors only with sequence parallelism."""
-    sites = sum(site.style != "sequence_parallel" or sequence_parallel for site in layer.tp_sites.values())
+    sites = sum(site.style not in INPUT_STYLES and (site.style != "sequence_parallel" or sequence_parallel)
+                for site in layer.tp_sites.values())
     return sites * cluster.device.tp_dispatch_overhead_us * 1e-6
 
 

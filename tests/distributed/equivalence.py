@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from autoplan import ClusterSpec, Constraints, Plan
+from autoplan.plan import SEQUENCE_PARALLEL_STYLES
 from autoplan.zoo import build
 from tests.distributed.harness import run_ranks
 
@@ -104,37 +105,13 @@ def check_equivalence(job_name: str, plans: list[Plan], steps: int = STEPS) -> N
 # zoo models' structure: this is also what a user pinning everything would write.
 
 def _zoo_layers_and_styles(job_name: str) -> tuple[list[str], dict[str, dict]]:
-    module = build(job_name, batch_size=1, device="meta").module
-    config = module.config
-    if job_name.startswith("gpt"):
-        h = config.hidden
-        layers = ["tok_emb", "pos_emb", "drop", *[f"blocks.{i}" for i in range(config.num_layers)], "ln_f", "lm_head"]
-        styles = {"tok_emb": {"style": "vocab_embedding"}, "lm_head": {"style": "vocab_output"}}
-        for i in range(config.num_layers):
-            styles |= {f"blocks.{i}.attn.c_attn": {"style": "colwise", "fused_sizes": [h, h, h]},
-                       f"blocks.{i}.attn.c_proj": {"style": "rowwise"},
-                       f"blocks.{i}.mlp.c_fc": {"style": "colwise"},
-                       f"blocks.{i}.mlp.c_proj": {"style": "rowwise"},
-                       f"blocks.{i}.ln_1": {"style": "sequence_parallel"},
-                       f"blocks.{i}.ln_2": {"style": "sequence_parallel"}}
-        styles["ln_f"] = {"style": "sequence_parallel"}
-    elif job_name.startswith("llama"):
-        layers = ["tok_embeddings", *[f"layers.{i}" for i in range(config.num_layers)], "norm", "output"]
-        styles = {"tok_embeddings": {"style": "vocab_embedding"}, "output": {"style": "vocab_output"},
-                  "norm": {"style": "sequence_parallel"}}
-        for i in range(config.num_layers):
-            p = f"layers.{i}"
-            styles |= {f"{p}.attention.{n}": {"style": "colwise"} for n in ("wq", "wk", "wv")}
-            styles |= {f"{p}.feed_forward.{n}": {"style": "colwise"} for n in ("w1", "w3")}
-            styles |= {f"{p}.attention.wo": {"style": "rowwise"}, f"{p}.feed_forward.w2": {"style": "rowwise"},
-                       f"{p}.attention_norm": {"style": "sequence_parallel"},
-                       f"{p}.ffn_norm": {"style": "sequence_parallel"}}
-    else:
-        layers = ["input", *[f"blocks.{i}" for i in range(config.num_layers)], "head"]
-        styles = {}
-        for i in range(config.num_layers):
-            styles |= {f"blocks.{i}.fc1": {"style": "colwise"}, f"blocks.{i}.fc2": {"style": "rowwise"}}
-    return layers, styles
+    """The model's layers and tensor-parallel sites as the trace finds them (what a user
+    pinning everything would copy from `autoplan show`)."""
+    from autoplan.trace import trace_model
+
+    job = build(job_name, batch_size=1, device="meta")
+    traced = trace_model(job.module, job.example_inputs)
+    return traced.layers, {path: site.model_dump(exclude_none=True) for path, site in traced.tp_sites.items()}
 
 
 def hand_plan(job_name: str, world_size: int, *, dp: int = 1, tp: int = 1, pp: int = 1, zero_stage: int = 0,
@@ -160,8 +137,7 @@ def hand_plan(job_name: str, world_size: int, *, dp: int = 1, tp: int = 1, pp: i
     stage_of = {name: stage.index for stage in stages for name in stage.layers}
     micro_batch_size = micro_batch_size or max(1, GLOBAL_BATCH // (dp * max(pp, 1) * 2))
     if not sequence_parallel:
-        styles = {k: v for k, v in styles.items() if v["style"] != "sequence_parallel"}
-    module = build(job_name, batch_size=1, device="meta").module
+        styles = {k: v for k, v in styles.items() if v["style"] not in SEQUENCE_PARALLEL_STYLES}
     tied = [["tok_emb.weight", "lm_head.weight"]] if job_name.startswith("gpt") else []
     return Plan(
         model_name=job_name, mesh={"dp": dp, "pp": pp, "tp": tp}, global_batch_size=GLOBAL_BATCH,

@@ -57,7 +57,9 @@ def _gpt_block_comm_counts(rank: int, world_size: int) -> dict[bool, tuple[dict,
         styles = {"attn.c_attn": TPSite(style="colwise", fused_sizes=[hidden] * 3),
                   "attn.c_proj": TPSite(style="rowwise"),
                   "mlp.c_fc": TPSite(style="colwise"), "mlp.c_proj": TPSite(style="rowwise"),
-                  "ln_1": TPSite(style="sequence_parallel"), "ln_2": TPSite(style="sequence_parallel")}
+                  "ln_1": TPSite(style="sequence_parallel"), "ln_2": TPSite(style="sequence_parallel"),
+                  "attn": TPSite(style="colwise_input", input_key=0, num_positional=1),
+                  "mlp": TPSite(style="colwise_input", input_key=0, num_positional=1)}
         apply_tensor_parallel(block, init_device_mesh("cpu", (world_size,)), styles, {}, sequence_parallel)
         x = torch.randn(2, gpt.config.seq_len, hidden)
         if sequence_parallel:  # the block receives its shard of the sequence

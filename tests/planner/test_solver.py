@@ -9,6 +9,7 @@ import pytest
 from autoplan.cluster import ClusterSpec
 from autoplan.constraints import Constraints
 from autoplan.costmodels.pipeline import ParallelConfig, estimate_step
+from autoplan.plan import TPSite
 from autoplan.layers import LayerProfile, ModelProfile
 from autoplan.solver import solve
 
@@ -33,7 +34,10 @@ def tiny_profile(global_batch: int = 8, heads: int = 4) -> ModelProfile:
         saved_bytes={"none": 4e8, "selective": 1.5e8, "full": 2e7},
         tp_saved_bytes={"none": 3e8, "selective": 1e8, "full": 0.0},
         output_bytes=1e7, tp_allreduce_bytes_fwd=2e7, tp_allreduce_bytes_bwd=2e7,
-        tp_divisors={f"blocks.{i}.attn heads": heads}) for i in range(NUM_BLOCKS)]
+        tp_divisors={f"blocks.{i}.attn heads": heads},
+        # the trace marks where sequence parallelism enters the blocks: without it, SP is not offered
+        tp_sites={"blocks.0": TPSite(style="sequence_parallel_entry")} if i == 0 else {})
+        for i in range(NUM_BLOCKS)]
     embed = LayerProfile(name="embed", signature="embed", param_count=20_000_000, tp_param_count=20_000_000,
                          param_tensors=1,
                          fwd_flops=0.0, bwd_flops=0.0, saved_bytes={o: 1e7 for o in OPTIONS}, output_bytes=1e7,

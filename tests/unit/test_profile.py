@@ -96,7 +96,10 @@ def test_gpt_tensor_parallel_collectives_and_parameters(gpt):
 def test_repeated_blocks_carry_their_own_names(gpt):
     first, last = layer(gpt, "blocks.0"), layer(gpt, "blocks.3")
     assert first.signature == last.signature and first.saved_bytes == last.saved_bytes
-    assert set(last.tp_sites) == {path.replace("blocks.0.", "blocks.3.") for path in first.tp_sites}
+    inner = {path for path in first.tp_sites if path != "blocks.0"}   # blocks.0 itself: the SP entry
+    assert set(last.tp_sites) - {"blocks.3"} == {path.replace("blocks.0.", "blocks.3.") for path in inner}
+    assert first.tp_sites["blocks.0"].style == "sequence_parallel_entry"
+    assert last.tp_sites["blocks.3"].style == "sequence_parallel_exit"   # the last split block gathers
     assert last.tp_divisors == {"blocks.3.attn heads": A, "blocks.3.mlp width": 4 * H}
 
 

@@ -92,11 +92,17 @@ def test_gpt_fused_qkv_mlp_vocab_and_sequence_parallel_sites():
         "blocks.0.ln_1": SEQUENCE_PARALLEL,
         "blocks.0.ln_2": SEQUENCE_PARALLEL,
         "blocks.0.drop": SEQUENCE_PARALLEL,
+        # q|k|v and the MLP read their parent's input only: it is laid out once per group
+        "blocks.0.attn": TPSite(style="colwise_input", input_key=0, num_positional=1),
+        "blocks.0.mlp": TPSite(style="colwise_input", input_key=0, num_positional=1),
     }
+    # the stream is split along the sequence from block 0's input to block 3's output
+    assert gpt.tp_sites["blocks.0"] == TPSite(style="sequence_parallel_entry", input_key=0, num_positional=1)
+    assert gpt.tp_sites["blocks.3"] == TPSite(style="sequence_parallel_exit", input_key=0, num_positional=1)
     assert gpt.tp_sites["tok_emb"] == TPSite(style="vocab_embedding")
     assert gpt.tp_sites["lm_head"] == TPSite(style="vocab_output")
     assert "pos_emb" not in gpt.tp_sites   # indexed by positions, not by the model's tokens
-    assert gpt.tp_sites["ln_f"] == SEQUENCE_PARALLEL
+    assert "ln_f" not in gpt.tp_sites and "drop" not in gpt.tp_sites   # outside the split region
     # 4 heads of 16 dims; MLP width 4 * 64; vocab 128
     assert gpt.tp_divisors["blocks.0.attn heads"] == 4
     assert gpt.tp_divisors["blocks.3.mlp width"] == 256
@@ -113,6 +119,7 @@ def test_llama_grouped_query_attention_and_swiglu():
         "layers.2.feed_forward.w1": "colwise", "layers.2.feed_forward.w3": "colwise",
         "layers.2.feed_forward.w2": "rowwise",
         "layers.2.attention_norm": "sequence_parallel", "layers.2.ffn_norm": "sequence_parallel",
+        "layers.2.attention": "colwise_input", "layers.2.feed_forward": "colwise_input",
     }
     # hidden 64 / 4 heads = head_dim 16; wk, wv: 2 kv heads * 16 = 32 features
     assert llama.tp_divisors["layers.2.attention heads"] == 4
