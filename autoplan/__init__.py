@@ -8,9 +8,11 @@
 from autoplan import zoo
 from autoplan.cluster import ClusterSpec, DeviceSpec, LinkSpec
 from autoplan.constraints import Constraints
+from autoplan.errors import AutoplanError, InfeasibleError, TraceError
 from autoplan.plan import Plan
 
-__all__ = ["ClusterSpec", "DeviceSpec", "LinkSpec", "Constraints", "Plan", "plan", "parallelize", "explain", "zoo"]
+__all__ = ["ClusterSpec", "DeviceSpec", "LinkSpec", "Constraints", "Plan", "plan", "parallelize", "explain", "zoo",
+           "AutoplanError", "InfeasibleError", "TraceError"]
 __version__ = "0.1.0"
 
 
@@ -31,7 +33,7 @@ def explain(plan: Plan) -> str:
     return api.explain(plan)
 
 
-def parallelize(model, cluster, example_inputs, loss_fn=None, plan=None, model_name=None):
+def parallelize(model, cluster, example_inputs=None, loss_fn=None, plan=None, model_name=None):
     from autoplan import distributed
 
     return distributed.parallelize(model, cluster, example_inputs, loss_fn=loss_fn, plan=plan, model_name=model_name)

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from autoplan.cluster import ClusterSpec
 from autoplan.constraints import Constraints
+from autoplan.errors import AutoplanError
 from autoplan.plan import Plan
 
 TIMEOUT_ENV = "AUTOPLAN_TIMEOUT_S"
@@ -58,15 +59,51 @@ def _agree_on_plan(make_plan: Callable[[], Plan]) -> Plan:
     return Plan.model_validate_json(payload[0])
 
 
-def parallelize(model: nn.Module, cluster: ClusterSpec, example_inputs: tuple, loss_fn: Callable | None = None,
-                plan: Plan | Constraints | None = None, model_name: str | None = None):
+class LazyParallelModel:
+    """What `parallelize(model, cluster)` returns without example inputs: like torch.compile,
+    it plans at the first `train_step`, from that global batch (every rank passes the same
+    one, rank 0 plans, every rank receives its plan), and from then on is the ParallelModel.
+
+        >>> pm = parallelize(model, cluster)            # doctest: +SKIP
+        >>> loss = pm.train_step(tokens, targets)       # plans, applies the plan, trains one batch
+        >>> opt = torch.optim.AdamW(pm.parameters())    # the planned (sharded) parameters
+    """
+
+    def __init__(self, model: nn.Module, cluster: ClusterSpec, loss_fn: Callable | None,
+                 plan: Plan | Constraints | None, model_name: str | None):
+        self._pending = (model, cluster, loss_fn, plan, model_name)
+        self._model = None
+
+    def train_step(self, inputs, targets=None) -> float:
+        if self._model is None:
+            model, cluster, loss_fn, plan, model_name = self._pending
+            example_inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+            self._model = parallelize(model, cluster, example_inputs, loss_fn=loss_fn, plan=plan,
+                                      model_name=model_name)
+        return self._model.train_step(inputs, targets)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._model is None:
+            raise AutoplanError(f"parallelize(model, cluster) has not planned yet, so it has no {name!r}: call "
+                                f"pm.train_step(inputs, targets) once first (it plans from that batch), then make "
+                                f"the optimizer from pm.parameters(); or pass example_inputs= to plan at once")
+        return getattr(self._model, name)
+
+
+def parallelize(model: nn.Module, cluster: ClusterSpec, example_inputs: tuple | None = None,
+                loss_fn: Callable | None = None, plan: Plan | Constraints | None = None,
+                model_name: str | None = None):
     """Plan (unless given a Plan) and apply it to `model` on this rank.
 
     `plan`: None plans freely; a Constraints plans with those pins; a Plan is used as is
     after checking it matches this model and world size. Returns a ParallelModel
-    (`train_step`, `parameters`, `state_dict`, `plan`).
+    (`train_step`, `parameters`, `state_dict`, `plan`). Without `example_inputs` it returns
+    a LazyParallelModel, which plans at its first `train_step` from that batch.
 
     >>> pm = parallelize(model, ClusterSpec.local(world_size=4), (tokens,), loss_fn)  # doctest: +SKIP
+    >>> pm = parallelize(model, ClusterSpec.local(world_size=4))                      # doctest: +SKIP
     """
     from autoplan.api import plan as make_plan
     from autoplan.backends.runner import apply_plan
@@ -74,12 +111,14 @@ def parallelize(model: nn.Module, cluster: ClusterSpec, example_inputs: tuple, l
     from autoplan.zoo import output_mean
 
     loss_fn = loss_fn or output_mean
-    example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     init_process_group_from_env(cluster.device.kind)
     world_size = dist.get_world_size()
     if cluster.world_size != world_size:
         raise ValueError(f"cluster world_size {cluster.world_size} (= {cluster.num_nodes} nodes x "
                          f"{cluster.devices_per_node} devices) != launched world size {world_size}")
+    if example_inputs is None:
+        return LazyParallelModel(model, cluster, loss_fn, plan, model_name)
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if isinstance(plan, Plan):
         if plan.world_size != world_size:
             raise ValueError(f"plan mesh dp({plan.mesh['dp']}) * pp({plan.mesh['pp']}) * tp({plan.mesh['tp']}) = "

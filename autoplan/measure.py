@@ -32,7 +32,7 @@ MEMORY_STEPS = 2
 class TrainsSteps(Protocol):
     """What `measure_training` needs of a model (autoplan's ParallelModel has it)."""
 
-    def train_step(self, *inputs: torch.Tensor, targets: torch.Tensor | None = None) -> float: ...
+    def train_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor | None = None) -> float: ...
 
     def parameters(self): ...
 
@@ -78,7 +78,7 @@ def measure_training(model: TrainsSteps, batches: Sequence[tuple[tuple[torch.Ten
         inputs, targets = batches[index % len(batches)]
         _synchronize(on_cuda)
         start = time.perf_counter()
-        losses.append(model.train_step(*inputs, targets=targets))
+        losses.append(model.train_step(inputs, targets))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _synchronize(on_cuda)

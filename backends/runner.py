@@ -63,11 +63,15 @@ class ParallelModel:
         local = tuple(x.chunk(dp)[dp_rank].to(self.device) for x in inputs)
         return local, None if targets is None else targets.chunk(dp)[dp_rank].to(self.device)
 
-    def train_step(self, *inputs: torch.Tensor, targets: torch.Tensor | None = None) -> float:
+    def train_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                   targets: torch.Tensor | None = None) -> float:
         """Forward + backward of one global batch; returns the global mean loss (same on every rank).
 
-        Gradients are left in `.parameters()` for the user's optimizer.
+        `inputs` is the model's input tensor or a tuple of its positional inputs; `targets`
+        (positional or keyword) go to `loss_fn(output, targets)`. Gradients are left in
+        `.parameters()` for the user's optimizer.
         """
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         local_inputs, local_targets = self._local_batch(inputs, targets)
         if self.engine is not None:
             local_loss = torch.tensor(float(self.engine.train_step(local_inputs, local_targets)), device=self.device)

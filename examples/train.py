@@ -55,7 +55,7 @@ def main() -> None:
     for step in range(args.steps):
         inputs, targets = next_batch(job, step)
         start = time.perf_counter()
-        loss = model.train_step(*inputs, targets=targets)
+        loss = model.train_step(inputs, targets)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if rank == 0:

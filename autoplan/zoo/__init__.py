@@ -38,9 +38,13 @@ def mean_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.mse_loss(outputs, targets)
 
 
-def output_mean(outputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-    """The loss used for timing when a model comes without one."""
-    return outputs.float().mean()
+def output_mean(outputs, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss used for timing when a model comes without one: the mean of its first output
+    tensor (a Hugging Face ModelOutput's logits)."""
+    from torch.utils._pytree import tree_leaves
+
+    first = next(leaf for leaf in tree_leaves(outputs) if isinstance(leaf, torch.Tensor))
+    return first.float().mean()
 
 
 @dataclass

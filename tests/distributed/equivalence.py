@@ -67,7 +67,7 @@ def _train_plans_on_rank(rank: int, world_size: int, job_name: str, plan_jsons: 
         optimizer = make_optimizer(model.parameters())
         losses = []
         for inputs, targets in batches(job_name, steps):
-            losses.append(model.train_step(*inputs, targets=targets))
+            losses.append(model.train_step(inputs, targets))
             optimizer.step()
             optimizer.zero_grad()
         state = model.state_dict(full=True)

@@ -120,7 +120,7 @@ def _two_input_net_on_rank(rank: int, world_size: int):
     expected_loss.backward()
     expected_grads = {name: p.grad for name, p in reference.named_parameters()}
     parallel = apply_plan(model, plan, torch.nn.functional.mse_loss, example_inputs=inputs)
-    loss = parallel.train_step(*inputs, targets=targets)
+    loss = parallel.train_step(inputs, targets)
     return loss, expected_loss.item(), {name: (p.grad, expected_grads[name]) for name, p in parallel.named_parameters()}
 
 

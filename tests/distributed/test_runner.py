@@ -31,7 +31,7 @@ def _exercise_runner(rank: int, world_size: int) -> dict:
     result["parameter_names_are_original"] = {name for name, _ in model.named_parameters()} <= original_names
     result["split_parameters"] = sorted(name for name, param in model.named_parameters()
                                         if isinstance(param, DTensor) and param.to_local().shape != param.shape)
-    result["loss"] = model.train_step(*job.example_inputs, targets=job.targets)
+    result["loss"] = model.train_step(job.example_inputs, job.targets)
     result["full_keys_are_original"] = set(model.state_dict(full=True)) == original_names
     try:
         model.train_step(job.example_inputs[0][:3], targets=job.targets[:3])
@@ -43,7 +43,7 @@ def _exercise_runner(rank: int, world_size: int) -> dict:
         plan = hand_plan("gpt-tiny", 2, dp=2, zero_stage=zero_stage).model_copy(update={"param_dtype": "bfloat16"})
         model = apply_plan(job.module, plan, job.loss_fn)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        result[f"bf16_zero{zero_stage}_loss"] = model.train_step(*job.example_inputs, targets=job.targets)
+        result[f"bf16_zero{zero_stage}_loss"] = model.train_step(job.example_inputs, job.targets)
         optimizer.step()
         result[f"bf16_zero{zero_stage}_master_dtype"] = str(next(model.parameters()).dtype)
 
@@ -51,7 +51,7 @@ def _exercise_runner(rank: int, world_size: int) -> dict:
     if rank == 0:
         started = time.monotonic()
         try:
-            model.train_step(*job.example_inputs, targets=job.targets)
+            model.train_step(job.example_inputs, job.targets)
         except Exception as error:  # gloo: the peer closed the connection; NCCL: the group's timeout
             result["dead_peer_error"] = f"{type(error).__name__}: {error}"
         result["dead_peer_seconds"] = time.monotonic() - started

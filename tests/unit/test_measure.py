@@ -27,7 +27,8 @@ class _PlainModel:
         self.module = module
 
     def train_step(self, inputs, targets=None):
-        loss = torch.nn.functional.mse_loss(self.module(inputs), targets)
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        loss = torch.nn.functional.mse_loss(self.module(*inputs), targets)
         loss.backward()
         return loss.item()
 
