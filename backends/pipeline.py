@@ -5,7 +5,9 @@
     >>> torch.optim.SGD(engine.parameters(), lr=0.1).step()                   # doctest: +SKIP
 
 Each pipeline rank r holds the stages r, r + pp, r + 2 pp, ... of `plan.stages` (cut by
-`pipeline_split.split_model`, original FQNs kept) and runs them with the plan's schedule:
+`pipeline_split.split_model`, original FQNs kept: by torch.fx graph, or by module for
+models fx cannot trace, such as Hugging Face Transformers models) and runs them with the
+plan's schedule:
 
 | plan.schedule      | torch class             | peak micro-batches whose activations rank r keeps |
 |--------------------|-------------------------|---------------------------------------------------|
@@ -21,33 +23,37 @@ steps) one receive buffer per micro-batch for its input activations (all stages 
 first) and one per micro-batch for the gradient of its output (all but the last): 2 n
 boundary tensors of micro-batch size per middle stage.
 
-Losses: the last stage computes `loss_fn(output_mb, target_mb)` per micro-batch; the
+Losses: the last stage computes `loss_fn(output_mb, target_mb)` per micro-batch, where
+`output_mb` is what the model's forward returns (a Hugging Face ModelOutput included:
+a stage split by module returns its tensors, `ModelSplit.model_output` rebuilds it); the
 schedule back-propagates each micro-batch loss unscaled and then divides every gradient
 by n (`scale_grads=True`), so gradients are those of the mean loss over the share.
 Data parallel (FSDP / replicate) then averages over dp.
 
-Tied parameters (GPT's tok_emb.weight is lm_head.weight): every stage holding one of the
+Tied parameters (GPT's tok_emb.weight is lm_head.weight), and a parameter outside every
+layer that several stages split by module hold: every stage holding one of the
 names gets its own copy, initialised from the one tensor, and after each backward the
 copies' gradients are summed over the pipeline ranks that hold them (Megatron-LM's
 embedding group), so every copy sees the full gradient and stays identical.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from autoplan.backends.data_parallel import apply_data_parallel
 from autoplan.backends.pipeline_split import ModelSplit, original_fqn, split_model
 from autoplan.backends.recompute import apply_recompute
 from autoplan.backends.tensor_parallel import apply_tensor_parallel, gather_full_state_dict
 from autoplan.plan import Plan
+from autoplan.trace import as_exported
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -85,7 +91,7 @@ class PipelineEngine:
         """The torch schedule object (ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B)."""
         self.stages = stages
         self.stage_modules = stage_modules
-        """Per local stage, the GraphModule the stage runs; its FQNs are the model's."""
+        """Per local stage, the module the stage runs (`ModelSplit.stage_modules`); its FQNs are the model's."""
         self.pp_group = pp_group
         self.num_micro_batches = num_micro_batches
         self._tied_groups = tied_groups
@@ -161,8 +167,9 @@ def build_pipeline(model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Call
     pp_mesh = mesh["pp"]
     pp_rank, pp_group = pp_mesh.get_local_rank(), pp_mesh.get_group()
     device = _device_of(mesh)
-    split = split_model(model, [stage.layers for stage in plan.stages])
-    shapes = _stage_io_examples(split, example_inputs, plan)
+    micro_batch = None if example_inputs is None else tuple(x[:plan.micro_batch_size] for x in example_inputs)
+    split = split_model(model, [stage.layers for stage in plan.stages], micro_batch)
+    shapes = _stage_io_examples(split, micro_batch, plan)
     local_indices = [stage.index for stage in plan.stages_of_rank(pp_rank)]
     stage_modules, stages = [], []
     for index in local_indices:
@@ -172,17 +179,24 @@ def build_pipeline(model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Call
         inputs, outputs = shapes[index] if shapes else (None, None)
         stages.append(PipelineStage(module, index, len(plan.stages), device, input_args=inputs, output_args=outputs,
                                     group=pp_group))
-    schedule_cls = SCHEDULES[plan.schedule]
-    schedule = schedule_cls(stages if plan.schedule == "interleaved_1f1b" else stages[0],
-                            n_microbatches=plan.num_micro_batches, loss_fn=loss_fn, scale_grads=True)
+
+    def stage_loss_fn(output, target):  # the user's loss_fn sees what the model's forward returns
+        return loss_fn(split.model_output(output), target)
+
+    schedule = SCHEDULES[plan.schedule](stages if plan.schedule == "interleaved_1f1b" else stages[0],
+                                        n_microbatches=plan.num_micro_batches, loss_fn=stage_loss_fn,
+                                        scale_grads=True)
     tied = _tied_gradient_groups(split, stage_modules, local_indices, mesh, plan.mesh["pp"])
     unreached = split.unreached_state if pp_rank == 0 else {}
     return PipelineEngine(schedule, stages, stage_modules, pp_group, plan.num_micro_batches, tied, unreached)
 
 
-def _stage_io_examples(split: ModelSplit, example_inputs: tuple[torch.Tensor, ...] | None,
+def _stage_io_examples(split: ModelSplit, micro_batch: tuple[torch.Tensor, ...] | None,
                        plan: Plan) -> list[tuple[tuple, tuple]] | None:
-    """(inputs, outputs) of every stage for one micro-batch, as fake tensors.
+    """(inputs, outputs) of every stage for `micro_batch` (one micro-batch of the model's
+    inputs), as fake tensors. The model code runs as under torch.export (`as_exported`), so
+    that Hugging Face takes its traceable paths (data-dependent mask checks skipped; Mixtral's
+    experts otherwise pick a grouped matmul that rejects float32 fake tensors).
 
     Given to `PipelineStage`, they let torch size its receive buffers statically; without
     them it infers shapes by running stage s on `torch.empty` inputs made from stage s-1's
@@ -190,12 +204,12 @@ def _stage_io_examples(split: ModelSplit, example_inputs: tuple[torch.Tensor, ..
     embedding. None (torch infers) when sequence parallelism makes boundary activations
     tp-local shards of the sequence, which this single-process propagation cannot see.
     """
-    if example_inputs is None or (plan.mesh["tp"] > 1 and plan.sequence_parallel):
+    if micro_batch is None or (plan.mesh["tp"] > 1 and plan.sequence_parallel):
         return None
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    values = tuple(mode.from_tensor(x[:plan.micro_batch_size]) for x in example_inputs)
+    values = tuple(mode.from_tensor(x) for x in micro_batch)
     examples = []
-    with mode:
+    with mode, as_exported():
         for module in split.stage_modules:
             outputs = module(*values)
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)

@@ -5,7 +5,9 @@
 
 Each plan is trained for STEPS optimizer steps on real gloo ranks from the same initial
 weights and batches as a single process; losses and gathered parameters must agree
-within RTOL (float32). All plans of one call share one set of spawned processes.
+within RTOL (float32). Each plan trains the model its `model_name` names (a zoo name),
+so `check_plans` takes plans of several models; all plans of one world size share one
+set of spawned processes (spawning costs seconds, importing transformers in each rank more).
 """
 from __future__ import annotations
 
@@ -56,17 +58,17 @@ def plan_for(job_name: str, world_size: int, **pins) -> Plan:
                          loss_fn=job.loss_fn, constraints=Constraints(**pins), model_name=job_name)
 
 
-def _train_plans_on_rank(rank: int, world_size: int, job_name: str, plan_jsons: list[str], steps: int):
+def _train_plans_on_rank(rank: int, world_size: int, plan_jsons: list[str], steps: int):
     from autoplan.backends.runner import apply_plan
 
     results = []
     for plan_json in plan_jsons:
         plan = Plan.model_validate_json(plan_json)
-        job = build(job_name, batch_size=GLOBAL_BATCH, device="cpu", seed=0)
+        job = build(plan.model_name, batch_size=GLOBAL_BATCH, device="cpu", seed=0)
         model = apply_plan(job.module, plan, job.loss_fn, example_inputs=job.example_inputs)
         optimizer = make_optimizer(model.parameters())
         losses = []
-        for inputs, targets in batches(job_name, steps):
+        for inputs, targets in batches(plan.model_name, steps):
             losses.append(model.train_step(inputs, targets))
             optimizer.step()
             optimizer.zero_grad()
@@ -75,19 +77,25 @@ def _train_plans_on_rank(rank: int, world_size: int, job_name: str, plan_jsons: 
     return results
 
 
-def check_equivalence(job_name: str, plans: list[Plan], steps: int = STEPS) -> None:
-    """Train every plan on its world size; compare with the single-process run."""
-    expected_losses, expected_state = reference_run(job_name, steps)
+def describe(plan: Plan) -> str:
+    """The plan's choices on one line, for failure messages and test ids."""
+    return (f"{plan.model_name} mesh={plan.mesh} zero={plan.zero_stage} schedule={plan.schedule} "
+            f"v={plan.virtual_stages} sp={plan.sequence_parallel} "
+            f"recompute={sorted(set(plan.recompute_of().values()))}")
+
+
+def check_plans(plans: list[Plan], steps: int = STEPS) -> None:
+    """Train every plan (each on its own model, `plan.model_name`) on its world size and
+    compare with that model's single-process run."""
+    references = {name: reference_run(name, steps) for name in dict.fromkeys(p.model_name for p in plans)}
     by_world: dict[int, list[Plan]] = {}
     for plan in plans:
         by_world.setdefault(plan.world_size, []).append(plan)
     for world_size, group in by_world.items():
-        per_rank = run_ranks(_train_plans_on_rank, world_size,
-                             args=(job_name, [p.model_dump_json() for p in group], steps))
+        per_rank = run_ranks(_train_plans_on_rank, world_size, args=([p.model_dump_json() for p in group], steps))
         for index, plan in enumerate(group):
-            label = f"{job_name} mesh={plan.mesh} zero={plan.zero_stage} schedule={plan.schedule} " \
-                    f"v={plan.virtual_stages} sp={plan.sequence_parallel} " \
-                    f"recompute={sorted(set(plan.recompute_of().values()))}"
+            label = describe(plan)
+            expected_losses, expected_state = references[plan.model_name]
             for rank in range(world_size):
                 losses = per_rank[rank][index][0]
                 torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=RTOL, atol=ATOL,
@@ -98,6 +106,12 @@ def check_equivalence(job_name: str, plans: list[Plan], steps: int = STEPS) -> N
             for name, value in expected_state.items():
                 torch.testing.assert_close(state[name], value, rtol=RTOL, atol=ATOL,
                                            msg=lambda m: f"{label}: parameter {name} differs\n{m}")
+
+
+def check_equivalence(job_name: str, plans: list[Plan], steps: int = STEPS) -> None:
+    """Train every plan for `job_name` on its world size; compare with the single-process run."""
+    assert all(plan.model_name == job_name for plan in plans), [plan.model_name for plan in plans]
+    check_plans(plans, steps)
 
 
 # --------------------------------------------------------------------------- hand plans
