@@ -1,0 +1,40 @@
+"""Every foreign model plans on a GPU preset and on local CPU ranks, and what the planner
+returns is something the backend can run: sequence parallelism only where the trace found
+a region for it, tensor parallelism only where something is split."""
+from __future__ import annotations
+
+import pytest
+
+import autoplan
+from autoplan.plan import SEQUENCE_PARALLEL_STYLES
+from autoplan.zoo import build
+from tests.models.catalog import ALL_MODELS, short_name
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=short_name)
+def test_every_model_plans_and_offers_only_what_runs(model):
+    job = build(model, batch_size=16, device="meta")
+    for cluster in (autoplan.ClusterSpec.preset("dgx-a100-80gb", num_nodes=2), autoplan.ClusterSpec.local(4)):
+        plan = autoplan.plan(job.module, cluster, job.example_inputs, loss_fn=job.loss_fn, model_name=model)
+        assert plan.world_size == cluster.world_size
+        entry = [path for path, site in plan.tp_styles.items() if site.style == "sequence_parallel_entry"]
+        assert plan.sequence_parallel == bool(entry), "SP chosen without a region to run it (or the reverse)"
+        if not plan.sequence_parallel:
+            assert not any(site.style in SEQUENCE_PARALLEL_STYLES for site in plan.tp_styles.values())
+        for candidate in plan.runners_up:
+            assert not candidate.sequence_parallel or plan.tp_styles or candidate.mesh["tp"] > 1
+
+
+def test_sequence_parallel_pinned_where_it_cannot_run_names_the_reason():
+    job = build("tests/models/foreign.py:transformer_seq2seq", device="meta")
+    with pytest.raises(ValueError, match="sequence_parallel=True cannot run on .*sequence-split"):
+        autoplan.plan(job.module, autoplan.ClusterSpec.local(4), job.example_inputs,
+                      constraints=autoplan.Constraints(tp=2, sequence_parallel=True))
+
+
+def test_tensor_parallel_pinned_on_a_cnn_says_there_is_nothing_to_split():
+    job = build("tests/models/foreign.py:resnet", device="meta")
+    with pytest.raises(ValueError, match="nothing to split"):
+        autoplan.plan(job.module, autoplan.ClusterSpec.local(4), job.example_inputs, constraints=autoplan.Constraints(tp=2))
