@@ -83,6 +83,20 @@ def plan(model, cluster: ClusterSpec, example_inputs: tuple, loss_fn: Callable |
     return result
 
 
+def check_plan_matches(plan_: Plan, model, example_inputs: tuple, model_name: str | None = None) -> None:
+    """Refuse a plan made for another model (its fingerprint: the layers' signatures and
+    every parameter's name and shape) with a ValueError naming both; cheap on meta."""
+    from autoplan.profile import profile_model
+
+    if not plan_.model_fingerprint:
+        return
+    fingerprint = profile_model(model, example_inputs, model_name=model_name or plan_.model_name).fingerprint
+    if fingerprint != plan_.model_fingerprint:
+        raise ValueError(f"plan was made for model {plan_.model_name!r} (model_fingerprint "
+                         f"{plan_.model_fingerprint}), not this model (fingerprint {fingerprint}): its layers or "
+                         f"parameter shapes differ; re-plan with `autoplan plan`")
+
+
 def plan_from_profile(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints | None = None) -> Plan:
     """Solve for an existing ModelProfile and build the Plan.
 

@@ -146,6 +146,23 @@ def cmd_show(args: argparse.Namespace) -> None:
     console.print(explain(Plan.from_json(args.plan_file)))
 
 
+def _check_saved_plan(plan, args: argparse.Namespace) -> None:
+    """Refuse, before any rank starts, a saved plan for another model than --model (when
+    given) or than the model its name builds now (a zoo entry, a factory file or a config
+    edited since planning)."""
+    from autoplan.api import check_plan_matches
+    from autoplan.zoo import build
+
+    if args.model and args.model != plan.model_name:
+        raise ValueError(f"--model {args.model} but {args.plan_file} was planned for {plan.model_name!r}: "
+                         f"drop --model, or re-plan with `autoplan plan --model {args.model}`")
+    if args.cluster and ClusterSpec.parse(args.cluster).fingerprint() != plan.cluster_fingerprint:
+        raise ValueError(f"--cluster {args.cluster} is not the cluster {args.plan_file} was planned for: drop "
+                         f"--cluster, or re-plan with `autoplan plan --cluster {args.cluster}`")
+    job = build(plan.model_name, batch_size=plan.global_batch_size, seq_len=plan.seq_len, device="meta")
+    check_plan_matches(plan, job.module, job.example_inputs)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from autoplan.launch import launch
 
@@ -156,6 +173,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             raise ValueError("--profile applies when planning (--model/--cluster), not to a saved plan")
         plan_path = args.plan_file
         plan = Plan.from_json(plan_path)
+        _check_saved_plan(plan, args)
     elif args.model and args.cluster:
         plan, _ = _make_plan(args)
         plan_path = str(Path("autoplan-run-plan.json").resolve())

@@ -105,9 +105,9 @@ def parallelize(model: nn.Module, cluster: ClusterSpec, example_inputs: tuple | 
     >>> pm = parallelize(model, ClusterSpec.local(world_size=4), (tokens,), loss_fn)  # doctest: +SKIP
     >>> pm = parallelize(model, ClusterSpec.local(world_size=4))                      # doctest: +SKIP
     """
+    from autoplan.api import check_plan_matches
     from autoplan.api import plan as make_plan
     from autoplan.backends.runner import apply_plan
-    from autoplan.profile import profile_model
     from autoplan.zoo import output_mean
 
     loss_fn = loss_fn or output_mean
@@ -123,10 +123,7 @@ def parallelize(model: nn.Module, cluster: ClusterSpec, example_inputs: tuple | 
         if plan.world_size != world_size:
             raise ValueError(f"plan mesh dp({plan.mesh['dp']}) * pp({plan.mesh['pp']}) * tp({plan.mesh['tp']}) = "
                              f"{plan.world_size} != world size {world_size}: the plan was made for another cluster")
-        fingerprint = profile_model(model, example_inputs, model_name=model_name or plan.model_name).fingerprint
-        if plan.model_fingerprint and plan.model_fingerprint != fingerprint:
-            raise ValueError(f"plan was made for model {plan.model_name!r} (fingerprint {plan.model_fingerprint}), "
-                             f"not this model (fingerprint {fingerprint}): re-plan with `autoplan plan`")
+        check_plan_matches(plan, model, example_inputs, model_name)  # before any parameter is allocated
     else:
         constraints = plan
         plan = _agree_on_plan(lambda: make_plan(model, cluster, example_inputs=example_inputs, loss_fn=loss_fn,

@@ -62,3 +62,22 @@ def test_only_launcher_flags_pass_through_to_torchrun(capsys):
     assert exit_info.value.code == 2 and "--bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # plan does not launch anything
         main(["plan", "--model", "gpt-tiny", "--cluster", "local:2", "--nnodes", "2"])
+
+
+def test_run_refuses_a_plan_for_another_model_before_launching(tmp_path, capsys, monkeypatch):
+    import autoplan.launch
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("launched a plan that does not match its model")
+
+    monkeypatch.setattr(autoplan.launch, "launch", no_launch)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "gpt-tiny", "--cluster", "local:2", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(out), "--model", "llama-tiny"]) == 2
+    assert "--model llama-tiny but" in capsys.readouterr().err
+    stale = tmp_path / "stale.json"
+    stale.write_text(out.read_text().replace('"model_fingerprint": "', '"model_fingerprint": "0'))
+    assert main(["run", str(stale)]) == 2
+    error = capsys.readouterr().err
+    assert "plan was made for model 'gpt-tiny'" in error and len(error.strip().splitlines()) == 1
