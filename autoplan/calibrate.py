@@ -68,7 +68,6 @@ Local (CPU) plans assume one thread per rank: every rank here runs with
 """
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time

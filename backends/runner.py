@@ -13,7 +13,6 @@ stage schedule is `autoplan.backends.pipeline`'s; slicing and the loss mean stay
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 from typing import Callable, Iterator
 
 import torch
