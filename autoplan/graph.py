@@ -112,6 +112,14 @@ class TracedModel:
     """Module path -> (args, kwargs) of its first call (not for modules inside replayed repeats)."""
     sequence_parallel_blocker: str | None = None
     """Why sequence parallelism cannot run on this model (None: it can, or nothing is split)."""
+    layer_reads: dict[str, set[str]] = field(default_factory=dict)
+    """Layer -> the layers whose outputs its inputs depend on (through the code between layers):
+    the edges of the layer graph (`autoplan.stage_cuts`)."""
+    layer_derives: dict[str, set[str]] = field(default_factory=dict)
+    """Layer -> the layers whose outputs its own output depends on (what a parameter-free
+    layer, run again in a later stage, passes on)."""
+    output_reads: set[str] = field(default_factory=set)
+    """The layers whose outputs the model's output depends on."""
 
     @property
     def tp_sites(self) -> dict[str, TPSite]:

@@ -125,6 +125,8 @@ class ModelProfile(BaseModel):
     """Forward + backward FLOPs of the model for one sequence, without recompute."""
     sequence_parallel_blocker: str | None = None
     """Why sequence parallelism cannot run on this model (None: it can, or tp splits nothing)."""
+    stage_start_blockers: dict[str, str] = Field(default_factory=dict)
+    """Layer -> why a pipeline stage cannot begin at it (`autoplan.stage_cuts`)."""
 
 
 def selective_save_ops() -> frozenset:

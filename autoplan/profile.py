@@ -52,6 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from autoplan.errors import TraceError
 from autoplan.layers import LayerProfile, ModelProfile, selective_save_ops
 from autoplan.plan import INPUT_STYLES, SEQUENCE_PARALLEL_STYLES
+from autoplan.stage_cuts import stage_start_blockers
 from autoplan.trace import TracedModel, _join, _tensors, as_exported, trace_model
 
 def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "model",
@@ -111,7 +112,8 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
         tied_parameters=traced.tied_parameters, fingerprint=_fingerprint(module, traced),
         num_params=sum(p.numel() for p in module.parameters()),
         model_flops_per_sequence=sum(layer.fwd_flops + layer.bwd_flops for layer in layers),
-        sequence_parallel_blocker=traced.sequence_parallel_blocker)
+        sequence_parallel_blocker=traced.sequence_parallel_blocker,
+        stage_start_blockers=stage_start_blockers(traced))
 
 
 def _repeated(cost: dict[str, Any], num_calls: int) -> dict[str, Any]:

@@ -134,24 +134,45 @@ class SolveResult:
 
 @dataclass(frozen=True)
 class LayerSplit:
-    """prefix (pinned to rank 0) + N identical blocks + suffix (pinned to the last rank)."""
+    """prefix (pinned to rank 0) + N identical blocks + suffix (pinned to the last rank).
+    Pipeline stages are cut only between blocks; `cut_blocker` says why they cannot be
+    (None: any two neighbouring blocks may be cut apart)."""
 
     prefix: tuple[int, ...]
     blocks: tuple[int, ...]
     suffix: tuple[int, ...]
+    cut_blocker: str | None = None
+
+    @property
+    def num_cuttable_blocks(self) -> int:
+        """The most pipeline stages the blocks can be cut into."""
+        return len(self.blocks) if self.cut_blocker is None else 1
 
 
 def split_layers(profile: ModelProfile) -> LayerSplit:
-    """The longest run of equal signatures is the repeated body."""
-    layers = profile.layers
-    best_start, best_len, start = 0, 1, 0
-    for index in range(1, len(layers) + 1):
-        if index == len(layers) or layers[index].signature != layers[start].signature:
-            if index - start > best_len:
-                best_start, best_len = start, index - start
-            start = index
-    return LayerSplit(tuple(range(best_start)), tuple(range(best_start, best_start + best_len)),
-                      tuple(range(best_start + best_len, len(layers))))
+    """The repeated body: the longest run of equal signatures that a stage may be cut
+    anywhere inside (`ModelProfile.stage_start_blockers`), the first such run on ties; when
+    no two equal neighbours may be cut apart, the longest run, uncuttable."""
+    layers, blockers = profile.layers, profile.stage_start_blockers
+    runs, cuttable = [], []  # (start, length) of runs of equal signatures; of runs also cuttable inside
+    for index, layer in enumerate(layers):
+        if runs and layer.signature == layers[index - 1].signature:
+            runs[-1][1] += 1
+            if layer.name in blockers:
+                cuttable.append([index, 1])
+            else:
+                cuttable[-1][1] += 1
+        else:
+            runs.append([index, 1])
+            cuttable.append([index, 1])
+    start, length = max(cuttable, key=lambda run: (run[1], -run[0]))
+    blocker = None
+    if length == 1:
+        start, length = max(runs, key=lambda run: (run[1], -run[0]))
+        blocker = next((blockers[layers[i].name] for i in range(start + 1, start + length)
+                        if layers[i].name in blockers), None)
+    return LayerSplit(tuple(range(start)), tuple(range(start, start + length)),
+                      tuple(range(start + length, len(layers))), blocker)
 
 
 # ----------------------------------------------------------------------- enumeration
@@ -176,7 +197,7 @@ def check_tp(profile: ModelProfile, tp: int) -> str | None:
 
 
 def enumerate_meshes(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints,
-                     num_blocks: int) -> list[tuple[int, int, int]]:
+                     num_blocks: int, cut_blocker: str | None = None) -> list[tuple[int, int, int]]:
     """(dp, pp, tp) candidates honouring the pins; pinned values are validated loudly."""
     world = cluster.world_size
     pins = {axis: getattr(constraints, axis) for axis in ("dp", "pp", "tp")}
@@ -206,7 +227,8 @@ def enumerate_meshes(profile: ModelProfile, cluster: ClusterSpec, constraints: C
                          f"{ {k: v for k, v in pins.items() if v} }")
     for dp, pp, tp in meshes:
         if pp > num_blocks:
-            raise ValueError(f"pp={pp} exceeds the {num_blocks} repeated blocks the model can be cut into")
+            raise ValueError(f"pp={pp} exceeds the {num_blocks} repeated blocks the model can be cut into"
+                             + (f": {cut_blocker}" if cut_blocker else ""))
     return meshes
 
 
@@ -637,7 +659,7 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
                          f"{profile.sequence_parallel_blocker or 'no tensor-parallel region to split along the sequence'}")
     param_dtype, grad_dtype = default_dtypes(cluster, constraints)
     split = split_layers(profile)
-    meshes = enumerate_meshes(profile, cluster, constraints, len(split.blocks))
+    meshes = enumerate_meshes(profile, cluster, constraints, split.num_cuttable_blocks, split.cut_blocker)
     instances = []
     for mesh in meshes:
         for b in micro_batch_sizes(profile.global_batch_size, mesh[0], constraints.micro_batch_size):

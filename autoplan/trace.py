@@ -43,6 +43,9 @@ from autoplan.tp_structure import ELEMENTWISE_MODULES, find_tensor_parallel
 __all__ = ["LayerCall", "LayerTP", "OpNode", "TracedModel", "as_exported", "trace_model"]
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+_SHAPE_ONLY = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+                         "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "size", "dim"})
+"""Torch calls whose tensor output depends only on their inputs' shapes (no dataflow)."""
 
 def as_exported():
     """Run model code as `torch.export` in non-strict mode runs it: `torch.compiler.is_compiling()`
@@ -84,7 +87,10 @@ def trace_model(module: nn.Module, example_inputs: tuple) -> TracedModel:
     traced = TracedModel(module, layers, signatures, recorder.nodes, recorder.calls, {},
                          _tied_parameters(module), meta_state, inputs, output,
                          num_calls={layer: recorder.num_calls.get(layer, 1) for layer in layers},
-                         glue_flops=glue.flops, module_calls=recorder.module_calls)
+                         glue_flops=glue.flops, module_calls=recorder.module_calls,
+                         layer_reads={layer: set(recorder.layer_reads.get(layer, ())) for layer in layers},
+                         layer_derives={layer: set(recorder.layer_derives.get(layer, ())) for layer in layers},
+                         output_reads=set(recorder.sources_of(output)))
     flow = find_tensor_parallel(traced)
     add_colwise_input_sites(traced, flow)
     apply_sequence_parallel(traced, flow)
@@ -183,6 +189,17 @@ class _Recorder(TorchFunctionMode):
         """Layer -> the twin layer whose output it replayed."""
         self.num_calls: dict[str, int] = {}
         """Layer -> how many times forward called it (a shared embedding or dropout runs twice)."""
+        self.sources: dict[int, frozenset[str]] = {}
+        """id(tensor) -> the layers whose outputs its value depends on, through the code between
+        layers (shape reads carry nothing); the tensors stay alive in `nodes` and `calls`."""
+        self.alive: list[Any] = []
+        self.layer_reads: dict[str, set[str]] = {}
+        """Layer -> the layers whose outputs the values it is called with depend on."""
+        self.replaying: str | None = None
+        """The layer whose call `replay` is answering with fresh tensors."""
+        self.layer_derives: dict[str, set[str]] = {}
+        """Layer -> the layers whose outputs its own output depends on (a repeat that replayed
+        its twin: all it reads)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -200,7 +217,21 @@ class _Recorder(TorchFunctionMode):
         if self.leaf_depth == 0 and _tensors(output):
             self.nodes.append(OpNode(name, self.stack[-1][0] if self.stack else "", self.current_layer,
                                      args, kwargs, output, False))
+        if name not in _SHAPE_ONLY:  # dataflow
+            sources = self.sources_of((args, kwargs))
+            if sources:
+                self.mark(output, sources | self.sources_of(output))
+                if name == "__setitem__":  # x[i] = y: x now depends on y
+                    self.mark(args[0], sources)
         return output
+
+    def sources_of(self, value: Any) -> frozenset[str]:
+        return frozenset(source for tensor in _tensors(value) for source in self.sources.get(id(tensor), ()))
+
+    def mark(self, value: Any, sources: frozenset[str]) -> None:
+        for tensor in _tensors(value):
+            self.sources[id(tensor)] = sources
+            self.alive.append(tensor)
 
     def run(self, module: nn.Module, state: dict[str, torch.Tensor], inputs: tuple) -> Any:
         try:
@@ -251,6 +282,7 @@ class _Recorder(TorchFunctionMode):
         twin, output = seen
         if self.paths[layer] not in self.calls:  # a layer's own second call (T5's dropout) replays itself
             self.replayed[self.paths[layer]] = twin
+        self.replaying = self.paths[layer]
         self.in_hook = True  # the tensors made here are not part of the graph
         try:
             return tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), output)
@@ -263,6 +295,7 @@ class _Recorder(TorchFunctionMode):
         self.module_calls.setdefault(path, (args, kwargs))
         if self.current_layer is None and path in self.candidates:
             self.current_layer = path
+            self.layer_reads.setdefault(path, set()).update(self.sources_of((args, kwargs)))
             self.num_calls[path] = self.num_calls.get(path, 0) + 1
             if path not in self.calls:
                 self.layer_order.append(path)
@@ -277,6 +310,10 @@ class _Recorder(TorchFunctionMode):
                 self.nodes.append(OpNode(type(module).__name__, path, self.current_layer, args, kwargs, output, True))
         if path == self.current_layer:
             self.calls.setdefault(path, LayerCall(args, kwargs, output))
+            replayed, self.replaying = self.replaying == path, None
+            derives = self.layer_reads[path] if replayed else self.sources_of(output)
+            self.layer_derives.setdefault(path, set()).update(derives)
+            self.mark(output, frozenset({path}))
             self.in_hook = True
             self.outputs_by_key.setdefault((self.static_keys[module], _describe_inputs(args, kwargs)), (path, output))
             self.in_hook = False

@@ -124,6 +124,9 @@ def split_model(model: nn.Module, stage_layers: list[list[str]],
         raise ValueError(f"plan stages name layers that are not modules of {type(model).__name__}: {missing}")
     try:
         graph = _LayerLeafTracer(layer_names).trace(model)
+        hidden = sorted(layer_names - {node.target for node in graph.nodes if node.op == "call_module"})
+        if hidden:  # inside a torch.nn module fx keeps whole (nn.Transformer's encoder layers)
+            raise ValueError(f"plan layers {hidden} run inside modules torch.fx keeps as leaves")
     except Exception as error:  # fx raises TraceError, TypeError, ValueError ("co_varnames is too small"), ...
         reason = f"torch.fx cannot trace {type(model).__name__}.forward with the plan layers as leaf modules " \
                  f"({type(error).__name__}: {error})"
