@@ -40,7 +40,7 @@ from autoplan.graph import LayerCall, LayerTP, OpNode, TracedModel, _join, _tens
 from autoplan.sp_structure import add_colwise_input_sites, apply_sequence_parallel
 from autoplan.tp_structure import ELEMENTWISE_MODULES, find_tensor_parallel
 
-__all__ = ["LayerCall", "LayerTP", "OpNode", "TracedModel", "as_exported", "trace_model"]
+__all__ = ["LayerCall", "LayerTP", "OpNode", "TracedModel", "as_exported", "trace_model", "without_kv_cache"]
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 _SHAPE_ONLY = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
@@ -61,6 +61,23 @@ def as_exported():
     return _compiling_state_context()
 
 
+@contextmanager
+def without_kv_cache(module: nn.Module) -> Iterator[None]:
+    """Run a Hugging Face model (its `config.use_cache` True, the default of decoders) without
+    its key/value cache: training does not use one, and a cache object a layer is called with
+    would keep the keys of every earlier call (a layer profiled after the trace would attend
+    over twice the sequence)."""
+    config = getattr(module, "config", None)
+    if not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
 def trace_model(module: nn.Module, example_inputs: tuple) -> TracedModel:
     """Trace `module` on meta tensors: layers, dataflow graph, repeated blocks, tensor-parallel sites.
 
@@ -77,7 +94,7 @@ def trace_model(module: nn.Module, example_inputs: tuple) -> TracedModel:
     paths = {mod: path for path, mod in module.named_modules()}
     recorder = _Recorder(paths, set(_layer_candidates(module)))
     glue = _GlueFlops(recorder)
-    with recorder.hooked(module), recorder, glue, torch.no_grad(), as_exported():
+    with without_kv_cache(module), recorder.hooked(module), recorder, glue, torch.no_grad(), as_exported():
         output = recorder.run(module, meta_state, inputs)
     layers = recorder.layer_order
     signatures = {layer: _signature(module.get_submodule(layer), layer, recorder.nodes_of(layer),

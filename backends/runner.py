@@ -131,6 +131,8 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn: LossFn, example_inputs: tu
     >>> pm = apply_plan(model, plan, loss_fn)     # doctest: +SKIP
     """
     mesh = build_device_mesh(plan, _device_type())  # ValueError unless the mesh covers the world
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        model.config.use_cache = False  # a Hugging Face model: training keeps no key/value cache (as its Trainer)
     if _device_type() == "cuda":
         model.to(torch.device("cuda", torch.cuda.current_device()))
     if plan.mesh.get("pp", 1) > 1:

@@ -38,3 +38,19 @@ def test_tensor_parallel_pinned_on_a_cnn_says_there_is_nothing_to_split():
     job = build("tests/models/foreign.py:resnet", device="meta")
     with pytest.raises(ValueError, match="nothing to split"):
         autoplan.plan(job.module, autoplan.ClusterSpec.local(4), job.example_inputs, constraints=autoplan.Constraints(tp=2))
+
+
+def test_a_decoder_as_users_build_it_plans_with_its_cache_left_on():
+    """`LlamaForCausalLM(config)` keeps `use_cache=True` and may be fed sequences shorter than
+    its positions: tracing runs it without the key/value cache (else a layer profiled after
+    the trace attends over the cached keys too) and leaves the config as it was."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    plan = autoplan.plan(model, autoplan.ClusterSpec.local(2), (torch.randint(0, 128, (4, 16)),),
+                         constraints=autoplan.Constraints(tp=2))
+    assert plan.mesh["tp"] == 2 and model.config.use_cache
