@@ -9,12 +9,14 @@
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves
+from torch import fx
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from autoplan.plan import TPSite
 
@@ -40,6 +42,8 @@ class OpNode:
     kwargs: dict
     output: Any
     is_module: bool
+    func: Any = None
+    """The torch function called (None for a leaf-module call)."""
 
     @property
     def inputs(self) -> list[torch.Tensor]:
@@ -132,6 +136,71 @@ class TracedModel:
     @property
     def tp_divide_attrs(self) -> dict[str, int]:
         return {key: value for layer in self.layers for key, value in self.tp[layer].divide_attrs.items()}
+
+    def fx_graph(self) -> fx.Graph:
+        """The dataflow graph as a `torch.fx.Graph` over the model: placeholders for the
+        inputs, `get_attr` for parameters and buffers, `call_module` for leaf modules,
+        `call_function` for torch calls, and `call_module` of the whole layer for a repeated
+        layer whose twin's trace stands for it. Every node's `meta` holds `module` (the
+        module that ran it), `layer` (None between layers) and `val` (its meta output).
+
+            >>> graph = traced.fx_graph()                                   # doctest: +SKIP
+            >>> {n.meta["layer"] for n in graph.nodes if n.op == "call_function"}   # doctest: +SKIP
+        """
+        graph = fx.Graph(owning_module=self.module)
+        made: dict[int, fx.Node] = {}
+        names = {id(tensor): name for name, tensor in self.meta_state.items()}
+        replayed = {id(t): layer for layer, call in self.calls.items() if layer in self.replayed_layers
+                    for t in _tensors(call.output)}
+
+        def register(value: Any, node: fx.Node) -> None:
+            tensors = _tensors(value)
+            for index, tensor in enumerate(tensors):
+                if id(tensor) in made:
+                    continue
+                if isinstance(value, torch.Tensor):
+                    made[id(tensor)] = node
+                else:  # the index-th tensor leaf of a structured output
+                    made[id(tensor)] = graph.call_function(operator.getitem, (node, index))
+                    made[id(tensor)].meta.update(module=node.meta["module"], layer=node.meta["layer"], val=tensor)
+
+        def node_of(tensor: torch.Tensor) -> fx.Node:
+            if id(tensor) not in made:
+                if id(tensor) in names:
+                    made[id(tensor)] = graph.get_attr(names[id(tensor)])
+                    made[id(tensor)].meta.update(module="", layer=None, val=tensor)
+                elif id(tensor) in replayed:
+                    layer = replayed[id(tensor)]
+                    call = self.calls[layer]
+                    node = graph.call_module(layer, *lift(call.args, call.kwargs))
+                    node.meta.update(module=layer, layer=layer, val=call.output)
+                    register(call.output, node)
+                else:  # made by code the trace does not see (a hook's own tensors)
+                    node = graph.placeholder(f"external_{len(made)}")
+                    node.meta.update(module="", layer=None, val=tensor)
+                    made[id(tensor)] = node
+            return made[id(tensor)]
+
+        def lift(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return tree_map_only(torch.Tensor, node_of, (tuple(args), dict(kwargs)))
+
+        for index, tensor in enumerate(_tensors(self.inputs)):
+            made[id(tensor)] = graph.placeholder(f"input_{index}")
+            made[id(tensor)].meta.update(module="", layer=None, val=tensor)
+        for op in self.graph:
+            args, kwargs = lift(op.args, op.kwargs)
+            node = graph.call_module(op.module, args, kwargs) if op.is_module else \
+                graph.call_function(op.func, args, kwargs)
+            node.meta.update(module=op.module, layer=op.layer, val=op.output)
+            register(op.output, node)
+        graph.output(tree_map_only(torch.Tensor, node_of, self.output))
+        return graph
+
+    @property
+    def replayed_layers(self) -> set[str]:
+        """Layers whose first call no op of `graph` records (a twin's trace stands for it)."""
+        recorded = {node.layer for node in self.graph}
+        return {layer for layer in self.layers if layer not in recorded}
 
     def representative(self, layer: str) -> str:
         """The first layer with the same signature (the one that is analysed and profiled)."""

@@ -15,6 +15,7 @@ TorchFunctionMode records every torch call made outside leaf modules, and module
 record every leaf-module call; together they are the dataflow graph (`TracedModel.graph`):
 each node names the module that ran it (the innermost module on the call stack, as
 `nn_module_stack` does in torch.export) and holds its real meta input and output tensors.
+`TracedModel.fx_graph()` gives the same graph as a `torch.fx.Graph` over the model.
 
 Why not torch.export: it gives the same information (ops owned by modules) but costs
 seconds per block on a huge model, and it erases the Python-level calls this module
@@ -233,7 +234,7 @@ class _Recorder(TorchFunctionMode):
             raise _TraceError(self.stack[-1][0] if self.stack else "", name, error) from error
         if self.leaf_depth == 0 and _tensors(output):
             self.nodes.append(OpNode(name, self.stack[-1][0] if self.stack else "", self.current_layer,
-                                     args, kwargs, output, False))
+                                     args, kwargs, output, False, func))
         if name not in _SHAPE_ONLY:  # dataflow
             sources = self.sources_of((args, kwargs))
             if sources:
