@@ -4,6 +4,7 @@ a region for it, tensor parallelism only where something is split."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import autoplan
 from autoplan.plan import SEQUENCE_PARALLEL_STYLES
@@ -54,3 +55,21 @@ def test_a_decoder_as_users_build_it_plans_with_its_cache_left_on():
     plan = autoplan.plan(model, autoplan.ClusterSpec.local(2), (torch.randint(0, 128, (4, 16)),),
                          constraints=autoplan.Constraints(tp=2))
     assert plan.mesh["tp"] == 2 and model.config.use_cache
+
+
+class _DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(8, 8)
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.body(x) if self.gate(x).sum() > 0 else x
+
+
+def test_an_untraceable_model_names_the_module_the_op_and_the_fix():
+    with pytest.raises(autoplan.TraceError) as error:
+        autoplan.plan(_DataDependent(), autoplan.ClusterSpec.local(2), (torch.randn(4, 8),))
+    message = str(error.value)
+    assert "cannot trace _DataDependent: module '<root>'" in message and "'__bool__'" in message
+    assert "torch.export" in message and len(message.splitlines()) == 1
