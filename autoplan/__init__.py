@@ -4,41 +4,45 @@
     >>> cluster = autoplan.ClusterSpec.preset("dgx-a100-80gb", num_nodes=16)
     >>> plan = autoplan.plan(model, cluster, example_inputs=(tokens,))   # doctest: +SKIP
     >>> print(autoplan.explain(plan))                                    # doctest: +SKIP
+
+Layers, each importing only those before it (tests/unit/test_layering.py):
+`schema` (Plan, ClusterSpec, Constraints, the profile schema: pure data) → `analysis`
+(trace, profile) → `costmodels` → `planner` (solver, plan, explain) → `backends` (torch.distributed)
+→ `runtime` (parallelize, launch, worker) → `measure` (calibrate, profiles, training timing)
+→ `bench` → `cli`. The Plan is the only thing planning hands to running.
 """
 from autoplan import zoo
-from autoplan.cluster import ClusterSpec, DeviceSpec, LinkSpec
-from autoplan.constraints import Constraints
 from autoplan.errors import AutoplanError, InfeasibleError, TraceError
-from autoplan.plan import Plan
+from autoplan.schema.cluster import ClusterSpec, DeviceSpec, LinkSpec
+from autoplan.schema.constraints import Constraints
+from autoplan.schema.plan import Plan
 
 __all__ = ["ClusterSpec", "DeviceSpec", "LinkSpec", "Constraints", "Plan", "plan", "parallelize", "explain", "zoo",
            "AutoplanError", "InfeasibleError", "TraceError"]
 __version__ = "0.1.0"
 
 
-# The planner (PuLP) and the runner (torch.distributed) load on first use. These are
-# real functions, not a module __getattr__: importing the submodule `autoplan.plan`
-# (the Plan schema) would otherwise shadow the function `autoplan.plan`.
+# The planner (PuLP) and the runner (torch.distributed) load on first use.
 def plan(model, cluster, example_inputs, loss_fn=None, constraints=None, objective="throughput", model_name=None,
          *, profile_file=None):
-    from autoplan import api
+    from autoplan.planner import planning
 
-    return api.plan(model, cluster, example_inputs, loss_fn=loss_fn, constraints=constraints,
-                    objective=objective, model_name=model_name, profile_file=profile_file)
+    return planning.plan(model, cluster, example_inputs, loss_fn=loss_fn, constraints=constraints,
+                         objective=objective, model_name=model_name, profile_file=profile_file)
 
 
 def explain(plan: Plan) -> str:
-    from autoplan import api
+    from autoplan.planner import planning
 
-    return api.explain(plan)
+    return planning.explain(plan)
 
 
 def parallelize(model, cluster, example_inputs=None, loss_fn=None, plan=None, model_name=None):
-    from autoplan import distributed
+    from autoplan.runtime import parallelize as runtime
 
-    return distributed.parallelize(model, cluster, example_inputs, loss_fn=loss_fn, plan=plan, model_name=model_name)
+    return runtime.parallelize(model, cluster, example_inputs, loss_fn=loss_fn, plan=plan, model_name=model_name)
 
 
-plan.__doc__ = "Plan `model` on `cluster`; see autoplan.api.plan."
-explain.__doc__ = "The full report `autoplan show` prints; see autoplan.api.explain."
-parallelize.__doc__ = "Plan (unless given a Plan) and apply it on this rank; see autoplan.distributed.parallelize."
+plan.__doc__ = "Plan `model` on `cluster`; see autoplan.planner.planning.plan."
+explain.__doc__ = "The full report `autoplan show` prints; see autoplan.planner.planning.explain."
+parallelize.__doc__ = "Plan (unless given a Plan) and apply it on this rank; see autoplan.runtime.parallelize.parallelize."

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from autoplan.cluster import ClusterSpec
-from autoplan.constraints import Constraints
+from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.constraints import Constraints
 
 console = Console(stderr=False, highlight=False)
 
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _make_plan(args: argparse.Namespace):
-    from autoplan.api import plan as make_plan
+    from autoplan.planner.planning import plan as make_plan
     from autoplan.zoo import build
 
     cluster = ClusterSpec.parse(args.cluster)
@@ -140,8 +140,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from autoplan.api import explain
-    from autoplan.plan import Plan
+    from autoplan.planner.planning import explain
+    from autoplan.schema.plan import Plan
 
     console.print(explain(Plan.from_json(args.plan_file)))
 
@@ -150,7 +150,7 @@ def _check_saved_plan(plan, args: argparse.Namespace) -> None:
     """Refuse, before any rank starts, a saved plan for another model than --model (when
     given) or than the model its name builds now (a zoo entry, a factory file or a config
     edited since planning)."""
-    from autoplan.api import check_plan_matches
+    from autoplan.planner.planning import check_plan_matches
     from autoplan.zoo import build
 
     if args.model and args.model != plan.model_name:
@@ -164,10 +164,10 @@ def _check_saved_plan(plan, args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from autoplan.launch import launch
+    from autoplan.runtime.launch import launch
 
     if args.plan_file:
-        from autoplan.plan import Plan
+        from autoplan.schema.plan import Plan
 
         if args.profile:
             raise ValueError("--profile applies when planning (--model/--cluster), not to a saved plan")
@@ -190,9 +190,9 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from autoplan.api import planning_with_profile
-    from autoplan.bench import run_bench
-    from autoplan.profile_store import ProfileFile
+    from autoplan.planner.planning import planning_with_profile
+    from autoplan.bench.compare import run_bench
+    from autoplan.schema.profile_file import ProfileFile
 
     fixes = [Constraints.parse_fix(args.fix)] if args.fix else []
     if args.profile:
@@ -205,7 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from autoplan.calibrate import measure
+    from autoplan.measure.calibrate import measure
 
     cluster = ClusterSpec.parse(args.cluster)
     device = args.device or cluster.device.kind
@@ -219,8 +219,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_profile(args: argparse.Namespace) -> None:
     import torch
 
-    from autoplan.profile import profile_model
-    from autoplan.profile_store import (
+    from autoplan.analysis.profile import profile_model
+    from autoplan.measure.profile_store import (
         default_micro_batch_sizes,
         measure_profile,
         profile_table,
@@ -271,7 +271,7 @@ def _roofline_cluster(device_name: str) -> ClusterSpec | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from autoplan.bench import run_bench
+    from autoplan.bench.compare import run_bench
 
     console.print(f"[bold]autoplan demo[/]: plan {DEMO_MODEL} (global batch {DEMO_BATCH}) for {DEMO_CLUSTER}, "
                   f"run it with torch's launcher, compare predicted with measured")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from autoplan.plan import Plan
+from autoplan.schema.plan import Plan
 
 MESH_AXES = ("pp", "dp", "tp")
 

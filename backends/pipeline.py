@@ -52,8 +52,8 @@ from autoplan.backends.data_parallel import apply_data_parallel
 from autoplan.backends.pipeline_split import ModelSplit, original_fqn, split_model
 from autoplan.backends.recompute import apply_recompute
 from autoplan.backends.tensor_parallel import apply_tensor_parallel, gather_full_state_dict
-from autoplan.plan import Plan
-from autoplan.trace import as_exported
+from autoplan.schema.plan import Plan
+from autoplan.analysis.trace import as_exported
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 

@@ -63,7 +63,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
 
-from autoplan.trace import as_exported
+from autoplan.analysis.trace import as_exported
 
 # Wrappers that insert a path component without changing what a parameter is.
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")

@@ -1,7 +1,7 @@
 """Activation recomputation per layer with torch's non-reentrant checkpointing.
 
 "full" keeps only the layer's input and recomputes the whole layer in backward;
-"selective" keeps the outputs of `autoplan.layers.selective_save_ops()` (the matmuls)
+"selective" keeps the outputs of `autoplan.schema.profile.selective_save_ops()` (the matmuls)
 and recomputes everything else (norms, activations, softmax, attention core), through
 `torch.utils.checkpoint.create_selective_checkpoint_contexts`.
 
@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from autoplan.layers import selective_save_ops
+from autoplan.schema.profile import selective_save_ops
 
 
 SAVED_OPS = selective_save_ops()

@@ -25,11 +25,12 @@ from autoplan.backends.data_parallel import apply_data_parallel
 from autoplan.backends.mesh import build_device_mesh
 from autoplan.backends.recompute import apply_recompute
 from autoplan.backends.tensor_parallel import apply_tensor_parallel, gather_full_state_dict
-from autoplan.plan import Plan
+from autoplan.schema.plan import Plan
 
-# FSDP2 warns whenever a wrapped root returns a view (our logits are one): a hazard only for
-# in-place ops on the output, which train_step never does. Keep users' logs readable.
-warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+FSDP_VIEW_WARNING = r"FSDP2-wrapped module .* returned a view tensor"
+"""FSDP2 warns whenever a wrapped root returns a view (our logits are one): a hazard only for
+in-place ops on the output, which train_step never does. Silenced around train_step's own
+forward calls only: the user's warning filters stay as they were."""
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -72,10 +73,13 @@ class ParallelModel:
         """
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         local_inputs, local_targets = self._local_batch(inputs, targets)
-        if self.engine is not None:
-            local_loss = torch.tensor(float(self.engine.train_step(local_inputs, local_targets)), device=self.device)
-        else:
-            local_loss = self._accumulate(local_inputs, local_targets)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=FSDP_VIEW_WARNING)
+            if self.engine is not None:
+                local_loss = torch.tensor(float(self.engine.train_step(local_inputs, local_targets)),
+                                          device=self.device)
+            else:
+                local_loss = self._accumulate(local_inputs, local_targets)
         dist.all_reduce(local_loss, group=self.mesh["dp"].get_group())  # SUM: gloo has no AVG
         return local_loss.item() / self.mesh["dp"].size()
 

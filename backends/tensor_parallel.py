@@ -36,7 +36,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
                                                RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
-from autoplan.plan import SEQUENCE_PARALLEL_STYLES, TPSite
+from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES, TPSite
 
 FUSED_PERMUTATIONS_ATTR = "_autoplan_fused_row_permutations"
 """Attribute set on the parallelized root: parameter name -> row permutation applied."""

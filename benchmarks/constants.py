@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autoplan import ClusterSpec
-from autoplan.calibrate import calibrate
+from autoplan.measure.calibrate import calibrate
 from autoplan.costmodels.devices import CALIBRATED_CONSTANTS
 
 

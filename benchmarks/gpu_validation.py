@@ -13,7 +13,7 @@ sequence on the device.
 Part 2, single device end to end. A small GPT and a small Llama planned for a one-device
 cluster with every recompute option pinned (`Constraints(recompute=...)`), run through
 `autoplan.parallelize` on a one-process group (NCCL on a GPU, gloo on CPU) and trained
-with `autoplan.measure.measure_training`: the plan's predicted step time and peak memory
+with `autoplan.runtime.timing.measure_training`: the plan's predicted step time and peak memory
 against the measured median step and `torch.cuda.max_memory_allocated` (on CPU,
 `AllocationTracker`). The prediction's framework-overhead term (CUDA context, allocator
 slack) is left out of the comparison: `max_memory_allocated` does not see it.
@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 
 from autoplan import ClusterSpec, Constraints
-from autoplan.bench import relative_error
-from autoplan.cluster import write_atomically
+from autoplan.bench.compare import relative_error
+from autoplan.schema.cluster import write_atomically
 from autoplan.costmodels.compute import estimate_layer_time
-from autoplan.constraints import RECOMPUTE_OPTIONS
+from autoplan.schema.constraints import RECOMPUTE_OPTIONS
 from autoplan.zoo import GPT, GPTConfig, Job, Llama, LlamaConfig, language_model_loss
 
 THRESHOLD = 0.10
@@ -152,7 +152,7 @@ def preset_for(device_name: str) -> str | None:
 
 def validate_layers(sweep: Sweep, cluster: ClusterSpec, device: str) -> list[dict]:
     """One row per (family, hidden, seq_len, dtype): predicted and measured ms of one sequence."""
-    from autoplan.profile import profile_model
+    from autoplan.analysis.profile import profile_model
 
     rows = []
     for dtype, hidden, seq_len, (family, block) in itertools.product(
@@ -179,7 +179,7 @@ def validate_plans(sweep: Sweep, cluster: ClusterSpec, device: str) -> list[dict
     """One row per (family, recompute option): the plan's prediction and the measured run."""
     import torch.distributed as dist
 
-    from autoplan.launch import free_port
+    from autoplan.runtime.launch import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
@@ -204,7 +204,7 @@ def validate_plans(sweep: Sweep, cluster: ClusterSpec, device: str) -> list[dict
 def run_plan(job: Job, cluster: ClusterSpec, recompute: str, steps: int) -> dict:
     """Plan `job` with `recompute` pinned, run it, and compare; a failure becomes the row's error."""
     import autoplan
-    from autoplan.measure import measure_training
+    from autoplan.runtime.timing import measure_training
 
     row = {"model": job.name, "recompute": recompute}
     try:

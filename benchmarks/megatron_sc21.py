@@ -20,10 +20,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from autoplan.cluster import ClusterSpec
-from autoplan.constraints import Constraints
-from autoplan.layers import LayerProfile, ModelProfile
-from autoplan.solver import solve
+from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.constraints import Constraints
+from autoplan.schema.profile import LayerProfile, ModelProfile
+from autoplan.planner.solver import solve
 
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "megatron_sc21.json"
 VOCAB, SEQ = 51200, 2048

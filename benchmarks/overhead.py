@@ -9,7 +9,7 @@ the fused q|k|v rows permuted so each tp rank holds its own heads, vocab-split e
 and output head re-tied, `replicate` over dp per block and at the root), the other by
 `autoplan.parallelize` with the same configuration pinned (dp=2, tp=2, pp=1, ZeRO 0, no
 recompute, no sequence parallelism, one micro-batch per dp rank). Both train with AdamW
-through `autoplan.measure.measure_training`, in rounds that alternate which goes first, so
+through `autoplan.runtime.timing.measure_training`, in rounds that alternate which goes first, so
 load drifting on the machine hits both alike. Prints the median step-time ratio
 autoplan / hand (target <= 1.03) and both peak memories.
 """
@@ -81,7 +81,7 @@ def rank_main(rounds: int, steps: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     import autoplan
-    from autoplan.measure import measure_training
+    from autoplan.runtime.timing import measure_training
     from autoplan.zoo import build
 
     torch.set_num_threads(1)

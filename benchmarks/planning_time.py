@@ -21,8 +21,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from autoplan.api import plan
-from autoplan.cluster import ClusterSpec
+from autoplan.planner.planning import plan
+from autoplan.schema.cluster import ClusterSpec
 from autoplan.zoo import build
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ across nodes on the B / n_intra shard each device holds, then all-gather inside.
 Every estimate is affine in the bytes: `collective_coefficients` returns the
 (seconds per byte, latency seconds) pair so the MILP can use the same numbers.
 
-    >>> from autoplan.cluster import ClusterSpec
+    >>> from autoplan.schema.cluster import ClusterSpec
     >>> c = ClusterSpec.preset("dgx-a100-80gb", num_nodes=2)
     >>> round(estimate_all_reduce_s(1e9, group_levels(c, size=8, stride=1)), 4)
     0.0065
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from autoplan.cluster import ClusterSpec, LinkSpec
+from autoplan.schema.cluster import ClusterSpec, LinkSpec
 
 Collective = Literal["all_reduce", "all_gather", "reduce_scatter"]
 
@@ -47,7 +47,7 @@ Level = tuple[int, LinkSpec]
 def group_levels(cluster: ClusterSpec, size: int, stride: int) -> list[Level]:
     """The (members, link) levels of a group, innermost first; empty for size 1.
 
-    >>> from autoplan.cluster import ClusterSpec
+    >>> from autoplan.schema.cluster import ClusterSpec
     >>> c = ClusterSpec.preset("dgx-a100-80gb", num_nodes=4)
     >>> [(n, link.bandwidth_gbps) for n, link in group_levels(c, size=8, stride=4)]
     [(2, 300.0), (4, 25.0)]
@@ -76,7 +76,7 @@ def flat_levels(cluster: ClusterSpec, size: int, stride: int) -> list[Level]:
     parameter volume through its own NIC, at ~70% of its line rate (3 collectives of
     350 GB in ~60 s = 17.5 GB/s of 25): SHARDED_RING_EFFICIENCY (benchmarks/megatron_sc21.py).
 
-    >>> from autoplan.cluster import ClusterSpec
+    >>> from autoplan.schema.cluster import ClusterSpec
     >>> c = ClusterSpec.preset("dgx-a100-80gb", num_nodes=4)
     >>> [(n, round(link.bandwidth_gbps, 1)) for n, link in flat_levels(c, size=32, stride=1)]
     [(32, 19.4)]

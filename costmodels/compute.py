@@ -22,7 +22,7 @@ measured seconds replace the roofline (scaled by tp the same way): the time meas
 this micro-batch size, or interpolated from the sizes measured
 (`LayerProfile.measured_micro_batch_s`, `autoplan profile`).
 
-    >>> from autoplan.cluster import ClusterSpec
+    >>> from autoplan.schema.cluster import ClusterSpec
     >>> d = ClusterSpec.preset("dgx-a100-80gb").device
     >>> round(matmul_efficiency(1e12, d), 3)
     0.699
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autoplan.cluster import DeviceSpec
-from autoplan.layers import LayerProfile
+from autoplan.schema.cluster import DeviceSpec
+from autoplan.schema.profile import LayerProfile
 
 # Backward of elementwise ops moves about twice the forward's bytes.
 BACKWARD_ELEMENTWISE_FACTOR = 2.0
@@ -68,7 +68,7 @@ def estimate_layer_time(layer: LayerProfile, device: DeviceSpec, *, micro_batch_
                         sequence_parallel: bool, recompute: str, compute_dtype: str) -> LayerTime:
     """Forward, backward and recompute seconds of `layer` for one micro-batch.
 
-    >>> from autoplan.cluster import ClusterSpec
+    >>> from autoplan.schema.cluster import ClusterSpec
     >>> d = ClusterSpec.preset("dgx-a100-80gb").device
     >>> layer = LayerProfile(name="l", signature="s", param_count=1, fwd_flops=1e12, bwd_flops=2e12,
     ...                      saved_bytes={"none": 0.0}, output_bytes=0.0)
@@ -110,7 +110,7 @@ def estimate_optimizer_step_s(num_params: float, device: DeviceSpec, param_dtype
     compute copy (12 + param bytes) — PyTorch's fused Adam moves ~28 + 2 bytes/param
     (`device.adam_bytes_per_param`, which calibration measures on the device).
 
-    >>> from autoplan.cluster import ClusterSpec
+    >>> from autoplan.schema.cluster import ClusterSpec
     >>> d = ClusterSpec.preset("dgx-a100-80gb").device
     >>> round(estimate_optimizer_step_s(1e9, d, "bfloat16") * 1e3, 1)   # 30e9 B / (2039e9 * 0.8)
     18.4

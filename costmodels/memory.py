@@ -28,7 +28,7 @@ one micro-batch, tp-split, as the recomputed/temporary tensors of that layer).
 from __future__ import annotations
 
 from autoplan.costmodels.compute import DTYPE_BYTES
-from autoplan.layers import LayerProfile
+from autoplan.schema.profile import LayerProfile
 
 ADAM_BYTES = 8
 """Two fp32 moments per parameter."""

@@ -47,14 +47,14 @@ the calls (`tp_site_comm_s`). Each site also pays DTensor's host time per micro-
 
 `estimate_step` evaluates one fully specified plan (mesh, micro-batch, schedule,
 ZeRO, sequence parallelism, layers per rank with their recompute option); the MILP in
-`autoplan.solver` optimises exactly this function (its per-layer coefficients come
+`autoplan.planner.solver` optimises exactly this function (its per-layer coefficients come
 from `estimate_layer_cost`), and the planner tests check the two agree.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from autoplan.cluster import ClusterSpec
+from autoplan.schema.cluster import ClusterSpec
 from autoplan.costmodels.communication import (collective_coefficients, estimate_all_reduce_s, estimate_collective_s,
                                                estimate_p2p_s, flat_levels, group_levels, pipeline_link)
 from autoplan.costmodels.compute import DTYPE_BYTES, estimate_layer_time, estimate_optimizer_step_s
@@ -62,8 +62,8 @@ from autoplan.costmodels.memory import (estimate_activation_bytes, estimate_comm
                                         estimate_model_state_bytes, estimate_transient_bytes,
                                         estimate_zero3_gathered_bytes, in_flight_micro_batches,
                                         local_param_count)
-from autoplan.layers import LayerProfile, ModelProfile
-from autoplan.plan import INPUT_STYLES
+from autoplan.schema.profile import LayerProfile, ModelProfile
+from autoplan.schema.plan import INPUT_STYLES
 
 # Share of overlapped communication time still charged to the step: NCCL kernels
 # occupy SMs and HBM bandwidth while compute runs (Jangda et al., CoCoNet, ASPLOS 2022,
@@ -174,7 +174,7 @@ def tp_site_comm_s(num_bytes: float, levels: list, sequence_parallel: bool) -> f
     parallelism the reduce-scatter and all-gather it splits into (same bytes moved, but two
     calls, each paying `collective_overhead_us`).
 
-    >>> from autoplan.cluster import LinkSpec
+    >>> from autoplan.schema.cluster import LinkSpec
     >>> levels = [(2, LinkSpec(bandwidth_gbps=1.0, latency_us=0.0, collective_overhead_us=1000.0))]
     >>> round((tp_site_comm_s(0, levels, True) - tp_site_comm_s(0, levels, False)) * 1e3, 3)
     1.0
@@ -190,7 +190,7 @@ def tp_collectives(layer: LayerProfile) -> tuple[int, int]:
     one per rowwise / vocab-split site forward; backward one per group of colwise Linears
     (sites under one parent module read one tensor) and per vocab-split output head.
 
-    >>> from autoplan.plan import TPSite
+    >>> from autoplan.schema.plan import TPSite
     >>> sites = {f"b.attn.{n}": TPSite(style="colwise") for n in "qkv"}
     >>> sites.update({"b.attn.o": TPSite(style="rowwise"), "b.mlp.fc": TPSite(style="colwise"),
     ...               "b.mlp.proj": TPSite(style="rowwise")})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from autoplan import ClusterSpec, Constraints, Plan
-from autoplan.plan import SEQUENCE_PARALLEL_STYLES
+from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES
 from autoplan.zoo import build
 from tests.distributed.harness import run_ranks
 
@@ -121,7 +121,7 @@ def check_equivalence(job_name: str, plans: list[Plan], steps: int = STEPS) -> N
 def _zoo_layers_and_styles(job_name: str) -> tuple[list[str], dict[str, dict]]:
     """The model's layers and tensor-parallel sites as the trace finds them (what a user
     pinning everything would copy from `autoplan show`)."""
-    from autoplan.trace import trace_model
+    from autoplan.analysis.trace import trace_model
 
     job = build(job_name, batch_size=1, device="meta")
     traced = trace_model(job.module, job.example_inputs)
@@ -133,7 +133,7 @@ def hand_plan(job_name: str, world_size: int, *, dp: int = 1, tp: int = 1, pp: i
               virtual_stages: int = 1, micro_batch_size: int | None = None) -> Plan:
     """A Plan written by hand: repeated blocks split evenly over pp * virtual_stages stages,
     the layers before the blocks on the first stage and after them on the last."""
-    from autoplan.plan import LayerChoice, Prediction, StagePlan, TPSite
+    from autoplan.schema.plan import LayerChoice, Prediction, StagePlan, TPSite
 
     assert dp * tp * pp == world_size
     layers, styles = _zoo_layers_and_styles(job_name)

@@ -104,7 +104,7 @@ class _TwoInputNet(torch.nn.Module):
 def _two_input_net_on_rank(rank: int, world_size: int):
     from autoplan import ClusterSpec
     from autoplan.backends.runner import apply_plan
-    from autoplan.plan import LayerChoice, Prediction, StagePlan
+    from autoplan.schema.plan import LayerChoice, Prediction, StagePlan
 
     stages = [["emb"], ["a"], ["b", "pos", "c"]]  # tokens, scale, positions travel through stage 1
     plan = Plan(mesh={"dp": 1, "pp": 3, "tp": 1}, global_batch_size=6, micro_batch_size=2, num_micro_batches=3,

@@ -43,7 +43,7 @@ def _gpt_block_comm_counts(rank: int, world_size: int) -> dict[bool, tuple[dict,
     from torch.distributed.tensor.debug import CommDebugMode
 
     from autoplan.backends.tensor_parallel import apply_tensor_parallel
-    from autoplan.plan import TPSite
+    from autoplan.schema.plan import TPSite
     from autoplan.zoo import build
 
     results = {}
@@ -85,7 +85,7 @@ def test_gpt_block_runs_megatron_collectives():
     assert counts == {"forward": {"all_reduce": NUM_ROWWISE}, "backward": {"all_reduce": NUM_COLWISE_GROUPS}}
     # ... and the cost model charges exactly those collectives: one (seq, hidden) float32
     # tensor per all-reduce that ran, per sequence.
-    from autoplan.profile import profile_model
+    from autoplan.analysis.profile import profile_model
     from autoplan.zoo import build
 
     job = build("gpt-tiny", batch_size=2, device="meta")

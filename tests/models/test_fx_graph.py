@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoplan.trace import trace_model
+from autoplan.analysis.trace import trace_model
 from autoplan.zoo import build
 from tests.models.catalog import ALL_MODELS, short_name
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 import autoplan
-from autoplan.plan import Plan
+from autoplan.schema.plan import Plan
 from autoplan.zoo import build
 from tests.distributed.equivalence import GLOBAL_BATCH, check_plans, describe, plan_for
 from tests.models.catalog import ALL_MODELS, CONFIGS, short_name

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import autoplan
-from autoplan.plan import SEQUENCE_PARALLEL_STYLES
+from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES
 from autoplan.zoo import build
 from tests.models.catalog import ALL_MODELS, short_name
 

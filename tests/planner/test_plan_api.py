@@ -11,11 +11,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from autoplan import zoo
-from autoplan.api import build_plan, explain, plan
-from autoplan.cluster import ClusterSpec
-from autoplan.constraints import Constraints
-from autoplan.plan import Plan
-from autoplan.solver import solve
+from autoplan.planner.planning import build_plan, explain, plan
+from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.constraints import Constraints
+from autoplan.schema.plan import Plan
+from autoplan.planner.solver import solve
 
 ROOT = Path(__file__).resolve().parents[2]
 

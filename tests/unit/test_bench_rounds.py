@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 
-from autoplan.bench import _merge_round
+from autoplan.bench.compare import _merge_round
 
 
 def _entry(times: list[float] | None, peak: int | None, status: str = "ok") -> dict:
@@ -35,7 +35,7 @@ def test_a_failed_round_is_reported_and_a_later_success_fills_in():
 
 
 def test_identical_plans_share_their_pooled_steps():
-    from autoplan.bench import _pool_identical_plans
+    from autoplan.bench.compare import _pool_identical_plans
 
     plan = {"micro_batch_size": 2, "zero_stage": 0}
     chosen = {"name": "autoplan", "mesh": {"dp": 4}, "plan": dict(plan), **_entry([1.0, 1.2], 100)}

@@ -65,12 +65,12 @@ def test_only_launcher_flags_pass_through_to_torchrun(capsys):
 
 
 def test_run_refuses_a_plan_for_another_model_before_launching(tmp_path, capsys, monkeypatch):
-    import autoplan.launch
+    import autoplan.runtime.launch
 
     def no_launch(*args, **kwargs):
         raise AssertionError("launched a plan that does not match its model")
 
-    monkeypatch.setattr(autoplan.launch, "launch", no_launch)
+    monkeypatch.setattr(autoplan.runtime.launch, "launch", no_launch)
     out = tmp_path / "plan.json"
     assert main(["plan", "--model", "gpt-tiny", "--cluster", "local:2", "-o", str(out)]) == 0
     capsys.readouterr()

@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoplan.cluster import ClusterSpec
+from autoplan.schema.cluster import ClusterSpec
 from autoplan.costmodels.communication import (LINK_EFFICIENCY, estimate_all_gather_s, estimate_all_reduce_s,
                                                estimate_p2p_s, estimate_reduce_scatter_s, group_levels)
 from autoplan.costmodels.compute import estimate_layer_time, matmul_efficiency
 from autoplan.costmodels.pipeline import ParallelConfig, exposed_s, pipeline_time_s, OVERLAP_PENALTY
-from autoplan.layers import LayerProfile
+from autoplan.schema.profile import LayerProfile
 
 A100 = ClusterSpec.preset("dgx-a100-80gb", num_nodes=4)
 NVLINK = 300e9 * LINK_EFFICIENCY
@@ -194,7 +194,7 @@ def test_adam_traffic_is_the_devices_constant():
 
 
 def _tp_block() -> LayerProfile:
-    from autoplan.plan import TPSite
+    from autoplan.schema.plan import TPSite
 
     sites = {"b.attn.qkv": TPSite(style="colwise"), "b.attn.o": TPSite(style="rowwise"),
              "b.mlp.fc": TPSite(style="colwise"), "b.mlp.proj": TPSite(style="rowwise"),
@@ -235,7 +235,7 @@ def test_dtensor_dispatch_is_paid_per_site():
 
 def test_optimizer_pays_dtensor_host_time_per_parameter_tensor_where_params_are_dtensors():
     from autoplan.costmodels.pipeline import estimate_step, params_are_dtensors
-    from autoplan.layers import ModelProfile
+    from autoplan.schema.profile import ModelProfile
 
     ddp = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=2, num_micro_batches=1)
     assert not params_are_dtensors(ddp, 0)          # DDP's reducer keeps plain tensors
@@ -261,7 +261,7 @@ def test_optimizer_pays_dtensor_host_time_per_parameter_tensor_where_params_are_
 
 def test_step_collectives_loss_first_ddp_bucket_and_tied_gradients():
     from autoplan.costmodels.pipeline import step_collectives_s
-    from autoplan.layers import ModelProfile
+    from autoplan.schema.profile import ModelProfile
 
     cluster = _local()  # 1 GB/s, 100 us latency, 2 ms per collective call
     embed = layer(fwd_flops=1e6).model_copy(update={"name": "embed", "param_count": 1_000_000})

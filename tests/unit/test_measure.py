@@ -1,6 +1,6 @@
 import torch
 
-from autoplan.measure import AllocationTracker, measure_training
+from autoplan.runtime.timing import AllocationTracker, measure_training
 
 
 def test_tracker_peak_equals_hand_arithmetic():

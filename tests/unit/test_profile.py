@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from autoplan import zoo
-from autoplan.profile import profile_model
+from autoplan.analysis.profile import profile_model
 
 S, H, A, V = 32, 64, 4, 128
 

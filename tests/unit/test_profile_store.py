@@ -9,15 +9,16 @@ import json
 import pytest
 
 from autoplan import zoo
-from autoplan.api import explain, plan, planning_with_profile
+from autoplan.planner.planning import explain, plan, planning_with_profile
 from autoplan.cli import main
-from autoplan.cluster import ClusterSpec
+from autoplan.schema.cluster import ClusterSpec
 from autoplan.costmodels.compute import estimate_layer_time
-from autoplan.layers import LayerProfile
-from autoplan.plan import Plan
-from autoplan.profile import profile_model
-from autoplan.profile_store import (LOSS_SUFFIX, ProfileFile, apply_profile, default_micro_batch_sizes,
-                                    measure_profile)
+from autoplan.schema.profile import LayerProfile
+from autoplan.schema.plan import Plan
+from autoplan.analysis.profile import profile_model
+from autoplan.measure.profile_store import default_micro_batch_sizes, measure_profile
+from autoplan.planner.measured import apply_profile
+from autoplan.schema.profile_file import LOSS_SUFFIX, ProfileFile
 
 LOCAL = ClusterSpec.local(2)
 H100 = ClusterSpec.preset("dgx-h100")

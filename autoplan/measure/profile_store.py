@@ -11,11 +11,11 @@
 What is measured. Each distinct layer (one per `signature`: the hash of its op sequence,
 shapes and dtypes for ONE sequence, so the 4 blocks of gpt-tiny share one entry) runs
 forward and backward on the device present with random weights, once per micro-batch size
-b, on inputs of b sequences (`autoplan.profile.measure_layer`): median seconds of the whole
+b, on inputs of b sequences (`autoplan.analysis.profile.measure_layer`): median seconds of the whole
 micro-batch and the bytes autograd keeps for backward (recompute "none"). The loss rides on
 the last layer, as in the profiler; its entry key carries `LOSS_SUFFIX`. Floating tensors
 run in `compute_dtype` (default: bfloat16 on CUDA and float32 on CPU, the planner's default
-dtypes), and on CPU in one thread, as each `local` rank runs (`autoplan.worker`); the
+dtypes), and on CPU in one thread, as each `local` rank runs (`autoplan.runtime.worker`); the
 thread count is restored afterwards. A `local:N` cluster's ranks share this machine's
 cores, so for it the layers are measured while N - 1 peer processes keep their cores busy
 (`busy_peers`, recorded as `concurrent_ranks`): the times are a rank's while every rank
@@ -33,89 +33,23 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
 
-from autoplan.cluster import ClusterSpec, DeviceSpec, write_atomically
-from autoplan.constraints import dtype_name
-from autoplan.layers import LayerProfile, ModelProfile
-from autoplan.plan import read_json_model
+from autoplan.planner.measured import match_layers
+from autoplan.schema.cluster import DeviceSpec
+from autoplan.schema.constraints import dtype_name
+from autoplan.schema.profile import ModelProfile
+from autoplan.schema.profile_file import LOSS_SUFFIX, LayerEntry, MicroBatchMeasurement, ProfileFile
 
-PROFILE_VERSION = 1
-LOSS_SUFFIX = "+loss"
-"""Appended to the last layer's signature when the loss was measured with it."""
 SHARED_CORE_MIN_TIME_S = 0.4
 """With busy peers, each layer and size is timed over at least this long and averaged
-(`autoplan.profile.measure_layer`): single rounds of a few ms scatter 2x with the scheduler."""
+(`autoplan.analysis.profile.measure_layer`): single rounds of a few ms scatter 2x with the scheduler."""
 DEFAULT_MICRO_BATCH_CAP = 8
 """`default_micro_batch_sizes` measures powers of two up to this: beyond it the per-sequence
 time is flat (a device is full), and each size costs one more run of every layer."""
-
-
-class MicroBatchMeasurement(BaseModel):
-    """One distinct layer at one micro-batch size."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    fwd_s: float = Field(ge=0)
-    """Median forward seconds of the whole micro-batch."""
-    bwd_s: float = Field(ge=0)
-    """Median backward seconds of the whole micro-batch."""
-    saved_bytes: float = Field(ge=0)
-    """Bytes autograd kept for backward (recompute "none"), the whole micro-batch, at `compute_dtype`."""
-
-
-class LayerEntry(BaseModel):
-    """The measurements of one layer signature."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    example_layer: str
-    """The first layer with this signature in the measured model, e.g. "blocks.0"."""
-    num_layers: int = Field(default=1, ge=1)
-    """Layers of the measured model that share it."""
-    micro_batches: dict[int, MicroBatchMeasurement]
-    """Micro-batch size (sequences) -> measurement."""
-
-
-class ProfileFile(BaseModel):
-    """What `autoplan profile` writes."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    version: int = PROFILE_VERSION
-    model_name: str
-    input_shape: list[int]
-    """Shape of one sequence of the first model input (the signatures depend on it)."""
-    device_kind: Literal["cpu", "cuda"]
-    device_name: str
-    """torch.cuda.get_device_name(), or "cpu"."""
-    compute_dtype: str
-    """Dtype the floating tensors ran in."""
-    num_threads: int
-    """torch.get_num_threads() while measuring (1 on CPU: one thread per local rank)."""
-    concurrent_ranks: int = Field(default=1, ge=1)
-    """Processes computing at once while measuring on a CPU: this one and its busy peers."""
-    repeats: int
-    """Timed rounds per measurement (after one warm-up); times are their medians."""
-    torch_version: str
-    created: str
-    """UTC date and time of the measurement, ISO 8601."""
-    entries: dict[str, LayerEntry]
-    """Layer signature (with `LOSS_SUFFIX` for the last layer with its loss) -> measurements."""
-
-    def to_json(self, path: str | os.PathLike) -> None:
-        """Write the file whole or not at all."""
-        write_atomically(Path(path), self.model_dump_json(indent=2) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ProfileFile":
-        """Read a file written by `to_json`; a missing or corrupt file raises ValueError naming it."""
-        return read_json_model(cls, path, "profile", PROFILE_VERSION)
 
 
 def default_micro_batch_sizes(global_batch_size: int) -> list[int]:
@@ -126,7 +60,7 @@ def default_micro_batch_sizes(global_batch_size: int) -> list[int]:
     >>> default_micro_batch_sizes(8), default_micro_batch_sizes(12), default_micro_batch_sizes(3)
     ([1, 2, 4, 8], [1, 2, 4], [1])
     """
-    from autoplan.solver import MAX_MICRO_BATCH_SIZE
+    from autoplan.planner.solver import MAX_MICRO_BATCH_SIZE
 
     cap = min(DEFAULT_MICRO_BATCH_CAP, MAX_MICRO_BATCH_SIZE, global_batch_size)
     return [b for b in (2**k for k in range(cap.bit_length())) if b <= cap and global_batch_size % b == 0]
@@ -158,8 +92,8 @@ def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable 
     from rich.console import Console
     from rich.progress import Progress
 
-    from autoplan.profile import bind_loss, device_name, measure_layer
-    from autoplan.trace import trace_model
+    from autoplan.analysis.profile import bind_loss, device_name, measure_layer
+    from autoplan.analysis.trace import trace_model
 
     device = torch.device(device) if device is not None else \
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -251,7 +185,7 @@ def _busy_loop(stop, ready, model: str | None, sizes: list[int] | None, seq_len:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     if model is None:
-        from autoplan.calibrate import SHARING_MLP, _probe_mlp
+        from autoplan.measure.calibrate import SHARING_MLP, _probe_mlp
 
         step = _probe_mlp(*SHARING_MLP)
     else:
@@ -265,84 +199,6 @@ def _busy_loop(stop, ready, model: str | None, sizes: list[int] | None, seq_len:
     ready.put(os.getpid())
     while not stop.is_set():
         step()
-
-
-def match_layers(profile: ModelProfile, profile_file: ProfileFile) -> list[str | None]:
-    """The file key of each layer of `profile`, None where the file has no entry for it.
-
-    The last layer takes the entry measured with the loss when there is one."""
-    keys = []
-    for index, layer in enumerate(profile.layers):
-        candidates = [layer.signature + LOSS_SUFFIX] if index == len(profile.layers) - 1 else []
-        candidates.append(layer.signature)
-        keys.append(next((key for key in candidates if key in profile_file.entries), None))
-    return keys
-
-
-def ranks_per_core(cluster: ClusterSpec) -> float:
-    """How many ranks of `cluster` share one core of this machine (at least 1): a CPU profile
-    is measured in one thread, and a `local` cluster with more ranks than cores gives each
-    rank cores / ranks of one (as `costmodels.devices.local_cluster_fields` assumes).
-
-    >>> ranks_per_core(ClusterSpec.preset("dgx-h100"))
-    1.0
-    """
-    if cluster.device.kind != "cpu":
-        return 1.0
-    return max(1.0, cluster.devices_per_node / (os.cpu_count() or 1))
-
-
-def apply_profile(profile: ModelProfile, profile_file: ProfileFile, device: DeviceSpec | str, *,
-                  compute_dtype: str | None = None, source: str = "profile",
-                  ranks_per_core: float = 1.0) -> tuple[ModelProfile, str]:
-    """`profile` with the measured times of `profile_file` on every layer whose signature it
-    holds, and one line saying what was applied (or why nothing was).
-
-    `device` is the cluster's DeviceSpec (matched by kind: a "cuda" file applies to every
-    CUDA preset) or a device kind or name. A file measured in another dtype than the plan's
-    `compute_dtype` is not applied. `source` names the file in the Plan's cost sources.
-    Measured times are stretched by `ranks_per_core` (see the function of that name) over the
-    ranks per core they were measured at (`concurrent_ranks`; 1 for a local:N profile used on local:N).
-
-        >>> applied, summary = apply_profile(profile, ProfileFile.from_json("p.json"),
-        ...                                  ClusterSpec.local(2).device, source="p.json")  # doctest: +SKIP
-        >>> summary                                                                          # doctest: +SKIP
-        'p.json: measured on cpu for 9/9 layers'
-    """
-    kind = device.kind if isinstance(device, DeviceSpec) else device
-    measured_on = profile_file.device_kind + ("" if profile_file.device_name == profile_file.device_kind
-                                              else f" ({profile_file.device_name})")
-    if kind not in (profile_file.device_kind, profile_file.device_name):
-        return profile, f"{source}: not used: measured on {measured_on}, the plan's devices are {kind}"
-    if compute_dtype is not None and dtype_name(compute_dtype) != profile_file.compute_dtype:
-        return profile, (f"{source}: not used: measured in {profile_file.compute_dtype}, the plan computes in "
-                         f"{compute_dtype} (profile with --dtype {compute_dtype}, or pin "
-                         f"param_dtype={profile_file.compute_dtype})")
-    keys = match_layers(profile, profile_file)
-    if not any(keys):
-        return profile, (f"{source}: not used: no layer's signature is in it (measured for {profile_file.model_name} "
-                         f"with one sequence of shape {profile_file.input_shape}: same --seq-len?)")
-    measured_sharing = max(1.0, profile_file.concurrent_ranks / (os.cpu_count() or 1)) \
-        if profile_file.device_kind == "cpu" else 1.0
-    stretch = ranks_per_core / measured_sharing
-    layers = [layer if key is None else _with_measurements(layer, profile_file, key, source, stretch)
-              for layer, key in zip(profile.layers, keys)]
-    found = sum(key is not None for key in keys)
-    stretched = f", times x{stretch:.3g} ({ranks_per_core:.3g} ranks per core, measured at " \
-                f"{measured_sharing:.3g})" if stretch != 1 else ""
-    return (profile.model_copy(update={"layers": layers}),
-            f"{source}: measured on {profile_file.device_name} for {found}/{len(keys)} layers{stretched}")
-
-
-def _with_measurements(layer: LayerProfile, profile_file: ProfileFile, key: str, source: str,
-                       stretch: float) -> LayerProfile:
-    by_mbs = {b: (m.fwd_s * stretch, m.bwd_s * stretch)
-              for b, m in profile_file.entries[key].micro_batches.items()}
-    smallest = min(by_mbs)
-    return layer.model_copy(update=dict(
-        measured_fwd_s=by_mbs[smallest][0] / smallest, measured_bwd_s=by_mbs[smallest][1] / smallest,
-        measured_device=profile_file.device_kind, measured_by_mbs=by_mbs,
-        measured_source=f"{profile_file.device_name} ({source})"))
 
 
 def profile_table(profile_file: ProfileFile, profile: ModelProfile, device: DeviceSpec | None):

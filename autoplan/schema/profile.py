@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from autoplan.plan import TPSite
+from autoplan.schema.plan import TPSite
 
 
 class LayerProfile(BaseModel):
@@ -126,7 +126,7 @@ class ModelProfile(BaseModel):
     sequence_parallel_blocker: str | None = None
     """Why sequence parallelism cannot run on this model (None: it can, or tp splits nothing)."""
     stage_start_blockers: dict[str, str] = Field(default_factory=dict)
-    """Layer -> why a pipeline stage cannot begin at it (`autoplan.stage_cuts`)."""
+    """Layer -> why a pipeline stage cannot begin at it (`autoplan.analysis.stage_cuts`)."""
 
 
 def selective_save_ops() -> frozenset:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from autoplan.graph import LayerCall, LayerTP, OpNode, TracedModel, _join, _tensors
-from autoplan.plan import TPSite
+from autoplan.analysis.graph import LayerCall, LayerTP, OpNode, TracedModel, _join, _tensors
+from autoplan.schema.plan import TPSite
 
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
 ELEMENTWISE_MODULES = (nn.modules.dropout._DropoutNd, nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid,

@@ -4,7 +4,7 @@
     ...                    json_path="bench.json", plot_path="bench.png")     # doctest: +SKIP
     >>> [(c["name"], c["predicted_step_s"], c["measured_step_s"]) for c in report["candidates"]]  # doctest: +SKIP
 
-Candidates (each planned by `autoplan.api.plan` with its pins; a fully pinned one is
+Candidates (each planned by `autoplan.planner.planning.plan` with its pins; a fully pinned one is
 evaluated by the cost model, the free fields are still the planner's, e.g. micro-batch):
 
     autoplan   nothing pinned: the planner's choice
@@ -40,9 +40,9 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from autoplan.cluster import ClusterSpec, write_atomically
-from autoplan.constraints import Constraints
-from autoplan.plan import Plan
+from autoplan.schema.cluster import ClusterSpec, write_atomically
+from autoplan.schema.constraints import Constraints
+from autoplan.schema.plan import Plan
 
 DEFAULT_GLOBAL_BATCH_SIZE = 8
 LOCAL_MAX_TP = 2
@@ -184,8 +184,8 @@ def _run_candidate(name: str, constraints: Constraints, job, model_name: str, cl
                    seq_len: int | None, plan_path: Path, not_runnable: str | None,
                    launcher_args: Sequence[str], timeout_s: float) -> dict:
     """Plan one candidate and (when possible) launch it; failures become its status."""
-    from autoplan.api import plan as make_plan
-    from autoplan.launch import launch
+    from autoplan.planner.planning import plan as make_plan
+    from autoplan.runtime.launch import launch
 
     entry = {"name": name, "chosen": name == "autoplan", "status": "ok", "mesh": None,
              "constraints": constraints.model_dump(mode="json", exclude_none=True),

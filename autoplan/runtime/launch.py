@@ -6,7 +6,7 @@
 
 Multi-node: pass the launcher's own flags, e.g. `launcher_args=["--nnodes", "2",
 "--node-rank", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "host0:29400"]`;
-they go to `torch.distributed.run` unchanged. The result (see autoplan/worker.py) is
+they go to `torch.distributed.run` unchanged. The result (see autoplan/runtime/worker.py) is
 written by global rank 0, so only the node holding it returns one.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from autoplan.plan import Plan
-from autoplan.worker import ERROR_PREFIX
+from autoplan.schema.plan import Plan
+from autoplan.runtime.worker import ERROR_PREFIX
 
 DEFAULT_TIMEOUT_S = 600.0
 STDERR_TAIL_LINES = 15
@@ -32,7 +32,7 @@ STDERR_TAIL_LINES = 15
 def launch(plan_path: str | os.PathLike, model: str | None = None, nproc: int | None = None, steps: int = 5,
            out_path: str | os.PathLike | None = None, launcher_args: Sequence[str] = (), *, warmup: int = 1,
            seq_len: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
-    """Launch `nproc` ranks of `autoplan.worker` on the plan; return the parsed result JSON.
+    """Launch `nproc` ranks of `autoplan.runtime.worker` on the plan; return the parsed result JSON.
 
     `model` defaults to the plan's model_name (a zoo name or `file.py:factory`), `nproc`
     to the plan's world size (divided by `--nnodes` when given). A missing or corrupt plan
@@ -61,7 +61,7 @@ def launch(plan_path: str | os.PathLike, model: str | None = None, nproc: int | 
             out.unlink()  # a stale result must not pass for this run's
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                    *_default_rendezvous(launcher_args), *launcher_args,
-                   "-m", "autoplan.worker", "--model", model, "--plan", str(Path(plan_path).resolve()),
+                   "-m", "autoplan.runtime.worker", "--model", model, "--plan", str(Path(plan_path).resolve()),
                    "--steps", str(steps), "--warmup", str(warmup), "--out", str(out),
                    *(["--seq-len", str(seq_len)] if seq_len else [])]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -5,7 +5,7 @@
     >>> plan = autoplan.plan(job.module, autoplan.ClusterSpec.local(4), (job.example_inputs[0],))  # doctest: +SKIP
     >>> print(autoplan.explain(plan))                                                  # doctest: +SKIP
 
-`parallelize` (running a plan) lives in `autoplan.distributed`.
+`parallelize` (running a plan) lives in `autoplan.runtime.parallelize`.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from autoplan.cluster import ClusterSpec
-from autoplan.constraints import Constraints
+from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.constraints import Constraints
 from autoplan.costmodels.pipeline import estimate_layer_cost
-from autoplan.layers import ModelProfile
-from autoplan.plan import SEQUENCE_PARALLEL_STYLES, Candidate, LayerChoice, Plan, Prediction, StagePlan, TPSite
-from autoplan.solver import Solution, SolveResult, default_dtypes, solve, split_layers
+from autoplan.schema.profile import ModelProfile
+from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES, Candidate, LayerChoice, Plan, Prediction, StagePlan, TPSite
+from autoplan.planner.solver import Solution, SolveResult, default_dtypes, solve, split_layers
 
 OBJECTIVES = ("throughput",)
 ESTIMATED = "estimated (roofline)"
@@ -34,7 +34,7 @@ _profile_file_for_callers: contextvars.ContextVar[str | None] = contextvars.Cont
 @contextlib.contextmanager
 def planning_with_profile(profile_file: str | os.PathLike | None) -> Iterator[None]:
     """Within the block, `plan` calls that give no `profile_file` use this one: how
-    `autoplan bench --profile` reaches the plans `autoplan.bench` makes.
+    `autoplan bench --profile` reaches the plans `autoplan.bench.compare` makes.
 
     >>> with planning_with_profile("gpt-tiny.cpu.json"):        # doctest: +SKIP
     ...     run_bench("gpt-tiny", ClusterSpec.local(2))
@@ -64,8 +64,9 @@ def plan(model, cluster: ClusterSpec, example_inputs: tuple, loss_fn: Callable |
         raise ValueError(f"objective={objective!r} is not supported; use one of {list(OBJECTIVES)}")
     constraints = constraints or Constraints()
     param_dtype, _ = default_dtypes(cluster, constraints)  # rejects a pinned activation_dtype before profiling
-    from autoplan.profile import profile_model
-    from autoplan.profile_store import ProfileFile, apply_profile, ranks_per_core
+    from autoplan.analysis.profile import profile_model
+    from autoplan.planner.measured import apply_profile, ranks_per_core
+    from autoplan.schema.profile_file import ProfileFile
 
     profile_file = profile_file or _profile_file_for_callers.get()
     measured = ProfileFile.from_json(profile_file) if profile_file else None  # a bad file fails before profiling
@@ -86,7 +87,7 @@ def plan(model, cluster: ClusterSpec, example_inputs: tuple, loss_fn: Callable |
 def check_plan_matches(plan_: Plan, model, example_inputs: tuple, model_name: str | None = None) -> None:
     """Refuse a plan made for another model (its fingerprint: the layers' signatures and
     every parameter's name and shape) with a ValueError naming both; cheap on meta."""
-    from autoplan.profile import profile_model
+    from autoplan.analysis.profile import profile_model
 
     if not plan_.model_fingerprint:
         return

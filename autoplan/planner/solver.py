@@ -49,6 +49,7 @@ time as objective bound and MILP_TIME_LIMIT_S as a guard (counted in the stats).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -58,14 +59,14 @@ from dataclasses import dataclass, field
 
 import pulp
 
-from autoplan.cluster import ClusterSpec
-from autoplan.constraints import RECOMPUTE_OPTIONS, Constraints
+from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.constraints import RECOMPUTE_OPTIONS, Constraints
 from autoplan.costmodels.compute import estimate_optimizer_step_s
 from autoplan.costmodels.memory import in_flight_micro_batches, model_state_bytes_per_param
 from autoplan.costmodels.pipeline import (LayerCost, ParallelConfig, StepEstimate, dp_sync_coefficients,
                                           dtensor_step_s_per_tensor, estimate_layer_cost, estimate_step,
                                           fixed_memory_bytes, overlap_penalty, p2p_time_s, step_collectives_s)
-from autoplan.layers import ModelProfile
+from autoplan.schema.profile import ModelProfile
 
 GB = 1e9
 VIRTUAL_STAGE_OPTIONS = (2, 4)
@@ -78,14 +79,21 @@ MILP_TIME_LIMIT_S = (0.6, 0.25)
 bound, where the best plan almost always is) and for the rest; an instance stopped by
 it returns its incumbent (counted in the solver stats as `milps_time_limited`)."""
 FIRST_MILPS = 4
-HIGHS_AVAILABLE = pulp.HiGHS(msg=False).available()
+
+
+@functools.cache
+def highs_available() -> bool:
+    """Whether PuLP finds HiGHS (else CBC solves); asked once, on the first solve."""
+    available = pulp.HiGHS(msg=False).available()
+    if available:
+        _silence_highs_banner()
+    return available
 
 
 def _silence_highs_banner() -> None:
     """highspy prints a copyright banner to the C stdout when the first solver object is
-    made, before PuLP can switch output off; make that first object with stdout closed."""
-    if not HIGHS_AVAILABLE:
-        return
+    made, before PuLP can switch output off; make that first object with stdout closed
+    (once, on the first solve: importing this module changes nothing)."""
     import highspy
 
     sys.stdout.flush()
@@ -99,7 +107,6 @@ def _silence_highs_banner() -> None:
         os.close(saved)
 
 
-_silence_highs_banner()
 
 
 @dataclass
@@ -528,7 +535,7 @@ class Milp:
         self.add_sync_constraints()
         self.add_memory_constraints()
         self.problem += self.pipeline_expression() + self.W, "step_time_s"
-        if HIGHS_AVAILABLE:
+        if highs_available():
             options = {"mip_heuristic_effort": 0.3}
             if incumbent_s is not None:
                 options["objective_bound"] = incumbent_s
@@ -706,7 +713,7 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
             best = solution
     if best is None:
         raise infeasible_error(profile, cluster, split, instances, constraints)
-    stats = {"solver": "HiGHS" if HIGHS_AVAILABLE else "CBC", "milps_solved": num_milps,
+    stats = {"solver": "HiGHS" if highs_available() else "CBC", "milps_solved": num_milps,
              "milps_time_limited": time_limited,
              "candidates": len(instances), "wall_time_s": time.perf_counter() - started}
     return SolveResult(best, runners_up(best, solved, rejected, constraints, cluster), stats)

@@ -1,7 +1,7 @@
 """The dataflow graph a trace records: nodes owned by modules, layer calls, what tp splits.
 
     >>> from autoplan import zoo
-    >>> from autoplan.trace import trace_model
+    >>> from autoplan.analysis.trace import trace_model
     >>> job = zoo.build("gpt-tiny", batch_size=1, device="meta")
     >>> traced = trace_model(job.module, job.example_inputs)
     >>> traced.graph[0].module, traced.graph[0].is_module
@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch import fx
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from autoplan.plan import TPSite
+from autoplan.schema.plan import TPSite
 
 def _tensors(value: Any) -> list[torch.Tensor]:
     return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
@@ -118,7 +118,7 @@ class TracedModel:
     """Why sequence parallelism cannot run on this model (None: it can, or nothing is split)."""
     layer_reads: dict[str, set[str]] = field(default_factory=dict)
     """Layer -> the layers whose outputs its inputs depend on (through the code between layers):
-    the edges of the layer graph (`autoplan.stage_cuts`)."""
+    the edges of the layer graph (`autoplan.analysis.stage_cuts`)."""
     layer_derives: dict[str, set[str]] = field(default_factory=dict)
     """Layer -> the layers whose outputs its own output depends on (what a parameter-free
     layer, run again in a later stage, passes on)."""

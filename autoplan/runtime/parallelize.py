@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from autoplan.cluster import ClusterSpec
-from autoplan.constraints import Constraints
+from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.constraints import Constraints
 from autoplan.errors import AutoplanError
-from autoplan.plan import Plan
+from autoplan.schema.plan import Plan
 
 TIMEOUT_ENV = "AUTOPLAN_TIMEOUT_S"
 """Seconds a collective may wait before a rank gives up (a dead peer must not hang a job)."""
@@ -105,8 +105,8 @@ def parallelize(model: nn.Module, cluster: ClusterSpec, example_inputs: tuple | 
     >>> pm = parallelize(model, ClusterSpec.local(world_size=4), (tokens,), loss_fn)  # doctest: +SKIP
     >>> pm = parallelize(model, ClusterSpec.local(world_size=4))                      # doctest: +SKIP
     """
-    from autoplan.api import check_plan_matches
-    from autoplan.api import plan as make_plan
+    from autoplan.planner.planning import check_plan_matches
+    from autoplan.planner.planning import plan as make_plan
     from autoplan.backends.runner import apply_plan
     from autoplan.zoo import output_mean
 

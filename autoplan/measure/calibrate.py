@@ -76,7 +76,7 @@ from datetime import timedelta
 
 import torch
 
-from autoplan.cluster import ClusterSpec
+from autoplan.schema.cluster import ClusterSpec
 
 MATMUL_SIZES: dict[str, tuple[int, ...]] = {"cpu": (128, 256, 512, 1024), "cuda": (1024, 2048, 4096, 8192)}
 """Square matmul sizes tried per dtype (a dtype stops growing once one matmul takes MAX_SINGLE_OP_S);
@@ -384,7 +384,7 @@ def _run_on_ranks(nproc: int, device: str, dtypes: list[str], matmul_sizes: tupl
     import torch.multiprocessing as mp
     from rich.progress import Progress
 
-    from autoplan.launch import free_port
+    from autoplan.runtime.launch import free_port
 
     context = mp.get_context("spawn")
     queue = context.Queue()

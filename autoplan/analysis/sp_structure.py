@@ -1,7 +1,7 @@
 """Input layouts of tensor-parallel groups, and whether sequence parallelism can run, from dataflow.
 
     >>> from autoplan import zoo
-    >>> from autoplan.trace import trace_model
+    >>> from autoplan.analysis.trace import trace_model
     >>> job = zoo.build("llama-tiny", batch_size=1, device="meta")
     >>> sites = trace_model(job.module, job.example_inputs).tp_sites
     >>> sites["layers.0.attention"].style, sites["layers.0"].style
@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from autoplan.graph import OpNode, TracedModel, _tensors
-from autoplan.plan import SEQUENCE_PARALLEL_STYLES, TPSite
-from autoplan.tp_structure import _RESHAPES, ELEMENTWISE_MODULES, ModelFlow, is_linear
+from autoplan.analysis.graph import OpNode, TracedModel, _tensors
+from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES, TPSite
+from autoplan.analysis.tp_structure import _RESHAPES, ELEMENTWISE_MODULES, ModelFlow, is_linear
 
 SEQ_DIM = 1
 _SPLIT_STYLES = ("colwise", "rowwise", "vocab_output")

@@ -1,7 +1,7 @@
 """Where a pipeline stage may begin: the layer graph of what each layer reads.
 
     >>> from autoplan import zoo
-    >>> from autoplan.trace import trace_model
+    >>> from autoplan.analysis.trace import trace_model
     >>> job = zoo.build("gpt-tiny", batch_size=1, device="meta")
     >>> traced = trace_model(job.module, job.example_inputs)
     >>> sorted(layer_graph(traced).predecessors("blocks.0"))
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from autoplan.graph import TracedModel
+from autoplan.analysis.graph import TracedModel
 
 OUTPUT = "<output>"
 """The layer graph's node for the model's output."""

@@ -10,7 +10,7 @@ peak memory to rank 0, which writes the JSON result whole (temp file + rename).
 
 CPU ranks run one thread each (`torch.set_num_threads(1)`): local plans assume one
 core per rank. A failure exits non-zero with one line on stderr,
-`autoplan.worker: rank R: <what went wrong>` (set AUTOPLAN_DEBUG=1 for the traceback).
+`autoplan.runtime.worker: rank R: <what went wrong>` (set AUTOPLAN_DEBUG=1 for the traceback).
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import sys
 import traceback
 from pathlib import Path
 
-ERROR_PREFIX = "autoplan.worker:"
+ERROR_PREFIX = "autoplan.runtime.worker:"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m autoplan.worker", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m autoplan.runtime.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="zoo name or path/to/file.py:factory")
     parser.add_argument("--plan", required=True, help="plan JSON written by `autoplan plan -o`")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    from autoplan.distributed import init_process_group_from_env, parallelize
-    from autoplan.measure import measure_training
-    from autoplan.plan import Plan
+    from autoplan.runtime.parallelize import init_process_group_from_env, parallelize
+    from autoplan.runtime.timing import measure_training
+    from autoplan.schema.plan import Plan
     from autoplan.zoo import build
 
     plan = Plan.from_json(args.plan)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
         if result is not None:
-            from autoplan.cluster import write_atomically
+            from autoplan.schema.cluster import write_atomically
 
             write_atomically(Path(args.out), json.dumps(result, indent=2) + "\n")
         # Leave together: a rank tearing gloo down while its peer still holds the pair

@@ -9,7 +9,7 @@
     8192.0
 
 Every example input is cut to its first sequence (dim 0 -> 1) and traced on meta tensors
-(`autoplan.trace`); each distinct layer (one per signature: the 96 GPT-3 blocks cost one)
+(`autoplan.analysis.trace`); each distinct layer (one per signature: the 96 GPT-3 blocks cost one)
 then runs forward and backward on meta tensors under
 
 - `FlopCounterMode` for forward and backward FLOPs;
@@ -29,7 +29,7 @@ their own size), per sequence.
 
 `measure_layer` runs one layer on a real device instead (random weights, inputs of the
 traced shapes): median forward and backward seconds and the bytes autograd kept.
-`autoplan.profile_store` calls it once per distinct layer and micro-batch size.
+`autoplan.measure.profile_store` calls it once per distinct layer and micro-batch size.
 """
 from __future__ import annotations
 
@@ -50,10 +50,10 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from autoplan.errors import TraceError
-from autoplan.layers import LayerProfile, ModelProfile, selective_save_ops
-from autoplan.plan import INPUT_STYLES, SEQUENCE_PARALLEL_STYLES
-from autoplan.stage_cuts import stage_start_blockers
-from autoplan.trace import TracedModel, _join, _tensors, as_exported, trace_model
+from autoplan.schema.profile import LayerProfile, ModelProfile, selective_save_ops
+from autoplan.schema.plan import INPUT_STYLES, SEQUENCE_PARALLEL_STYLES
+from autoplan.analysis.stage_cuts import stage_start_blockers
+from autoplan.analysis.trace import TracedModel, _join, _tensors, as_exported, trace_model
 
 def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "model",
                   loss_fn: Callable | None = None, *, targets: torch.Tensor | None = None,

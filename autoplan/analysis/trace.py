@@ -37,9 +37,9 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.flop_counter import flop_registry
 
 from autoplan.errors import TraceError
-from autoplan.graph import LayerCall, LayerTP, OpNode, TracedModel, _join, _tensors
-from autoplan.sp_structure import add_colwise_input_sites, apply_sequence_parallel
-from autoplan.tp_structure import ELEMENTWISE_MODULES, find_tensor_parallel
+from autoplan.analysis.graph import LayerCall, LayerTP, OpNode, TracedModel, _join, _tensors
+from autoplan.analysis.sp_structure import add_colwise_input_sites, apply_sequence_parallel
+from autoplan.analysis.tp_structure import ELEMENTWISE_MODULES, find_tensor_parallel
 
 __all__ = ["LayerCall", "LayerTP", "OpNode", "TracedModel", "as_exported", "trace_model", "without_kv_cache"]
 

@@ -1,0 +1,1 @@
+"""The chosen plan against hand-tuned baselines, predicted beside measured."""

@@ -1,0 +1,1 @@
+"""From a profile to a Plan: the MILP solver, measured layer times, plan and explain. Never imports measure, runtime or backends."""
