@@ -60,7 +60,7 @@ def default_micro_batch_sizes(global_batch_size: int) -> list[int]:
     >>> default_micro_batch_sizes(8), default_micro_batch_sizes(12), default_micro_batch_sizes(3)
     ([1, 2, 4, 8], [1, 2, 4], [1])
     """
-    from autoplan.planner.solver import MAX_MICRO_BATCH_SIZE
+    from autoplan.planner.search_space import MAX_MICRO_BATCH_SIZE
 
     cap = min(DEFAULT_MICRO_BATCH_CAP, MAX_MICRO_BATCH_SIZE, global_batch_size)
     return [b for b in (2**k for k in range(cap.bit_length())) if b <= cap and global_batch_size % b == 0]

@@ -22,7 +22,9 @@ from autoplan.schema.constraints import Constraints
 from autoplan.costmodels.pipeline import estimate_layer_cost
 from autoplan.schema.profile import ModelProfile
 from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES, Candidate, LayerChoice, Plan, Prediction, StagePlan, TPSite
-from autoplan.planner.solver import Solution, SolveResult, default_dtypes, solve, split_layers
+from autoplan.planner.placement import Solution
+from autoplan.planner.search_space import split_layers
+from autoplan.planner.solver import SolveResult, default_dtypes, solve
 
 OBJECTIVES = ("throughput",)
 ESTIMATED = "estimated (roofline)"

@@ -46,11 +46,15 @@ A pinned field restricts the options above; a fully pinned configuration is eval
 the same MILP, which then only places layers (stage boundaries and per-layer recompute
 are not Constraints fields). HiGHS solves each MILP to MIP_GAP, with the incumbent step
 time as objective bound and MILP_TIME_LIMIT_S as a guard (counted in the stats).
+
+This module holds the MILP and the outer loop; the loop's search space (meshes, micro-batch
+sizes, schedules, the repeated body) is `planner.search_space`, one candidate's data, its
+combinations and its lower bound `planner.instance`, and plans from block counts (the
+heuristic incumbent, the smallest-memory plan) `planner.placement`.
 """
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import os
 import sys
@@ -60,18 +64,18 @@ from dataclasses import dataclass, field
 import pulp
 
 from autoplan.schema.cluster import ClusterSpec
-from autoplan.schema.constraints import RECOMPUTE_OPTIONS, Constraints
+from autoplan.schema.constraints import Constraints
 from autoplan.costmodels.compute import estimate_optimizer_step_s
 from autoplan.costmodels.memory import in_flight_micro_batches, model_state_bytes_per_param
-from autoplan.costmodels.pipeline import (LayerCost, ParallelConfig, StepEstimate, dp_sync_coefficients,
-                                          dtensor_step_s_per_tensor, estimate_layer_cost, estimate_step,
+from autoplan.costmodels.pipeline import (ParallelConfig, dp_sync_coefficients, dtensor_step_s_per_tensor,
                                           fixed_memory_bytes, overlap_penalty, p2p_time_s, step_collectives_s)
+from autoplan.planner.instance import Combo, Instance, build_instance, combinations, lower_bound_s
+from autoplan.planner.placement import Solution, heuristic_solution, place_layers, smallest_memory_plan
+from autoplan.planner.search_space import (LayerSplit, can_sequence_parallel, enumerate_meshes, micro_batch_sizes,
+                                           split_layers)
 from autoplan.schema.profile import ModelProfile
 
 GB = 1e9
-VIRTUAL_STAGE_OPTIONS = (2, 4)
-ZERO_OPTIONS = (0, 1, 3)  # ZeRO-2 costs what ZeRO-1 does (memory.py); planned only when pinned
-MAX_MICRO_BATCH_SIZE = 64
 MIP_GAP = 1e-4
 """Relative optimality gap at which a MILP counts as solved."""
 MILP_TIME_LIMIT_S = (0.6, 0.25)
@@ -107,18 +111,6 @@ def _silence_highs_banner() -> None:
         os.close(saved)
 
 
-
-
-@dataclass
-class Solution:
-    """One fully specified plan and its prediction."""
-
-    config: ParallelConfig
-    rank_layers: list[list[tuple[int, str]]]
-    """Per pipeline rank: (layer index, recompute option), in model order."""
-    estimate: StepEstimate
-
-
 @dataclass
 class Rejected:
     """A (mesh, micro-batch) pair that lost, and why."""
@@ -137,254 +129,6 @@ class SolveResult:
     best: Solution
     runners_up: list[Rejected]
     stats: dict[str, float | str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LayerSplit:
-    """prefix (pinned to rank 0) + N identical blocks + suffix (pinned to the last rank).
-    Pipeline stages are cut only between blocks; `cut_blocker` says why they cannot be
-    (None: any two neighbouring blocks may be cut apart)."""
-
-    prefix: tuple[int, ...]
-    blocks: tuple[int, ...]
-    suffix: tuple[int, ...]
-    cut_blocker: str | None = None
-
-    @property
-    def num_cuttable_blocks(self) -> int:
-        """The most pipeline stages the blocks can be cut into."""
-        return len(self.blocks) if self.cut_blocker is None else 1
-
-
-def split_layers(profile: ModelProfile) -> LayerSplit:
-    """The repeated body: the longest run of equal signatures that a stage may be cut
-    anywhere inside (`ModelProfile.stage_start_blockers`), the first such run on ties; when
-    no two equal neighbours may be cut apart, the longest run, uncuttable."""
-    layers, blockers = profile.layers, profile.stage_start_blockers
-    runs, cuttable = [], []  # (start, length) of runs of equal signatures; of runs also cuttable inside
-    for index, layer in enumerate(layers):
-        if runs and layer.signature == layers[index - 1].signature:
-            runs[-1][1] += 1
-            if layer.name in blockers:
-                cuttable.append([index, 1])
-            else:
-                cuttable[-1][1] += 1
-        else:
-            runs.append([index, 1])
-            cuttable.append([index, 1])
-    start, length = max(cuttable, key=lambda run: (run[1], -run[0]))
-    blocker = None
-    if length == 1:
-        start, length = max(runs, key=lambda run: (run[1], -run[0]))
-        blocker = next((blockers[layers[i].name] for i in range(start + 1, start + length)
-                        if layers[i].name in blockers), None)
-    return LayerSplit(tuple(range(start)), tuple(range(start, start + length)),
-                      tuple(range(start + length, len(layers))), blocker)
-
-
-# ----------------------------------------------------------------------- enumeration
-def _divisors(value: int) -> list[int]:
-    return [d for d in range(1, value + 1) if value % d == 0]
-
-
-def can_sequence_parallel(profile: ModelProfile) -> bool:
-    """Whether the trace found a region sequence parallelism can run (an entry site)."""
-    return any(site.style == "sequence_parallel_entry" for layer in profile.layers for site in layer.tp_sites.values())
-
-
-def check_tp(profile: ModelProfile, tp: int) -> str | None:
-    """Why `tp` cannot split the model, or None."""
-    if tp > 1 and not any(layer.tp_param_count for layer in profile.layers):
-        return f"tp={tp}: tensor parallelism finds nothing to split in this model (no Linear pairs, heads or vocabulary)"
-    for layer in profile.layers:
-        for name, value in layer.tp_divisors.items():
-            if value % tp:
-                return f"tp={tp} does not divide {name}={value}"
-    return None
-
-
-def enumerate_meshes(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints,
-                     num_blocks: int, cut_blocker: str | None = None) -> list[tuple[int, int, int]]:
-    """(dp, pp, tp) candidates honouring the pins; pinned values are validated loudly."""
-    world = cluster.world_size
-    pins = {axis: getattr(constraints, axis) for axis in ("dp", "pp", "tp")}
-    if pins["tp"] and check_tp(profile, pins["tp"]):
-        raise ValueError(check_tp(profile, pins["tp"]))
-    if all(pins.values()) and pins["dp"] * pins["tp"] * pins["pp"] != world:
-        raise ValueError(f"dp({pins['dp']}) * tp({pins['tp']}) * pp({pins['pp']}) = "
-                         f"{pins['dp'] * pins['tp'] * pins['pp']} != world_size({world})")
-    for axis, value in pins.items():
-        if value and world % value:
-            raise ValueError(f"{axis}={value} does not divide world_size({world})")
-    if pins["tp"]:
-        tps = [pins["tp"]]
-    else:
-        tps = [t for t in _divisors(cluster.devices_per_node) if world % t == 0 and not check_tp(profile, t)]
-    meshes = []
-    for tp in tps:
-        for pp in _divisors(world // tp):
-            dp = world // (tp * pp)
-            if (pins["pp"] or pp) != pp or (pins["dp"] or dp) != dp:
-                continue
-            if pp > num_blocks and not pins["pp"]:
-                continue
-            meshes.append((dp, pp, tp))
-    if not meshes:
-        raise ValueError(f"no mesh dp * pp * tp = world_size({world}) satisfies the pins "
-                         f"{ {k: v for k, v in pins.items() if v} }")
-    for dp, pp, tp in meshes:
-        if pp > num_blocks:
-            raise ValueError(f"pp={pp} exceeds the {num_blocks} repeated blocks the model can be cut into"
-                             + (f": {cut_blocker}" if cut_blocker else ""))
-    return meshes
-
-
-def micro_batch_sizes(global_batch: int, dp: int, pinned: int | None) -> list[int]:
-    """b such that global_batch % (dp * b) == 0."""
-    if pinned:
-        if global_batch % (dp * pinned):
-            raise ValueError(f"global batch {global_batch} is not divisible by dp({dp}) * "
-                             f"micro_batch_size({pinned}) = {dp * pinned}")
-        return [pinned]
-    if global_batch % dp:
-        return []
-    return [b for b in _divisors(global_batch // dp) if b <= MAX_MICRO_BATCH_SIZE]
-
-
-def schedule_options(pp: int, num_micro_batches: int, num_blocks: int,
-                     constraints: Constraints) -> list[tuple[str, int]]:
-    """(schedule, virtual stages) choices: 1F1B needs m >= pp and interleaving m % pp == 0
-    (torch.distributed.pipelining, as Megatron-LM) and at least v blocks per rank."""
-    if pp == 1:
-        options = [(constraints.schedule or "1f1b", 1)]
-    else:
-        virtual = [constraints.virtual_stages] if constraints.virtual_stages else list(VIRTUAL_STAGE_OPTIONS)
-        # torch's Schedule1F1B needs at least one micro-batch per pipeline rank.
-        options = [("gpipe", 1)] + ([("1f1b", 1)] if num_micro_batches >= pp else []) + [
-            ("interleaved_1f1b", v) for v in virtual
-            if v > 1 and num_blocks >= pp * v and num_micro_batches % pp == 0]
-        if constraints.schedule:
-            options = [o for o in options if o[0] == constraints.schedule]
-        if constraints.virtual_stages and constraints.schedule != "interleaved_1f1b":
-            options = [o for o in options if o[1] == constraints.virtual_stages]
-    return options
-
-
-# ----------------------------------------------------------------------- one (mesh, mbs) instance
-@dataclass
-class Instance:
-    """Everything the MILP of one (mesh, micro-batch size) needs."""
-
-    profile: ModelProfile
-    cluster: ClusterSpec
-    split: LayerSplit
-    base: ParallelConfig
-    options: list[str]
-    schedules: list[tuple[str, int]]
-    zeros: list[int]
-    sps: list[bool]
-    costs: dict[tuple[int, str, bool], LayerCost]
-    cap_bytes: float
-    block_option: str | None = None
-    """Pinned recompute of the repeated blocks."""
-    zero_bounds_s: dict[int, float] = field(default_factory=dict)
-    """Lower bound on the step time per ZeRO stage (filled by `lower_bound_s`)."""
-
-    @property
-    def pp(self) -> int:
-        return self.base.pp
-
-    def rank_fixed_layers(self, rank: int) -> list[int]:
-        fixed = list(self.split.prefix) if rank == 0 else []
-        return fixed + (list(self.split.suffix) if rank == self.pp - 1 else [])
-
-    def block_options(self) -> list[str]:
-        return [self.block_option] if self.block_option else self.options
-
-    def config(self, schedule: tuple[str, int], zero: int, sp: bool) -> ParallelConfig:
-        return ParallelConfig(**{**self.base.__dict__, "schedule": schedule[0], "virtual_stages": schedule[1],
-                                 "zero_stage": zero, "sequence_parallel": sp})
-
-
-def build_instance(profile: ModelProfile, cluster: ClusterSpec, split: LayerSplit, mesh: tuple[int, int, int],
-                   micro_batch_size: int, constraints: Constraints, param_dtype: str,
-                   grad_reduce_dtype: str) -> Instance | None:
-    dp, pp, tp = mesh
-    m = profile.global_batch_size // (dp * micro_batch_size)
-    schedules = schedule_options(pp, m, len(split.blocks), constraints)
-    if not schedules:
-        return None
-    zeros = [constraints.zero_stage] if constraints.zero_stage is not None else (list(ZERO_OPTIONS) if dp > 1 else [0])
-    sps = [False, True] if tp > 1 and can_sequence_parallel(profile) else [False]
-    if constraints.sequence_parallel is not None:
-        sps = [constraints.sequence_parallel and tp > 1]
-    options = [o for o in RECOMPUTE_OPTIONS if all(o in layer.saved_bytes for layer in profile.layers)]
-    if constraints.recompute and constraints.recompute not in options:
-        raise ValueError(f"recompute={constraints.recompute!r} is not available; the profile offers {options}")
-    base = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size, num_micro_batches=m,
-                          param_dtype=param_dtype, grad_reduce_dtype=grad_reduce_dtype)
-    costs = {}
-    representatives = list(split.prefix) + [split.blocks[0]] + list(split.suffix)
-    for index, option, sp in itertools.product(representatives, options, sps):
-        costs[index, option, sp] = estimate_layer_cost(
-            profile.layers[index], option, cluster, dp=dp, tp=tp, micro_batch_size=micro_batch_size,
-            sequence_parallel=sp, param_dtype=param_dtype, grad_reduce_dtype=grad_reduce_dtype)
-    return Instance(profile, cluster, split, base, options, schedules, zeros, sps, costs,
-                    constraints.max_memory_fraction * cluster.device.memory_bytes, constraints.recompute)
-
-
-def lower_bound_s(inst: Instance) -> float:
-    """Perfect balance (but the slowest rank holds >= ceil(N/p) blocks and the first and
-    last ranks their pinned layers plus a block), the largest v allowed (and, on shared cores,
-    the critical path at alone speed), the cheapest
-    recompute/SP option per layer, and per ZeRO option only the unavoidable
-    `overlap_penalty` share of its communication."""
-    split, base, pp = inst.split, inst.base, inst.pp
-    m = base.num_micro_batches
-    block = split.blocks[0]
-
-    def cheapest(index: int, field_name: str, options=None) -> float:
-        return min(getattr(inst.costs[index, o, q], field_name) for o in (options or inst.options) for q in inst.sps)
-
-    fixed = split.prefix + split.suffix
-    total_s = len(split.blocks) * cheapest(block, "time_s", inst.block_options()) + sum(
-        cheapest(i, "time_s") for i in fixed)
-    params, zero3_s = total_local_params(inst), total_over_layers(inst, "zero3_comm_s")
-    sync_units, penalty = total_over_layers(inst, "sync_units"), overlap_penalty(inst.cluster)
-    slowdown = inst.cluster.device.shared_core_slowdown
-    v = max(s[1] for s in inst.schedules)
-    p2p = p2p_time_s(inst.profile, inst.cluster, inst.config(("1f1b", 1), 0, inst.sps[-1]))
-    block_s = cheapest(block, "time_s", inst.block_options())
-    ends_s = [sum(cheapest(i, "time_s") for i in inst.rank_fixed_layers(rank)) for rank in (0, pp - 1)]
-    # the slowest rank holds at least ceil(N / p) blocks, and the first/last rank at least one
-    slowest_s = max(math.ceil(len(split.blocks) / pp) * block_s, block_s + max(ends_s))
-    bounds = []
-    for zero in inst.zeros:
-        config = inst.config(("1f1b", 1), zero, False)
-        zero3_share = penalty * zero3_s if zero == 3 else 0.0
-        busy = total_s + zero3_share
-        slowest = max(busy / pp, slowest_s)
-        pipeline = max(((m - 1 / v) * slowest + busy / v) / slowdown, m * busy / pp) + (
-            2 * p2p * (m + pp - 1) if pp > 1 else 0.0)
-        per_param, latency = dp_sync_coefficients(inst.cluster, config, zero)
-        shard = params / pp / (base.dp if zero >= 1 else 1)
-        extra = penalty * (per_param * params + latency * sync_units) / pp + estimate_optimizer_step_s(
-            shard, inst.cluster.device, base.param_dtype) + dtensor_step_s_per_tensor(
-            inst.cluster, config, zero) * total_over_layers(inst, "param_tensors") / pp
-        extra += step_collectives_s(inst.profile, inst.cluster, config)
-        inst.zero_bounds_s[zero] = pipeline + extra
-        if state_memory_lower_bound(inst, zero, params) <= inst.cap_bytes:
-            bounds.append(pipeline + extra)
-    return min(bounds, default=math.inf)
-
-
-def state_memory_lower_bound(inst: Instance, zero: int, params: float) -> float:
-    """Average model-state bytes over the pipeline ranks plus the fixed per-device terms."""
-    per_param = model_state_bytes_per_param(inst.base.param_dtype)
-    sharded = sum(per_param.values()) if zero == 0 else (
-        per_param["params_bytes"] + (sum(per_param.values()) - per_param["params_bytes"]) / inst.base.dp
-        if zero < 3 else sum(per_param.values()) / inst.base.dp)
-    return params / inst.pp * sharded + inst.cluster.device.framework_overhead_bytes
 
 
 # ----------------------------------------------------------------------- the MILP
@@ -558,89 +302,6 @@ class Milp:
         return place_layers(inst, config, counts, choice)
 
 
-@dataclass(frozen=True)
-class Combo:
-    """One (schedule, v, ZeRO stage, sequence parallel) combination, selected by u_c."""
-
-    schedule: str
-    v: int
-    zero: int
-    sp: bool
-
-    @property
-    def name(self) -> str:
-        return f"{self.schedule}_v{self.v}_z{self.zero}_sp{int(self.sp)}"
-
-
-def combinations(inst: Instance, incumbent_s: float | None = None) -> list[Combo]:
-    """Every (schedule, ZeRO, SP) the instance allows whose model states can fit and
-    whose ZeRO lower bound is below the incumbent. Dominated choices are left out unless
-    pinned: GPipe costs what 1F1B costs and holds more activations; with tp > 1,
-    sequence parallelism moves the same bytes, does less elementwise work and keeps
-    fewer activations than no sequence parallelism."""
-    schedules = [k for k in inst.schedules if k[0] != "gpipe"] or inst.schedules
-    sps = [q for q in inst.sps if q] or inst.sps
-    params = total_local_params(inst)
-    return [Combo(k[0], k[1], z, q) for k in schedules for z in inst.zeros for q in sps
-            if state_memory_lower_bound(inst, z, params) <= inst.cap_bytes
-            and (incumbent_s is None or inst.zero_bounds_s.get(z, 0.0) < incumbent_s)]
-
-
-def total_over_layers(inst: Instance, field_name: str) -> float:
-    """A per-layer cost that no recompute or SP choice changes, summed over the model."""
-    split, key = inst.split, (inst.options[0], inst.sps[0])
-    return len(split.blocks) * getattr(inst.costs[(split.blocks[0], *key)], field_name) + sum(
-        getattr(inst.costs[(j, *key)], field_name) for j in split.prefix + split.suffix)
-
-
-def total_local_params(inst: Instance) -> float:
-    return total_over_layers(inst, "local_params")
-
-
-def place_layers(inst: Instance, config: ParallelConfig, counts: list[dict[str, int]],
-                 fixed_choice: dict[int, str]) -> Solution:
-    """Blocks in model order, rank by rank (fuller recompute first inside a rank), evaluated."""
-    blocks = iter(inst.split.blocks)
-    rank_layers = []
-    for i, per_option in enumerate(counts):
-        entries = [(j, fixed_choice[j]) for j in inst.split.prefix] if i == 0 else []
-        for option in ("full", "selective", "none"):
-            entries += [(next(blocks), option) for _ in range(per_option.get(option, 0))]
-        if i == inst.pp - 1:
-            entries += [(j, fixed_choice[j]) for j in inst.split.suffix]
-        rank_layers.append(entries)
-    return Solution(config, rank_layers, estimate_step(inst.profile, inst.cluster, config, rank_layers))
-
-
-def balanced_counts(num_blocks: int, pp: int, option: str) -> list[dict[str, int]]:
-    """Equal blocks per rank; the remainder goes to the ranks after the first, which
-    holds the embeddings."""
-    extra = [1 if 0 < (i - 1) % pp + 1 <= num_blocks % pp else 0 for i in range(pp)] if pp > 1 else [0]
-    return [{option: num_blocks // pp + extra[i]} for i in range(pp)]
-
-
-def heuristic_solution(inst: Instance, combos: list[Combo]) -> Solution | None:
-    """A quick feasible plan to start from: balanced blocks, one recompute option for all
-    (the fastest that fits), per configuration combination. It is a real plan evaluated
-    by the cost model, so it is a valid incumbent; the MILP then only has to beat it."""
-    if len(inst.split.blocks) < inst.pp * max((c.v for c in combos), default=1):
-        combos = [c for c in combos if len(inst.split.blocks) >= inst.pp * c.v]
-    block = inst.split.blocks[0]
-    best = None
-    for c in combos:
-        options = sorted(inst.block_options(), key=lambda o: inst.costs[block, o, c.sp].time_s)
-        for option in options:
-            fixed = {j: option if option in inst.options else inst.options[-1]
-                     for j in inst.split.prefix + inst.split.suffix}
-            solution = place_layers(inst, inst.config((c.schedule, c.v), c.zero, c.sp),
-                                    balanced_counts(len(inst.split.blocks), inst.pp, option), fixed)
-            if solution.estimate.peak_memory_bytes <= inst.cap_bytes:
-                if best is None or solution.estimate.step_time_s < best.estimate.step_time_s:
-                    best = solution
-                break
-    return best
-
-
 # ----------------------------------------------------------------------- driver
 def default_dtypes(cluster: ClusterSpec, constraints: Constraints) -> tuple[str, str]:
     """bfloat16 on GPUs (mixed precision), float32 on CPUs, unless pinned."""
@@ -745,14 +406,6 @@ def runners_up(best: Solution, solved: list[Solution], rejected: list[Rejected],
             out.append(item)
     pruned = [item for item in rejected if item.why.startswith("lower bound")]
     return (out + pruned)[:limit]
-
-
-def smallest_memory_plan(inst: Instance) -> Solution:
-    """Maximal sharding and recomputation, balanced: what the mesh needs at least."""
-    option = "full" if "full" in inst.options else inst.options[-1]
-    config = inst.config(("1f1b", 1) if inst.pp > 1 else inst.schedules[0], max(inst.zeros), inst.sps[-1])
-    counts = balanced_counts(len(inst.split.blocks), inst.pp, inst.block_option or option)
-    return place_layers(inst, config, counts, {j: option for j in inst.split.prefix + inst.split.suffix})
 
 
 def infeasible_error(profile: ModelProfile, cluster: ClusterSpec, split: LayerSplit, instances,

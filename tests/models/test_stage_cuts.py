@@ -7,7 +7,7 @@ import pytest
 
 import autoplan
 from autoplan.planner.planning import plan_from_profile
-from autoplan.planner.solver import split_layers
+from autoplan.planner.search_space import split_layers
 from autoplan.analysis.stage_cuts import OUTPUT, layer_graph, stage_start_blockers
 from autoplan.analysis.trace import trace_model
 from autoplan.zoo import build
