@@ -185,7 +185,7 @@ def _busy_loop(stop, ready, model: str | None, sizes: list[int] | None, seq_len:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     if model is None:
-        from autoplan.measure.calibrate import SHARING_MLP, _probe_mlp
+        from autoplan.measure.probes import SHARING_MLP, _probe_mlp
 
         step = _probe_mlp(*SHARING_MLP)
     else:

@@ -1,0 +1,272 @@
+"""The probes calibration runs on each spawned rank (`autoplan.measure.calibrate`, whose
+docstring says what each measures and how it becomes a cost-model constant): matmul and
+elementwise rates, an AdamW step, collectives, and on CPU ranks the shared-core slowdown,
+the overhead of collectives and pipeline sends under load, and DTensor's host time.
+
+Every function here runs inside an initialised process group (`torch.distributed`), on
+every rank at once unless it says otherwise; a probe that compares two ways of doing one
+step takes the median of several alternations, because a shared machine's scheduler makes
+single timings scatter by tens of percent. The probe sizes below are chosen so that their
+working sets overflow the caches as a model's do, or (the dispatch probe) so that host
+work dominates.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+ELEMENTWISE_NUMEL: dict[str, int] = {"cpu": 4 * 1024 * 1024, "cuda": 64 * 1024 * 1024}
+"""Elements per float32 operand of the elementwise timing: 16 MiB on CPU; 256 MiB on a GPU,
+well beyond its L2 cache."""
+MIN_TIME_S = 0.05
+"""Time each matmul / elementwise measurement runs for (repeating the op)."""
+MAX_SINGLE_OP_S = 0.1
+"""A dtype's size ladder stops after a single matmul takes this long (slow CPU bf16)."""
+COLLECTIVE_REPEATS = 5
+"""Timed repetitions per collective and size (after one warm-up); the median is kept."""
+SHARING_MLP = (256, 512, 2)
+"""The shared-core probe: tokens, width, blocks of (Linear(w, 4w), GELU, Linear(4w, w)), forward +
+backward: 4 M parameters, ~0.1 s per step alone, so the cores' caches are shared as a model's are."""
+SHARING_REPEATS = 3
+"""Alone / all-busy alternations of the shared-core probe (the median ratio is kept: a shared
+machine's scheduler makes single timings scatter by +-30%)."""
+LOADED_MLP = (256, 256, 1)
+"""The collective-overhead probe's compute between two all-reduces (~10 ms alone)."""
+LOADED_ROUNDS = 20
+"""MLP step + small all-reduce (or ring exchange) rounds of the loaded-overhead probes (CPU)."""
+LOADED_REPEATS = 7
+"""With / without alternations of the loaded-overhead probes (the median difference is kept:
+single differences scatter by a factor of two on a shared 2-core VM)."""
+DISPATCH_MLP = (16, 64)
+"""The DTensor-dispatch probe: tokens, width of a colwise Linear(w, 4w) + rowwise Linear(4w, w)
+pair, small enough that its matmuls take microseconds and the host work is what is timed."""
+DISPATCH_PARAMS = (32, 4096)
+"""The DTensor optimizer probe: parameter tensors x elements, sharded over the probe's pairs."""
+DISPATCH_ROUNDS = 20
+"""Forward + backward steps per timing of the DTensor-dispatch probe."""
+DISPATCH_REPEATS = 5
+"""DTensor / by-hand alternations of the dispatch probe (the median difference is kept)."""
+ADAM_PARAMS = (32, 1 << 18)
+"""The Adam probe's parameters, tensors x elements: 8 M, so its states (4 x 32 MiB) overflow the
+caches as a model's do."""
+
+
+class _Timer:
+    """Seconds of one call of `fn`: perf_counter on CPU, CUDA events on a GPU."""
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def once(self, fn) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+
+    def repeated(self, fn) -> float:
+        """Median seconds per call, repeating `fn` for about MIN_TIME_S after one warm-up call."""
+        first = self.once(fn)
+        times = [first] if first >= MIN_TIME_S else []
+        while sum(times) < MIN_TIME_S or len(times) < 3 and sum(times) < 10 * MIN_TIME_S:
+            times.append(self.once(fn))
+        return statistics.median(times)
+
+
+def _time_matmuls(timer: _Timer, dtype: torch.dtype, sizes: tuple[int, ...], active: bool = True
+                  ) -> list[tuple[int, float]]:
+    """(n, FLOP/s) per size; the active ranks time the same size at once, all stop growing together
+    (an inactive rank waits in the barriers and reports 0)."""
+    import torch.distributed as dist
+
+    points = []
+    for n in sizes:
+        a = torch.randn(n, n, device=timer.device).to(dtype)
+        b = torch.randn(n, n, device=timer.device).to(dtype)
+        dist.barrier()
+        seconds = timer.repeated(lambda: torch.mm(a, b)) if active else 0.0
+        points.append((n, 2 * n**3 / seconds if active else 0.0))
+        slowest = torch.tensor([seconds], device=timer.device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        if slowest.item() > MAX_SINGLE_OP_S:
+            break
+    return points
+
+
+def _time_elementwise(timer: _Timer) -> float:
+    a, b, c = (torch.randn(ELEMENTWISE_NUMEL[timer.device.type], device=timer.device) for _ in range(3))
+    seconds = timer.repeated(lambda: torch.add(a, b, out=c))
+    return 3 * a.numel() * a.element_size() / seconds / 1e9
+
+
+def _time_adam(timer: _Timer) -> float:
+    """Seconds per parameter of one AdamW step (after a warm-up step that creates the states)."""
+    count, numel = ADAM_PARAMS
+    params = [torch.nn.Parameter(torch.randn(numel, device=timer.device)) for _ in range(count)]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    return timer.repeated(optimizer.step) / (count * numel)
+
+
+def _probe_mlp(tokens: int, width: int, blocks: int):
+    """A forward + backward step of `blocks` x (Linear(w, 4w), GELU, Linear(4w, w)) on `tokens` rows."""
+    layers = [m for _ in range(blocks) for m in (torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                                   torch.nn.Linear(4 * width, width))]
+    mlp, x = torch.nn.Sequential(*layers), torch.randn(tokens, width)
+
+    def step() -> None:
+        mlp(x).sum().backward()
+
+    step()
+    return step
+
+
+def _slowest(seconds: float) -> float:
+    import torch.distributed as dist
+
+    value = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
+
+
+def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float]:
+    """(seconds of one probe-MLP step on rank 0 alone, on every rank at once (the slowest, at the
+    median ratio), extra seconds per round of a 1 KiB all-reduce issued between smaller steps)."""
+    import torch.distributed as dist
+
+    step = _probe_mlp(*SHARING_MLP)
+    pairs = []
+    for _ in range(SHARING_REPEATS):
+        dist.barrier()
+        alone = timer.repeated(step) if rank == 0 else 0.0  # the others wait in the barrier
+        dist.barrier()
+        pairs.append((_slowest(alone), _slowest(timer.repeated(step))))
+    alone, busy = sorted(pairs, key=lambda pair: pair[1] / pair[0])[len(pairs) // 2]
+
+    small_step, small = _probe_mlp(*LOADED_MLP), torch.zeros(256)
+
+    def synced() -> None:
+        small_step()
+        dist.all_reduce(small)
+
+    extra = _median_extra_s(synced, small_step, LOADED_ROUNDS, LOADED_REPEATS)
+    return alone, busy, extra
+
+
+def _time_loaded_p2p(rank: int, nproc: int) -> float:
+    """Extra seconds per round of a ring exchange (receive posted ahead, as a pipeline
+    schedule does; a 1 KiB activation to the next rank) between probe-MLP steps, every rank
+    busy: a pipeline send's wait for its peer to be scheduled."""
+    import torch.distributed as dist
+
+    step, buffer, inbox = _probe_mlp(*LOADED_MLP), torch.zeros(256), torch.zeros(256)
+
+    def exchanged() -> None:
+        pending = dist.batch_isend_irecv([dist.P2POp(dist.irecv, inbox, (rank - 1) % nproc)])
+        step()
+        for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, buffer, (rank + 1) % nproc)]) + pending:
+            work.wait()
+
+    return _median_extra_s(exchanged, step, LOADED_ROUNDS, LOADED_REPEATS)
+
+
+def _per_round_s(fn, rounds: int) -> float:
+    """Seconds per call of `fn`, `rounds` calls on every rank at once, the slowest rank's."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        fn()
+    return _slowest(time.perf_counter() - start) / rounds
+
+
+def _median_extra_s(with_fn, without_fn, rounds: int, repeats: int) -> float:
+    """How much longer a round of `with_fn` takes than one of `without_fn`, >= 0: the median
+    over `repeats` alternations (after one warm-up of each), every rank running them at once."""
+    _per_round_s(with_fn, rounds), _per_round_s(without_fn, rounds)
+    extra = statistics.median(_per_round_s(with_fn, rounds) - _per_round_s(without_fn, rounds)
+                              for _ in range(repeats))
+    return max(extra, 0.0)
+
+
+def _time_tp_dispatch(nproc: int, rank: int) -> tuple[float, float]:
+    """Host seconds DTensor adds per tensor-parallel site and step, and per parameter tensor of
+    an AdamW step (`autoplan.measure.calibrate`'s docstring), each >= 0."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tokens, width = DISPATCH_MLP
+    tp = 2 if nproc % 2 == 0 else nproc
+    mesh = init_device_mesh("cpu", (nproc // tp, tp), mesh_dim_names=("dp", "tp"))["tp"]
+    split = torch.nn.ModuleDict({"fc": torch.nn.Linear(width, 4 * width), "proj": torch.nn.Linear(4 * width, width)})
+    parallelize_module(split, mesh, {"fc": ColwiseParallel(), "proj": RowwiseParallel()})
+    fc, proj = torch.nn.Linear(width, 4 * width // tp), torch.nn.Linear(4 * width // tp, width)
+    group = mesh.get_group()
+    x = torch.randn(tokens, width, requires_grad=True)
+
+    def tensor_parallel() -> None:  # all-reduces: proj's output forward, x's gradient backward
+        split["proj"](torch.nn.functional.gelu(split["fc"](x))).sum().backward()
+
+    def by_hand() -> None:
+        y = proj(torch.nn.functional.gelu(fc(x)))
+        dist.all_reduce(y.detach(), group=group)
+        y.sum().backward()
+        dist.all_reduce(x.grad, group=group)
+
+    extra = _median_extra_s(tensor_parallel, by_hand, DISPATCH_ROUNDS, DISPATCH_REPEATS)
+
+    count, numel = DISPATCH_PARAMS
+    plain = [torch.nn.Parameter(torch.randn(numel // tp)) for _ in range(count)]
+    sharded = [torch.nn.Parameter(distribute_tensor(torch.randn(numel), mesh, [Shard(0)])) for _ in range(count)]
+    for param in plain + sharded:
+        param.grad = torch.randn_like(param)
+    step_extra = _median_extra_s(torch.optim.AdamW(sharded, lr=1e-4).step, torch.optim.AdamW(plain, lr=1e-4).step,
+                                 DISPATCH_ROUNDS, DISPATCH_REPEATS)  # the warm-up creates the states
+    return extra / 2, step_extra / count
+
+
+def _time_collective(timer: _Timer, name: str, size: int, nproc: int, rank: int) -> tuple[int, float]:
+    """(bytes S moved, median over COLLECTIVE_REPEATS of the slowest rank's seconds) for about `size` bytes."""
+    import torch.distributed as dist
+
+    numel = max(size // 4 // nproc, 1) * nproc  # float32, divisible by nproc
+    full = torch.ones(numel, device=timer.device)
+    part = torch.ones(numel // nproc, device=timer.device)
+    # torch >= 2.10 names these *_single and deprecates the *_tensor spellings.
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    peer = rank ^ 1  # pairs (0,1), (2,3)...; an odd world leaves the last rank out
+
+    def send_recv() -> None:
+        if peer >= nproc:
+            return
+        if rank % 2 == 0:
+            dist.send(full, peer)
+        else:
+            dist.recv(full, peer)
+
+    run = {"all_reduce": lambda: dist.all_reduce(full),
+           "all_gather": lambda: all_gather(full, part),
+           "reduce_scatter": lambda: reduce_scatter(part, full),
+           "send_recv": send_recv}[name]
+    times = []
+    for repeat in range(COLLECTIVE_REPEATS + 1):
+        dist.barrier()
+        seconds = timer.once(run)
+        if repeat:  # the first call warms up the connection
+            times.append(seconds)
+    slowest = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return full.numel() * full.element_size(), statistics.median(slowest.tolist())
