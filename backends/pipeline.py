@@ -48,10 +48,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
-from autoplan.backends.data_parallel import apply_data_parallel
+from autoplan.backends.compose import apply_techniques
 from autoplan.backends.pipeline_split import ModelSplit, original_fqn, split_model
-from autoplan.backends.recompute import apply_recompute
-from autoplan.backends.tensor_parallel import apply_tensor_parallel, gather_full_state_dict
+from autoplan.backends.tensor_parallel import gather_full_state_dict
 from autoplan.schema.plan import Plan
 from autoplan.analysis.trace import as_exported
 
@@ -226,25 +225,10 @@ def _device_of(mesh: DeviceMesh) -> torch.device:
 
 
 def _parallelize_stage(module: nn.Module, plan: Plan, layers: list[str], mesh: DeviceMesh) -> None:
-    """Tensor parallel, then recompute, then data parallel on one stage module.
-
-    The order is torchtitan's: TP first so checkpointing recomputes the sharded ops, and
-    FSDP last so it shards the (DTensor) parameters TP produced. All three work in place
-    and keep parameter names (composable checkpoint, FSDP2 / replicate_with_fsdp), which
-    the pipeline stage then recognises as an FSDPModule and drives (no per-micro-batch
-    gradient sync, unshard/reshard, one reduce at the end of the step)."""
-    def in_stage(path: str) -> bool:
-        return any(path == layer or path.startswith(layer + ".") for layer in layers)
-
-    if plan.mesh["tp"] > 1:
-        styles = {path: site for path, site in plan.tp_styles.items() if in_stage(path)}
-        divide = {path: value for path, value in plan.tp_divide_attrs.items() if in_stage(path)}
-        apply_tensor_parallel(module, mesh["tp"], styles, divide, plan.sequence_parallel)
-    recompute = {layer: option for layer, option in plan.recompute_of().items()
-                 if layer in layers and option != "none"}
-    apply_recompute(module, recompute)
-    if plan.mesh["dp"] > 1:
-        apply_data_parallel(module, mesh["dp"], plan.zero_stage, layers, plan.param_dtype, plan.grad_reduce_dtype)
+    """Tensor parallel, then recompute, then data parallel on one stage module (`compose`);
+    the pipeline stage recognises the FSDPModule and drives it (no per-micro-batch gradient
+    sync, unshard/reshard, one reduce at the end of the step)."""
+    apply_techniques(module, plan, mesh, layers=layers)
 
 
 def _tied_gradient_groups(split: ModelSplit, stage_modules: list[nn.Module], local_indices: list[int],

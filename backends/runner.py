@@ -21,10 +21,9 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.device_mesh import DeviceMesh
 
-from autoplan.backends.data_parallel import apply_data_parallel
+from autoplan.backends.compose import apply_techniques
 from autoplan.backends.mesh import build_device_mesh
-from autoplan.backends.recompute import apply_recompute
-from autoplan.backends.tensor_parallel import apply_tensor_parallel, gather_full_state_dict
+from autoplan.backends.tensor_parallel import gather_full_state_dict
 from autoplan.schema.plan import Plan
 
 FSDP_VIEW_WARNING = r"FSDP2-wrapped module .* returned a view tensor"
@@ -144,12 +143,5 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn: LossFn, example_inputs: tu
 
         engine = build_pipeline(model, plan, mesh, loss_fn, example_inputs)
         return ParallelModel(model, plan, mesh, loss_fn, engine=engine)
-    # Order matters (as torchtitan): tensor parallel first, because it swaps parameters for
-    # DTensors and adds hooks the checkpointed region must replay; recompute next, so the
-    # checkpoint wraps the TP-split layer; data parallel last, because FSDP2 groups and
-    # shards whatever parameters (plain or TP DTensors) the layers hold at that point.
-    apply_tensor_parallel(model, mesh["tp"], plan.tp_styles, plan.tp_divide_attrs, plan.sequence_parallel)
-    apply_recompute(model, plan.recompute_of())
-    apply_data_parallel(model, mesh["dp"], plan.zero_stage, [layer.name for layer in plan.layers],
-                        plan.param_dtype, plan.grad_reduce_dtype, prefer_ddp=True)
+    apply_techniques(model, plan, mesh)  # tensor parallel, recompute, data parallel: in that order
     return ParallelModel(model, plan, mesh, loss_fn)

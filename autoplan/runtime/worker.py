@@ -10,7 +10,7 @@ peak memory to rank 0, which writes the JSON result whole (temp file + rename).
 
 CPU ranks run one thread each (`torch.set_num_threads(1)`): local plans assume one
 core per rank. A failure exits non-zero with one line on stderr,
-`autoplan.runtime.worker: rank R: <what went wrong>` (set AUTOPLAN_DEBUG=1 for the traceback).
+`autoplan.worker: rank R: <what went wrong>` (set AUTOPLAN_DEBUG=1 for the traceback).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import sys
 import traceback
 from pathlib import Path
 
-ERROR_PREFIX = "autoplan.runtime.worker:"
+ERROR_PREFIX = "autoplan.worker:"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """The Plan: pure data, the only thing that crosses from planning to running.
 
-A Plan is made by `autoplan.schema.plan` (or the CLI), saved as JSON, inspected with
+A Plan is made by `autoplan.plan` (or the CLI), saved as JSON, inspected with
 `autoplan show`, and executed by `autoplan.backends` on every rank.
 
     >>> plan = Plan.from_json("plan.json")          # doctest: +SKIP

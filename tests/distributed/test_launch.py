@@ -57,7 +57,7 @@ def test_rank_errors_are_grouped_even_when_their_lines_interleave():
     from autoplan.runtime.launch import _describe_failure
 
     stderr = ("noise\nautoplan.worker: rank 2: ValueError: tp=3 does not divide 4"
-              "autoplan.runtime.worker: rank 3: ValueError: tp=3 does not divide 4\n"
+              "autoplan.worker: rank 3: ValueError: tp=3 does not divide 4\n"
               "Traceback (most recent call last):\nautoplan.worker: rank 0: KeyError: 'x'\n")
     assert _describe_failure(1, stderr) == ("failed (exit code 1): ranks 2,3: ValueError: tp=3 does not divide 4; "
                                             "rank 0: KeyError: 'x'")
