@@ -92,7 +92,7 @@ def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable 
     from rich.console import Console
     from rich.progress import Progress
 
-    from autoplan.analysis.profile import bind_loss, device_name, measure_layer
+    from autoplan.analysis.measured_layer import bind_loss, device_name, measure_layer
     from autoplan.analysis.trace import trace_model
 
     device = torch.device(device) if device is not None else \

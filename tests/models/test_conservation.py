@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from autoplan.analysis.profile import _FusedAttention, profile_model
+from autoplan.analysis.meta_layer import _FusedAttention
+from autoplan.analysis.profile import profile_model
 from autoplan.analysis.trace import as_exported
 from autoplan.zoo import build
 from tests.models.catalog import ALL_MODELS, short_name
