@@ -4,7 +4,8 @@ import json
 import pytest
 
 from autoplan import ClusterSpec, Constraints
-from autoplan.bench.compare import baseline_constraints, pipeline_timeline
+from autoplan.bench.compare import baseline_constraints
+from autoplan.bench.timeline import pipeline_timeline
 
 SCHEMA_KEYS = {"name", "chosen", "mesh", "constraints", "predicted_step_s", "measured_step_s",
                "predicted_peak_memory_bytes", "measured_peak_memory_bytes"}
