@@ -85,7 +85,7 @@ def split_model(model: nn.Module, stage_layers: list[list[str]],
 
     By graph when torch.fx traces forward, else by module, which needs `example_inputs`
     (one micro-batch of the model's inputs; real, fake or meta tensors) to record each
-    layer's output shapes and dataflow. See the module docstring.
+    layer's output shapes and dataflow (`pipeline_split_graph`, `pipeline_split_module`).
     """
     layer_names = {name for names in stage_layers for name in names}
     missing = sorted(name for name in layer_names if _find_module(model, name) is None)
