@@ -120,6 +120,7 @@ def parallelize(model: nn.Module, cluster: ClusterSpec, example_inputs: tuple | 
         return LazyParallelModel(model, cluster, loss_fn, plan, model_name)
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if isinstance(plan, Plan):
+        plan = Plan.model_validate(plan.model_dump())  # a model_copy(update=...) skipped the checks
         if plan.world_size != world_size:
             raise ValueError(f"plan mesh dp({plan.mesh['dp']}) * pp({plan.mesh['pp']}) * tp({plan.mesh['tp']}) = "
                              f"{plan.world_size} != world size {world_size}: the plan was made for another cluster")

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autoplan.schema.cluster import ClusterSpec, write_atomically
 from autoplan.schema.constraints import Recompute, Schedule
@@ -165,6 +165,14 @@ class Plan(BaseModel):
     solver: dict[str, float | str] = Field(default_factory=dict)
     """Solver statistics: name, wall time, number of MILPs solved."""
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "Plan":
+        """Refuse a plan no backend could run, with one line naming the field and the arithmetic."""
+        problem = plan_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     @property
     def world_size(self) -> int:
         return self.mesh["dp"] * self.mesh["pp"] * self.mesh["tp"]
@@ -185,6 +193,61 @@ class Plan(BaseModel):
     def recompute_of(self) -> dict[str, str]:
         """Layer name -> recompute option."""
         return {layer.name: layer.recompute for layer in self.layers}
+
+
+def plan_problem(plan: Plan) -> str | None:
+    """What makes `plan` inconsistent (None: nothing): the mesh against the cluster, the batch
+    arithmetic, the stages against the layers, tp against what it divides.
+
+        >>> plan_problem(Plan.model_construct(version=1, mesh={"dp": 2, "pp": 1, "tp": 1}))  # doctest: +SKIP
+    """
+    if plan.version != PLAN_VERSION:
+        return f"version {plan.version} is unknown; this autoplan reads plan version {PLAN_VERSION}"
+    if sorted(plan.mesh) != ["dp", "pp", "tp"] or any(v < 1 for v in plan.mesh.values()):
+        return f"mesh {plan.mesh} must give dp, pp and tp, each >= 1"
+    dp, pp, tp = plan.mesh["dp"], plan.mesh["pp"], plan.mesh["tp"]
+    if dp * pp * tp != plan.cluster.world_size:
+        return (f"mesh dp({dp}) * pp({pp}) * tp({tp}) = {dp * pp * tp} != cluster world_size "
+                f"{plan.cluster.world_size} ({plan.cluster.num_nodes} nodes x {plan.cluster.devices_per_node})")
+    for name in ("global_batch_size", "micro_batch_size", "num_micro_batches", "virtual_stages"):
+        if getattr(plan, name) < 1:
+            return f"{name} must be >= 1, got {getattr(plan, name)}"
+    if plan.seq_len is not None and plan.seq_len < 1:
+        return f"seq_len must be >= 1, got {plan.seq_len}"
+    if plan.micro_batch_size * plan.num_micro_batches * dp != plan.global_batch_size:
+        return (f"global_batch_size {plan.global_batch_size} != micro_batch_size({plan.micro_batch_size}) * "
+                f"num_micro_batches({plan.num_micro_batches}) * dp({dp}) = "
+                f"{plan.micro_batch_size * plan.num_micro_batches * dp}")
+    if not 0 <= plan.zero_stage <= 3:
+        return f"zero_stage must be 0, 1, 2 or 3, got {plan.zero_stage}"
+    return _stage_problem(plan, pp) or _tp_problem(plan, tp)
+
+
+def _stage_problem(plan: Plan, pp: int) -> str | None:
+    if len(plan.stages) != pp * plan.virtual_stages:
+        return (f"stages: {len(plan.stages)} given, pp({pp}) * virtual_stages({plan.virtual_stages}) = "
+                f"{pp * plan.virtual_stages} expected")
+    for index, stage in enumerate(plan.stages):
+        if stage.index != index or stage.pp_rank != index % pp:
+            return (f"stages[{index}] has index {stage.index} and pp_rank {stage.pp_rank}; expected index {index} "
+                    f"on pp_rank {index % pp}")
+        if not stage.layers:
+            return f"stages[{index}] holds no layers"
+    on_stages = [name for stage in plan.stages for name in stage.layers]
+    if on_stages != [layer.name for layer in plan.layers]:
+        return "stages' layers, in order, are not the plan's layers: each layer on exactly one stage, in model order"
+    stage_of = {name: stage.index for stage in plan.stages for name in stage.layers}
+    wrong = next((layer for layer in plan.layers if layer.stage != stage_of[layer.name]), None)
+    if wrong is not None:
+        return f"layers: {wrong.name!r} says stage {wrong.stage} but stages[{stage_of[wrong.name]}] holds it"
+    return None
+
+
+def _tp_problem(plan: Plan, tp: int) -> str | None:
+    for key, value in plan.tp_divide_attrs.items():
+        if value % tp:
+            return f"tp({tp}) does not divide {key} = {value}"
+    return None
 
 
 def read_json_model(model: type[Model], path: str | os.PathLike, what: str, version: int) -> Model:

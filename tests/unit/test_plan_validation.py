@@ -1,0 +1,70 @@
+"""A Plan is checked where it is made and read (`Plan.from_json`, so `show` and `run`, and
+`parallelize`): random mutations of a valid plan are either still valid or refused with one
+line naming the field."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import autoplan
+from autoplan.cli import main
+from autoplan.schema.plan import Plan
+from autoplan.zoo import build
+
+FIELDS = ["global_batch_size", "micro_batch_size", "num_micro_batches", "virtual_stages", "zero_stage", "seq_len",
+          "mesh.dp", "mesh.pp", "mesh.tp", "version", "stages.0.index", "stages.0.pp_rank", "layers.0.stage"]
+
+
+@pytest.fixture(scope="module")
+def valid() -> dict:
+    job = build("gpt-tiny", batch_size=8, device="meta")
+    plan = autoplan.plan(job.module, autoplan.ClusterSpec.local(4), job.example_inputs,
+                         constraints=autoplan.Constraints(dp=1, pp=2, tp=2), model_name="gpt-tiny")
+    return json.loads(plan.model_dump_json())
+
+
+def _set(data: dict, path: str, value: int) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        data = data[int(part)] if isinstance(data, list) else data[part]
+    data[int(last) if isinstance(data, list) else last] = value
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=st.lists(st.tuples(st.sampled_from(FIELDS), st.integers(-3, 2048)), min_size=1, max_size=3))
+def test_a_mutated_plan_is_valid_or_refused_in_one_line_naming_the_field(valid, mutations):
+    data = json.loads(json.dumps(valid))
+    for path, value in mutations:
+        _set(data, path, value)
+    try:
+        plan = Plan.model_validate(data)
+    except ValueError as error:
+        message = str(error).splitlines()
+        reason = message[1].strip() if len(message) > 1 else message[0]  # pydantic: "1 validation error ..."
+        assert any(word in reason for word in ("mesh", "batch", "stage", "layers", "version", "seq_len", "tp(",
+                                               "zero_stage", "virtual_stages", "greater", "less")), reason
+        return
+    assert plan.micro_batch_size * plan.num_micro_batches * plan.mesh["dp"] == plan.global_batch_size
+    assert plan.world_size == plan.cluster.world_size
+    assert len(plan.stages) == plan.mesh["pp"] * plan.virtual_stages
+
+
+@pytest.mark.parametrize("path, value, words", [
+    ("mesh.dp", 2, "mesh dp(2) * pp(2) * tp(2) = 8 != cluster world_size 4"),
+    ("micro_batch_size", -1, "micro_batch_size must be >= 1, got -1"),
+    ("mesh.tp", -2, "must give dp, pp and tp, each >= 1"),
+    ("global_batch_size", 12, "global_batch_size 12 != micro_batch_size"),
+    ("version", 7, "version 7"),
+])
+def test_show_and_run_refuse_an_inconsistent_plan_file_in_one_line(valid, tmp_path, capsys, path, value, words):
+    data = json.loads(json.dumps(valid))
+    _set(data, path, value)
+    bad = tmp_path / "plan.json"
+    bad.write_text(json.dumps(data))
+    for command in (["show", str(bad)], ["run", str(bad)]):
+        assert main(command) == 2
+        error = capsys.readouterr().err.strip()
+        assert words in error and len(error.splitlines()) == 1, error
