@@ -40,12 +40,31 @@ MODEL_HELP = ("zoo name (e.g. gpt2-small, llama3-8b, megatron-1t), path/file.py:
               "no network; needs transformers)")
 
 
+def _version() -> str:
+    from autoplan import __version__
+
+    return __version__
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 or a negative is refused, not replaced by a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--model", required=required, help=MODEL_HELP)
     parser.add_argument("--cluster", required=required,
                         help="PRESET:NUM_NODES (dgx-a100-80gb:16), local:N, or a cluster .toml/.json file")
-    parser.add_argument("--global-batch-size", type=int, default=None, help="sequences per optimizer step")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
+    parser.add_argument("--global-batch-size", type=positive_int, default=None,
+                        help="sequences per optimizer step (default: max(8, world size))")
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="tokens per sequence (default: the model's context length; hf: models at most 2048)")
     parser.add_argument("--fix", default="", help="pins, e.g. dp=8,tp=4,pp=2,schedule=1f1b,zero_stage=1")
     parser.add_argument("--profile", default=None,
                         help="a file from `autoplan profile`: its measured layer times replace the roofline")
@@ -53,6 +72,7 @@ def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> N
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoplan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"autoplan {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     plan = commands.add_parser("plan", help="plan a model on a cluster and print the summary")
@@ -115,14 +135,23 @@ def _make_plan(args: argparse.Namespace):
     started = time.perf_counter()
     plan = make_plan(job.module, cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn,
                      constraints=Constraints.parse_fix(args.fix), model_name=args.model, profile_file=args.profile)
-    plan.seq_len = args.seq_len
+    first = job.example_inputs[0]
+    tokens = first.dim() == 2 and not first.is_floating_point()
+    plan.seq_len = args.seq_len or (int(first.shape[1]) if tokens else None)
+    plan.input_sources = {
+        "global_batch_size": "--global-batch-size" if args.global_batch_size
+        else f"default max(8, world size {cluster.world_size})",
+        "seq_len": "--seq-len" if args.seq_len else ("the model's context length" if tokens else "not a sequence model")}
     return plan, time.perf_counter() - started
 
 
 def _summary(plan) -> str:
     predicted = plan.predicted
     capacity = plan.cluster.device.memory_bytes
-    return (f"mesh {plan.mesh}  micro-batch {plan.micro_batch_size} x {plan.num_micro_batches}  "
+    batch = (f"global batch {plan.global_batch_size} sequences ({plan.input_sources.get('global_batch_size', 'given')})"
+             + (f" x {plan.seq_len} tokens ({plan.input_sources.get('seq_len', 'given')}) = "
+                f"{plan.global_batch_size * plan.seq_len:,} tokens per step" if plan.seq_len else "") + "\n")
+    return batch + (f"mesh {plan.mesh}  micro-batch {plan.micro_batch_size} x {plan.num_micro_batches}  "
             f"schedule {plan.schedule}{f' (v={plan.virtual_stages})' if plan.virtual_stages > 1 else ''}  "
             f"ZeRO-{plan.zero_stage}  sequence-parallel {plan.sequence_parallel}\n"
             f"predicted step {predicted.step_time_s:.4g} s, peak memory {predicted.peak_memory_bytes / 1e9:.3g} GB "

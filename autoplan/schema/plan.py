@@ -127,7 +127,9 @@ class Plan(BaseModel):
     model_name: str = "model"
     """Zoo name or `path/file.py:factory` the plan was made for (what `autoplan run` builds)."""
     seq_len: int | None = None
-    """Sequence length the plan was made for (None: the model's default)."""
+    """Tokens per sequence the plan was made for (None: not recorded, or not a sequence model)."""
+    input_sources: dict[str, str] = Field(default_factory=dict)
+    """Where global_batch_size and seq_len came from: a flag, a default (which), the example inputs."""
     mesh: dict[str, int]
     """{"dp": .., "pp": .., "tp": ..}; the product is the world size."""
     global_batch_size: int

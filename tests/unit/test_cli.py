@@ -81,3 +81,24 @@ def test_run_refuses_a_plan_for_another_model_before_launching(tmp_path, capsys,
     assert main(["run", str(stale)]) == 2
     error = capsys.readouterr().err
     assert "plan was made for model 'gpt-tiny'" in error and len(error.strip().splitlines()) == 1
+
+
+def test_version_defaults_and_file_mode(tmp_path, capsys):
+    import os
+    import stat
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("autoplan 0.")
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "gpt-tiny", "--cluster", "local:2", "-o", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "global batch 8 sequences (default max(8, world size 2))" in " ".join(summary.split())
+    plan = json.loads(out.read_text())
+    assert plan["seq_len"] == 32 and plan["input_sources"]["global_batch_size"].startswith("default")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "gpt-tiny", "--cluster", "local:2", "--global-batch-size", "0"])
+    assert "--global-batch-size: must be >= 1, got 0" in capsys.readouterr().err
