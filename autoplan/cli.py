@@ -18,6 +18,7 @@ import atexit
 import gc
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -195,6 +196,7 @@ def _check_saved_plan(plan, args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from autoplan.runtime.launch import launch
 
+    scratch = None
     if args.plan_file:
         from autoplan.schema.plan import Plan
 
@@ -205,14 +207,19 @@ def cmd_run(args: argparse.Namespace) -> None:
         _check_saved_plan(plan, args)
     elif args.model and args.cluster:
         plan, _ = _make_plan(args)
-        plan_path = str(Path("autoplan-run-plan.json").resolve())
+        scratch = tempfile.TemporaryDirectory(prefix="autoplan-run-")  # the ranks read it; removed after
+        plan_path = str(Path(scratch.name) / "plan.json")
         plan.to_json(plan_path)
     else:
         raise ValueError("give a plan file, or --model and --cluster to plan now")
     nproc = args.nproc or plan.cluster.devices_per_node
     console.print(f"launching {plan.model_name} on {nproc} process(es): {_summary(plan)}")
-    result = launch(plan_path, nproc=nproc, steps=args.steps, out_path=None, launcher_args=args.launcher_args,
-                    seq_len=plan.seq_len)
+    try:
+        result = launch(plan_path, nproc=nproc, steps=args.steps, out_path=None, launcher_args=args.launcher_args,
+                        seq_len=plan.seq_len)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     console.print(f"measured median step {result['median_step_s']:.4g} s "
                   f"(predicted {plan.predicted.step_time_s:.4g} s); peak memory per rank "
                   f"{[round(b / 1e6, 1) for b in result['peak_memory_bytes']]} MB")
