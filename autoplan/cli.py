@@ -195,6 +195,7 @@ def _check_saved_plan(plan, args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from autoplan.runtime.launch import launch
+    from autoplan.runtime.parallelize import check_devices
 
     scratch = None
     if args.plan_file:
@@ -213,6 +214,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     else:
         raise ValueError("give a plan file, or --model and --cluster to plan now")
     nproc = args.nproc or plan.cluster.devices_per_node
+    check_devices(plan.cluster.device.kind, nproc)  # before any rank starts
     console.print(f"launching {plan.model_name} on {nproc} process(es): {_summary(plan)}")
     try:
         result = launch(plan_path, nproc=nproc, steps=args.steps, out_path=None, launcher_args=args.launcher_args,

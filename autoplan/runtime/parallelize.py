@@ -29,6 +29,16 @@ TIMEOUT_ENV = "AUTOPLAN_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300
 
 
+def check_devices(device_kind: str, processes_per_node: int) -> None:
+    """Refuse a plan whose devices this machine lacks (a CUDA plan without a GPU), in one line."""
+    if device_kind != "cuda":
+        return
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found < processes_per_node:
+        raise ValueError(f"the plan runs {processes_per_node} CUDA device(s) per node but this machine has {found}: "
+                         f"run it where the cluster's GPUs are, or plan for this machine with --cluster local:N")
+
+
 def init_process_group_from_env(device_kind: str) -> None:
     """Initialise the default process group as torchrun's environment describes it."""
     if dist.is_initialized():
@@ -39,6 +49,7 @@ def init_process_group_from_env(device_kind: str) -> None:
                          "start the script with `torchrun --nproc-per-node N script.py` or `autoplan run`")
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if backend == "nccl":
+        check_devices(device_kind, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
     dist.init_process_group(backend, timeout=timeout)

@@ -102,3 +102,17 @@ def test_version_defaults_and_file_mode(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--model", "gpt-tiny", "--cluster", "local:2", "--global-batch-size", "0"])
     assert "--global-batch-size: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_cuda_plan_on_a_machine_without_enough_gpus_is_refused_before_launching(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import autoplan.runtime.launch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(autoplan.runtime.launch, "launch", lambda *a, **k: pytest.fail("launched"))
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "gpt-tiny", "--cluster", "dgx-h100:1", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(out)]) == 2
+    assert "runs 8 CUDA device(s) per node but this machine has 0" in capsys.readouterr().err
