@@ -20,11 +20,12 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from rich.console import Console
 
-from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.cluster import ClusterSpec, condensed
 from autoplan.schema.constraints import Constraints
 
 console = Console(stderr=False, highlight=False)
@@ -74,6 +75,7 @@ def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> N
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoplan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"autoplan {_version()}")
+    parser.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
     commands = parser.add_subparsers(dest="command", required=True)
 
     plan = commands.add_parser("plan", help="plan a model on a cluster and print the summary")
@@ -405,10 +407,14 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         COMMANDS[args.command](args)
     except ValueError as error:  # a user mistake (AutoplanError included): one line, status 2
-        print(f"autoplan: error: {one_line(error)}", file=sys.stderr)
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"autoplan: error: {condensed(error)}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # a launched job failed: its message, not our traceback
-        print(f"autoplan: failed: {error}", file=sys.stderr)
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"autoplan: failed: {one_line(error)}", file=sys.stderr)
         return 1
     return 0
 

@@ -223,21 +223,28 @@ class ClusterSpec(BaseModel):
     def from_file(cls, path: str | os.PathLike) -> "ClusterSpec":
         """Load a cluster from a .json or .toml file (as written by `to_file`)."""
         path = Path(path)
-        if not path.exists():
-            raise ValueError(f"cluster file {str(path)!r} does not exist")
+        if not path.is_file():
+            raise ValueError(f"cluster file {str(path)!r} " + ("is a folder" if path.is_dir() else "does not exist"))
         text = path.read_text()
-        if path.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-        preset = data.pop("preset", None)
-        if preset is not None:  # a short file: a preset plus overrides
-            return cls.preset(preset, num_nodes=data.pop("num_nodes", 1), **data)
-        return cls.model_validate(data)
+        try:
+            if path.suffix == ".toml":
+                try:
+                    import tomllib
+                except ModuleNotFoundError:  # Python 3.10
+                    import tomli as tomllib
+                data = tomllib.loads(text)
+            else:
+                data = json.loads(text)
+        except ValueError as error:  # json.JSONDecodeError, tomllib.TOMLDecodeError
+            raise ValueError(f"cluster file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
+                             f"{error}") from None
+        try:
+            preset = data.pop("preset", None)
+            if preset is not None:  # a short file: a preset plus overrides
+                return cls.preset(preset, num_nodes=data.pop("num_nodes", 1), **data)
+            return cls.model_validate(data)
+        except ValueError as error:
+            raise ValueError(f"cluster file {str(path)!r}: {condensed(error)}") from None
 
     def to_file(self, path: str | os.PathLike) -> None:
         """Write the spec whole (atomically) as .json or .toml."""
@@ -262,6 +269,20 @@ class ClusterSpec(BaseModel):
             f"{self.name}: {self.num_nodes} node(s) x {self.devices_per_node} {self.device.name} "
             f"= {self.world_size} devices"
         )
+
+
+def condensed(error: BaseException) -> str:
+    """A pydantic ValidationError as `field: reason; ...` on one line (other errors: their message)."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        parts = []
+        for item in error.errors():
+            message = item["msg"].removeprefix("Value error, ")
+            shown = "" if "got" in message or isinstance(item.get("input"), (dict, list)) else f" (got {item['input']!r})"
+            parts.append(f"{'.'.join(str(part) for part in item['loc']) or 'value'}: {message}{shown}")
+        return "; ".join(parts)
+    return " ".join(str(error).split())
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -16,7 +16,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from autoplan.schema.cluster import ClusterSpec, write_atomically
+from autoplan.schema.cluster import ClusterSpec, condensed, write_atomically
 from autoplan.schema.constraints import Recompute, Schedule
 
 PLAN_VERSION = 1
@@ -257,8 +257,8 @@ def read_json_model(model: type[Model], path: str | os.PathLike, what: str, vers
     A missing file, bad JSON, another version or a field that does not validate raises a
     one-line ValueError naming the `what` file: "plan file 'p.json' is not a valid plan: ..."."""
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{what} file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{what} file {str(path)!r} " + ("is a folder" if path.is_dir() else "does not exist"))
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -268,6 +268,5 @@ def read_json_model(model: type[Model], path: str | os.PathLike, what: str, vers
         raise ValueError(f"{what} file {str(path)!r} has version {found!r}; this autoplan reads version {version}")
     try:
         return model.model_validate(data)
-    except Exception as error:  # pydantic.ValidationError -> one short line
-        raise ValueError(f"{what} file {str(path)!r} is not a valid {what}: {' '.join(str(error).split())[:300]}") \
-            from None
+    except ValueError as error:  # pydantic.ValidationError -> one short line
+        raise ValueError(f"{what} file {str(path)!r} is not a valid {what}: {condensed(error)[:300]}") from None

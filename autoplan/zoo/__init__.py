@@ -168,6 +168,16 @@ def build(name: str, *, batch_size: int = 8, seq_len: int | None = None,
     return Job(name, module, (tokens[:, :-1].contiguous(),), tokens[:, 1:].contiguous(), language_model_loss)
 
 
+def _user_frame(error: BaseException, path: Path) -> str:
+    """file:line of the innermost frame of `error`'s traceback in the user's file (else the innermost)."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    inside = [frame for frame in frames if Path(frame.filename).resolve() == path.resolve()]
+    frame = (inside or frames)[-1]
+    return f"{frame.filename}:{frame.lineno}"
+
+
 def load_factory(spec: str) -> Job:
     """Load `path/to/file.py:factory` (see the module docstring for what it returns)."""
     path_text, _, factory_name = spec.rpartition(":")
@@ -178,11 +188,16 @@ def load_factory(spec: str) -> Job:
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     user_module = importlib.util.module_from_spec(loader_spec)
     sys.modules[module_name] = user_module
-    loader_spec.loader.exec_module(user_module)
-    factory = getattr(user_module, factory_name, None)
-    if not callable(factory):
-        raise ValueError(f"{path_text!r} has no function {factory_name!r}")
-    result = factory()
+    try:
+        loader_spec.loader.exec_module(user_module)
+        factory = getattr(user_module, factory_name, None)
+        if not callable(factory):
+            raise ValueError(f"{path_text!r} has no function {factory_name!r}")
+        result = factory()
+    except ValueError:
+        raise
+    except Exception as error:  # the user's code failed: its type and where, on one line
+        raise ValueError(f"{spec}: {type(error).__name__}: {error} (at {_user_frame(error, path)})") from error
     if not isinstance(result, tuple) or len(result) not in (2, 4):
         raise ValueError(f"{spec}: factory must return (module, example_inputs) or "
                          f"(module, example_inputs, targets, loss_fn), got {type(result).__name__}")

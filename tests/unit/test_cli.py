@@ -116,3 +116,29 @@ def test_a_cuda_plan_on_a_machine_without_enough_gpus_is_refused_before_launchin
     capsys.readouterr()
     assert main(["run", str(out)]) == 2
     assert "runs 8 CUDA device(s) per node but this machine has 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, argv, words", [
+    (None, ["plan", "--model", "gpt-tiny", "--cluster", "dgx-h100:0"], "num_nodes: num_nodes must be >= 1, got 0"),
+    (None, ["plan", "--model", "gpt-tiny", "--cluster", "local:2", "--fix", "tp=0"],
+     "tp: Input should be greater than or equal to 1 (got 0)"),
+    ("folder", ["show", "{tmp}"], "is a folder"),
+    ("bad.toml:[x", ["plan", "--model", "gpt-tiny", "--cluster", "{tmp}/bad.toml"], "bad.toml' is not valid toml"),
+    ("c.toml:preset = \"dgx-h100\"\nbogus = 3\n", ["plan", "--model", "gpt-tiny", "--cluster", "{tmp}/c.toml"],
+     "c.toml': unknown override 'bogus'"),
+    ("user.py:def boom():\n    raise RuntimeError('weights file missing')\n",
+     ["plan", "--model", "{tmp}/user.py:boom", "--cluster", "local:2"],
+     "user.py:boom: RuntimeError: weights file missing (at "),
+])
+def test_user_errors_are_one_line_naming_file_and_field(tmp_path, capsys, make, argv, words):
+    if make and ":" in make:
+        name, _, text = make.partition(":")
+        (tmp_path / name).write_text(text)
+    status = main([arg.replace("{tmp}", str(tmp_path)) for arg in argv])
+    error = capsys.readouterr().err.strip()
+    assert status == 2 and words in error and len(error.splitlines()) == 1, error
+
+
+def test_debug_adds_the_traceback(capsys):
+    assert main(["--debug", "plan", "--model", "gpt-tiny", "--cluster", "dgx-h100:0"]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
