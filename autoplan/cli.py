@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
+import importlib.util
 import os
 import sys
 import tempfile
@@ -235,6 +236,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from autoplan.schema.profile_file import ProfileFile
 
     fixes = [Constraints.parse_fix(args.fix)] if args.fix else []
+    if args.plot_path and importlib.util.find_spec("matplotlib") is None:  # before the benchmark, not after
+        raise ValueError("--plot needs matplotlib: pip install matplotlib (or autoplan[plot])")
     if args.profile:
         ProfileFile.from_json(args.profile)  # a bad file is one error, not one failed candidate each
     with planning_with_profile(args.profile):

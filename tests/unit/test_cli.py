@@ -142,3 +142,15 @@ def test_user_errors_are_one_line_naming_file_and_field(tmp_path, capsys, make, 
 def test_debug_adds_the_traceback(capsys):
     assert main(["--debug", "plan", "--model", "gpt-tiny", "--cluster", "dgx-h100:0"]) == 2
     assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_bench_plot_without_matplotlib_fails_before_benchmarking(capsys, monkeypatch):
+    import importlib.util
+
+    import autoplan.bench.compare
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(autoplan.bench.compare, "run_bench", lambda *a, **k: pytest.fail("benchmarked"))
+    assert main(["bench", "--model", "gpt-tiny", "--cluster", "local:2", "--plot", "b.png"]) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
