@@ -1,0 +1,1 @@
+../../../autoplan/__init__.py
