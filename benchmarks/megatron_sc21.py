@@ -25,7 +25,8 @@ from autoplan.schema.constraints import Constraints
 from autoplan.schema.profile import LayerProfile, ModelProfile
 from autoplan.planner.solver import solve
 
-REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "megatron_sc21.json"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "megatron_sc21.json"
+"""The paper's Tables 1 and 2, vendored in the repository (tests/data/README.md says whence)."""
 VOCAB, SEQ = 51200, 2048
 ATTENTION_SCORE_PASSES = 6
 """Passes over the a * s^2 attention scores per forward without fused attention (Megatron
@@ -34,10 +35,7 @@ written by dropout, read by the AV batched matmul."""
 
 
 def reference_path() -> Path:
-    for candidate in (REFERENCE, Path("/work/shared/reference/megatron_sc21.json")):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError("shared/reference/megatron_sc21.json not found")
+    return REFERENCE
 
 
 def gpt_profile(*, layers: int, hidden: int, heads: int, global_batch: int, seq: int = SEQ,

@@ -60,7 +60,7 @@ class Job:
 
 def _reference_configs() -> dict[str, GPTConfig]:
     """megatron-1.7b ... megatron-1t: one per row of Megatron-LM's Table 1
-    (Narayanan et al., SC21; shared/reference/megatron_sc21.json): params_b, heads, hidden, layers."""
+    (Narayanan et al., SC21; tests/data/megatron_sc21.json): params_b, heads, hidden, layers."""
     rows = [dict(zip(("params_b", "heads", "hidden", "layers"), r)) for r in (
         (1.7, 24, 2304, 24), (3.6, 32, 3072, 30), (7.5, 32, 4096, 36), (18.4, 48, 6144, 40),
         (39.1, 64, 8192, 48), (76.1, 80, 10240, 60), (145.6, 96, 12288, 80), (310.1, 128, 16384, 96),

@@ -18,6 +18,8 @@ from autoplan.schema.plan import Plan
 from autoplan.planner.solver import solve
 
 ROOT = Path(__file__).resolve().parents[2]
+MEGATRON_SC21 = Path(__file__).resolve().parents[1] / "data" / "megatron_sc21.json"
+"""Tables 1 and 2 of Narayanan et al. (SC21), vendored (tests/data/README.md)."""
 
 
 def load_benchmark(name: str):
@@ -79,7 +81,7 @@ def test_megatron_table1_rows(row_index):
     import json
 
     megatron = load_benchmark("megatron_sc21")
-    row = json.loads(megatron.reference_path().read_text())["table1_weak_scaling"][row_index]
+    row = json.loads(MEGATRON_SC21.read_text())["table1_weak_scaling"][row_index]
     result = megatron.evaluate_table1_row(row, free=True)
     assert abs(result["tflops"] / row["tflops"] - 1) <= 0.15
     assert result["free_tflops"] >= result["tflops"] * (1 - 1e-9)
@@ -89,6 +91,6 @@ def test_megatron_table2_ordering_175b_384():
     import json
 
     megatron = load_benchmark("megatron_sc21")
-    rows = json.loads(megatron.reference_path().read_text())["table2_ptdp_vs_zero3"]["rows"]
+    rows = json.loads(MEGATRON_SC21.read_text())["table2_ptdp_vs_zero3"]["rows"]
     zero, ptdp = next(pair for pair in megatron.table2_pairs(rows) if pair[0]["gpus"] == 384)
     assert megatron.evaluate_table2_row(zero) < megatron.evaluate_table2_row(ptdp)
