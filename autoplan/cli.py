@@ -231,8 +231,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from autoplan.planner.planning import planning_with_profile
     from autoplan.bench.compare import run_bench
+    from autoplan.planner.planning import planning_with_profile
     from autoplan.schema.profile_file import ProfileFile
 
     fixes = [Constraints.parse_fix(args.fix)] if args.fix else []

@@ -48,11 +48,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
+from autoplan.analysis.trace import as_exported
 from autoplan.backends.compose import apply_techniques
 from autoplan.backends.pipeline_split import ModelSplit, original_fqn, split_model
 from autoplan.backends.tensor_parallel import gather_full_state_dict
 from autoplan.schema.plan import Plan
-from autoplan.analysis.trace import as_exported
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 

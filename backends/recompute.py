@@ -24,7 +24,6 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from autoplan.schema.profile import selective_save_ops
 
-
 SAVED_OPS = selective_save_ops()
 
 

@@ -13,7 +13,7 @@ stage schedule is `autoplan.backends.pipeline`'s; slicing and the loss mean stay
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist

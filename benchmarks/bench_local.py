@@ -18,9 +18,9 @@ from pathlib import Path
 
 from autoplan import ClusterSpec
 from autoplan.bench.compare import run_bench, summarize
-from autoplan.planner.planning import planning_with_profile
 from autoplan.measure.calibrate import calibrate
 from autoplan.measure.profile_store import default_micro_batch_sizes, measure_profile
+from autoplan.planner.planning import planning_with_profile
 from autoplan.zoo import build
 
 MODELS = ("gpt-small-demo", str(Path(__file__).resolve().parent.parent / "examples" / "custom_model.py") + ":factory")

@@ -15,10 +15,10 @@ import argparse
 from pathlib import Path
 
 from autoplan import ClusterSpec
-from autoplan.planner.planning import planning_with_profile
 from autoplan.bench.compare import run_bench, summarize
 from autoplan.measure.calibrate import calibrate
 from autoplan.measure.profile_store import default_micro_batch_sizes, measure_profile
+from autoplan.planner.planning import planning_with_profile
 from autoplan.zoo import build
 
 OUT = Path(__file__).resolve().parent / "out"

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from autoplan import ClusterSpec
-from autoplan.measure.calibrate import calibrate
 from autoplan.costmodels.devices import CALIBRATED_CONSTANTS
+from autoplan.measure.calibrate import calibrate
 
 
 def field_value(cluster: ClusterSpec, path: str):

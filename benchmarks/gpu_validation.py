@@ -40,8 +40,8 @@ import torch
 
 from autoplan import ClusterSpec, Constraints
 from autoplan.bench.compare import relative_error
-from autoplan.schema.cluster import write_atomically
 from autoplan.costmodels.compute import estimate_layer_time
+from autoplan.schema.cluster import write_atomically
 from autoplan.schema.constraints import RECOMPUTE_OPTIONS
 from autoplan.zoo import GPT, GPTConfig, Job, Llama, LlamaConfig, language_model_loss
 

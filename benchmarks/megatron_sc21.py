@@ -20,10 +20,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from autoplan.planner.solver import solve
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints
 from autoplan.schema.profile import LayerProfile, ModelProfile
-from autoplan.planner.solver import solve
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "megatron_sc21.json"
 """The paper's Tables 1 and 2, vendored in the repository (tests/data/README.md says whence)."""

@@ -54,16 +54,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from autoplan.schema.cluster import ClusterSpec
-from autoplan.costmodels.communication import (collective_coefficients, estimate_all_reduce_s, estimate_collective_s,
-                                               estimate_p2p_s, flat_levels, group_levels, pipeline_link)
+from autoplan.costmodels.communication import (
+    collective_coefficients,
+    estimate_all_reduce_s,
+    estimate_collective_s,
+    estimate_p2p_s,
+    flat_levels,
+    group_levels,
+    pipeline_link,
+)
 from autoplan.costmodels.compute import DTYPE_BYTES, estimate_layer_time, estimate_optimizer_step_s
-from autoplan.costmodels.memory import (estimate_activation_bytes, estimate_comm_buffer_bytes,
-                                        estimate_model_state_bytes, estimate_transient_bytes,
-                                        estimate_zero3_gathered_bytes, in_flight_micro_batches,
-                                        local_param_count)
-from autoplan.schema.profile import LayerProfile, ModelProfile
+from autoplan.costmodels.memory import (
+    estimate_activation_bytes,
+    estimate_comm_buffer_bytes,
+    estimate_model_state_bytes,
+    estimate_transient_bytes,
+    estimate_zero3_gathered_bytes,
+    in_flight_micro_batches,
+    local_param_count,
+)
+from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.plan import INPUT_STYLES
+from autoplan.schema.profile import LayerProfile, ModelProfile
 
 # Share of overlapped communication time still charged to the step: NCCL kernels
 # occupy SMs and HBM bandwidth while compute runs (Jangda et al., CoCoNet, ASPLOS 2022,

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from autoplan.schema.plan import TPSite
 
+
 def _tensors(value: Any) -> list[torch.Tensor]:
     return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
@@ -74,7 +75,7 @@ class LayerTP:
     """Colwise (and vocab-output) Linears grouped by the tensor they read: each group costs one
     all-reduce of that input's gradient in backward."""
 
-    def renamed(self, old: str, new: str) -> "LayerTP":
+    def renamed(self, old: str, new: str) -> LayerTP:
         """The same analysis for a repeated block at path `new` (analysed at `old`)."""
         def move(key: str) -> str:
             # keys are module paths, "path.attr" (divide attrs) or "path kind" (divisors)

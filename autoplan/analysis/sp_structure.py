@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 
 from autoplan.analysis.graph import OpNode, TracedModel, _tensors
-from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES, TPSite
 from autoplan.analysis.tp_structure import _RESHAPES, ELEMENTWISE_MODULES, ModelFlow, is_linear
+from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES, TPSite
 
 SEQ_DIM = 1
 _SPLIT_STYLES = ("colwise", "rowwise", "vocab_output")

@@ -80,7 +80,7 @@ class _Region:
     """Leaf modules (dropout, activations) running on split tensors: no site of their own."""
 
 
-def find_tensor_parallel(traced: TracedModel) -> "ModelFlow":
+def find_tensor_parallel(traced: TracedModel) -> ModelFlow:
     """Fill `traced.tp`: analyse each representative layer, copy the result to its repeats."""
     flow = ModelFlow(traced)
     analysed: dict[str, LayerTP] = {}
@@ -121,7 +121,7 @@ class ModelFlow:
             tensor = node.inputs[0]
         return True
 
-    def add_module_sites(self, layer_tp: LayerTP, search: "_SplitSearch") -> None:
+    def add_module_sites(self, layer_tp: LayerTP, search: _SplitSearch) -> None:
         """Sites that are whole modules: vocab-split embeddings and output heads, and the norms
         and dropouts outside split regions on (batch, sequence, ...) tensors (sequence parallel)."""
         for node in search.nodes:

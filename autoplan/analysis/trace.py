@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,10 +37,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.flop_counter import flop_registry
 
-from autoplan.errors import TraceError
 from autoplan.analysis.graph import LayerCall, LayerTP, OpNode, TracedModel, _join, _tensors
 from autoplan.analysis.sp_structure import add_colwise_input_sites, apply_sequence_parallel
 from autoplan.analysis.tp_structure import ELEMENTWISE_MODULES, find_tensor_parallel
+from autoplan.errors import TraceError
 
 __all__ = ["LayerCall", "LayerTP", "OpNode", "TracedModel", "as_exported", "trace_model", "without_kv_cache"]
 
@@ -159,7 +160,7 @@ _TRACE_ADVICE = ("make that code traceable as torch.export requires (no data-dep
 class _GlueFlops(TorchDispatchMode):
     """FLOPs (torch.utils.flop_counter's formulas) of ops run outside every layer, by module path."""
 
-    def __init__(self, recorder: "_Recorder"):
+    def __init__(self, recorder: _Recorder):
         super().__init__()
         self.recorder = recorder
         self.flops: dict[str, float] = {}

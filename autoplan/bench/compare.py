@@ -40,6 +40,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from autoplan.errors import InfeasibleError
 from autoplan.schema.cluster import ClusterSpec, write_atomically
 from autoplan.schema.constraints import Constraints
 from autoplan.schema.plan import Plan
@@ -197,8 +198,10 @@ def _run_candidate(name: str, constraints: Constraints, job, model_name: str, cl
     try:
         plan = make_plan(job.module, cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn,
                          constraints=constraints, model_name=model_name)
-    except ValueError as error:
+    except InfeasibleError as error:  # no plan with these pins fits in memory
         entry["status"] = "failed: infeasible: " + _one_line(error)
+    except ValueError as error:  # pins the model or cluster cannot take (tp does not divide heads, ...)
+        entry["status"] = "failed: invalid: " + _one_line(error)
         return entry
     entry.update(_predicted(plan, job))
     if not_runnable:

@@ -14,6 +14,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from autoplan.errors import AutoplanError
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import RECOMPUTE_OPTIONS, Constraints
 from autoplan.costmodels.compute import estimate_optimizer_step_s
@@ -75,7 +76,7 @@ def build_instance(profile: ModelProfile, cluster: ClusterSpec, split: LayerSpli
         sps = [constraints.sequence_parallel and tp > 1]
     options = [o for o in RECOMPUTE_OPTIONS if all(o in layer.saved_bytes for layer in profile.layers)]
     if constraints.recompute and constraints.recompute not in options:
-        raise ValueError(f"recompute={constraints.recompute!r} is not available; the profile offers {options}")
+        raise AutoplanError(f"recompute={constraints.recompute!r} is not available; the profile offers {options}")
     base = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size, num_micro_batches=m,
                           param_dtype=param_dtype, grad_reduce_dtype=grad_reduce_dtype)
     costs = {}

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from autoplan.errors import AutoplanError
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints
 from autoplan.costmodels.pipeline import estimate_layer_cost
@@ -63,7 +64,7 @@ def plan(model, cluster: ClusterSpec, example_inputs: tuple, loss_fn: Callable |
     {'dp': 16, 'pp': 2, 'tp': 4}
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r} is not supported; use one of {list(OBJECTIVES)}")
+        raise AutoplanError(f"objective={objective!r} is not supported; use one of {list(OBJECTIVES)}")
     constraints = constraints or Constraints()
     param_dtype, _ = default_dtypes(cluster, constraints)  # rejects a pinned activation_dtype before profiling
     from autoplan.analysis.profile import profile_model
@@ -95,7 +96,7 @@ def check_plan_matches(plan_: Plan, model, example_inputs: tuple, model_name: st
         return
     fingerprint = profile_model(model, example_inputs, model_name=model_name or plan_.model_name).fingerprint
     if fingerprint != plan_.model_fingerprint:
-        raise ValueError(f"plan was made for model {plan_.model_name!r} (model_fingerprint "
+        raise AutoplanError(f"plan was made for model {plan_.model_name!r} (model_fingerprint "
                          f"{plan_.model_fingerprint}), not this model (fingerprint {fingerprint}): its layers or "
                          f"parameter shapes differ; re-plan with `autoplan plan`")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autoplan.errors import AutoplanError
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints
 from autoplan.schema.profile import ModelProfile
@@ -92,13 +93,13 @@ def enumerate_meshes(profile: ModelProfile, cluster: ClusterSpec, constraints: C
     world = cluster.world_size
     pins = {axis: getattr(constraints, axis) for axis in ("dp", "pp", "tp")}
     if pins["tp"] and check_tp(profile, pins["tp"]):
-        raise ValueError(check_tp(profile, pins["tp"]))
+        raise AutoplanError(check_tp(profile, pins["tp"]))
     if all(pins.values()) and pins["dp"] * pins["tp"] * pins["pp"] != world:
-        raise ValueError(f"dp({pins['dp']}) * tp({pins['tp']}) * pp({pins['pp']}) = "
+        raise AutoplanError(f"dp({pins['dp']}) * tp({pins['tp']}) * pp({pins['pp']}) = "
                          f"{pins['dp'] * pins['tp'] * pins['pp']} != world_size({world})")
     for axis, value in pins.items():
         if value and world % value:
-            raise ValueError(f"{axis}={value} does not divide world_size({world})")
+            raise AutoplanError(f"{axis}={value} does not divide world_size({world})")
     if pins["tp"]:
         tps = [pins["tp"]]
     else:
@@ -113,11 +114,11 @@ def enumerate_meshes(profile: ModelProfile, cluster: ClusterSpec, constraints: C
                 continue
             meshes.append((dp, pp, tp))
     if not meshes:
-        raise ValueError(f"no mesh dp * pp * tp = world_size({world}) satisfies the pins "
+        raise AutoplanError(f"no mesh dp * pp * tp = world_size({world}) satisfies the pins "
                          f"{ {k: v for k, v in pins.items() if v} }")
     for dp, pp, tp in meshes:
         if pp > num_blocks:
-            raise ValueError(f"pp={pp} exceeds the {num_blocks} repeated blocks the model can be cut into"
+            raise AutoplanError(f"pp={pp} exceeds the {num_blocks} repeated blocks the model can be cut into"
                              + (f": {cut_blocker}" if cut_blocker else ""))
     return meshes
 
@@ -130,7 +131,7 @@ def micro_batch_sizes(global_batch: int, dp: int, pinned: int | None) -> list[in
     """
     if pinned:
         if global_batch % (dp * pinned):
-            raise ValueError(f"global batch {global_batch} is not divisible by dp({dp}) * "
+            raise AutoplanError(f"global batch {global_batch} is not divisible by dp({dp}) * "
                              f"micro_batch_size({pinned}) = {dp * pinned}")
         return [pinned]
     if global_batch % dp:

@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 
 import pulp
 
+from autoplan.errors import AutoplanError, InfeasibleError
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints
 from autoplan.costmodels.compute import estimate_optimizer_step_s
@@ -306,7 +307,7 @@ class Milp:
 def default_dtypes(cluster: ClusterSpec, constraints: Constraints) -> tuple[str, str]:
     """bfloat16 on GPUs (mixed precision), float32 on CPUs, unless pinned."""
     if constraints.activation_dtype is not None:
-        raise ValueError("activation_dtype (quantized activation storage) is not supported yet; "
+        raise AutoplanError("activation_dtype (quantized activation storage) is not supported yet; "
                          "activations are stored in param_dtype — leave activation_dtype unset")
     default = "bfloat16" if cluster.device.kind == "cuda" else "float32"
     param = constraints.param_dtype or default
@@ -323,7 +324,7 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
     started = time.perf_counter()
     constraints = constraints or Constraints()
     if constraints.sequence_parallel and not can_sequence_parallel(profile):
-        raise ValueError(f"sequence_parallel=True cannot run on {profile.model_name}: "
+        raise AutoplanError(f"sequence_parallel=True cannot run on {profile.model_name}: "
                          f"{profile.sequence_parallel_blocker or 'no tensor-parallel region to split along the sequence'}")
     param_dtype, grad_dtype = default_dtypes(cluster, constraints)
     split = split_layers(profile)
@@ -335,7 +336,7 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
             if inst is not None:
                 instances.append((lower_bound_s(inst), inst))
     if not instances:
-        raise ValueError(f"no (mesh, micro-batch size) divides global batch {profile.global_batch_size} "
+        raise AutoplanError(f"no (mesh, micro-batch size) divides global batch {profile.global_batch_size} "
                          f"over world_size({cluster.world_size}) with the pins {constraints.pinned()}")
     instances.sort(key=lambda pair: pair[0])
     solved: list[Solution] = []
@@ -409,14 +410,14 @@ def runners_up(best: Solution, solved: list[Solution], rejected: list[Rejected],
 
 
 def infeasible_error(profile: ModelProfile, cluster: ClusterSpec, split: LayerSplit, instances,
-                     constraints: Constraints) -> ValueError:
+                     constraints: Constraints) -> InfeasibleError:
     smallest = min((smallest_memory_plan(inst) for _, inst in instances), key=lambda s: s.estimate.peak_memory_bytes)
     est = smallest.estimate
     cap = constraints.max_memory_fraction * cluster.device.memory_bytes
     rank = max(range(len(est.rank_memory)), key=lambda i: est.rank_memory_bytes[i])
     terms = ", ".join(f"{k.removesuffix('_bytes')} {v / GB:.2f} GB" for k, v in est.rank_memory[rank].items() if v)
     c = smallest.config
-    return ValueError(
+    return InfeasibleError(
         f"no plan fits in memory: the smallest plan needs {est.peak_memory_bytes / GB:.2f} GB per device > "
         f"{cap / GB:.2f} GB (max_memory_fraction {constraints.max_memory_fraction} x "
         f"{cluster.device.memory_bytes / GB:.0f} GB); that plan is dp={c.dp} pp={c.pp} tp={c.tp} "

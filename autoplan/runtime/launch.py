@@ -19,11 +19,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from autoplan.schema.plan import Plan
 from autoplan.runtime.worker import ERROR_PREFIX
+from autoplan.schema.plan import Plan
 
 DEFAULT_TIMEOUT_S = 600.0
 STDERR_TAIL_LINES = 15

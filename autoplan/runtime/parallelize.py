@@ -12,16 +12,16 @@ made for this model and this world size, then hands the Plan to the backends.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from autoplan.errors import AutoplanError
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints
-from autoplan.errors import AutoplanError
 from autoplan.schema.plan import Plan
 
 TIMEOUT_ENV = "AUTOPLAN_TIMEOUT_S"
@@ -116,9 +116,9 @@ def parallelize(model: nn.Module, cluster: ClusterSpec, example_inputs: tuple | 
     >>> pm = parallelize(model, ClusterSpec.local(world_size=4), (tokens,), loss_fn)  # doctest: +SKIP
     >>> pm = parallelize(model, ClusterSpec.local(world_size=4))                      # doctest: +SKIP
     """
+    from autoplan.backends.runner import apply_plan
     from autoplan.planner.planning import check_plan_matches
     from autoplan.planner.planning import plan as make_plan
-    from autoplan.backends.runner import apply_plan
     from autoplan.zoo import output_mean
 
     loss_fn = loss_fn or output_mean

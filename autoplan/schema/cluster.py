@@ -145,7 +145,7 @@ class ClusterSpec(BaseModel):
 
     # ---------------------------------------------------------------- constructors
     @classmethod
-    def preset(cls, name: str, num_nodes: int = 1, **overrides) -> "ClusterSpec":
+    def preset(cls, name: str, num_nodes: int = 1, **overrides) -> ClusterSpec:
         """A datasheet preset; `overrides` replace any field.
 
         Shortcuts: `inter_node_gbps_per_device`, `intra_node_gbps_per_device`,
@@ -191,7 +191,7 @@ class ClusterSpec(BaseModel):
         return cls.model_validate(data)
 
     @classmethod
-    def local(cls, world_size: int = 1) -> "ClusterSpec":
+    def local(cls, world_size: int = 1) -> ClusterSpec:
         """This machine: `world_size` CPU processes talking over gloo.
 
         >>> ClusterSpec.local(world_size=4).world_size
@@ -202,7 +202,7 @@ class ClusterSpec(BaseModel):
         return cls.preset("local", world_size=world_size)
 
     @classmethod
-    def parse(cls, text: str) -> "ClusterSpec":
+    def parse(cls, text: str) -> ClusterSpec:
         """Parse the CLI's `--cluster`: "PRESET:NUM_NODES", "local:N" or a file path.
 
         >>> ClusterSpec.parse("dgx-a100-80gb:16").world_size
@@ -220,7 +220,7 @@ class ClusterSpec(BaseModel):
         return cls.preset(name, num_nodes=number)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "ClusterSpec":
+    def from_file(cls, path: str | os.PathLike) -> ClusterSpec:
         """Load a cluster from a .json or .toml file (as written by `to_file`)."""
         path = Path(path)
         if not path.is_file():

@@ -70,7 +70,7 @@ class Constraints(BaseModel):
         return None if value is None else dtype_name(value)
 
     @classmethod
-    def parse_fix(cls, text: str) -> "Constraints":
+    def parse_fix(cls, text: str) -> Constraints:
         """Parse the CLI's `--fix dp=8,tp=4,schedule=1f1b,sequence_parallel=true`.
 
         >>> Constraints.parse_fix("dp=2,tp=2,recompute=full").recompute

@@ -168,7 +168,7 @@ class Plan(BaseModel):
     """Solver statistics: name, wall time, number of MILPs solved."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Plan":
+    def _consistent(self) -> Plan:
         """Refuse a plan no backend could run, with one line naming the field and the arithmetic."""
         problem = plan_problem(self)
         if problem:
@@ -184,7 +184,7 @@ class Plan(BaseModel):
         write_atomically(Path(path), self.model_dump_json(indent=2) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "Plan":
+    def from_json(cls, path: str | os.PathLike) -> Plan:
         """Read a plan written by `to_json`; a missing or corrupt file raises ValueError."""
         return read_json_model(cls, path, "plan", PLAN_VERSION)
 

@@ -75,6 +75,6 @@ class ProfileFile(BaseModel):
         write_atomically(Path(path), self.model_dump_json(indent=2) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ProfileFile":
+    def from_json(cls, path: str | os.PathLike) -> ProfileFile:
         """Read a file written by `to_json`; a missing or corrupt file raises ValueError naming it."""
         return read_json_model(cls, path, "profile", PROFILE_VERSION)

@@ -30,7 +30,7 @@ def test_bench_reports_every_candidate_and_goes_on_past_failures(tmp_path):
         assert len(entry["measured_peak_memory_bytes_per_rank"]) == 2
     assert chosen["chosen"] and not pipeline["chosen"]
     assert pipeline["mesh"] == {"dp": 1, "pp": 2, "tp": 1} and pipeline["constraints"]["pp"] == 2
-    assert impossible["status"].startswith("failed: infeasible") and impossible["measured_step_s"] is None
+    assert impossible["status"].startswith("failed: invalid: tp=3") and impossible["measured_step_s"] is None
 
 
 def test_baselines_follow_the_cluster_shape():

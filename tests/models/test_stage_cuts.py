@@ -6,10 +6,10 @@ import networkx as nx
 import pytest
 
 import autoplan
-from autoplan.planner.planning import plan_from_profile
-from autoplan.planner.search_space import split_layers
 from autoplan.analysis.stage_cuts import OUTPUT, layer_graph, stage_start_blockers
 from autoplan.analysis.trace import trace_model
+from autoplan.planner.planning import plan_from_profile
+from autoplan.planner.search_space import split_layers
 from autoplan.zoo import build
 from tests.models.catalog import CONFIGS
 from tests.planner.test_solver import tiny_profile

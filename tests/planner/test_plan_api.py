@@ -12,10 +12,10 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from autoplan import zoo
 from autoplan.planner.planning import build_plan, explain, plan
+from autoplan.planner.solver import solve
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints
 from autoplan.schema.plan import Plan
-from autoplan.planner.solver import solve
 
 ROOT = Path(__file__).resolve().parents[2]
 MEGATRON_SC21 = Path(__file__).resolve().parents[1] / "data" / "megatron_sc21.json"

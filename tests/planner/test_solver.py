@@ -6,12 +6,12 @@ import itertools
 
 import pytest
 
+from autoplan.costmodels.pipeline import ParallelConfig, estimate_step
+from autoplan.planner.solver import solve
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints
-from autoplan.costmodels.pipeline import ParallelConfig, estimate_step
 from autoplan.schema.plan import TPSite
 from autoplan.schema.profile import LayerProfile, ModelProfile
-from autoplan.planner.solver import solve
 
 OPTIONS = ("none", "selective", "full")
 NUM_BLOCKS = 4

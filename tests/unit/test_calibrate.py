@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from autoplan import ClusterSpec
-from autoplan.measure.calibrate import calibrate
-from autoplan.measure.calibration import Calibration, fit_collectives, ring_terms
 from autoplan.costmodels.communication import estimate_collective_s, estimate_p2p_s, group_levels
 from autoplan.costmodels.compute import matmul_efficiency
+from autoplan.measure.calibrate import calibrate
+from autoplan.measure.calibration import Calibration, fit_collectives, ring_terms
 
 MATMUL_N = 256
 

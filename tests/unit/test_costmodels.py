@@ -7,11 +7,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoplan.schema.cluster import ClusterSpec
-from autoplan.costmodels.communication import (LINK_EFFICIENCY, estimate_all_gather_s, estimate_all_reduce_s,
-                                               estimate_p2p_s, estimate_reduce_scatter_s, group_levels)
+from autoplan.costmodels.communication import (
+    LINK_EFFICIENCY,
+    estimate_all_gather_s,
+    estimate_all_reduce_s,
+    estimate_p2p_s,
+    estimate_reduce_scatter_s,
+    group_levels,
+)
 from autoplan.costmodels.compute import estimate_layer_time, matmul_efficiency
-from autoplan.costmodels.pipeline import ParallelConfig, exposed_s, pipeline_time_s, OVERLAP_PENALTY
+from autoplan.costmodels.pipeline import OVERLAP_PENALTY, ParallelConfig, exposed_s, pipeline_time_s
+from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.profile import LayerProfile
 
 A100 = ClusterSpec.preset("dgx-a100-80gb", num_nodes=4)

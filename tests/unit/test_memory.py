@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from autoplan.schema.cluster import ClusterSpec
-from autoplan.costmodels.memory import (estimate_activation_bytes, estimate_model_state_bytes,
-                                        estimate_zero3_gathered_bytes, in_flight_micro_batches)
+from autoplan.costmodels.memory import (
+    estimate_activation_bytes,
+    estimate_model_state_bytes,
+    estimate_zero3_gathered_bytes,
+    in_flight_micro_batches,
+)
 from autoplan.costmodels.pipeline import ParallelConfig, estimate_step
+from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.profile import LayerProfile, ModelProfile
 
 S, H, A = 2048, 4096, 32  # sequence, hidden, heads

@@ -68,3 +68,16 @@ def test_show_and_run_refuse_an_inconsistent_plan_file_in_one_line(valid, tmp_pa
         assert main(command) == 2
         error = capsys.readouterr().err.strip()
         assert words in error and len(error.splitlines()) == 1, error
+
+
+def test_no_plan_that_fits_is_an_infeasible_error_and_bad_pins_are_not():
+    job = build("gpt2-xl", batch_size=8, device="meta")
+    cluster = autoplan.ClusterSpec.preset("dgx-a100-40gb", num_nodes=1).model_copy(
+        update={"devices_per_node": 1})
+    with pytest.raises(autoplan.InfeasibleError, match="no plan fits in memory"):
+        autoplan.plan(job.module, cluster, job.example_inputs,
+                      constraints=autoplan.Constraints(max_memory_fraction=0.01))
+    with pytest.raises(autoplan.AutoplanError) as error:
+        autoplan.plan(job.module, autoplan.ClusterSpec.local(2), job.example_inputs,
+                      constraints=autoplan.Constraints(tp=3))
+    assert not isinstance(error.value, autoplan.InfeasibleError)

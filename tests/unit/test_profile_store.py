@@ -9,15 +9,15 @@ import json
 import pytest
 
 from autoplan import zoo
-from autoplan.planner.planning import explain, plan, planning_with_profile
-from autoplan.cli import main
-from autoplan.schema.cluster import ClusterSpec
-from autoplan.costmodels.compute import estimate_layer_time
-from autoplan.schema.profile import LayerProfile
-from autoplan.schema.plan import Plan
 from autoplan.analysis.profile import profile_model
+from autoplan.cli import main
+from autoplan.costmodels.compute import estimate_layer_time
 from autoplan.measure.profile_store import default_micro_batch_sizes, measure_profile
 from autoplan.planner.measured import apply_profile
+from autoplan.planner.planning import explain, plan, planning_with_profile
+from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.plan import Plan
+from autoplan.schema.profile import LayerProfile
 from autoplan.schema.profile_file import LOSS_SUFFIX, ProfileFile
 
 LOCAL = ClusterSpec.local(2)

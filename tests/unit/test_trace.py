@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 
 from autoplan import zoo
-from autoplan.schema.plan import TPSite
 from autoplan.analysis.trace import trace_model
+from autoplan.schema.plan import TPSite
 
 COLWISE, ROWWISE = TPSite(style="colwise"), TPSite(style="rowwise")
 SEQUENCE_PARALLEL = TPSite(style="sequence_parallel")
