@@ -54,7 +54,7 @@ time is flat (a device is full), and each size costs one more run of every layer
 
 def default_micro_batch_sizes(global_batch_size: int) -> list[int]:
     """The micro-batch sizes worth measuring: the sizes the solver can pick (divisors of the
-    global batch, up to `solver.MAX_MICRO_BATCH_SIZE`) that are powers of two up to
+    global batch, up to `planner.search_space.MAX_MICRO_BATCH_SIZE`) that are powers of two up to
     `DEFAULT_MICRO_BATCH_CAP`; other sizes are interpolated.
 
     >>> default_micro_batch_sizes(8), default_micro_batch_sizes(12), default_micro_batch_sizes(3)

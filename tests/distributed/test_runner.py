@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-import time
+import re
 
 import pytest
 
@@ -49,12 +49,11 @@ def _exercise_runner(rank: int, world_size: int) -> dict:
 
     # Rank 1 leaves (the harness tears its process group down); rank 0's next step must fail, not hang.
     if rank == 0:
-        started = time.monotonic()
         try:
             model.train_step(job.example_inputs, job.targets)
         except Exception as error:  # gloo: the peer closed the connection; NCCL: the group's timeout
             result["dead_peer_error"] = f"{type(error).__name__}: {error}"
-        result["dead_peer_seconds"] = time.monotonic() - started
+            result["dead_peer_error_is_runtime_error"] = isinstance(error, RuntimeError)  # DistBackendError too
     return result
 
 
@@ -91,5 +90,10 @@ def test_bfloat16_runs_with_finite_loss_and_float32_master_weights(runner_result
 
 
 def test_a_rank_that_leaves_fails_the_others_instead_of_hanging(runner_results):
-    assert "dead_peer_error" in runner_results[0]
-    assert runner_results[0]["dead_peer_seconds"] < 60  # bounded by the process group's timeout
+    # gloo's TCP transport sees the departed peer's socket close and raises at once, rather than
+    # waiting out the process group's 60 s timeout (a hang would fail run_ranks after its own
+    # timeout_s): the error names the closed connection, not a timeout.
+    assert runner_results[0].get("dead_peer_error_is_runtime_error"), runner_results[0].get("dead_peer_error")
+    message = runner_results[0]["dead_peer_error"]
+    assert re.search(r"(closed|reset) by peer|Broken pipe", message), message
+    assert "timed out" not in message.lower() and "timeout" not in message.lower(), message

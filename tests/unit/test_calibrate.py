@@ -1,5 +1,4 @@
 import math
-import resource
 import statistics
 import time
 
@@ -32,21 +31,10 @@ def _direct_matmul_s(n: int) -> float:
         torch.set_num_threads(threads)
 
 
-def _cpu_seconds() -> float:
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def test_two_rank_calibration_is_fast_positive_and_reproduces_a_direct_matmul_timing():
+def test_two_rank_calibration_is_positive_and_reproduces_a_direct_matmul_timing():
     preset = ClusterSpec.local(world_size=2)
-    started, cpu_started = time.perf_counter(), _cpu_seconds()
     cluster = calibrate(preset, nproc=2, progress=False, matmul_sizes=(64, 128, MATMUL_N),
                         message_bytes=(4096, 65536, 1 << 20))
-    # ~20 s wall on an idle 2-core machine (local:4 with the default sizes: ~35 s); CPU seconds
-    # (this process and its ranks) keep the bound meaningful when other jobs load the machine,
-    # the wall bound catches a hang.
-    assert _cpu_seconds() - cpu_started < 60
-    assert time.perf_counter() - started < 90
     assert cluster.calibrated and not preset.calibrated
     device = cluster.device
     numbers = [*device.peak_flops.values(), device.matmul_efficiency, device.memory_bandwidth_gbps,

@@ -43,10 +43,15 @@ def test_measure_training_counts_params_grads_and_adam_states():
     batch = ((torch.randn(8, 256),), torch.randn(8, 256))
     measurement = measure_training(model, [batch], steps=3, warmup=1)
     param_bytes = 256 * 256 * 4
-    # weight + its gradient + AdamW's exp_avg and exp_avg_sq (4 P), and at the peak, inside
-    # the foreach AdamW step, two temporaries of the same size (sqrt(exp_avg_sq), the update)
-    # plus the 4-byte step counter: 6 P + 4 bytes exactly.
-    assert measurement.peak_memory_bytes == 6 * param_bytes + 4
+    # Inside the AdamW step the weight, its gradient and AdamW's exp_avg and exp_avg_sq (4 P)
+    # are all alive, so the peak is at least 4 P. On top, the step holds temporaries whose
+    # number is the optimizer implementation's choice: torch 2.13 on CPU (single-tensor path)
+    # holds two P-sized ones at once, sqrt(exp_avg_sq) and its quotient by the bias correction,
+    # plus a 4-byte step counter (6 P + 4); the foreach and fused paths and other versions
+    # hold a few P-sized ones at most. Every other tensor (8 x 256 activations and their
+    # gradients, 8 KiB each) is far below P, so the peak lies in [4 P, 8 P] on any machine
+    # and torch version.
+    assert 4 * param_bytes <= measurement.peak_memory_bytes <= 8 * param_bytes
     assert len(measurement.step_times_s) == 3 and measurement.median_step_s > 0
     assert len(measurement.losses) == 2 + 3  # MEMORY_STEPS warm-up steps + timed steps
     assert measurement.losses[-1] < measurement.losses[0]
