@@ -7,6 +7,8 @@ from autoplan import ClusterSpec, Constraints
 from autoplan.bench.compare import baseline_constraints
 from autoplan.bench.timeline import pipeline_timeline
 
+pytestmark = pytest.mark.distributed  # starts ranks through torchrun
+
 SCHEMA_KEYS = {"name", "chosen", "mesh", "constraints", "predicted_step_s", "measured_step_s",
                "predicted_peak_memory_bytes", "measured_peak_memory_bytes"}
 

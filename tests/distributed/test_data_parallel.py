@@ -1,7 +1,11 @@
 """ZeRO 0-3 (replicate / fully_shard) train like one process, alone and with tensor parallelism."""
 from __future__ import annotations
 
+import pytest
+
 from tests.distributed.equivalence import check_equivalence, hand_plan
+
+pytestmark = pytest.mark.distributed  # spawns gloo ranks
 
 
 def test_zero_stages_on_gpt_two_ranks():

@@ -4,6 +4,8 @@ import torch.distributed as dist
 
 from tests.distributed.harness import run_ranks
 
+pytestmark = pytest.mark.distributed  # spawns gloo ranks
+
 
 def _all_reduce_rank(rank, world_size):
     value = torch.tensor([float(rank + 1)])

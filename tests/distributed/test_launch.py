@@ -7,6 +7,8 @@ import pytest
 from autoplan.runtime.launch import launch
 from tests.distributed.equivalence import hand_plan
 
+pytestmark = pytest.mark.distributed  # starts ranks through torchrun
+
 
 def test_two_rank_launch_writes_a_result_with_per_rank_memory(tmp_path):
     plan_path, out_path = tmp_path / "plan.json", tmp_path / "result.json"

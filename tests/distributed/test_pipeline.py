@@ -20,6 +20,8 @@ from autoplan.zoo import build
 from tests.distributed.equivalence import ATOL, GLOBAL_BATCH, RTOL, check_equivalence, hand_plan
 from tests.distributed.harness import run_ranks
 
+pytestmark = pytest.mark.distributed  # spawns gloo ranks
+
 SCHEDULE_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
 
 

@@ -17,6 +17,8 @@ from autoplan.backends.pipeline_split import split_model
 from autoplan.zoo import build
 from tests.distributed.equivalence import check_plans, plan_for
 
+pytestmark = pytest.mark.distributed  # spawns gloo ranks
+
 pytest.importorskip("transformers")
 
 

@@ -1,5 +1,9 @@
 """Plans the planner makes (not written by hand) train exactly like one process."""
+import pytest
+
 from tests.distributed.equivalence import check_equivalence, plan_for
+
+pytestmark = pytest.mark.distributed  # spawns gloo ranks
 
 
 def test_free_and_pinned_planner_plans_train_like_one_process():

@@ -1,12 +1,15 @@
 """Recomputation: the right ops rerun in backward, and training is unchanged."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autoplan.backends.recompute import apply_recompute
 from autoplan.zoo import build
 from tests.distributed.equivalence import check_equivalence, hand_plan
+
+pytestmark = pytest.mark.distributed  # spawns gloo ranks
 
 
 class _CountOps(TorchDispatchMode):

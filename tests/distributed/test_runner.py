@@ -9,6 +9,8 @@ import pytest
 from tests.distributed.equivalence import GLOBAL_BATCH, hand_plan
 from tests.distributed.harness import run_ranks
 
+pytestmark = pytest.mark.distributed  # spawns gloo ranks
+
 
 def _exercise_runner(rank: int, world_size: int) -> dict:
     """Several runner checks sharing one spawn of 2 ranks."""

@@ -2,11 +2,14 @@
 exactly the collectives Megatron-LM's rule says it should."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from autoplan.backends.tensor_parallel import fused_row_permutation
 from tests.distributed.equivalence import check_equivalence, hand_plan
 from tests.distributed.harness import run_ranks
+
+pytestmark = pytest.mark.distributed  # spawns gloo ranks
 
 
 def test_fused_row_permutation_gives_each_rank_its_q_k_v_rows():

@@ -18,6 +18,8 @@ from autoplan.errors import AutoplanError
 from autoplan.zoo import build
 from tests.distributed.harness import run_ranks
 
+pytestmark = pytest.mark.distributed  # spawns gloo ranks
+
 pytest.importorskip("transformers")
 
 LLAMA = "hf:tests/models/configs/llama.json"

@@ -17,6 +17,8 @@ from autoplan.zoo import build
 from tests.distributed.equivalence import GLOBAL_BATCH, check_plans, describe, plan_for
 from tests.models.catalog import ALL_MODELS, CONFIGS, short_name
 
+pytestmark = pytest.mark.distributed  # spawns gloo ranks
+
 pytest.importorskip("transformers")
 
 WORLD = 4

@@ -31,6 +31,7 @@ def _direct_matmul_s(n: int) -> float:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.distributed  # calibrate spawns 2 gloo ranks
 def test_two_rank_calibration_is_positive_and_reproduces_a_direct_matmul_timing():
     preset = ClusterSpec.local(world_size=2)
     cluster = calibrate(preset, nproc=2, progress=False, matmul_sizes=(64, 128, MATMUL_N),

@@ -25,6 +25,7 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.distributed  # runs the script in a fresh interpreter
 def test_cpu_smoke_run_prints_both_parts_and_writes_markdown(tmp_path):
     out = tmp_path / "validation.md"
     result = _run("--device", "cpu", "--quick", "--markdown", str(out))
@@ -38,6 +39,7 @@ def test_cpu_smoke_run_prints_both_parts_and_writes_markdown(tmp_path):
         assert f"| {recompute} |" in document
 
 
+@pytest.mark.distributed  # runs the script in a fresh interpreter
 def test_without_cuda_it_says_so_and_exits_0():
     # hide any GPU, so the answer of a machine without one is checked on every machine
     result = _run(env={"CUDA_VISIBLE_DEVICES": ""})

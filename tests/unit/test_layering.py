@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = {"autoplan": ROOT / "autoplan", "autoplan.costmodels": ROOT / "costmodels",
@@ -78,6 +79,7 @@ def test_the_check_sees_function_level_imports():
     assert "autoplan.planner.planning" in _imports("autoplan", modules["autoplan"], modules)  # lazy, inside plan()
 
 
+@pytest.mark.distributed  # imports autoplan in a fresh interpreter
 def test_importing_autoplan_changes_nothing_global():
     """No module of ours touches the process at import (torch's own filters come first): no
     warning filter, stdout where it was."""
