@@ -45,4 +45,5 @@ def parallelize(model, cluster, example_inputs=None, loss_fn=None, plan=None, mo
 
 plan.__doc__ = "Plan `model` on `cluster`; see autoplan.planner.planning.plan."
 explain.__doc__ = "The full report `autoplan show` prints; see autoplan.planner.planning.explain."
-parallelize.__doc__ = "Plan (unless given a Plan) and apply it on this rank; see autoplan.runtime.parallelize.parallelize."
+parallelize.__doc__ = ("Plan (unless given a Plan) and apply it on this rank; "
+                        "see autoplan.runtime.parallelize.parallelize.")

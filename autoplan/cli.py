@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(multi-node flags --nnodes/--node-rank/--rdzv-* pass through)")
     run.add_argument("plan_file", nargs="?", help="a plan JSON (or give --model/--cluster to plan now)")
     _add_model_args(run, required=False)
-    run.add_argument("--nproc", type=int, default=None, help="processes on this node (default: the plan's devices per node)")
+    run.add_argument("--nproc", type=int, default=None,
+                     help="processes on this node (default: the plan's devices per node)")
     run.add_argument("--steps", type=int, default=5)
 
     bench = commands.add_parser("bench", help="the chosen plan against hand-tuned baselines, predicted vs measured")
@@ -145,7 +146,8 @@ def _make_plan(args: argparse.Namespace):
     plan.input_sources = {
         "global_batch_size": "--global-batch-size" if args.global_batch_size
         else f"default max(8, world size {cluster.world_size})",
-        "seq_len": "--seq-len" if args.seq_len else ("the model's context length" if tokens else "not a sequence model")}
+        "seq_len": "--seq-len" if args.seq_len
+        else ("the model's context length" if tokens else "not a sequence model")}
     return plan, time.perf_counter() - started
 
 
@@ -327,8 +329,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     shown = ("micro_batch_size", "num_micro_batches", "schedule", "zero_stage", "sequence_parallel")
     console.print(f"plan: mesh {chosen['mesh']}, " + ", ".join(f"{k} {chosen['plan'][k]}" for k in shown
                                                              if k in chosen["plan"]))
-    console.print(f"step time: predicted {chosen['predicted_step_s']:.3f} s, measured {chosen['measured_step_s']:.3f} s "
-                  f"(median of {args.steps})")
+    console.print(f"step time: predicted {chosen['predicted_step_s']:.3f} s, "
+                  f"measured {chosen['measured_step_s']:.3f} s (median of {args.steps})")
     console.print(f"peak memory per rank: predicted {chosen['predicted_peak_memory_bytes'] / 1e6:.1f} MB (worst rank), "
                   f"measured " + ", ".join(f"rank {r}: {b / 1e6:.1f} MB" for r, b in enumerate(per_rank)))
     console.print("The prediction used the `local` preset's guessed figures. For this machine's: "

@@ -1,10 +1,12 @@
 """Data parallelism and ZeRO with FSDP2's per-parameter-sharding machinery.
 
-| ZeRO | torch API                                                       | between forward and backward |
-|------|-----------------------------------------------------------------|------------------------------|
-| 0    | `replicate` (torch.distributed._composable.replicate: DDP), or with TP DTensors `replicate_with_fsdp` | full params; grads all-reduced |
-| 1, 2 | `fully_shard(..., reshard_after_forward=False)`                 | params stay gathered; grads reduce-scattered |
-| 3    | `fully_shard(..., reshard_after_forward=True)`                  | params freed, re-gathered in backward |
+| ZeRO | torch API                                                    | between forward and backward                 |
+|------|--------------------------------------------------------------|----------------------------------------------|
+| 0    | `replicate` (DDP), or with TP DTensors `replicate_with_fsdp` | full params; grads all-reduced               |
+| 1, 2 | `fully_shard(..., reshard_after_forward=False)`              | params stay gathered; grads reduce-scattered |
+| 3    | `fully_shard(..., reshard_after_forward=True)`               | params freed, re-gathered in backward        |
+
+(`replicate` is torch.distributed._composable.replicate.)
 
 ZeRO 0 is DistributedDataParallel's reducer (composable `replicate`: in place, names kept,
 25 MiB buckets overlapping backward, gradients as bucket views) when the model holds plain

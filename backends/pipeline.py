@@ -112,7 +112,7 @@ class PipelineEngine:
                            target=local_targets if self._has_last else None,
                            losses=losses, return_outputs=False)
         self._sum_tied_gradients()
-        loss = torch.stack([l.detach().float() for l in losses]).mean() if self._has_last \
+        loss = torch.stack([micro_loss.detach().float() for micro_loss in losses]).mean() if self._has_last \
             else torch.zeros((), device=self._device)
         dist.broadcast(loss, src=self._last_stage_rank, group=self.pp_group)
         return loss.item()

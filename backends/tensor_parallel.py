@@ -108,7 +108,8 @@ class TransposedColwiseParallel(ColwiseParallel):
     """ColwiseParallel for a Linear stored (in, out), GPT-2's `Conv1D`: weight split along dim 1."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return distribute_module(module, device_mesh, partial(_shard_parameters, {"weight": Shard(1), "bias": Shard(0)}),
+        shard = partial(_shard_parameters, {"weight": Shard(1), "bias": Shard(0)})
+        return distribute_module(module, device_mesh, shard,
                                  partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
                                  partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
 
@@ -128,7 +129,8 @@ def _prepare_input(site: TPSite, layout: Placement, desired: Placement, use_loca
     """PrepareModuleInput for the one argument `site.input_key` names (a position or a keyword)."""
     if isinstance(site.input_key, str):
         return PrepareModuleInput(input_kwarg_layouts={site.input_key: layout},
-                                  desired_input_kwarg_layouts={site.input_key: desired}, use_local_output=use_local_output)
+                                  desired_input_kwarg_layouts={site.input_key: desired},
+                                  use_local_output=use_local_output)
     count = max(site.num_positional or 1, site.input_key + 1)
     layouts = tuple(layout if i == site.input_key else None for i in range(count))
     wanted = tuple(desired if i == site.input_key else None for i in range(count))

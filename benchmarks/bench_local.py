@@ -6,8 +6,8 @@
 For a small zoo GPT and the custom model of examples/custom_model.py, the planner's plan
 and the hand-tuned baselines (DDP, FSDP, Megatron-style, pipeline) each run for `--steps`
 timed steps through torch's launcher, `--rounds` times interleaved (this VM's speed drifts by
-tens of percent over minutes; the median is over every round's steps). Prints, per model: the chosen plan's measured step
-time against the best measured candidate, and the median |predicted - measured| /
+tens of percent over minutes; the median is over every round's steps). Prints, per model: the
+chosen plan's measured step time against the best measured candidate, and the median |predicted - measured| /
 measured over the candidates of step time and of peak memory (worst rank). Reports are
 written to benchmarks/out/.
 """
@@ -54,8 +54,9 @@ def main() -> None:
                             micro_batch_sizes=default_micro_batch_sizes(args.global_batch_size), model_name=model,
                             busy_peers=cluster.devices_per_node - 1, peer_model=model).to_json(profile_path)
         with planning_with_profile(profile_path):
-            report = run_bench(model, cluster, steps=args.steps, global_batch_size=args.global_batch_size, rounds=args.rounds,
-                               json_path=str(OUT / f"bench_{label}.json"), plot_path=str(OUT / f"bench_{label}.png"))
+            report = run_bench(model, cluster, steps=args.steps, global_batch_size=args.global_batch_size,
+                               rounds=args.rounds, json_path=str(OUT / f"bench_{label}.json"),
+                               plot_path=str(OUT / f"bench_{label}.png"))
         lines.append(describe(label, summarize(report)))
     print("\n".join(lines))
 

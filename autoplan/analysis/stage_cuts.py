@@ -12,8 +12,8 @@
 The layer graph (a networkx DiGraph) has an edge A -> B when the values B is called with
 depend on A's output through the code between layers (not through other layers), and
 A -> OUTPUT when the model's output does; into a parameter-free layer, when its output
-depends on A's (rotary embeddings read the hidden states only for their dtype). A pipeline stage hands the next one a single
-activation, so a stage may begin at layer i only when every layer from i on that has
+depends on A's (rotary embeddings read the hidden states only for their dtype). A pipeline
+stage hands the next one a single activation, so a stage may begin at layer i only when every layer from i on that has
 parameters, and the model's output, read nothing from before i but
 
 * the activation sent: the output of the last layer with parameters before i (called

@@ -87,7 +87,8 @@ def find_tensor_parallel(traced: TracedModel) -> ModelFlow:
     for layer in traced.layers:
         representative = traced.representative(layer)
         if representative not in analysed:
-            search = _SplitSearch([node for node in traced.graph if node.layer == layer], traced.calls[layer], flow.producer, flow.modules)
+            search = _SplitSearch([node for node in traced.graph if node.layer == layer], traced.calls[layer],
+                                  flow.producer, flow.modules)
             analysed[representative] = search.run()
             flow.add_module_sites(analysed[representative], search)
         traced.tp[layer] = analysed[representative].renamed(representative, layer)

@@ -1,1 +1,2 @@
-"""Running a Plan: parallelize on each rank, launching ranks through torch's launcher, the worker, timing a training step."""
+"""Running a Plan: parallelize on each rank, launching ranks through torch's launcher, the worker,
+timing a training step."""

@@ -33,7 +33,8 @@ MEMORY_STEPS = 2
 class TrainsSteps(Protocol):
     """What `measure_training` needs of a model (autoplan's ParallelModel has it)."""
 
-    def train_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor | None = None) -> float: ...
+    def train_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                   targets: torch.Tensor | None = None) -> float: ...
 
     def parameters(self): ...
 

@@ -279,7 +279,8 @@ def condensed(error: BaseException) -> str:
         parts = []
         for item in error.errors():
             message = item["msg"].removeprefix("Value error, ")
-            shown = "" if "got" in message or isinstance(item.get("input"), (dict, list)) else f" (got {item['input']!r})"
+            quiet = "got" in message or isinstance(item.get("input"), (dict, list))
+            shown = "" if quiet else f" (got {item['input']!r})"
             parts.append(f"{'.'.join(str(part) for part in item['loc']) or 'value'}: {message}{shown}")
         return "; ".join(parts)
     return " ".join(str(error).split())

@@ -29,9 +29,9 @@ class GPTConfig:
 
     @property
     def num_params(self) -> int:
-        """12 l h^2 (1 + 13/(12h) + (V+s)/(12 l h)) — the Megatron-LM formula."""
-        h, l = self.hidden, self.num_layers
-        return 12 * l * h * h + 13 * l * h + (self.vocab_size + self.seq_len) * h + 2 * h
+        """12 L h^2 (1 + 13/(12h) + (V+s)/(12 L h)) — the Megatron-LM formula."""
+        h, L = self.hidden, self.num_layers
+        return 12 * L * h * h + 13 * L * h + (self.vocab_size + self.seq_len) * h + 2 * h
 
 
 

@@ -31,8 +31,8 @@ def make_optimizer(params):
 
 def batches(job_name: str, steps: int = STEPS) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
     """The same global batches on every rank and in the reference run."""
-    return [(job.example_inputs, job.targets)
-            for job in (build(job_name, batch_size=GLOBAL_BATCH, device="cpu", seed=100 + step) for step in range(steps))]
+    jobs = (build(job_name, batch_size=GLOBAL_BATCH, device="cpu", seed=100 + step) for step in range(steps))
+    return [(job.example_inputs, job.targets) for job in jobs]
 
 
 def reference_run(job_name: str, steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -99,13 +99,15 @@ def check_plans(plans: list[Plan], steps: int = STEPS) -> None:
             for rank in range(world_size):
                 losses = per_rank[rank][index][0]
                 torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=RTOL, atol=ATOL,
-                                           msg=lambda m: f"{label}: rank {rank} losses differ\n{m}")
+                                           msg=lambda m, label=label, rank=rank:
+                                           f"{label}: rank {rank} losses differ\n{m}")
             state = per_rank[0][index][1]
             assert set(state) == set(expected_state), f"{label}: state_dict keys differ: " \
                 f"{sorted(set(state) ^ set(expected_state))}"
             for name, value in expected_state.items():
                 torch.testing.assert_close(state[name], value, rtol=RTOL, atol=ATOL,
-                                           msg=lambda m: f"{label}: parameter {name} differs\n{m}")
+                                           msg=lambda m, label=label, name=name:
+                                           f"{label}: parameter {name} differs\n{m}")
 
 
 def check_equivalence(job_name: str, plans: list[Plan], steps: int = STEPS) -> None:

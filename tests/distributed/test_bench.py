@@ -14,7 +14,8 @@ SCHEMA_KEYS = {"name", "chosen", "mesh", "constraints", "predicted_step_s", "mea
 
 
 def test_bench_reports_every_candidate_and_goes_on_past_failures(tmp_path):
-    pytest.importorskip("autoplan.planner.planning", reason="the planner (autoplan.planner.planning.plan) has not landed yet")
+    pytest.importorskip("autoplan.planner.planning",
+                        reason="the planner (autoplan.planner.planning.plan) has not landed yet")
     from autoplan.bench.compare import run_bench
 
     json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"

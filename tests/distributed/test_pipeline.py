@@ -130,7 +130,7 @@ def test_a_value_used_two_stages_later_is_passed_through():
     for loss, expected_loss, grads in run_ranks(_two_input_net_on_rank, 3):
         assert loss == pytest.approx(expected_loss, rel=RTOL)
         for name, (grad, expected) in grads.items():
-            torch.testing.assert_close(grad, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(grad, expected, rtol=RTOL, atol=ATOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_split_keeps_original_names_and_passes_values_through_stages():

@@ -4,8 +4,8 @@ schedule's loss wrapper hands the user's loss_fn the model's own ModelOutput.
 
 1F1B and pp x tp on Llama, GPT-2, Mixtral and BERT are in tests/models/test_numerics.py;
 here the other schedules and recompute on 2 ranks (Llama, GPT-2, BERT with its two tied
-groups; torch.nn.Transformer, whose layers fx cannot see inside it), and Qwen2's embedding tied to lm_head across stages with pp=2 x dp=2 on 4 ranks,
-ZeRO 0 and ZeRO 3: one spawn per world size.
+groups; torch.nn.Transformer, whose layers fx cannot see inside it), and Qwen2's embedding tied
+to lm_head across stages with pp=2 x dp=2 on 4 ranks, ZeRO 0 and ZeRO 3: one spawn per world size.
 """
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ def _spec_calls_on_rank(rank: int, world_size: int) -> dict:
     loss = pm.train_step(tokens, targets)
     result["lazy_loss"], result["lazy_plan"] = loss, pm.plan.model_dump_json()
     opt = torch.optim.SGD(pm.parameters(), lr=0.1)
-    opt.step(); opt.zero_grad()
+    opt.step()
+    opt.zero_grad()
     result["lazy_second_loss"] = pm.train_step(tokens, targets=targets)
 
     loss_fn = lambda out, y: F.cross_entropy(out.logits.flatten(0, 1), y.flatten())  # noqa: E731 (SPEC's form)

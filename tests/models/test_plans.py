@@ -38,7 +38,8 @@ def test_sequence_parallel_pinned_where_it_cannot_run_names_the_reason():
 def test_tensor_parallel_pinned_on_a_cnn_says_there_is_nothing_to_split():
     job = build("tests/models/foreign.py:resnet", device="meta")
     with pytest.raises(ValueError, match="nothing to split"):
-        autoplan.plan(job.module, autoplan.ClusterSpec.local(4), job.example_inputs, constraints=autoplan.Constraints(tp=2))
+        autoplan.plan(job.module, autoplan.ClusterSpec.local(4), job.example_inputs,
+                      constraints=autoplan.Constraints(tp=2))
 
 
 def test_a_decoder_as_users_build_it_plans_with_its_cache_left_on():

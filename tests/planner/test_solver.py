@@ -49,8 +49,8 @@ def tiny_profile(global_batch: int = 8, heads: int = 4) -> ModelProfile:
                         output_bytes=5e7, tp_allreduce_bytes_bwd=1e7)
     layers = [embed, *blocks, head]
     return ModelProfile(model_name="tiny", layers=layers, global_batch_size=global_batch, seq_len=16,
-                        input_bytes=128, fingerprint="tiny", num_params=sum(l.param_count for l in layers),
-                        model_flops_per_sequence=sum(l.fwd_flops + l.bwd_flops for l in layers))
+                        input_bytes=128, fingerprint="tiny", num_params=sum(layer.param_count for layer in layers),
+                        model_flops_per_sequence=sum(layer.fwd_flops + layer.bwd_flops for layer in layers))
 
 
 def compositions(total: int, parts: int, minimum: int):

@@ -43,7 +43,8 @@ def test_two_rank_calibration_is_positive_and_reproduces_a_direct_matmul_timing(
     assert all(math.isfinite(x) and x > 0 for x in numbers), numbers
     assert cluster.intra_node != preset.intra_node and cluster.inter_node == cluster.intra_node
     # DTensor's wrapping and sharding propagation cost host time beyond the same collectives by hand
-    assert device.tp_dispatch_overhead_us > 0 and device.tp_dispatch_overhead_us != preset.device.tp_dispatch_overhead_us
+    assert device.tp_dispatch_overhead_us > 0
+    assert device.tp_dispatch_overhead_us != preset.device.tp_dispatch_overhead_us
     assert device.dtensor_param_step_us > 0 and device.dtensor_param_step_us != preset.device.dtensor_param_step_us
     flops = 2 * MATMUL_N**3
     implied_s = flops / (device.peak_flops["float32"] * matmul_efficiency(flops, device))

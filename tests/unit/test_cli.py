@@ -32,8 +32,8 @@ def test_fix_pins_every_axis(tmp_path):
     (["plan", "--model", "nope-1b", "--cluster", "local:2"], "unknown model 'nope-1b'"),
     (["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--fix", "tp=3"], "tp=3"),
     (["plan", "--model", "gpt-tiny", "--cluster", "dgx-a100-80gb:0"], "num_nodes"),
-    (["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--global-batch-size", "10", "--fix", "dp=4,micro_batch_size=3"],
-     "12"),
+    (["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--global-batch-size", "10",
+      "--fix", "dp=4,micro_batch_size=3"], "12"),
 ])
 def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
     assert main(argv) == 2

@@ -47,9 +47,9 @@ def test_hierarchical_all_reduce_across_nodes():
 
 def test_axis_placement():
     # tp innermost stays in the node; dp with stride 8 (tp = 8) crosses nodes entirely
-    assert [(n, l.bandwidth_gbps) for n, l in group_levels(A100, size=8, stride=1)] == [(8, 300.0)]
-    assert [(n, l.bandwidth_gbps) for n, l in group_levels(A100, size=4, stride=8)] == [(4, 25.0)]
-    assert [(n, l.bandwidth_gbps) for n, l in group_levels(A100, size=4, stride=2)] == [(4, 300.0)]
+    assert [(n, link.bandwidth_gbps) for n, link in group_levels(A100, size=8, stride=1)] == [(8, 300.0)]
+    assert [(n, link.bandwidth_gbps) for n, link in group_levels(A100, size=4, stride=8)] == [(4, 25.0)]
+    assert [(n, link.bandwidth_gbps) for n, link in group_levels(A100, size=4, stride=2)] == [(4, 300.0)]
     assert group_levels(A100, size=1, stride=1) == []
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-transformers = pytest.importorskip("transformers")
-
 from autoplan import Plan, zoo
 from autoplan.cli import main
+
+transformers = pytest.importorskip("transformers")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "models" / "configs"
 CONFIG_FILES = sorted(CONFIGS.glob("*.json"))
