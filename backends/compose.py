@@ -2,7 +2,7 @@
 then data parallel (torchtitan's order), each logged as it is applied.
 
     >>> apply_techniques(model, plan, mesh)                       # doctest: +SKIP
-    >>> apply_techniques(stage, plan, mesh, layers=stage_layers)  # a pipeline stage: its layers only
+    >>> apply_techniques(stage, plan, mesh, layers=stage_layers)  # a pipeline stage: its layers only  # doctest: +SKIP
 
 Tensor parallel first: it swaps parameters for DTensors and adds hooks that the
 checkpointed region must replay. Recompute next, so the checkpoint wraps the TP-split

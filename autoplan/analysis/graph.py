@@ -4,8 +4,8 @@
     >>> from autoplan.analysis.trace import trace_model
     >>> job = zoo.build("gpt-tiny", batch_size=1, device="meta")
     >>> traced = trace_model(job.module, job.example_inputs)
-    >>> traced.graph[0].module, traced.graph[0].is_module
-    ('tok_emb', True)
+    >>> [(node.target, node.module, node.is_module) for node in traced.graph[:2]]
+    [('arange', '', False), ('Embedding', 'tok_emb', True)]
 """
 from __future__ import annotations
 
