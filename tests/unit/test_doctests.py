@@ -42,7 +42,8 @@ def _module_names() -> list[str]:
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=pytest.mark.xfail(reason=f"needs # doctest: +SKIP: {NEEDS_SKIP[name]}", strict=True))
     if name in NEEDS_SKIP else name for name in _module_names()])
-def test_docstring_examples(name):
+def test_docstring_examples(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # doctest's debugger reads ~/.pdbrc: not this machine's
     module = importlib.import_module(name)
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=OPTIONS)
