@@ -311,7 +311,7 @@ def _roofline_cluster(device_name: str) -> ClusterSpec | None:
         return ClusterSpec.local(1)
     shared = {name: sum(part in device_name for part in preset["device"]["name"].split("-"))
               for name, preset in PRESETS.items()}
-    best = max(shared, key=shared.get)
+    best = max(shared, key=lambda name: shared[name])
     return ClusterSpec.preset(best) if shared[best] else None
 
 

@@ -39,6 +39,7 @@ embedding group), so every copy sees the full gradient and stays identical.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -125,10 +126,13 @@ class PipelineEngine:
                     parameter.grad = torch.zeros_like(parameter)
                 # A vocab-split embedding's gradient can come back Replicate; lay it out like
                 # its parameter (a local slice) so every copy's local gradient lines up.
-                if isinstance(parameter.grad, DTensor) and parameter.grad.placements != parameter.placements:
-                    parameter.grad = parameter.grad.redistribute(placements=parameter.placements)
-            grads = [parameter.grad._local_tensor if isinstance(parameter.grad, DTensor) else parameter.grad
-                     for parameter in parameters]
+                if isinstance(parameter.grad, DTensor):
+                    placements = cast(DTensor, parameter).placements  # a DTensor gradient's parameter is one
+                    if parameter.grad.placements != placements:
+                        parameter.grad = parameter.grad.redistribute(placements=placements)
+            grads = cast(list[torch.Tensor],  # none is None: set above
+                         [parameter.grad._local_tensor if isinstance(parameter.grad, DTensor) else parameter.grad
+                          for parameter in parameters])
             total = torch.stack(grads).sum(0)
             if group is not None:
                 dist.all_reduce(total, group=group)
@@ -153,11 +157,12 @@ class PipelineEngine:
                 local[original_fqn(name)] = value.detach().cpu()
         gathered: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size(self.pp_group)
         dist.all_gather_object(gathered, local, group=self.pp_group)
-        return {name: value for part in gathered for name, value in part.items()}
+        parts = cast(list[dict[str, torch.Tensor]], gathered)  # all_gather_object filled every slot
+        return {name: value for part in parts for name, value in part.items()}
 
 
 def build_pipeline(model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Callable,
-                   example_inputs: tuple[torch.Tensor, ...]) -> PipelineEngine:
+                   example_inputs: tuple[torch.Tensor, ...] | None) -> PipelineEngine:
     """Cut `model` into the plan's stages, parallelise this rank's stages and wrap them in
     the plan's schedule. `mesh` has dims ("pp", "dp", "tp"); `example_inputs` is one
     global batch (real, fake or meta tensors), from which each stage's input and output

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,12 @@ in-place ops on the output, which train_step never does. Silenced around train_s
 forward calls only: the user's warning filters stay as they were."""
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _SyncsGradients(Protocol):
+    """FSDP2's `fully_shard` modules and composable `replicate`'s: gradient sync can wait."""
+
+    def set_requires_gradient_sync(self, requires_gradient_sync: bool) -> None: ...
 
 
 def _device_type() -> str:
@@ -93,9 +100,10 @@ class ParallelModel:
         total = torch.zeros((), device=self.device)
         for index in range(num_micro):
             if defer_sync:
-                self.module.set_requires_gradient_sync(index == num_micro - 1)
+                cast(_SyncsGradients, self.module).set_requires_gradient_sync(index == num_micro - 1)
             output = self.module(*(parts[index] for parts in micro_inputs))
-            loss = self.loss_fn(output, micro_targets[index])
+            # loss_fn is declared for tensors; without targets it is handed None, as train_step says
+            loss = self.loss_fn(output, cast(torch.Tensor, micro_targets[index]))
             (loss / num_micro).backward()
             total += loss.detach().float()
         return total / num_micro
@@ -134,8 +142,9 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn: LossFn, example_inputs: tu
     >>> pm = apply_plan(model, plan, loss_fn)     # doctest: +SKIP
     """
     mesh = build_device_mesh(plan, _device_type())  # ValueError unless the mesh covers the world
-    if getattr(getattr(model, "config", None), "use_cache", False):
-        model.config.use_cache = False  # a Hugging Face model: training keeps no key/value cache (as its Trainer)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False  # a Hugging Face model: training keeps no key/value cache (as its Trainer)
     if _device_type() == "cuda":
         model.to(torch.device("cuda", torch.cuda.current_device()))
     if plan.mesh.get("pp", 1) > 1:

@@ -26,6 +26,7 @@ output gives the local heads. `gather_full_state_dict` undoes the permutation.
 from __future__ import annotations
 
 from functools import partial
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -55,7 +56,7 @@ def fused_row_permutation(fused_sizes: list[int], tp: int) -> torch.Tensor:
     [0, 2, 4, 1, 3, 5]
     """
     starts = [sum(fused_sizes[:j]) for j in range(len(fused_sizes))]
-    order = []
+    order: list[int] = []
     for rank in range(tp):
         for start, size in zip(starts, fused_sizes):
             local = size // tp
@@ -72,10 +73,11 @@ def _permute_fused_rows(module: nn.Module, styles: dict[str, TPSite], tp: int) -
             continue
         linear = module.get_submodule(path)
         feature_dim = 0 if isinstance(linear, nn.Linear) else 1
+        weight = cast(torch.Tensor, linear.weight)  # an nn.Linear or a transposed Conv1D
         total = sum(site.fused_sizes)
-        if total != linear.weight.shape[feature_dim] or any(size % tp for size in site.fused_sizes):
+        if total != weight.shape[feature_dim] or any(size % tp for size in site.fused_sizes):
             raise ValueError(f"{path}: fused_sizes {site.fused_sizes} must sum to the output features "
-                             f"{linear.weight.shape[feature_dim]} and each be divisible by tp={tp}")
+                             f"{weight.shape[feature_dim]} and each be divisible by tp={tp}")
         order = fused_row_permutation(site.fused_sizes, tp)
         with torch.no_grad():
             for name, param in linear.named_parameters(recurse=False):
@@ -131,6 +133,7 @@ def _prepare_input(site: TPSite, layout: Placement, desired: Placement, use_loca
         return PrepareModuleInput(input_kwarg_layouts={site.input_key: layout},
                                   desired_input_kwarg_layouts={site.input_key: desired},
                                   use_local_output=use_local_output)
+    assert isinstance(site.input_key, int)  # layout styles name their argument
     count = max(site.num_positional or 1, site.input_key + 1)
     layouts = tuple(layout if i == site.input_key else None for i in range(count))
     wanted = tuple(desired if i == site.input_key else None for i in range(count))
@@ -225,8 +228,10 @@ def _retie(module: nn.Module, ties: list[list[str]]) -> None:
         shared = get(owner)
         for name in names:
             other = get(name)
-            if name in split and (other.shape != shared.shape or other.placements != shared.placements):
-                raise ValueError(f"tied parameters {owner} and {name} are split differently by the plan")
+            if name in split:
+                assert isinstance(other, DTensor) and isinstance(shared, DTensor)  # so the owner is split too
+                if other.shape != shared.shape or other.placements != shared.placements:
+                    raise ValueError(f"tied parameters {owner} and {name} are split differently by the plan")
             path, _, attr = name.rpartition(".")
             setattr(module.get_submodule(path), attr, shared)
 
@@ -237,7 +242,8 @@ def gather_full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     Gathers DTensor shards (tensor and/or data parallel) and undoes fused-row
     permutations. A collective: every rank of the module's mesh must call it.
     """
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    # our models' state: parameters and buffers (torch annotates any state_dict value)
+    state = cast(dict[str, torch.Tensor], get_model_state_dict(module, options=StateDictOptions(full_state_dict=True)))
     for name, (order, dim) in getattr(module, FUSED_PERMUTATIONS_ATTR, {}).items():
         if name in state:
             state[name] = state[name].index_select(dim, torch.argsort(order).to(state[name].device))

@@ -148,7 +148,8 @@ class TracedModel:
             >>> graph = traced.fx_graph()                                   # doctest: +SKIP
             >>> {n.meta["layer"] for n in graph.nodes if n.op == "call_function"}   # doctest: +SKIP
         """
-        graph = fx.Graph(owning_module=self.module)
+        # any module can own a graph (fx reads its attributes); torch annotates GraphModule
+        graph = fx.Graph(owning_module=self.module)  # type: ignore[arg-type]
         made: dict[int, fx.Node] = {}
         names = {id(tensor): name for name, tensor in self.meta_state.items()}
         replayed = {id(t): layer for layer, call in self.calls.items() if layer in self.replayed_layers

@@ -28,6 +28,8 @@ never offers it (`check_sequence_parallel` says why).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from autoplan.analysis.graph import OpNode, TracedModel, _tensors
@@ -40,7 +42,7 @@ _KEEPS_SHAPE = {"to", "float", "half", "bfloat16", "type_as", "contiguous", "clo
 _REDUCTIONS = {"mean", "sum", "amax", "var", "std", "norm", "softmax", "log_softmax", "max", "min", "logsumexp"}
 
 
-def _key_of(tensor: torch.Tensor, call: tuple[tuple, dict]) -> int | str | None:
+def _key_of(tensor: torch.Tensor | None, call: tuple[tuple, dict]) -> int | str | None:
     """Position or keyword of `tensor` among a call's arguments (None: not passed directly)."""
     args, kwargs = call
     for position, value in enumerate(args):
@@ -148,7 +150,7 @@ def check_sequence_parallel(traced: TracedModel, flow: ModelFlow) -> tuple[tuple
     return (entry, exit_), None
 
 
-def _why_not_position_wise(node: OpNode, reads: list[torch.Tensor], split: set[int], styles: dict[str, str],
+def _why_not_position_wise(node: OpNode, reads: list[torch.Tensor], split: set[int], styles: Mapping[str, str],
                            flow: ModelFlow) -> str | None:
     """None when `node` keeps the sequence split (marking its outputs) or gathers it; else why not."""
     module = flow.modules[node.module] if node.is_module else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import TypeGuard, cast
 
 import torch
 import torch.nn as nn
@@ -38,13 +39,15 @@ def is_transposed_linear(module: nn.Module) -> bool:
             and getattr(module, "nf", None) == weight.shape[1])
 
 
-def is_linear(module: nn.Module | None) -> bool:
+def is_linear(module: nn.Module | None) -> TypeGuard[nn.Module]:
     """nn.Linear, or a Linear stored transposed (`is_transposed_linear`)."""
     return isinstance(module, nn.Linear) or (module is not None and is_transposed_linear(module))
 
 
 def out_features(module: nn.Module) -> int:
-    return module.weight.shape[1] if is_transposed_linear(module) else module.out_features
+    if is_transposed_linear(module):
+        return cast(torch.Tensor, module.weight).shape[1]
+    return cast(int, module.out_features)
 
 
 def _is_position_wise(module: nn.Module, node: OpNode) -> bool:

@@ -70,7 +70,7 @@ def without_kv_cache(module: nn.Module) -> Iterator[None]:
     would keep the keys of every earlier call (a layer profiled after the trace would attend
     over twice the sequence)."""
     config = getattr(module, "config", None)
-    if not getattr(config, "use_cache", False):
+    if config is None or not getattr(config, "use_cache", False):
         yield
         return
     config.use_cache = False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from datetime import timedelta
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,9 @@ from autoplan.errors import AutoplanError
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints
 from autoplan.schema.plan import Plan
+
+if TYPE_CHECKING:
+    from autoplan.backends.runner import ParallelModel
 
 TIMEOUT_ENV = "AUTOPLAN_TIMEOUT_S"
 """Seconds a collective may wait before a rank gives up (a dead peer must not hang a job)."""
@@ -67,7 +71,7 @@ def _agree_on_plan(make_plan: Callable[[], Plan]) -> Plan:
     dist.broadcast_object_list(payload, src=0)
     if isinstance(payload[0], ValueError):
         raise payload[0]
-    return Plan.model_validate_json(payload[0])
+    return Plan.model_validate_json(cast(str, payload[0]))  # rank 0's plan, as JSON
 
 
 class LazyParallelModel:
@@ -83,7 +87,7 @@ class LazyParallelModel:
     def __init__(self, model: nn.Module, cluster: ClusterSpec, loss_fn: Callable | None,
                  plan: Plan | Constraints | None, model_name: str | None):
         self._pending = (model, cluster, loss_fn, plan, model_name)
-        self._model = None
+        self._model: ParallelModel | None = None
 
     def train_step(self, inputs, targets=None) -> float:
         if self._model is None:

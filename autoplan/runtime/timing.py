@@ -17,9 +17,9 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -133,7 +133,7 @@ class AllocationTracker(TorchDispatchMode):
         self.current_bytes = 0
         self.peak_bytes = 0
         self._live: dict[int, int] = {}
-        self._original_resize = None
+        self._original_resize: Callable[[torch.UntypedStorage, int], Any] | None = None
 
     def track(self, *tensors: torch.Tensor) -> None:
         """Count these tensors' storages (e.g. parameters that exist before the tracker)."""
@@ -175,11 +175,11 @@ class AllocationTracker(TorchDispatchMode):
                 tracker._live[key] = size
             return result
 
-        torch.UntypedStorage.resize_ = resize_
+        setattr(torch.UntypedStorage, "resize_", resize_)  # noqa: B010 (mypy refuses assigning to a method)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        torch.UntypedStorage.resize_ = self._original_resize
+        setattr(torch.UntypedStorage, "resize_", self._original_resize)  # noqa: B010 (as in __enter__)
         return super().__exit__(*exc)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -228,9 +229,9 @@ class ClusterSpec(BaseModel):
         text = path.read_text()
         try:
             if path.suffix == ".toml":
-                try:
+                if sys.version_info >= (3, 11):
                     import tomllib
-                except ModuleNotFoundError:  # Python 3.10
+                else:
                     import tomli as tomllib
                 data = tomllib.loads(text)
             else:

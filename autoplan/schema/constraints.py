@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -76,7 +76,7 @@ class Constraints(BaseModel):
         >>> Constraints.parse_fix("dp=2,tp=2,recompute=full").recompute
         'full'
         """
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}  # bool, int, float or str: pydantic checks each against its field
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, sep, raw = item.partition("=")
             key = key.strip().replace("-", "_")

@@ -96,11 +96,13 @@ class LayerProfile(BaseModel):
         below, above = max((s for s in sizes if s < b), default=None), min((s for s in sizes if s > b), default=None)
         if below is None or above is None:
             nearest = below if above is None else above
+            assert nearest is not None  # measured_by_mbs is not empty
             fwd, bwd = self.measured_by_mbs[nearest]
             return fwd / nearest * b, bwd / nearest * b
         weight = (b - below) / (above - below)
-        return tuple(((1 - weight) * low / below + weight * high / above) * b
-                     for low, high in zip(self.measured_by_mbs[below], self.measured_by_mbs[above]))
+        (fwd_below, bwd_below), (fwd_above, bwd_above) = self.measured_by_mbs[below], self.measured_by_mbs[above]
+        return (((1 - weight) * fwd_below / below + weight * fwd_above / above) * b,
+                ((1 - weight) * bwd_below / below + weight * bwd_above / above) * b)
 
 
 class ModelProfile(BaseModel):

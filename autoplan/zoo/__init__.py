@@ -11,12 +11,15 @@
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -61,15 +64,14 @@ class Job:
 def _reference_configs() -> dict[str, GPTConfig]:
     """megatron-1.7b ... megatron-1t: one per row of Megatron-LM's Table 1
     (Narayanan et al., SC21; tests/data/megatron_sc21.json): params_b, heads, hidden, layers."""
-    rows = [dict(zip(("params_b", "heads", "hidden", "layers"), r)) for r in (
-        (1.7, 24, 2304, 24), (3.6, 32, 3072, 30), (7.5, 32, 4096, 36), (18.4, 48, 6144, 40),
-        (39.1, 64, 8192, 48), (76.1, 80, 10240, 60), (145.6, 96, 12288, 80), (310.1, 128, 16384, 96),
-        (529.6, 128, 20480, 105), (1008.0, 160, 25600, 128))]
+    rows = ((1.7, 24, 2304, 24), (3.6, 32, 3072, 30), (7.5, 32, 4096, 36), (18.4, 48, 6144, 40),
+            (39.1, 64, 8192, 48), (76.1, 80, 10240, 60), (145.6, 96, 12288, 80), (310.1, 128, 16384, 96),
+            (529.6, 128, 20480, 105), (1008.0, 160, 25600, 128))
     configs = {}
-    for row in rows:
-        label = "1t" if row["params_b"] >= 1000 else f"{row['params_b']:g}b"
+    for params_b, heads, hidden, layers in rows:
+        label = "1t" if params_b >= 1000 else f"{params_b:g}b"
         configs[f"megatron-{label}"] = GPTConfig(
-            num_layers=row["layers"], num_heads=row["heads"], hidden=row["hidden"],
+            num_layers=layers, num_heads=heads, hidden=hidden,
             vocab_size=51200, seq_len=2048)
     return configs
 
@@ -147,12 +149,13 @@ def build(name: str, *, batch_size: int = 8, seq_len: int | None = None,
     if device.type != "meta":
         torch.manual_seed(seed)
     if name in MLP_CONFIGS:
-        config = MLP_CONFIGS[name]
+        mlp_config = MLP_CONFIGS[name]
         with device, skip_init_on(device):
-            module = ResidualMLP(config)
-        inputs = torch.randn(batch_size, config.in_features, device=device)
-        targets = torch.randn(batch_size, config.out_features, device=device)
-        return Job(name, module, (inputs,), targets, mean_squared_error)
+            mlp = ResidualMLP(mlp_config)
+        inputs = torch.randn(batch_size, mlp_config.in_features, device=device)
+        targets = torch.randn(batch_size, mlp_config.out_features, device=device)
+        return Job(name, mlp, (inputs,), targets, mean_squared_error)
+    config: GPTConfig | LlamaConfig
     if name in GPT_CONFIGS:
         config = GPT_CONFIGS[name]
         config = replace(config, seq_len=seq_len or config.seq_len)
@@ -185,11 +188,12 @@ def load_factory(spec: str) -> Job:
     if not path.exists():
         raise ValueError(f"model file {path_text!r} does not exist")
     module_name = f"autoplan_user_{path.stem}"
-    loader_spec = importlib.util.spec_from_file_location(module_name, path)
+    # None for a file not ending in .py: module_from_spec then raises AttributeError (as it always has)
+    loader_spec = cast(importlib.machinery.ModuleSpec, importlib.util.spec_from_file_location(module_name, path))
     user_module = importlib.util.module_from_spec(loader_spec)
     sys.modules[module_name] = user_module
     try:
-        loader_spec.loader.exec_module(user_module)
+        cast(importlib.abc.Loader, loader_spec.loader).exec_module(user_module)  # a file's spec has a loader
         factory = getattr(user_module, factory_name, None)
         if not callable(factory):
             raise ValueError(f"{path_text!r} has no function {factory_name!r}")

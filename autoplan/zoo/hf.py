@@ -178,7 +178,7 @@ def build_hf(spec: str, *, batch_size: int, seq_len: int | None = None, device: 
     try:
         with device, skip_init_on(device):
             module = cls._from_config(config, **{_dtype_keyword(): torch.float32})
-    except (*_config_errors(), AttributeError, KeyError, IndexError, ZeroDivisionError) as error:
+    except _config_errors() + (AttributeError, KeyError, IndexError, ZeroDivisionError) as error:
         # a field combination the config class accepted but the model cannot be built from
         raise AutoplanError(f"{file}: {cls.__name__} cannot be built from this config: {_one_line(error)}") from None
     module.train()
