@@ -20,8 +20,9 @@ their own size), per sequence.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,9 +32,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from autoplan.schema.profile import selective_save_ops
-from autoplan.schema.plan import INPUT_STYLES, SEQUENCE_PARALLEL_STYLES
 from autoplan.analysis.trace import TracedModel, _join, _tensors, as_exported
+from autoplan.schema.plan import INPUT_STYLES, SEQUENCE_PARALLEL_STYLES
+from autoplan.schema.profile import selective_save_ops
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

@@ -25,17 +25,18 @@ size.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from autoplan.errors import TraceError
-from autoplan.schema.profile import LayerProfile, ModelProfile
 from autoplan.analysis.measured_layer import bind_loss, device_name, measure_layer
 from autoplan.analysis.meta_layer import _tensor_bytes, profile_layer
 from autoplan.analysis.stage_cuts import stage_start_blockers
 from autoplan.analysis.trace import TracedModel, _tensors, trace_model
+from autoplan.errors import TraceError
+from autoplan.schema.profile import LayerProfile, ModelProfile
 
 
 def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "model",

@@ -37,14 +37,14 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+from autoplan.bench.timeline import plot_timeline
 from autoplan.errors import InfeasibleError
 from autoplan.schema.cluster import ClusterSpec, write_atomically
 from autoplan.schema.constraints import Constraints
 from autoplan.schema.plan import Plan
-from autoplan.bench.timeline import plot_timeline
 
 DEFAULT_GLOBAL_BATCH_SIZE = 8
 LOCAL_MAX_TP = 2

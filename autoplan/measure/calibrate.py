@@ -75,10 +75,18 @@ from datetime import timedelta
 
 import torch
 
-from autoplan.schema.cluster import ClusterSpec
 from autoplan.measure.calibration import COLLECTIVES, Calibration, fit_collectives
-from autoplan.measure.probes import (_time_adam, _time_collective, _time_elementwise, _time_loaded_p2p, _time_matmuls,
-                                     _time_sharing, _time_tp_dispatch, _Timer)
+from autoplan.measure.probes import (
+    _time_adam,
+    _time_collective,
+    _time_elementwise,
+    _time_loaded_p2p,
+    _time_matmuls,
+    _time_sharing,
+    _time_tp_dispatch,
+    _Timer,
+)
+from autoplan.schema.cluster import ClusterSpec
 
 MATMUL_SIZES: dict[str, tuple[int, ...]] = {"cpu": (128, 256, 512, 1024), "cuda": (1024, 2048, 4096, 8192)}
 """Square matmul sizes tried per dtype (a dtype stops growing once one matmul takes probes.MAX_SINGLE_OP_S);

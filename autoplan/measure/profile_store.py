@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

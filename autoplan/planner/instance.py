@@ -14,14 +14,22 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from autoplan.errors import AutoplanError
-from autoplan.schema.cluster import ClusterSpec
-from autoplan.schema.constraints import RECOMPUTE_OPTIONS, Constraints
 from autoplan.costmodels.compute import estimate_optimizer_step_s
 from autoplan.costmodels.memory import model_state_bytes_per_param
-from autoplan.costmodels.pipeline import (LayerCost, ParallelConfig, dp_sync_coefficients, dtensor_step_s_per_tensor,
-                                          estimate_layer_cost, overlap_penalty, p2p_time_s, step_collectives_s)
+from autoplan.costmodels.pipeline import (
+    LayerCost,
+    ParallelConfig,
+    dp_sync_coefficients,
+    dtensor_step_s_per_tensor,
+    estimate_layer_cost,
+    overlap_penalty,
+    p2p_time_s,
+    step_collectives_s,
+)
+from autoplan.errors import AutoplanError
 from autoplan.planner.search_space import LayerSplit, can_sequence_parallel, schedule_options
+from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.constraints import RECOMPUTE_OPTIONS, Constraints
 from autoplan.schema.profile import ModelProfile
 
 ZERO_OPTIONS = (0, 1, 3)  # ZeRO-2 costs what ZeRO-1 does (memory.py); planned only when pinned

@@ -14,18 +14,18 @@ import contextvars
 import io
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
-from autoplan.errors import AutoplanError
-from autoplan.schema.cluster import ClusterSpec
-from autoplan.schema.constraints import Constraints
 from autoplan.costmodels.pipeline import estimate_layer_cost
-from autoplan.schema.profile import ModelProfile
-from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES, Candidate, LayerChoice, Plan, Prediction, StagePlan, TPSite
+from autoplan.errors import AutoplanError
 from autoplan.planner.placement import Solution
 from autoplan.planner.search_space import split_layers
 from autoplan.planner.solver import SolveResult, default_dtypes, solve
+from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.constraints import Constraints
+from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES, Candidate, LayerChoice, Plan, Prediction, StagePlan, TPSite
+from autoplan.schema.profile import ModelProfile
 
 OBJECTIVES = ("throughput",)
 ESTIMATED = "estimated (roofline)"

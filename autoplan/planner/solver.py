@@ -63,17 +63,29 @@ from dataclasses import dataclass, field
 
 import pulp
 
-from autoplan.errors import AutoplanError, InfeasibleError
-from autoplan.schema.cluster import ClusterSpec
-from autoplan.schema.constraints import Constraints
 from autoplan.costmodels.compute import estimate_optimizer_step_s
 from autoplan.costmodels.memory import in_flight_micro_batches, model_state_bytes_per_param
-from autoplan.costmodels.pipeline import (ParallelConfig, dp_sync_coefficients, dtensor_step_s_per_tensor,
-                                          fixed_memory_bytes, overlap_penalty, p2p_time_s, step_collectives_s)
+from autoplan.costmodels.pipeline import (
+    ParallelConfig,
+    dp_sync_coefficients,
+    dtensor_step_s_per_tensor,
+    fixed_memory_bytes,
+    overlap_penalty,
+    p2p_time_s,
+    step_collectives_s,
+)
+from autoplan.errors import AutoplanError, InfeasibleError
 from autoplan.planner.instance import Combo, Instance, build_instance, combinations, lower_bound_s
 from autoplan.planner.placement import Solution, heuristic_solution, place_layers, smallest_memory_plan
-from autoplan.planner.search_space import (LayerSplit, can_sequence_parallel, enumerate_meshes, micro_batch_sizes,
-                                           split_layers)
+from autoplan.planner.search_space import (
+    LayerSplit,
+    can_sequence_parallel,
+    enumerate_meshes,
+    micro_batch_sizes,
+    split_layers,
+)
+from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.constraints import Constraints
 from autoplan.schema.profile import ModelProfile
 
 GB = 1e9
@@ -121,7 +133,7 @@ class Rejected:
     peak_memory_bytes: float | None
     why: str
     recompute: str = "-"
-    instance: "Instance | None" = None
+    instance: Instance | None = None
     """Set when memory ruled the pair out (to say how much it would need)."""
 
 
