@@ -311,10 +311,10 @@ def _choose_cuts(forward: _ForwardRecord, stage_layers: list[list[str]], reason:
             needs = "; ".join(f"{reader} reads {names}" for reader, names
                               in _unmet_reads(forward, stage_of, stage, candidates[-1], wanted).items())
             raise ValueError(f"cannot cut {stage_layers[stage - 1][-1]!r} | {stage_layers[stage][0]!r} into pipeline "
-                             f"stages {stage - 1} | {stage}: {reason}, and splitting by module passes only the output of "
-                             f"layer {candidates[-1]!r} from stage {stage - 1} to stage {stage}, but on stage {stage} "
-                             f"{needs} (outputs of earlier stages' layers); move the cut so that one tensor chain "
-                             f"crosses it")
+                             f"stages {stage - 1} | {stage}: {reason}, and splitting by module passes only the "
+                             f"output of layer {candidates[-1]!r} from stage {stage - 1} to stage {stage}, but on "
+                             f"stage {stage} {needs} (outputs of earlier stages' layers); move the cut so that one "
+                             f"tensor chain crosses it")
         cuts.append(cut)
     for stage, cut in enumerate(cuts):  # a parameter-free cut layer sends what it derives
         unmet_sent = _unmet_reads(forward, stage_of, stage, cuts[stage - 1] if stage else None, {cut: {cut}})

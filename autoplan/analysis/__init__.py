@@ -1,1 +1,2 @@
-"""What a model is: the trace on meta tensors, its tensor-parallel, sequence-parallel and stage-cut structure, the per-layer profile."""
+"""What a model is: the trace on meta tensors, its tensor-parallel, sequence-parallel and stage-cut
+structure, the per-layer profile."""

@@ -104,11 +104,16 @@ def measure_layer(traced: TracedModel, layer: str, device: torch.device, *, dtyp
 
     saved: list[torch.Tensor] = []
     saved_bytes = 0.0
+
+    def count_saved(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
     forward_s, backward_s = [], []
     round_index = 0
     while round_index <= repeats or sum(forward_s[1:]) + sum(backward_s[1:]) < min_time_s:
         # round 0 warms up and counts saved tensors
-        counting = torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t) \
+        counting = torch.autograd.graph.saved_tensors_hooks(count_saved, lambda t: t) \
             if round_index == 0 else contextlib.nullcontext()
         synchronize()
         start = time.perf_counter()

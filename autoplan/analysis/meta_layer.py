@@ -224,12 +224,14 @@ def profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> dic
         **_allreduce_bytes(traced, layer))
 
 
-def _saved_bytes(saved: list[torch.Tensor], accounting: _Accounting, inputs: Any) -> tuple[dict[str, float], dict[str, float]]:
+def _saved_bytes(saved: list[torch.Tensor], accounting: _Accounting,
+                 inputs: Any) -> tuple[dict[str, float], dict[str, float]]:
     """Bytes kept for backward per recompute option, and the tp-split part of each.
 
     none: every storage autograd saved; selective: the layer input plus saved outputs of
     `selective_save_ops()`; full: the layer input (what non-reentrant checkpointing keeps)."""
-    kept = {_storage_key(t): _storage_bytes(t) for t in saved if t.dim() > 0 and _storage_key(t) not in accounting.state}
+    kept = {_storage_key(t): _storage_bytes(t) for t in saved
+            if t.dim() > 0 and _storage_key(t) not in accounting.state}
     given = {_storage_key(t): _storage_bytes(t) for t in _tensors(inputs)}
     chosen = {"none": kept,
               "selective": {**given, **{k: b for k, b in kept.items() if k in accounting.selective}},

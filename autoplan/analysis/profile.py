@@ -54,8 +54,9 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
     """
     first = example_inputs[0] if example_inputs else None
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        shape = "" if first is None else " of shape " + str(tuple(getattr(first, "shape", ())))
         raise ValueError("example_inputs[0] must be a tensor whose dim 0 is the batch; "
-                         f"got {type(first).__name__}{'' if first is None else ' of shape ' + str(tuple(getattr(first, 'shape', ())))}")
+                         f"got {type(first).__name__}{shape}")
     one_sequence = tuple(_first_sequence(x) for x in example_inputs)
     traced = trace_model(module, one_sequence)
     loss = bind_loss(loss_fn, _first_sequence(targets), torch.device("meta"))

@@ -13,8 +13,8 @@ def pipeline_timeline(stage_times_s: list[float], pp: int, num_micro_batches: in
                       schedule: str) -> list[tuple[int, str, int, int, float, float]]:
     """Simulated (pp_rank, "F"/"B", stage, micro_batch, start_s, end_s) of one step.
 
-    Stage i runs on pipeline rank i % pp. Forward is a third of a stage's forward+backward time, backward two thirds. Each
-    rank runs its actions in the schedule's order: GPipe all forwards then all backwards;
+    Stage i runs on pipeline rank i % pp. Forward is a third of a stage's forward+backward time, backward two thirds.
+    Each rank runs its actions in the schedule's order: GPipe all forwards then all backwards;
     1F1B `pp - rank - 1` warm-up forwards then one forward one backward; interleaved
     1F1B (Megatron's order) `(v - 1) * pp + 2 (pp - rank - 1)` warm-up forwards, chunks
     taken pp micro-batches at a time. An action starts when its rank is free and its

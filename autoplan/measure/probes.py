@@ -92,7 +92,7 @@ def _time_matmuls(timer: _Timer, dtype: torch.dtype, sizes: tuple[int, ...], act
         a = torch.randn(n, n, device=timer.device).to(dtype)
         b = torch.randn(n, n, device=timer.device).to(dtype)
         dist.barrier()
-        seconds = timer.repeated(lambda: torch.mm(a, b)) if active else 0.0
+        seconds = timer.repeated(lambda a=a, b=b: torch.mm(a, b)) if active else 0.0
         points.append((n, 2 * n**3 / seconds if active else 0.0))
         slowest = torch.tensor([seconds], device=timer.device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)

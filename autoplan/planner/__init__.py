@@ -1,1 +1,2 @@
-"""From a profile to a Plan: the MILP solver, measured layer times, plan and explain. Never imports measure, runtime or backends."""
+"""From a profile to a Plan: the MILP solver, measured layer times, plan and explain. Never imports
+measure, runtime or backends."""

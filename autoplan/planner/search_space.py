@@ -79,7 +79,8 @@ def can_sequence_parallel(profile: ModelProfile) -> bool:
 def check_tp(profile: ModelProfile, tp: int) -> str | None:
     """Why `tp` cannot split the model, or None."""
     if tp > 1 and not any(layer.tp_param_count for layer in profile.layers):
-        return f"tp={tp}: tensor parallelism finds nothing to split in this model (no Linear pairs, heads or vocabulary)"
+        return (f"tp={tp}: tensor parallelism finds nothing to split in this model "
+                "(no Linear pairs, heads or vocabulary)")
     for layer in profile.layers:
         for name, value in layer.tp_divisors.items():
             if value % tp:
@@ -116,7 +117,7 @@ def enumerate_meshes(profile: ModelProfile, cluster: ClusterSpec, constraints: C
     if not meshes:
         raise AutoplanError(f"no mesh dp * pp * tp = world_size({world}) satisfies the pins "
                          f"{ {k: v for k, v in pins.items() if v} }")
-    for dp, pp, tp in meshes:
+    for _dp, pp, _tp in meshes:
         if pp > num_blocks:
             raise AutoplanError(f"pp={pp} exceeds the {num_blocks} repeated blocks the model can be cut into"
                              + (f": {cut_blocker}" if cut_blocker else ""))

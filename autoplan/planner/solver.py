@@ -336,8 +336,8 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
     started = time.perf_counter()
     constraints = constraints or Constraints()
     if constraints.sequence_parallel and not can_sequence_parallel(profile):
-        raise AutoplanError(f"sequence_parallel=True cannot run on {profile.model_name}: "
-                         f"{profile.sequence_parallel_blocker or 'no tensor-parallel region to split along the sequence'}")
+        blocker = profile.sequence_parallel_blocker or "no tensor-parallel region to split along the sequence"
+        raise AutoplanError(f"sequence_parallel=True cannot run on {profile.model_name}: {blocker}")
     param_dtype, grad_dtype = default_dtypes(cluster, constraints)
     split = split_layers(profile)
     meshes = enumerate_meshes(profile, cluster, constraints, split.num_cuttable_blocks, split.cut_blocker)
