@@ -2,7 +2,7 @@
 
     >>> model = apply_plan(job.module, plan, job.loss_fn)             # doctest: +SKIP
     >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)       # doctest: +SKIP
-    >>> loss = model.train_step(tokens, targets=targets)              # the same global batch on every rank
+    >>> loss = model.train_step(tokens, targets=targets)  # the same global batch on every rank  # doctest: +SKIP
     >>> optimizer.step(); optimizer.zero_grad()                       # doctest: +SKIP
 
 Every rank passes the same GLOBAL batch; the runner takes this rank's data-parallel

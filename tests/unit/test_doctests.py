@@ -18,14 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"autoplan": ROOT / "autoplan", "autoplan.costmodels": ROOT / "costmodels",
             "autoplan.backends": ROOT / "backends"}
 OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-NEEDS_SKIP = {
-    # An example that needs a process group (a rank's model, engine or plan) without
-    # `# doctest: +SKIP`; these files were being edited elsewhere when this test landed.
-    # Strict: once the example is marked, the entry must go.
-    "autoplan.backends.pipeline": "engine.train_step(...) in the module docstring",
-    "autoplan.backends.runner": "model.train_step(...) in the module docstring",
-    "autoplan.runtime.parallelize": "pm.train_step(...) and AdamW(pm.parameters()) in LazyParallelModel",
-}
+NEEDS_SKIP: dict[str, str] = {}
 
 
 def _module_names() -> list[str]:
