@@ -91,6 +91,7 @@ def split_model(model: nn.Module, stage_layers: list[list[str]],
     missing = sorted(name for name in layer_names if _find_module(model, name) is None)
     if missing:
         raise ValueError(f"plan stages name layers that are not modules of {type(model).__name__}: {missing}")
+    output_template: Template | None
     try:
         graph = LayerLeafTracer(layer_names).trace(model)
         hidden = sorted(layer_names - {node.target for node in graph.nodes if node.op == "call_module"})
@@ -103,7 +104,7 @@ def split_model(model: nn.Module, stage_layers: list[list[str]],
             raise ValueError(f"{reason}; splitting by module instead needs example_inputs") from error
         modules, output_template = split_by_module(model, stage_layers, example_inputs, reason)
     else:
-        modules, output_template = split_graph(model, graph, stage_layers), None
+        modules, output_template = list(split_graph(model, graph, stage_layers)), None
     used = {name for module in modules for name in module.state_dict()}
     unreached = {name: value.detach().clone() for name, value in model.state_dict().items() if name not in used}
     return ModelSplit(modules, _copied_parameter_groups(model, modules), unreached, output_template)

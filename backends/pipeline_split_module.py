@@ -30,7 +30,7 @@ import contextvars
 import copy
 import types
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -92,7 +92,7 @@ class _StubLayer(nn.Module):
     (`receives`: the last layer of the previous stage), else zeros shaped like the layer's
     output, dim 0 scaled from the traced batch to this micro-batch."""
 
-    def __init__(self, output: Template, traced_batch_size: int | None, receives: bool):
+    def __init__(self, output: Template | None, traced_batch_size: int | None, receives: bool):
         super().__init__()
         self.output, self.traced_batch_size, self.receives = output, traced_batch_size, receives
 
@@ -106,6 +106,7 @@ class _StubLayer(nn.Module):
                 return (run.batch_size, *meta.shape[1:])
             return meta.shape
 
+        assert self.output is not None  # None only for a layer the traced forward never called
         return self.output.rebuild(torch.zeros(shape(meta), dtype=meta.dtype, device=run.device)
                                    for meta in self.output.metas)
 
@@ -139,7 +140,7 @@ def _run_stage(self: nn.Module, *args: torch.Tensor) -> tuple[torch.Tensor, ...]
     """forward of a stage split by module: (received tensors..., model inputs...) ->
     (tensors of its last layer's output..., model inputs...), or on the last stage the
     tensors of the model's output."""
-    spec: _StageSpec = self._pipeline_stage
+    spec = cast(_StageSpec, self._pipeline_stage)
     num_received = len(spec.received.metas) if spec.received is not None else 0
     received = spec.received.rebuild(args[:num_received]) if spec.received is not None else None
     inputs = args[num_received:]
@@ -339,8 +340,10 @@ def _stage_skeleton(model: nn.Module, forward: _ForwardRecord, stage_of: dict[st
         if not any(name.startswith(layer + ".") for layer in forward.layers):
             memo[id(parameter)] = parameter
     skeleton = copy.deepcopy(model, memo)
-    skeleton._pipeline_stage = _StageSpec(stage, forward.layers[received].output if received else None,
-                                          cuts[stage] if stage < len(cuts) else None)
+    spec = _StageSpec(stage, forward.layers[received].output if received else None,
+                      cuts[stage] if stage < len(cuts) else None)
+    # torch annotates Module.__setattr__ for tensors and modules only; any value is stored
+    skeleton._pipeline_stage = spec  # type: ignore[assignment]
     skeleton.forward = types.MethodType(_run_stage, skeleton)
     return skeleton
 

@@ -109,7 +109,8 @@ def measure_layer(traced: TracedModel, layer: str, device: torch.device, *, dtyp
         saved.append(t)
         return t
 
-    forward_s, backward_s = [], []
+    forward_s: list[float] = []
+    backward_s: list[float] = []
     round_index = 0
     while round_index <= repeats or sum(forward_s[1:]) + sum(backward_s[1:]) < min_time_s:
         # round 0 warms up and counts saved tensors

@@ -165,7 +165,9 @@ def _tp_roles(traced: TracedModel, layer: str, state: dict[str, torch.Tensor]
     """Storage keys of the split parameters and of the colwise weights, and each split module's
     role: "colwise" (vocab output too: its outputs are split) or "rowwise" (vocab embedding too:
     its outputs are whole after the all-reduce)."""
-    split_params, colwise_weights, roles = set(), set(), {}
+    split_params: set[int] = set()
+    colwise_weights: set[int] = set()
+    roles: dict[nn.Module, str] = {}
     for path, site in traced.tp[layer].sites.items():
         if site.style in SEQUENCE_PARALLEL_STYLES or site.style in INPUT_STYLES:
             continue
@@ -190,6 +192,10 @@ def profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> dic
                              colwise_weights=colwise_weights)
     saved: list[torch.Tensor] = []
 
+    def count_saved(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
     def enter(site_module: nn.Module, args: tuple) -> None:
         accounting.roles.append(roles[site_module])
 
@@ -201,7 +207,7 @@ def profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> dic
         handles += [site_module.register_forward_pre_hook(enter), site_module.register_forward_hook(leave)]
     try:
         with FlopCounterMode(display=False) as forward_flops, _FusedAttention(), accounting, as_exported(), \
-                torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+                torch.autograd.graph.saved_tensors_hooks(count_saved, lambda t: t):
             output = torch.func.functional_call(module, state, args, kwargs)
             final = loss(output) if loss is not None else output
     finally:

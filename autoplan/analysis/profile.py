@@ -165,7 +165,7 @@ def _count_parameters(traced: TracedModel, layer: str, counted: set[int]) -> tup
     tp-split ones (colwise and vocab weights and biases, rowwise weights: a rowwise bias is
     added after the all-reduce, so it stays whole), and the number of those tensors."""
     module = traced.module.get_submodule(layer)
-    split = set()
+    split: set[int] = set()  # ids of the split parameters
     for path, site in traced.tp[layer].sites.items():
         site_module = traced.module.get_submodule(path)
         if site.style in ("colwise", "vocab_output"):

@@ -39,6 +39,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 from autoplan.bench.timeline import plot_timeline
 from autoplan.errors import InfeasibleError
@@ -61,7 +62,7 @@ def baseline_constraints(cluster: ClusterSpec) -> dict[str, Constraints]:
     per_node = cluster.devices_per_node
     tp = min(per_node, LOCAL_MAX_TP) if cluster.device.kind == "cpu" else per_node
     pp = cluster.num_nodes
-    plain = {"recompute": "none"}
+    plain: dict[str, Any] = {"recompute": "none"}
     return {
         "ddp": Constraints(dp=world, tp=1, pp=1, zero_stage=0, **plain),
         "fsdp": Constraints(dp=world, tp=1, pp=1, zero_stage=3, **plain),
@@ -189,6 +190,7 @@ def _run_candidate(name: str, constraints: Constraints, job, model_name: str, cl
     from autoplan.planner.planning import plan as make_plan
     from autoplan.runtime.launch import launch
 
+    entry: dict[str, Any]  # the candidate's entry of the JSON report
     entry = {"name": name, "chosen": name == "autoplan", "status": "ok", "mesh": None,
              "constraints": constraints.model_dump(mode="json", exclude_none=True),
              "predicted_step_s": None, "measured_step_s": None, "measured_step_times_s": None,
@@ -290,14 +292,15 @@ def summarize(report: dict) -> dict:
     ran = [c for c in report["candidates"] if c["measured_step_s"]]
     chosen = next((c for c in ran if c["chosen"]), None)
     best = min(ran, key=lambda c: c["measured_step_s"], default=None)
-    memory = [abs(relative_error(c["predicted_peak_memory_bytes"], c["measured_peak_memory_bytes"]))
+    # a candidate that ran has its prediction and its measurement: relative_error is a number
+    memory = [abs(cast(float, relative_error(c["predicted_peak_memory_bytes"], c["measured_peak_memory_bytes"])))
               for c in ran if c["measured_peak_memory_bytes"]]
     return {
         "num_ran": len(ran), "num_candidates": len(report["candidates"]),
         "chosen_step_s": chosen and chosen["measured_step_s"],
         "best_name": best and best["name"], "best_step_s": best and best["measured_step_s"],
-        "step_error": statistics.median(abs(relative_error(c["predicted_step_s"], c["measured_step_s"])) for c in ran)
-        if ran else None,
+        "step_error": statistics.median(abs(cast(float, relative_error(c["predicted_step_s"], c["measured_step_s"])))
+                                        for c in ran) if ran else None,
         "memory_error": statistics.median(memory) if memory else None,
     }
 
@@ -336,7 +339,7 @@ def plot_bench(report: dict, path: str | os.PathLike) -> None:
     bars.set_ylabel("step time (s)")
     bars.set_title(f"{report['model']} on {report['cluster']}")
     bars.legend()
-    if timeline:
+    if timeline and chosen is not None:
         plot_timeline(axes[0][1], chosen)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

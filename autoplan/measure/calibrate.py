@@ -72,6 +72,7 @@ import os
 import statistics
 import time
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -226,7 +227,7 @@ def _rank_main(rank: int, nproc: int, port: int, device: str, dtypes: list[str],
             if rank == 0:
                 queue.put((rank, "progress", label))
 
-        result = {"matmul": {}, "collectives": {}}
+        result: dict[str, Any] = {"matmul": {}, "collectives": {}}
         active = device == "cuda" or nproc == 1 or rank == 0  # CPU rates are timed alone (module docstring)
         dist.barrier()
         for dtype in dtypes:

@@ -34,6 +34,7 @@ import contextlib
 import datetime
 import os
 from collections.abc import Callable
+from typing import Literal, cast
 
 import torch
 import torch.nn as nn
@@ -146,7 +147,8 @@ def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable 
     finally:
         torch.set_num_threads(threads)
     return ProfileFile(
-        model_name=model_name, input_shape=list(cut(first, 1).shape), device_kind=device.type,
+        model_name=model_name, input_shape=list(cut(first, 1).shape),
+        device_kind=cast(Literal["cpu", "cuda"], device.type),  # pydantic refuses other kinds
         device_name=device_name(device), compute_dtype=dtype, num_threads=measured_threads, repeats=repeats,
         concurrent_ranks=1 + busy_peers,
         torch_version=torch.__version__,
@@ -191,6 +193,7 @@ def _busy_loop(stop, ready, model: str | None, sizes: list[int] | None, seq_len:
     else:
         from autoplan.zoo import build
 
+        assert sizes is not None  # given with a model
         job = build(model, batch_size=max(sizes), seq_len=seq_len, device="meta")
 
         def step() -> None:

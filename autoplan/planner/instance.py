@@ -181,9 +181,9 @@ def combinations(inst: Instance, incumbent_s: float | None = None) -> list[Combo
 
 def total_over_layers(inst: Instance, field_name: str) -> float:
     """A per-layer cost that no recompute or SP choice changes, summed over the model."""
-    split, key = inst.split, (inst.options[0], inst.sps[0])
-    return len(split.blocks) * getattr(inst.costs[(split.blocks[0], *key)], field_name) + sum(
-        getattr(inst.costs[(j, *key)], field_name) for j in split.prefix + split.suffix)
+    split, option, sp = inst.split, inst.options[0], inst.sps[0]
+    return len(split.blocks) * getattr(inst.costs[split.blocks[0], option, sp], field_name) + sum(
+        getattr(inst.costs[j, option, sp], field_name) for j in split.prefix + split.suffix)
 
 
 def total_local_params(inst: Instance) -> float:

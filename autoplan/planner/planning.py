@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 from autoplan.costmodels.pipeline import estimate_layer_cost
 from autoplan.errors import AutoplanError
@@ -23,7 +24,7 @@ from autoplan.planner.placement import Solution
 from autoplan.planner.search_space import split_layers
 from autoplan.planner.solver import SolveResult, default_dtypes, solve
 from autoplan.schema.cluster import ClusterSpec
-from autoplan.schema.constraints import Constraints
+from autoplan.schema.constraints import Constraints, Recompute, Schedule
 from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES, Candidate, LayerChoice, Plan, Prediction, StagePlan, TPSite
 from autoplan.schema.profile import ModelProfile
 
@@ -77,7 +78,7 @@ def plan(model, cluster: ClusterSpec, example_inputs: tuple, loss_fn: Callable |
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     profile = profile_model(model, example_inputs, model_name=model_name or type(model).__name__, loss_fn=loss_fn)
     summary = None
-    if measured is not None:
+    if measured is not None and profile_file:
         profile, summary = apply_profile(profile, measured, cluster.device, compute_dtype=param_dtype,
                                          source=Path(profile_file).name, ranks_per_core=ranks_per_core(cluster))
     result = plan_from_profile(profile, cluster, constraints)
@@ -152,7 +153,7 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
                                               sequence_parallel=config.sequence_parallel,
                                               param_dtype=config.param_dtype,
                                               grad_reduce_dtype=config.grad_reduce_dtype).time_s
-            layer_choices[layer_index] = LayerChoice(name=layer.name, recompute=option, stage=index,
+            layer_choices[layer_index] = LayerChoice(name=layer.name, recompute=cast(Recompute, option), stage=index,
                                                      time_source=sources[layer_index])
         stages.append(StagePlan(index=index, pp_rank=index % config.pp,
                                 layers=[profile.layers[i].name for i, _ in entries],
@@ -175,7 +176,7 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
     return Plan(
         model_name=profile.model_name, mesh=config.mesh, global_batch_size=profile.global_batch_size,
         micro_batch_size=config.micro_batch_size, num_micro_batches=config.num_micro_batches,
-        schedule=config.schedule, virtual_stages=config.virtual_stages, zero_stage=config.zero_stage,
+        schedule=cast(Schedule, config.schedule), virtual_stages=config.virtual_stages, zero_stage=config.zero_stage,
         sequence_parallel=config.sequence_parallel, param_dtype=config.param_dtype,
         grad_reduce_dtype=config.grad_reduce_dtype, activation_dtype=config.param_dtype,
         stages=stages, layers=[layer_choices[i] for i in range(len(profile.layers))],
@@ -268,8 +269,8 @@ def explain(plan: Plan) -> str:
     layers = Table(title="per-layer choices")
     for column in ("layers", "recompute", "stage", "layer time"):
         layers.add_column(column)
-    for names, recompute, stage, source in _compress_runs(plan):
-        layers.add_row(names, recompute, str(stage), source)
+    for run_names, recompute, run_stage, source in _compress_runs(plan):
+        layers.add_row(run_names, recompute, str(run_stage), source)
     console.print(layers)
     if plan.measured_sources:
         console.print("cost sources:")

@@ -46,7 +46,8 @@ def split_layers(profile: ModelProfile) -> LayerSplit:
     anywhere inside (`ModelProfile.stage_start_blockers`), the first such run on ties; when
     no two equal neighbours may be cut apart, the longest run, uncuttable."""
     layers, blockers = profile.layers, profile.stage_start_blockers
-    runs, cuttable = [], []  # (start, length) of runs of equal signatures; of runs also cuttable inside
+    runs: list[list[int]] = []  # (start, length) of runs of equal signatures
+    cuttable: list[list[int]] = []  # (start, length) of runs also cuttable inside
     for index, layer in enumerate(layers):
         if runs and layer.signature == layers[index - 1].signature:
             runs[-1][1] += 1
@@ -144,6 +145,7 @@ def schedule_options(pp: int, num_micro_batches: int, num_blocks: int,
                      constraints: Constraints) -> list[tuple[str, int]]:
     """(schedule, virtual stages) choices: 1F1B needs m >= pp and interleaving m % pp == 0
     (torch.distributed.pipelining, as Megatron-LM) and at least v blocks per rank."""
+    options: list[tuple[str, int]]
     if pp == 1:
         options = [(constraints.schedule or "1f1b", 1)]
     else:
