@@ -1,7 +1,7 @@
 """Pipeline parallelism (pp > 1) on `torch.distributed.pipelining`.
 
     >>> engine = build_pipeline(model, plan, mesh, loss_fn, example_inputs)   # doctest: +SKIP
-    >>> loss = engine.train_step((tokens,), targets)  # this dp rank's share; same float on every pp rank  # doctest: +SKIP
+    >>> loss = engine.train_step((tokens,), targets)  # this dp rank's share, equal on all pp ranks  # doctest: +SKIP
     >>> torch.optim.SGD(engine.parameters(), lr=0.1).step()                   # doctest: +SKIP
 
 Each pipeline rank r holds the stages r, r + pp, r + 2 pp, ... of `plan.stages` (cut by
