@@ -49,7 +49,10 @@ def test_two_rank_calibration_is_positive_and_reproduces_a_direct_matmul_timing(
     flops = 2 * MATMUL_N**3
     implied_s = flops / (device.peak_flops["float32"] * matmul_efficiency(flops, device))
     direct_s = _direct_matmul_s(MATMUL_N)
-    assert direct_s / 2 < implied_s < direct_s * 2, (implied_s, direct_s)
+    # The calibrated rate must describe this machine's matmuls, not a datasheet's: the same
+    # order of magnitude as a direct timing. Only that: the calibration ran on 2 ranks sharing
+    # cores, the direct timing on one, and another job may load the machine meanwhile.
+    assert direct_s / 10 < implied_s < direct_s * 10, (implied_s, direct_s)
 
 
 def _synthetic_calibration(nproc: int, latency_s: float, bandwidth_bps: float) -> Calibration:
