@@ -11,24 +11,54 @@ Layers, each importing only those before it (tests/unit/test_layering.py):
 → `runtime` (parallelize, launch, worker) → `measure` (calibrate, profiles, training timing)
 → `bench` → `cli`. The Plan is the only thing planning hands to running.
 """
+
 from autoplan import zoo
 from autoplan.errors import AutoplanError, InfeasibleError, TraceError
 from autoplan.schema.cluster import ClusterSpec, DeviceSpec, LinkSpec
 from autoplan.schema.constraints import Constraints
 from autoplan.schema.plan import Plan
 
-__all__ = ["ClusterSpec", "DeviceSpec", "LinkSpec", "Constraints", "Plan", "plan", "parallelize", "explain", "zoo",
-           "AutoplanError", "InfeasibleError", "TraceError"]
+__all__ = [
+    "ClusterSpec",
+    "DeviceSpec",
+    "LinkSpec",
+    "Constraints",
+    "Plan",
+    "plan",
+    "parallelize",
+    "explain",
+    "zoo",
+    "AutoplanError",
+    "InfeasibleError",
+    "TraceError",
+]
 __version__ = "0.1.0"
 
 
 # The planner (PuLP) and the runner (torch.distributed) load on first use.
-def plan(model, cluster, example_inputs, loss_fn=None, constraints=None, objective="throughput", model_name=None,
-         *, profile_file=None):
+def plan(
+    model,
+    cluster,
+    example_inputs,
+    loss_fn=None,
+    constraints=None,
+    objective="throughput",
+    model_name=None,
+    *,
+    profile_file=None,
+):
     from autoplan.planner import planning
 
-    return planning.plan(model, cluster, example_inputs, loss_fn=loss_fn, constraints=constraints,
-                         objective=objective, model_name=model_name, profile_file=profile_file)
+    return planning.plan(
+        model,
+        cluster,
+        example_inputs,
+        loss_fn=loss_fn,
+        constraints=constraints,
+        objective=objective,
+        model_name=model_name,
+        profile_file=profile_file,
+    )
 
 
 def explain(plan: Plan) -> str:
@@ -45,5 +75,6 @@ def parallelize(model, cluster, example_inputs=None, loss_fn=None, plan=None, mo
 
 plan.__doc__ = "Plan `model` on `cluster`; see autoplan.planner.planning.plan."
 explain.__doc__ = "The full report `autoplan show` prints; see autoplan.planner.planning.explain."
-parallelize.__doc__ = ("Plan (unless given a Plan) and apply it on this rank; "
-                        "see autoplan.runtime.parallelize.parallelize.")
+parallelize.__doc__ = (
+    "Plan (unless given a Plan) and apply it on this rank; see autoplan.runtime.parallelize.parallelize."
+)

@@ -11,6 +11,7 @@
 User mistakes print one line `autoplan: error: ...` and exit with status 2; nothing is
 left half-written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,25 @@ console = Console(stderr=False, highlight=False)
 DEMO_MODEL = "gpt-small-demo"
 DEMO_CLUSTER = "local:4"
 DEMO_BATCH = 16
-LAUNCHER_FLAG_PREFIXES = ("--nnodes", "--node-rank", "--node_rank", "--rdzv", "--master-addr", "--master_addr",
-                          "--master-port", "--master_port", "--max-restarts", "--monitor-interval")
+LAUNCHER_FLAG_PREFIXES = (
+    "--nnodes",
+    "--node-rank",
+    "--node_rank",
+    "--rdzv",
+    "--master-addr",
+    "--master_addr",
+    "--master-port",
+    "--master_port",
+    "--max-restarts",
+    "--monitor-interval",
+)
 
 
-MODEL_HELP = ("zoo name (e.g. gpt2-small, llama3-8b, megatron-1t), path/file.py:factory, or hf:PATH: a Hugging "
-              "Face config.json or a folder holding one, built from the config on the meta device (no weights, "
-              "no network; needs transformers)")
+MODEL_HELP = (
+    "zoo name (e.g. gpt2-small, llama3-8b, megatron-1t), path/file.py:factory, or hf:PATH: a Hugging "
+    "Face config.json or a folder holding one, built from the config on the meta device (no weights, "
+    "no network; needs transformers)"
+)
 
 
 def _version() -> str:
@@ -62,15 +75,27 @@ def positive_int(text: str) -> int:
 
 def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--model", required=required, help=MODEL_HELP)
-    parser.add_argument("--cluster", required=required,
-                        help="PRESET:NUM_NODES (dgx-a100-80gb:16), local:N, or a cluster .toml/.json file")
-    parser.add_argument("--global-batch-size", type=positive_int, default=None,
-                        help="sequences per optimizer step (default: max(8, world size))")
-    parser.add_argument("--seq-len", type=positive_int, default=None,
-                        help="tokens per sequence (default: the model's context length; hf: models at most 2048)")
+    parser.add_argument(
+        "--cluster",
+        required=required,
+        help="PRESET:NUM_NODES (dgx-a100-80gb:16), local:N, or a cluster .toml/.json file",
+    )
+    parser.add_argument(
+        "--global-batch-size",
+        type=positive_int,
+        default=None,
+        help="sequences per optimizer step (default: max(8, world size))",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=None,
+        help="tokens per sequence (default: the model's context length; hf: models at most 2048)",
+    )
     parser.add_argument("--fix", default="", help="pins, e.g. dp=8,tp=4,pp=2,schedule=1f1b,zero_stage=1")
-    parser.add_argument("--profile", default=None,
-                        help="a file from `autoplan profile`: its measured layer times replace the roofline")
+    parser.add_argument(
+        "--profile", default=None, help="a file from `autoplan profile`: its measured layer times replace the roofline"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,19 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="the full report of a saved plan")
     show.add_argument("plan_file")
 
-    run = commands.add_parser("run", help="launch a plan on this machine through torch's launcher "
-                                         "(multi-node flags --nnodes/--node-rank/--rdzv-* pass through)")
+    run = commands.add_parser(
+        "run",
+        help="launch a plan on this machine through torch's launcher "
+        "(multi-node flags --nnodes/--node-rank/--rdzv-* pass through)",
+    )
     run.add_argument("plan_file", nargs="?", help="a plan JSON (or give --model/--cluster to plan now)")
     _add_model_args(run, required=False)
-    run.add_argument("--nproc", type=int, default=None,
-                     help="processes on this node (default: the plan's devices per node)")
+    run.add_argument(
+        "--nproc", type=int, default=None, help="processes on this node (default: the plan's devices per node)"
+    )
     run.add_argument("--steps", type=int, default=5)
 
     bench = commands.add_parser("bench", help="the chosen plan against hand-tuned baselines, predicted vs measured")
     _add_model_args(bench)
     bench.add_argument("--steps", type=int, default=5)
-    bench.add_argument("--rounds", type=int, default=1,
-                       help="launch every candidate this many times, interleaved; the median step is over all")
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="launch every candidate this many times, interleaved; the median step is over all",
+    )
     bench.add_argument("--json", dest="json_path", default=None)
     bench.add_argument("--plot", dest="plot_path", default=None)
 
@@ -107,22 +140,38 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--device", choices=("cpu", "cuda"), default=None)
     calibrate.add_argument("-o", "--output", default="cluster.calibrated.toml")
 
-    profile = commands.add_parser("profile", help="measure each distinct layer on this machine's device "
-                                                 "and write a profile file for --profile")
+    profile = commands.add_parser(
+        "profile", help="measure each distinct layer on this machine's device and write a profile file for --profile"
+    )
     profile.add_argument("--model", required=True, help=MODEL_HELP)
-    profile.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                         help="where to measure (default: cuda when available, else cpu)")
+    profile.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where to measure (default: cuda when available, else cpu)",
+    )
     profile.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
-    profile.add_argument("--global-batch-size", type=int, default=8,
-                         help="the batch the micro-batch sizes divide (default 8)")
-    profile.add_argument("--micro-batch-sizes", default=None,
-                         help="comma-separated, e.g. 1,2,4 (default: powers of two up to 8 dividing the batch)")
-    profile.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                         help="compute dtype (default: bfloat16 on cuda, float32 on cpu, as the planner's)")
-    profile.add_argument("--cluster", default=None,
-                         help="the cluster the profile is for: local:N measures while N-1 peers keep the other "
-                              "cores busy, as its ranks do; its device is the roofline columns' (default: local:1 "
-                              "on cpu, the matching DGX preset on cuda)")
+    profile.add_argument(
+        "--global-batch-size", type=int, default=8, help="the batch the micro-batch sizes divide (default 8)"
+    )
+    profile.add_argument(
+        "--micro-batch-sizes",
+        default=None,
+        help="comma-separated, e.g. 1,2,4 (default: powers of two up to 8 dividing the batch)",
+    )
+    profile.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="compute dtype (default: bfloat16 on cuda, float32 on cpu, as the planner's)",
+    )
+    profile.add_argument(
+        "--cluster",
+        default=None,
+        help="the cluster the profile is for: local:N measures while N-1 peers keep the other "
+        "cores busy, as its ranks do; its device is the roofline columns' (default: local:1 "
+        "on cpu, the matching DGX preset on cuda)",
+    )
     profile.add_argument("-o", "--output", default="profile.json")
 
     demo = commands.add_parser("demo", help="plan a small GPT for local:4, run it, print predicted vs measured")
@@ -138,31 +187,49 @@ def _make_plan(args: argparse.Namespace):
     batch = args.global_batch_size or max(8, cluster.world_size)
     job = build(args.model, batch_size=batch, seq_len=args.seq_len, device="meta")
     started = time.perf_counter()
-    plan = make_plan(job.module, cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn,
-                     constraints=Constraints.parse_fix(args.fix), model_name=args.model, profile_file=args.profile)
+    plan = make_plan(
+        job.module,
+        cluster,
+        example_inputs=job.example_inputs,
+        loss_fn=job.loss_fn,
+        constraints=Constraints.parse_fix(args.fix),
+        model_name=args.model,
+        profile_file=args.profile,
+    )
     first = job.example_inputs[0]
     tokens = first.dim() == 2 and not first.is_floating_point()
     plan.seq_len = args.seq_len or (int(first.shape[1]) if tokens else None)
     plan.input_sources = {
-        "global_batch_size": "--global-batch-size" if args.global_batch_size
+        "global_batch_size": "--global-batch-size"
+        if args.global_batch_size
         else f"default max(8, world size {cluster.world_size})",
-        "seq_len": "--seq-len" if args.seq_len
-        else ("the model's context length" if tokens else "not a sequence model")}
+        "seq_len": "--seq-len"
+        if args.seq_len
+        else ("the model's context length" if tokens else "not a sequence model"),
+    }
     return plan, time.perf_counter() - started
 
 
 def _summary(plan) -> str:
     predicted = plan.predicted
     capacity = plan.cluster.device.memory_bytes
-    batch = (f"global batch {plan.global_batch_size} sequences ({plan.input_sources.get('global_batch_size', 'given')})"
-             + (f" x {plan.seq_len} tokens ({plan.input_sources.get('seq_len', 'given')}) = "
-                f"{plan.global_batch_size * plan.seq_len:,} tokens per step" if plan.seq_len else "") + "\n")
-    return batch + (f"mesh {plan.mesh}  micro-batch {plan.micro_batch_size} x {plan.num_micro_batches}  "
-            f"schedule {plan.schedule}{f' (v={plan.virtual_stages})' if plan.virtual_stages > 1 else ''}  "
-            f"ZeRO-{plan.zero_stage}  sequence-parallel {plan.sequence_parallel}\n"
-            f"predicted step {predicted.step_time_s:.4g} s, peak memory {predicted.peak_memory_bytes / 1e9:.3g} GB "
-            f"of {capacity / 1e9:.3g} GB per device"
-            + (f", MFU {predicted.mfu:.1%}" if predicted.mfu else ""))
+    batch = (
+        f"global batch {plan.global_batch_size} sequences ({plan.input_sources.get('global_batch_size', 'given')})"
+        + (
+            f" x {plan.seq_len} tokens ({plan.input_sources.get('seq_len', 'given')}) = "
+            f"{plan.global_batch_size * plan.seq_len:,} tokens per step"
+            if plan.seq_len
+            else ""
+        )
+        + "\n"
+    )
+    return batch + (
+        f"mesh {plan.mesh}  micro-batch {plan.micro_batch_size} x {plan.num_micro_batches}  "
+        f"schedule {plan.schedule}{f' (v={plan.virtual_stages})' if plan.virtual_stages > 1 else ''}  "
+        f"ZeRO-{plan.zero_stage}  sequence-parallel {plan.sequence_parallel}\n"
+        f"predicted step {predicted.step_time_s:.4g} s, peak memory {predicted.peak_memory_bytes / 1e9:.3g} GB "
+        f"of {capacity / 1e9:.3g} GB per device" + (f", MFU {predicted.mfu:.1%}" if predicted.mfu else "")
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -189,11 +256,15 @@ def _check_saved_plan(plan, args: argparse.Namespace) -> None:
     from autoplan.zoo import build
 
     if args.model and args.model != plan.model_name:
-        raise ValueError(f"--model {args.model} but {args.plan_file} was planned for {plan.model_name!r}: "
-                         f"drop --model, or re-plan with `autoplan plan --model {args.model}`")
+        raise ValueError(
+            f"--model {args.model} but {args.plan_file} was planned for {plan.model_name!r}: "
+            f"drop --model, or re-plan with `autoplan plan --model {args.model}`"
+        )
     if args.cluster and ClusterSpec.parse(args.cluster).fingerprint() != plan.cluster_fingerprint:
-        raise ValueError(f"--cluster {args.cluster} is not the cluster {args.plan_file} was planned for: drop "
-                         f"--cluster, or re-plan with `autoplan plan --cluster {args.cluster}`")
+        raise ValueError(
+            f"--cluster {args.cluster} is not the cluster {args.plan_file} was planned for: drop "
+            f"--cluster, or re-plan with `autoplan plan --cluster {args.cluster}`"
+        )
     job = build(plan.model_name, batch_size=plan.global_batch_size, seq_len=plan.seq_len, device="meta")
     check_plan_matches(plan, job.module, job.example_inputs)
 
@@ -222,14 +293,22 @@ def cmd_run(args: argparse.Namespace) -> None:
     check_devices(plan.cluster.device.kind, nproc)  # before any rank starts
     console.print(f"launching {plan.model_name} on {nproc} process(es): {_summary(plan)}")
     try:
-        result = launch(plan_path, nproc=nproc, steps=args.steps, out_path=None, launcher_args=args.launcher_args,
-                        seq_len=plan.seq_len)
+        result = launch(
+            plan_path,
+            nproc=nproc,
+            steps=args.steps,
+            out_path=None,
+            launcher_args=args.launcher_args,
+            seq_len=plan.seq_len,
+        )
     finally:
         if scratch is not None:
             scratch.cleanup()
-    console.print(f"measured median step {result['median_step_s']:.4g} s "
-                  f"(predicted {plan.predicted.step_time_s:.4g} s); peak memory per rank "
-                  f"{[round(b / 1e6, 1) for b in result['peak_memory_bytes']]} MB")
+    console.print(
+        f"measured median step {result['median_step_s']:.4g} s "
+        f"(predicted {plan.predicted.step_time_s:.4g} s); peak memory per rank "
+        f"{[round(b / 1e6, 1) for b in result['peak_memory_bytes']]} MB"
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -243,10 +322,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.profile:
         ProfileFile.from_json(args.profile)  # a bad file is one error, not one failed candidate each
     with planning_with_profile(args.profile):
-        run_bench(args.model, ClusterSpec.parse(args.cluster), steps=args.steps, fixes=fixes,
-                  global_batch_size=args.global_batch_size, seq_len=args.seq_len,
-                  json_path=args.json_path, plot_path=args.plot_path, launcher_args=args.launcher_args,
-                  rounds=args.rounds)
+        run_bench(
+            args.model,
+            ClusterSpec.parse(args.cluster),
+            steps=args.steps,
+            fixes=fixes,
+            global_batch_size=args.global_batch_size,
+            seq_len=args.seq_len,
+            json_path=args.json_path,
+            plot_path=args.plot_path,
+            launcher_args=args.launcher_args,
+            rounds=args.rounds,
+        )
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -273,23 +360,38 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from autoplan.zoo import build
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sizes = _parse_sizes(args.micro_batch_sizes) if args.micro_batch_sizes else \
-        default_micro_batch_sizes(args.global_batch_size)
+    sizes = (
+        _parse_sizes(args.micro_batch_sizes)
+        if args.micro_batch_sizes
+        else default_micro_batch_sizes(args.global_batch_size)
+    )
     job = build(args.model, batch_size=max(args.global_batch_size, *sizes), seq_len=args.seq_len, device="meta")
     cluster = ClusterSpec.parse(args.cluster) if args.cluster else None
     # a local:N cluster's ranks share the cores: measure while N - 1 peers compute too
     peers = cluster.devices_per_node - 1 if cluster and cluster.device.kind == "cpu" and device == "cpu" else 0
-    measured = measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets, device=device,
-                               micro_batch_sizes=sizes, dtype=args.dtype, model_name=args.model, busy_peers=peers,
-                               peer_model=args.model)
+    measured = measure_profile(
+        job.module,
+        job.example_inputs,
+        job.loss_fn,
+        job.targets,
+        device=device,
+        micro_batch_sizes=sizes,
+        dtype=args.dtype,
+        model_name=args.model,
+        busy_peers=peers,
+        peer_model=args.model,
+    )
     measured.to_json(args.output)
-    estimated = profile_model(job.module, job.example_inputs, model_name=args.model, loss_fn=job.loss_fn,
-                              targets=job.targets)
+    estimated = profile_model(
+        job.module, job.example_inputs, model_name=args.model, loss_fn=job.loss_fn, targets=job.targets
+    )
     cluster = cluster or _roofline_cluster(measured.device_name)
     wide = Console(highlight=False, width=None if sys.stdout.isatty() else 140)  # a log gets the whole table
     wide.print(profile_table(measured, estimated, cluster.device if cluster else None))
-    console.print(f"wrote {args.output}: add --profile {args.output} to autoplan plan/run/bench "
-                  f"for a {measured.device_kind} cluster")
+    console.print(
+        f"wrote {args.output}: add --profile {args.output} to autoplan plan/run/bench "
+        f"for a {measured.device_kind} cluster"
+    )
 
 
 def _parse_sizes(text: str) -> list[int]:
@@ -309,8 +411,10 @@ def _roofline_cluster(device_name: str) -> ClusterSpec | None:
 
     if device_name == "cpu":
         return ClusterSpec.local(1)
-    shared = {name: sum(part in device_name for part in preset["device"]["name"].split("-"))
-              for name, preset in PRESETS.items()}
+    shared = {
+        name: sum(part in device_name for part in preset["device"]["name"].split("-"))
+        for name, preset in PRESETS.items()
+    }
     best = max(shared, key=lambda name: shared[name])
     return ClusterSpec.preset(best) if shared[best] else None
 
@@ -318,25 +422,35 @@ def _roofline_cluster(device_name: str) -> ClusterSpec | None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from autoplan.bench.compare import run_bench
 
-    console.print(f"[bold]autoplan demo[/]: plan {DEMO_MODEL} (global batch {DEMO_BATCH}) for {DEMO_CLUSTER}, "
-                  f"run it with torch's launcher, compare predicted with measured")
-    report = run_bench(DEMO_MODEL, ClusterSpec.parse(DEMO_CLUSTER), steps=args.steps,
-                       global_batch_size=DEMO_BATCH, baselines=False)
+    console.print(
+        f"[bold]autoplan demo[/]: plan {DEMO_MODEL} (global batch {DEMO_BATCH}) for {DEMO_CLUSTER}, "
+        f"run it with torch's launcher, compare predicted with measured"
+    )
+    report = run_bench(
+        DEMO_MODEL, ClusterSpec.parse(DEMO_CLUSTER), steps=args.steps, global_batch_size=DEMO_BATCH, baselines=False
+    )
     chosen = next(c for c in report["candidates"] if c["chosen"])
     if chosen.get("status") != "ok":
         raise RuntimeError(f"the demo plan did not run: {chosen.get('status')}")
     per_rank = chosen["measured_peak_memory_bytes_per_rank"]
     shown = ("micro_batch_size", "num_micro_batches", "schedule", "zero_stage", "sequence_parallel")
-    console.print(f"plan: mesh {chosen['mesh']}, " + ", ".join(f"{k} {chosen['plan'][k]}" for k in shown
-                                                             if k in chosen["plan"]))
-    console.print(f"step time: predicted {chosen['predicted_step_s']:.3f} s, "
-                  f"measured {chosen['measured_step_s']:.3f} s (median of {args.steps})")
-    console.print(f"peak memory per rank: predicted {chosen['predicted_peak_memory_bytes'] / 1e6:.1f} MB (worst rank), "
-                  f"measured " + ", ".join(f"rank {r}: {b / 1e6:.1f} MB" for r, b in enumerate(per_rank)))
-    console.print("The prediction used the `local` preset's guessed figures. For this machine's: "
-                  f"`autoplan calibrate --cluster local:4 -o local4.toml`, `autoplan profile --model {DEMO_MODEL} "
-                  f"--cluster local4.toml --global-batch-size {DEMO_BATCH} -o demo.json`, then `autoplan bench "
-                  f"--model {DEMO_MODEL} --cluster local4.toml --global-batch-size {DEMO_BATCH} --profile demo.json`.")
+    console.print(
+        f"plan: mesh {chosen['mesh']}, " + ", ".join(f"{k} {chosen['plan'][k]}" for k in shown if k in chosen["plan"])
+    )
+    console.print(
+        f"step time: predicted {chosen['predicted_step_s']:.3f} s, "
+        f"measured {chosen['measured_step_s']:.3f} s (median of {args.steps})"
+    )
+    console.print(
+        f"peak memory per rank: predicted {chosen['predicted_peak_memory_bytes'] / 1e6:.1f} MB (worst rank), "
+        f"measured " + ", ".join(f"rank {r}: {b / 1e6:.1f} MB" for r, b in enumerate(per_rank))
+    )
+    console.print(
+        "The prediction used the `local` preset's guessed figures. For this machine's: "
+        f"`autoplan calibrate --cluster local:4 -o local4.toml`, `autoplan profile --model {DEMO_MODEL} "
+        f"--cluster local4.toml --global-batch-size {DEMO_BATCH} -o demo.json`, then `autoplan bench "
+        f"--model {DEMO_MODEL} --cluster local4.toml --global-batch-size {DEMO_BATCH} --profile demo.json`."
+    )
 
 
 def one_line(error: BaseException) -> str:
@@ -344,8 +458,15 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
-COMMANDS = {"plan": cmd_plan, "show": cmd_show, "run": cmd_run, "bench": cmd_bench,
-            "calibrate": cmd_calibrate, "profile": cmd_profile, "demo": cmd_demo}
+COMMANDS = {
+    "plan": cmd_plan,
+    "show": cmd_show,
+    "run": cmd_run,
+    "bench": cmd_bench,
+    "calibrate": cmd_calibrate,
+    "profile": cmd_profile,
+    "demo": cmd_demo,
+}
 
 
 GC_THRESHOLD = (50_000, 20, 10)
@@ -399,8 +520,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     # `run` and `bench` hand torch's launcher what they do not know themselves
     # (--nnodes, --node-rank, --rdzv-backend, --rdzv-endpoint, --rdzv-id, ...).
-    if extra and (args.command not in ("run", "bench") or not all(
-            arg.startswith(LAUNCHER_FLAG_PREFIXES) or not arg.startswith("-") for arg in extra)):
+    if extra and (
+        args.command not in ("run", "bench")
+        or not all(arg.startswith(LAUNCHER_FLAG_PREFIXES) or not arg.startswith("-") for arg in extra)
+    ):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.launcher_args = extra
     return args

@@ -1,8 +1,9 @@
 """The errors autoplan raises for user mistakes: all are ValueErrors (SPEC "Errors").
 
-    >>> issubclass(TraceError, ValueError), issubclass(InfeasibleError, AutoplanError)
-    (True, True)
+>>> issubclass(TraceError, ValueError), issubclass(InfeasibleError, AutoplanError)
+(True, True)
 """
+
 from __future__ import annotations
 
 

@@ -10,6 +10,7 @@ layer. Data parallel last, because FSDP2 groups and shards whatever parameters (
 TP DTensors) the layers hold at that point. All three work in place and keep parameter
 names, which the pipeline stage then recognises as an FSDPModule and drives.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,6 +31,7 @@ def apply_techniques(module: nn.Module, plan: Plan, mesh: DeviceMesh, layers: li
     in place. `layers`: the pipeline stage's layers (only their sites and choices apply, and
     data parallelism only when dp > 1); None: the whole model, data parallel always (on one
     dp rank it still casts to the plan's param_dtype), DDP for plain float32 ZeRO-0."""
+
     def in_stage(path: str) -> bool:
         return layers is None or any(path == layer or path.startswith(layer + ".") for layer in layers)
 
@@ -38,17 +40,33 @@ def apply_techniques(module: nn.Module, plan: Plan, mesh: DeviceMesh, layers: li
         divide = {path: value for path, value in plan.tp_divide_attrs.items() if in_stage(path)}
         apply_tensor_parallel(module, mesh["tp"], styles, divide, plan.sequence_parallel)
         if styles and plan.mesh["tp"] > 1:
-            logger.info("tensor parallel tp=%d on %d sites%s", plan.mesh["tp"], len(styles),
-                        ", sequence parallel" if plan.sequence_parallel else "")
+            logger.info(
+                "tensor parallel tp=%d on %d sites%s",
+                plan.mesh["tp"],
+                len(styles),
+                ", sequence parallel" if plan.sequence_parallel else "",
+            )
     recompute = {layer: option for layer, option in plan.recompute_of().items() if in_stage(layer)}
     apply_recompute(module, recompute if layers is None else {k: v for k, v in recompute.items() if v != "none"})
     chosen = sorted({option for option in recompute.values() if option != "none"})
     if chosen:
-        logger.info("recompute %s on %d layers", "/".join(chosen),
-                    sum(option != "none" for option in recompute.values()))
+        logger.info(
+            "recompute %s on %d layers", "/".join(chosen), sum(option != "none" for option in recompute.values())
+        )
     if layers is None or plan.mesh["dp"] > 1:
-        apply_data_parallel(module, mesh["dp"], plan.zero_stage,
-                            [layer.name for layer in plan.layers] if layers is None else layers,
-                            plan.param_dtype, plan.grad_reduce_dtype, prefer_ddp=layers is None)
-        logger.info("data parallel dp=%d, ZeRO-%d, params %s, gradients reduced in %s", plan.mesh["dp"],
-                    plan.zero_stage, plan.param_dtype, plan.grad_reduce_dtype)
+        apply_data_parallel(
+            module,
+            mesh["dp"],
+            plan.zero_stage,
+            [layer.name for layer in plan.layers] if layers is None else layers,
+            plan.param_dtype,
+            plan.grad_reduce_dtype,
+            prefer_ddp=layers is None,
+        )
+        logger.info(
+            "data parallel dp=%d, ZeRO-%d, params %s, gradients reduced in %s",
+            plan.mesh["dp"],
+            plan.zero_stage,
+            plan.param_dtype,
+            plan.grad_reduce_dtype,
+        )

@@ -22,6 +22,7 @@ another (tied embeddings) is left to the root so the tied tensor lives in one gr
 
     >>> apply_data_parallel(model, mesh["dp"], 3, ["blocks.0", "blocks.1"], "float32", "float32")  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -45,8 +46,15 @@ def _layers_owning_their_parameters(module: nn.Module, layer_paths: list[str]) -
     return [module.get_submodule(path) for path in layer_paths if path in owning]
 
 
-def apply_data_parallel(module: nn.Module, dp_mesh: DeviceMesh, zero_stage: int, layer_paths: list[str],
-                        param_dtype: str, reduce_dtype: str, prefer_ddp: bool = False) -> None:
+def apply_data_parallel(
+    module: nn.Module,
+    dp_mesh: DeviceMesh,
+    zero_stage: int,
+    layer_paths: list[str],
+    param_dtype: str,
+    reduce_dtype: str,
+    prefer_ddp: bool = False,
+) -> None:
     """Make `module` data parallel over `dp_mesh` with ZeRO `zero_stage` (0-3), in place.
 
     Parameters become DTensors on the dp mesh (2-D with tensor parallelism): a
@@ -63,12 +71,14 @@ def apply_data_parallel(module: nn.Module, dp_mesh: DeviceMesh, zero_stage: int,
         return
     policy = mixed_precision_policy(param_dtype, reduce_dtype) or MixedPrecisionPolicy()
     if zero_stage == 0:
+
         def wrap(target, root):
             replicate(target, mesh=dp_mesh, mp_policy=policy)
     else:
         # ZeRO 1/2 keep parameters gathered from forward to the end of backward; ZeRO 3 frees them.
         def wrap(target, root):
             fully_shard(target, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=zero_stage == 3 and not root)
+
     for layer in _layers_owning_their_parameters(module, layer_paths):
         wrap(layer, root=False)
     wrap(module, root=True)

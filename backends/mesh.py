@@ -8,6 +8,7 @@ links) and `pp` is outermost (its point-to-point traffic is the lightest).
     >>> mesh["tp"].size(), mesh["dp"].get_local_rank()  # doctest: +SKIP
     (2, 1)
 """
+
 from __future__ import annotations
 
 import torch.distributed as dist

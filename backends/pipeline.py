@@ -36,6 +36,7 @@ names gets its own copy, initialised from the one tensor, and after each backwar
 copies' gradients are summed over the pipeline ranks that hold them (Megatron-LM's
 embedding group), so every copy sees the full gradient and stays identical.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -62,31 +63,44 @@ def validate_pipeline_plan(plan: Plan) -> None:
     """ValueError (with the arithmetic) for a plan torch's schedules cannot run."""
     pp, virtual, n = plan.mesh["pp"], plan.virtual_stages, plan.num_micro_batches
     if len(plan.stages) != pp * virtual:
-        raise ValueError(f"plan has {len(plan.stages)} stages but "
-                         f"pp({pp}) * virtual_stages({virtual}) = {pp * virtual}")
+        raise ValueError(
+            f"plan has {len(plan.stages)} stages but pp({pp}) * virtual_stages({virtual}) = {pp * virtual}"
+        )
     for position, stage in enumerate(plan.stages):
         if stage.index != position or stage.pp_rank != position % pp:
-            raise ValueError(f"stage {position} has index={stage.index}, pp_rank={stage.pp_rank}; "
-                             f"expected index={position}, pp_rank={position} % pp({pp}) = {position % pp}")
+            raise ValueError(
+                f"stage {position} has index={stage.index}, pp_rank={stage.pp_rank}; "
+                f"expected index={position}, pp_rank={position} % pp({pp}) = {position % pp}"
+            )
     if plan.schedule != "interleaved_1f1b" and virtual != 1:
-        raise ValueError(f"schedule={plan.schedule!r} runs one stage per rank, got virtual_stages={virtual}; "
-                         f"use schedule='interleaved_1f1b'")
+        raise ValueError(
+            f"schedule={plan.schedule!r} runs one stage per rank, got virtual_stages={virtual}; "
+            f"use schedule='interleaved_1f1b'"
+        )
     if plan.schedule == "1f1b" and n < pp:
         raise ValueError(f"schedule='1f1b' needs num_micro_batches >= pp: {n} < {pp}")
     if plan.schedule == "interleaved_1f1b":
         rounds = max(1, n // pp)
         if n % rounds:
-            raise ValueError(f"schedule='interleaved_1f1b' needs num_micro_batches({n}) to be a multiple of "
-                             f"max(1, num_micro_batches // pp) = max(1, {n} // {pp}) = {rounds}")
+            raise ValueError(
+                f"schedule='interleaved_1f1b' needs num_micro_batches({n}) to be a multiple of "
+                f"max(1, num_micro_batches // pp) = max(1, {n} // {pp}) = {rounds}"
+            )
 
 
 class PipelineEngine:
     """This rank's pipeline stages and the schedule that runs them."""
 
-    def __init__(self, schedule, stages: list[PipelineStage], stage_modules: list[nn.Module],
-                 pp_group: dist.ProcessGroup, num_micro_batches: int,
-                 tied_groups: list[tuple[dist.ProcessGroup | None, list[nn.Parameter]]],
-                 unreached_state: dict[str, torch.Tensor]):
+    def __init__(
+        self,
+        schedule,
+        stages: list[PipelineStage],
+        stage_modules: list[nn.Module],
+        pp_group: dist.ProcessGroup,
+        num_micro_batches: int,
+        tied_groups: list[tuple[dist.ProcessGroup | None, list[nn.Parameter]]],
+        unreached_state: dict[str, torch.Tensor],
+    ):
         self.schedule = schedule
         """The torch schedule object (ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B)."""
         self.stages = stages
@@ -106,15 +120,23 @@ class PipelineEngine:
         returns the mean micro-batch loss on every pipeline rank."""
         batch = local_inputs[0].shape[0] if local_inputs else None
         if batch is not None and batch % self.num_micro_batches:
-            raise ValueError(f"local batch of {batch} sequences does not split into "
-                             f"num_micro_batches={self.num_micro_batches} equal micro-batches")
+            raise ValueError(
+                f"local batch of {batch} sequences does not split into "
+                f"num_micro_batches={self.num_micro_batches} equal micro-batches"
+            )
         losses: list[torch.Tensor] = []
-        self.schedule.step(*(local_inputs if self._has_first else ()),
-                           target=local_targets if self._has_last else None,
-                           losses=losses, return_outputs=False)
+        self.schedule.step(
+            *(local_inputs if self._has_first else ()),
+            target=local_targets if self._has_last else None,
+            losses=losses,
+            return_outputs=False,
+        )
         self._sum_tied_gradients()
-        loss = torch.stack([micro_loss.detach().float() for micro_loss in losses]).mean() if self._has_last \
+        loss = (
+            torch.stack([micro_loss.detach().float() for micro_loss in losses]).mean()
+            if self._has_last
             else torch.zeros((), device=self._device)
+        )
         dist.broadcast(loss, src=self._last_stage_rank, group=self.pp_group)
         return loss.item()
 
@@ -130,9 +152,13 @@ class PipelineEngine:
                     placements = cast(DTensor, parameter).placements  # a DTensor gradient's parameter is one
                     if parameter.grad.placements != placements:
                         parameter.grad = parameter.grad.redistribute(placements=placements)
-            grads = cast(list[torch.Tensor],  # none is None: set above
-                         [parameter.grad._local_tensor if isinstance(parameter.grad, DTensor) else parameter.grad
-                          for parameter in parameters])
+            grads = cast(
+                list[torch.Tensor],  # none is None: set above
+                [
+                    parameter.grad._local_tensor if isinstance(parameter.grad, DTensor) else parameter.grad
+                    for parameter in parameters
+                ],
+            )
             total = torch.stack(grads).sum(0)
             if group is not None:
                 dist.all_reduce(total, group=group)
@@ -161,8 +187,9 @@ class PipelineEngine:
         return {name: value for part in parts for name, value in part.items()}
 
 
-def build_pipeline(model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Callable,
-                   example_inputs: tuple[torch.Tensor, ...] | None) -> PipelineEngine:
+def build_pipeline(
+    model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Callable, example_inputs: tuple[torch.Tensor, ...] | None
+) -> PipelineEngine:
     """Cut `model` into the plan's stages, parallelise this rank's stages and wrap them in
     the plan's schedule. `mesh` has dims ("pp", "dp", "tp"); `example_inputs` is one
     global batch (real, fake or meta tensors), from which each stage's input and output
@@ -171,7 +198,7 @@ def build_pipeline(model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Call
     pp_mesh = mesh["pp"]
     pp_rank, pp_group = pp_mesh.get_local_rank(), pp_mesh.get_group()
     device = _device_of(mesh)
-    micro_batch = None if example_inputs is None else tuple(x[:plan.micro_batch_size] for x in example_inputs)
+    micro_batch = None if example_inputs is None else tuple(x[: plan.micro_batch_size] for x in example_inputs)
     split = split_model(model, [stage.layers for stage in plan.stages], micro_batch)
     shapes = _stage_io_examples(split, micro_batch, plan)
     local_indices = [stage.index for stage in plan.stages_of_rank(pp_rank)]
@@ -181,22 +208,29 @@ def build_pipeline(model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Call
         _parallelize_stage(module, plan, plan.stages[index].layers, mesh)
         stage_modules.append(module)
         inputs, outputs = shapes[index] if shapes else (None, None)
-        stages.append(PipelineStage(module, index, len(plan.stages), device, input_args=inputs, output_args=outputs,
-                                    group=pp_group))
+        stages.append(
+            PipelineStage(
+                module, index, len(plan.stages), device, input_args=inputs, output_args=outputs, group=pp_group
+            )
+        )
 
     def stage_loss_fn(output, target):  # the user's loss_fn sees what the model's forward returns
         return loss_fn(split.model_output(output), target)
 
-    schedule = SCHEDULES[plan.schedule](stages if plan.schedule == "interleaved_1f1b" else stages[0],
-                                        n_microbatches=plan.num_micro_batches, loss_fn=stage_loss_fn,
-                                        scale_grads=True)
+    schedule = SCHEDULES[plan.schedule](
+        stages if plan.schedule == "interleaved_1f1b" else stages[0],
+        n_microbatches=plan.num_micro_batches,
+        loss_fn=stage_loss_fn,
+        scale_grads=True,
+    )
     tied = _tied_gradient_groups(split, stage_modules, local_indices, mesh, plan.mesh["pp"])
     unreached = split.unreached_state if pp_rank == 0 else {}
     return PipelineEngine(schedule, stages, stage_modules, pp_group, plan.num_micro_batches, tied, unreached)
 
 
-def _stage_io_examples(split: ModelSplit, micro_batch: tuple[torch.Tensor, ...] | None,
-                       plan: Plan) -> list[tuple[tuple, tuple]] | None:
+def _stage_io_examples(
+    split: ModelSplit, micro_batch: tuple[torch.Tensor, ...] | None, plan: Plan
+) -> list[tuple[tuple, tuple]] | None:
     """(inputs, outputs) of every stage for `micro_batch` (one micro-batch of the model's
     inputs), as fake tensors. The model code runs as under torch.export (`as_exported`), so
     that Hugging Face takes its traceable paths (data-dependent mask checks skipped; Mixtral's
@@ -236,8 +270,9 @@ def _parallelize_stage(module: nn.Module, plan: Plan, layers: list[str], mesh: D
     apply_techniques(module, plan, mesh, layers=layers)
 
 
-def _tied_gradient_groups(split: ModelSplit, stage_modules: list[nn.Module], local_indices: list[int],
-                          mesh: DeviceMesh, pp: int) -> list[tuple[dist.ProcessGroup | None, list[nn.Parameter]]]:
+def _tied_gradient_groups(
+    split: ModelSplit, stage_modules: list[nn.Module], local_indices: list[int], mesh: DeviceMesh, pp: int
+) -> list[tuple[dist.ProcessGroup | None, list[nn.Parameter]]]:
     """For each tied group: the process group of the pp ranks holding a copy (None when
     this rank holds all copies) and this rank's copies. Every rank creates every group,
     in the same order, as `new_group` requires."""
@@ -245,8 +280,12 @@ def _tied_gradient_groups(split: ModelSplit, stage_modules: list[nn.Module], loc
     for names in split.tied_groups:
         holder_ranks = sorted({stage % pp for stage in split.holders(names)})
         group = _pp_subgroup(mesh, holder_ranks) if len(holder_ranks) > 1 else None
-        parameters = [parameter for module in stage_modules for name, parameter in module.named_parameters()
-                      if original_fqn(name) in names]
+        parameters = [
+            parameter
+            for module in stage_modules
+            for name, parameter in module.named_parameters()
+            if original_fqn(name) in names
+        ]
         if parameters and (group is not None or len(parameters) > 1):
             result.append((group, parameters))
     return result

@@ -22,6 +22,7 @@ glue is traced and whose layers are the model's modules.
 Transformers models: "co_varnames is too small"): each stage is a copy of the model's
 skeleton that holds its own layers, stubs for the others, and runs the model's own forward.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,8 +65,11 @@ class ModelSplit:
 
     def holders(self, names: list[str]) -> list[int]:
         """Stages whose module holds any of `names`."""
-        return [index for index, module in enumerate(self.stage_modules)
-                if any(name in dict(module.named_parameters(remove_duplicate=False)) for name in names)]
+        return [
+            index
+            for index, module in enumerate(self.stage_modules)
+            if any(name in dict(module.named_parameters(remove_duplicate=False)) for name in names)
+        ]
 
     def local_copy(self, stage_index: int, device: torch.device) -> nn.Module:
         """A private copy of one stage on `device` (tied parameters get their own copy)."""
@@ -79,8 +83,9 @@ class ModelSplit:
         return self.output_template.rebuild(stage_output if isinstance(stage_output, tuple) else (stage_output,))
 
 
-def split_model(model: nn.Module, stage_layers: list[list[str]],
-                example_inputs: tuple[torch.Tensor, ...] | None = None) -> ModelSplit:
+def split_model(
+    model: nn.Module, stage_layers: list[list[str]], example_inputs: tuple[torch.Tensor, ...] | None = None
+) -> ModelSplit:
     """Cut `model` into len(stage_layers) stage modules; stage i runs layers stage_layers[i].
 
     By graph when torch.fx traces forward, else by module, which needs `example_inputs`
@@ -98,8 +103,10 @@ def split_model(model: nn.Module, stage_layers: list[list[str]],
         if hidden:  # inside a torch.nn module fx keeps whole (nn.Transformer's encoder layers)
             raise ValueError(f"plan layers {hidden} run inside modules torch.fx keeps as leaves")
     except Exception as error:  # fx raises TraceError, TypeError, ValueError ("co_varnames is too small"), ...
-        reason = f"torch.fx cannot trace {type(model).__name__}.forward with the plan layers as leaf modules " \
-                 f"({type(error).__name__}: {error})"
+        reason = (
+            f"torch.fx cannot trace {type(model).__name__}.forward with the plan layers as leaf modules "
+            f"({type(error).__name__}: {error})"
+        )
         if example_inputs is None:
             raise ValueError(f"{reason}; splitting by module instead needs example_inputs") from error
         modules, output_template = split_by_module(model, stage_layers, example_inputs, reason)

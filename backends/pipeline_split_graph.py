@@ -11,6 +11,7 @@ travel: attribute reads and shape arithmetic (`T = tokens.shape[1]`) are recompu
 stage that needs them, from the tensors it receives. A cut falls right before the first
 layer of a stage, as `SplitPoint.BEGINNING` would put it.
 """
+
 from __future__ import annotations
 
 import operator
@@ -31,8 +32,18 @@ class LayerLeafTracer(fx.Tracer):
 
 SHAPE_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim"})
 SHAPE_METHODS = frozenset({"size", "dim", "numel", "stride", "get_device"})
-SHAPE_ARITHMETIC = frozenset({operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
-                              operator.truediv, operator.mod, operator.neg})
+SHAPE_ARITHMETIC = frozenset(
+    {
+        operator.getitem,
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.floordiv,
+        operator.truediv,
+        operator.mod,
+        operator.neg,
+    }
+)
 
 
 def _rematerialized_nodes(graph: fx.Graph) -> set[fx.Node]:
@@ -41,11 +52,17 @@ def _rematerialized_nodes(graph: fx.Graph) -> set[fx.Node]:
     values are not tensors and so cannot travel between pipeline stages."""
     found: set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op == "get_attr" \
-                or (node.op == "call_function" and node.target is getattr and node.args[1] in SHAPE_ATTRIBUTES) \
-                or (node.op == "call_method" and node.target in SHAPE_METHODS) \
-                or (node.op == "call_function" and node.target in SHAPE_ARITHMETIC and node.all_input_nodes
-                    and all(value in found for value in node.all_input_nodes)):
+        if (
+            node.op == "get_attr"
+            or (node.op == "call_function" and node.target is getattr and node.args[1] in SHAPE_ATTRIBUTES)
+            or (node.op == "call_method" and node.target in SHAPE_METHODS)
+            or (
+                node.op == "call_function"
+                and node.target in SHAPE_ARITHMETIC
+                and node.all_input_nodes
+                and all(value in found for value in node.all_input_nodes)
+            )
+        ):
             found.add(node)
     return found
 
@@ -61,8 +78,10 @@ def _assign_stages(graph: fx.Graph, stage_of_layer: dict[str, int], rematerializ
         if node.op == "call_module" and node.target in stage_of_layer:
             stage = stage_of_layer[node.target]
             if stage < current:
-                raise ValueError(f"layer {node.target!r} is planned on stage {stage} but runs after layer "
-                                 f"{last_layer!r} of stage {current}: stages must follow execution order")
+                raise ValueError(
+                    f"layer {node.target!r} is planned on stage {stage} but runs after layer "
+                    f"{last_layer!r} of stage {current}: stages must follow execution order"
+                )
             current, last_layer = stage, node.target
         stage_of[node] = current
     called = {node.target for node in stage_of if node.op == "call_module"}
@@ -72,8 +91,15 @@ def _assign_stages(graph: fx.Graph, stage_of_layer: dict[str, int], rematerializ
     return stage_of
 
 
-def _stage_graph(graph: fx.Graph, stage_of: dict[fx.Node, int], rematerialized: set[fx.Node], stage: int,
-                 num_stages: int, live_in: list[fx.Node], live_out: list[fx.Node]) -> fx.Graph:
+def _stage_graph(
+    graph: fx.Graph,
+    stage_of: dict[fx.Node, int],
+    rematerialized: set[fx.Node],
+    stage: int,
+    num_stages: int,
+    live_in: list[fx.Node],
+    live_out: list[fx.Node],
+) -> fx.Graph:
     """The graph of one stage: inputs `live_in`, its own nodes, outputs `live_out`
     (the model's output on the last stage)."""
     new_graph = fx.Graph()
@@ -125,12 +151,15 @@ def split_graph(model: nn.Module, graph: fx.Graph, stage_layers: list[list[str]]
         for value in (source for parent in node.all_input_nodes for source in sources(parent)):
             last_use[value] = max(last_use.get(value, reader), reader)
     # Values crossing the cut between stage k-1 and stage k, in graph order.
-    crossing = [[node for node in graph.nodes if node in last_use and defined_in(node) < k <= last_use[node]]
-                for k in range(num_stages + 1)]
+    crossing = [
+        [node for node in graph.nodes if node in last_use and defined_in(node) < k <= last_use[node]]
+        for k in range(num_stages + 1)
+    ]
     crossing[0] = placeholders
     modules = []
     for stage in range(num_stages):
-        stage_graph = _stage_graph(graph, stage_of, rematerialized, stage, num_stages,
-                                   crossing[stage], crossing[stage + 1])
+        stage_graph = _stage_graph(
+            graph, stage_of, rematerialized, stage, num_stages, crossing[stage], crossing[stage + 1]
+        )
         modules.append(fx.GraphModule(model, stage_graph, class_name=f"PipelineStage{stage}Module"))
     return modules

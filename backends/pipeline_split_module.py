@@ -24,6 +24,7 @@ depends on (through glue and parameter-free layers); a stage whose layers or out
 would read any other earlier-stage output (an encoder's output read by decoder layers)
 raises a ValueError naming the layers.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -59,8 +60,13 @@ class Template:
     @staticmethod
     def of(value: Any) -> Template:
         leaves, spec = tree_flatten(value)
-        return Template(spec, tuple(_TensorMeta(tuple(leaf.shape), leaf.dtype) if isinstance(leaf, torch.Tensor)
-                                     else leaf for leaf in leaves))
+        return Template(
+            spec,
+            tuple(
+                _TensorMeta(tuple(leaf.shape), leaf.dtype) if isinstance(leaf, torch.Tensor) else leaf
+                for leaf in leaves
+            ),
+        )
 
     @staticmethod
     def tensors(value: Any) -> tuple[torch.Tensor, ...]:
@@ -72,12 +78,14 @@ class Template:
 
     def rebuild(self, tensors) -> Any:
         tensors = iter(tensors)
-        return tree_unflatten([next(tensors) if isinstance(leaf, _TensorMeta) else leaf for leaf in self.leaves],
-                              self.spec)
+        return tree_unflatten(
+            [next(tensors) if isinstance(leaf, _TensorMeta) else leaf for leaf in self.leaves], self.spec
+        )
 
 
 class _StageRun(NamedTuple):
     """What the stubs of the stage module now running need to know."""
+
     batch_size: int | None
     device: torch.device
     received: Any
@@ -107,8 +115,9 @@ class _StubLayer(nn.Module):
             return meta.shape
 
         assert self.output is not None  # None only for a layer the traced forward never called
-        return self.output.rebuild(torch.zeros(shape(meta), dtype=meta.dtype, device=run.device)
-                                   for meta in self.output.metas)
+        return self.output.rebuild(
+            torch.zeros(shape(meta), dtype=meta.dtype, device=run.device) for meta in self.output.metas
+        )
 
     def extra_repr(self) -> str:
         return "receives the previous stage's activation" if self.receives else "zeros shaped like the layer's output"
@@ -182,9 +191,21 @@ class _ForwardRecord:
     """Layers whose outputs the model's output depends on."""
 
 
-_SHAPE_ONLY = frozenset({torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
-                         torch.randn_like, torch.randint_like, torch.Tensor.new_zeros, torch.Tensor.new_ones,
-                         torch.Tensor.new_empty, torch.Tensor.new_full})
+_SHAPE_ONLY = frozenset(
+    {
+        torch.zeros_like,
+        torch.ones_like,
+        torch.empty_like,
+        torch.full_like,
+        torch.rand_like,
+        torch.randn_like,
+        torch.randint_like,
+        torch.Tensor.new_zeros,
+        torch.Tensor.new_ones,
+        torch.Tensor.new_empty,
+        torch.Tensor.new_full,
+    }
+)
 """Functions whose tensor output depends on their tensor inputs' shapes only."""
 
 
@@ -198,8 +219,12 @@ class _LayerDataflow(TorchFunctionMode):
         self._alive: list[torch.Tensor] = []  # ids stay unique while the record lives
 
     def of(self, value: Any) -> set[str]:
-        return {source for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)
-                for source in self._sources.get(id(leaf), ())}
+        return {
+            source
+            for leaf in tree_leaves(value)
+            if isinstance(leaf, torch.Tensor)
+            for source in self._sources.get(id(leaf), ())
+        }
 
     def mark(self, value: Any, sources: set[str]) -> None:
         for leaf in tree_leaves(value):
@@ -254,12 +279,14 @@ def _record_forward(model: nn.Module, layer_names: set[str], example_inputs: tup
     return _ForwardRecord(records, list(order), Template.of(output), dataflow.of(output))
 
 
-def _unmet_reads(forward: _ForwardRecord, stage_of: dict[str, int], stage: int, received: str | None,
-                 wanted: dict[str, set[str]]) -> dict[str, list[str]]:
+def _unmet_reads(
+    forward: _ForwardRecord, stage_of: dict[str, int], stage: int, received: str | None, wanted: dict[str, set[str]]
+) -> dict[str, list[str]]:
     """For each reader in `wanted` (reader -> layers it reads), the layers among those (and
     what parameter-free ones derive from) whose outputs `stage` can neither compute nor
     receive: earlier stages' layers with parameters other than `received`. Parameter-free
     layers run again in every stage. Readers with nothing unmet are left out."""
+
     def unmet(names: set[str]) -> set[str]:
         found, seen, pending = set(), set(), list(names)
         while pending:
@@ -286,47 +313,76 @@ def _choose_cuts(forward: _ForwardRecord, stage_layers: list[list[str]], reason:
         raise ValueError(f"plan layers {never_called} are never called by forward, so they cannot mark stage cuts")
     for earlier, later in zip(forward.call_order, forward.call_order[1:]):
         if stage_of[later] < stage_of[earlier]:
-            raise ValueError(f"layer {later!r} is planned on stage {stage_of[later]} but runs after layer "
-                             f"{earlier!r} of stage {stage_of[earlier]}: stages must follow execution order")
+            raise ValueError(
+                f"layer {later!r} is planned on stage {stage_of[later]} but runs after layer "
+                f"{earlier!r} of stage {stage_of[earlier]}: stages must follow execution order"
+            )
     cuts: list[str] = []
     for stage in range(1, len(stage_layers)):
-        wanted = {f"layer {name!r}": forward.layers[name].reads for name in stage_layers[stage]
-                  if forward.layers[name].has_parameters}
+        wanted = {
+            f"layer {name!r}": forward.layers[name].reads
+            for name in stage_layers[stage]
+            if forward.layers[name].has_parameters
+        }
         if stage == len(stage_layers) - 1:
             wanted["the model's output"] = forward.output_reads
         called = [name for name in forward.call_order if stage_of[name] == stage - 1]
         # a candidate is called once and leaves only parameter-free layers of its stage after it
         # (they run again later)
-        candidates = [name for index, name in enumerate(called) if forward.layers[name].num_calls == 1
-                      and not any(forward.layers[after].has_parameters for after in called[index + 1:])]
+        candidates = [
+            name
+            for index, name in enumerate(called)
+            if forward.layers[name].num_calls == 1
+            and not any(forward.layers[after].has_parameters for after in called[index + 1 :])
+        ]
         if not called:
             raise ValueError(f"pipeline stage {stage - 1} has no layers")
         if not candidates:
             last = next((name for name in reversed(called) if forward.layers[name].has_parameters), called[-1])
-            raise ValueError(f"cannot end pipeline stage {stage - 1} after its last layer {last!r}: {reason}, and "
-                             f"splitting by module cuts after a layer called once, but forward calls {last!r} "
-                             f"{forward.layers[last].num_calls} times")
-        cut = next((candidate for candidate in reversed(candidates)
-                    if not _unmet_reads(forward, stage_of, stage, candidate, wanted)), None)
+            raise ValueError(
+                f"cannot end pipeline stage {stage - 1} after its last layer {last!r}: {reason}, and "
+                f"splitting by module cuts after a layer called once, but forward calls {last!r} "
+                f"{forward.layers[last].num_calls} times"
+            )
+        cut = next(
+            (
+                candidate
+                for candidate in reversed(candidates)
+                if not _unmet_reads(forward, stage_of, stage, candidate, wanted)
+            ),
+            None,
+        )
         if cut is None:
-            needs = "; ".join(f"{reader} reads {names}" for reader, names
-                              in _unmet_reads(forward, stage_of, stage, candidates[-1], wanted).items())
-            raise ValueError(f"cannot cut {stage_layers[stage - 1][-1]!r} | {stage_layers[stage][0]!r} into pipeline "
-                             f"stages {stage - 1} | {stage}: {reason}, and splitting by module passes only the "
-                             f"output of layer {candidates[-1]!r} from stage {stage - 1} to stage {stage}, but on "
-                             f"stage {stage} {needs} (outputs of earlier stages' layers); move the cut so that one "
-                             f"tensor chain crosses it")
+            needs = "; ".join(
+                f"{reader} reads {names}"
+                for reader, names in _unmet_reads(forward, stage_of, stage, candidates[-1], wanted).items()
+            )
+            raise ValueError(
+                f"cannot cut {stage_layers[stage - 1][-1]!r} | {stage_layers[stage][0]!r} into pipeline "
+                f"stages {stage - 1} | {stage}: {reason}, and splitting by module passes only the "
+                f"output of layer {candidates[-1]!r} from stage {stage - 1} to stage {stage}, but on "
+                f"stage {stage} {needs} (outputs of earlier stages' layers); move the cut so that one "
+                f"tensor chain crosses it"
+            )
         cuts.append(cut)
     for stage, cut in enumerate(cuts):  # a parameter-free cut layer sends what it derives
         unmet_sent = _unmet_reads(forward, stage_of, stage, cuts[stage - 1] if stage else None, {cut: {cut}})
         if unmet_sent:
-            raise ValueError(f"cannot split into pipeline stages by module ({reason}): layer {cut!r}, whose output "
-                             f"stage {stage} sends, derives from {unmet_sent[cut]} of earlier stages")
+            raise ValueError(
+                f"cannot split into pipeline stages by module ({reason}): layer {cut!r}, whose output "
+                f"stage {stage} sends, derives from {unmet_sent[cut]} of earlier stages"
+            )
     return cuts
 
 
-def _stage_skeleton(model: nn.Module, forward: _ForwardRecord, stage_of: dict[str, int], stage: int,
-                    cuts: list[str], traced_batch_size: int | None) -> nn.Module:
+def _stage_skeleton(
+    model: nn.Module,
+    forward: _ForwardRecord,
+    stage_of: dict[str, int],
+    stage: int,
+    cuts: list[str],
+    traced_batch_size: int | None,
+) -> nn.Module:
     """Stage `stage`: a copy of `model` sharing the layers it runs (and any parameter outside
     every layer) with the model, stubs for the rest, forward replaced by `_run_stage`."""
     received = cuts[stage - 1] if stage else None
@@ -334,33 +390,41 @@ def _stage_skeleton(model: nn.Module, forward: _ForwardRecord, stage_of: dict[st
     for name, record in forward.layers.items():
         module = model.get_submodule(name)
         runs_here = stage_of[name] == stage or (stage_of[name] < stage and not record.has_parameters)
-        memo[id(module)] = module if runs_here and name != received \
+        memo[id(module)] = (
+            module
+            if runs_here and name != received
             else _StubLayer(record.output, traced_batch_size, receives=name == received)
+        )
     for name, parameter in model.named_parameters():
         if not any(name.startswith(layer + ".") for layer in forward.layers):
             memo[id(parameter)] = parameter
     skeleton = copy.deepcopy(model, memo)
-    spec = _StageSpec(stage, forward.layers[received].output if received else None,
-                      cuts[stage] if stage < len(cuts) else None)
+    spec = _StageSpec(
+        stage, forward.layers[received].output if received else None, cuts[stage] if stage < len(cuts) else None
+    )
     # torch annotates Module.__setattr__ for tensors and modules only; any value is stored
     skeleton._pipeline_stage = spec  # type: ignore[assignment]
     skeleton.forward = types.MethodType(_run_stage, skeleton)
     return skeleton
 
 
-def split_by_module(model: nn.Module, stage_layers: list[list[str]], example_inputs: tuple,
-                     reason: str) -> tuple[list[nn.Module], Template]:
+def split_by_module(
+    model: nn.Module, stage_layers: list[list[str]], example_inputs: tuple, reason: str
+) -> tuple[list[nn.Module], Template]:
     """The stage skeletons and the template of the model's output (see the module docstring)."""
     stage_of = {name: index for index, names in enumerate(stage_layers) for name in names}
     planned: dict[int, str] = {}
     for name, stage in stage_of.items():  # one module under two names (T5's shared embedding)
         other = planned.setdefault(id(model.get_submodule(name)), name)
         if stage_of[other] != stage:
-            raise ValueError(f"layers {other!r} and {name!r} are one module, planned on stages {stage_of[other]} "
-                             f"and {stage}: {reason}, and splitting by module needs one module on one stage")
+            raise ValueError(
+                f"layers {other!r} and {name!r} are one module, planned on stages {stage_of[other]} "
+                f"and {stage}: {reason}, and splitting by module needs one module on one stage"
+            )
     forward = _record_forward(model, set(stage_of), example_inputs)
     cuts = _choose_cuts(forward, stage_layers, reason)
     traced_batch_size = example_inputs[0].shape[0] if example_inputs and example_inputs[0].dim() else None
-    modules = [_stage_skeleton(model, forward, stage_of, stage, cuts, traced_batch_size)
-               for stage in range(len(stage_layers))]
+    modules = [
+        _stage_skeleton(model, forward, stage_of, stage, cuts, traced_batch_size) for stage in range(len(stage_layers))
+    ]
     return modules, forward.output

@@ -10,6 +10,7 @@ and the optimizer keeps float32 master weights.
     >>> mixed_precision_policy("float32", "float32") is None
     True
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def to_dtype(name: str) -> torch.dtype:
-    """"bfloat16" (or "torch.bfloat16") -> torch.bfloat16; ValueError for anything else."""
+    """ "bfloat16" (or "torch.bfloat16") -> torch.bfloat16; ValueError for anything else."""
     key = name.removeprefix("torch.")
     if key not in DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; choose one of {sorted(DTYPES)}")

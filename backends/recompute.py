@@ -14,6 +14,7 @@ to parameter names; `state_dict()` (and `CHECKPOINT_PREFIX` users) strip it.
 
     >>> apply_recompute(model, {"blocks.0": "full", "blocks.1": "selective", "ln_f": "none"})  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,7 +41,10 @@ def apply_recompute(module: nn.Module, choices: dict[str, str]) -> None:
             raise ValueError(f"recompute for {path!r} must be 'none', 'selective' or 'full', got {choice!r}")
         parent_path, _, name = path.rpartition(".")
         parent = module.get_submodule(parent_path)
-        kwargs = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_matmul_outputs)} \
-            if choice == "selective" else {}
+        kwargs = (
+            {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_matmul_outputs)}
+            if choice == "selective"
+            else {}
+        )
         wrapped = checkpoint_wrapper(getattr(parent, name), checkpoint_impl=CheckpointImpl.NO_REENTRANT, **kwargs)
         setattr(parent, name, wrapped)

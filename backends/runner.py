@@ -10,6 +10,7 @@ slice (dim 0), splits it into `plan.num_micro_batches` micro-batches, accumulate
 gradients, and returns the global mean loss, identical on every rank. With pp > 1 the
 stage schedule is `autoplan.backends.pipeline`'s; slicing and the loss mean stay here.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -42,7 +43,7 @@ class _SyncsGradients(Protocol):
 
 
 def _device_type() -> str:
-    """"cuda" under NCCL (also "cpu:gloo,cuda:nccl"), else "cpu" (gloo)."""
+    """ "cuda" under NCCL (also "cpu:gloo,cuda:nccl"), else "cpu" (gloo)."""
     return "cuda" if "nccl" in dist.get_backend() else "cpu"
 
 
@@ -56,21 +57,25 @@ class ParallelModel:
         self.loss_fn = loss_fn
         self.engine = engine
         """The pipeline engine when pp > 1 (it owns the stage modules), else None."""
-        self.device = torch.device(_device_type(), torch.cuda.current_device()) if _device_type() == "cuda" \
+        self.device = (
+            torch.device(_device_type(), torch.cuda.current_device())
+            if _device_type() == "cuda"
             else torch.device("cpu")
+        )
 
     def _local_batch(self, inputs: tuple, targets: torch.Tensor | None) -> tuple[tuple, torch.Tensor | None]:
         """This dp rank's slice of the global batch (every input and the targets along dim 0)."""
         dp, dp_rank = self.mesh["dp"].size(), self.mesh["dp"].get_local_rank()
         expected = self.plan.micro_batch_size * self.plan.num_micro_batches * dp
         if inputs[0].shape[0] != expected:
-            raise ValueError(f"global batch of {inputs[0].shape[0]} != micro_batch_size({self.plan.micro_batch_size})"
-                             f" * num_micro_batches({self.plan.num_micro_batches}) * dp({dp}) = {expected}")
+            raise ValueError(
+                f"global batch of {inputs[0].shape[0]} != micro_batch_size({self.plan.micro_batch_size})"
+                f" * num_micro_batches({self.plan.num_micro_batches}) * dp({dp}) = {expected}"
+            )
         local = tuple(x.chunk(dp)[dp_rank].to(self.device) for x in inputs)
         return local, None if targets is None else targets.chunk(dp)[dp_rank].to(self.device)
 
-    def train_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
-                   targets: torch.Tensor | None = None) -> float:
+    def train_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor | None = None) -> float:
         """Forward + backward of one global batch; returns the global mean loss (same on every rank).
 
         `inputs` is the model's input tensor or a tuple of its positional inputs; `targets`
@@ -82,8 +87,9 @@ class ParallelModel:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=FSDP_VIEW_WARNING)
             if self.engine is not None:
-                local_loss = torch.tensor(float(self.engine.train_step(local_inputs, local_targets)),
-                                          device=self.device)
+                local_loss = torch.tensor(
+                    float(self.engine.train_step(local_inputs, local_targets)), device=self.device
+                )
             else:
                 local_loss = self._accumulate(local_inputs, local_targets)
         dist.all_reduce(local_loss, group=self.mesh["dp"].get_group())  # SUM: gloo has no AVG

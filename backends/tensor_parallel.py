@@ -23,6 +23,7 @@ output gives the local heads. `gather_full_state_dict` undoes the permutation.
     >>> apply_tensor_parallel(model, mesh["tp"], plan.tp_styles, plan.tp_divide_attrs,  # doctest: +SKIP
     ...                       plan.sequence_parallel)
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -76,8 +77,10 @@ def _permute_fused_rows(module: nn.Module, styles: dict[str, TPSite], tp: int) -
         weight = cast(torch.Tensor, linear.weight)  # an nn.Linear or a transposed Conv1D
         total = sum(site.fused_sizes)
         if total != weight.shape[feature_dim] or any(size % tp for size in site.fused_sizes):
-            raise ValueError(f"{path}: fused_sizes {site.fused_sizes} must sum to the output features "
-                             f"{weight.shape[feature_dim]} and each be divisible by tp={tp}")
+            raise ValueError(
+                f"{path}: fused_sizes {site.fused_sizes} must sum to the output features "
+                f"{weight.shape[feature_dim]} and each be divisible by tp={tp}"
+            )
         order = fused_row_permutation(site.fused_sizes, tp)
         with torch.no_grad():
             for name, param in linear.named_parameters(recurse=False):
@@ -102,8 +105,10 @@ def _parent(path: str) -> str:
 
 def _shard_parameters(placements: dict[str, Placement], name: str, module: nn.Module, mesh: DeviceMesh) -> None:
     for param_name, param in list(module.named_parameters(recurse=False)):
-        module.register_parameter(param_name, nn.Parameter(distribute_tensor(param, mesh, [placements[param_name]]),
-                                                           requires_grad=param.requires_grad))
+        module.register_parameter(
+            param_name,
+            nn.Parameter(distribute_tensor(param, mesh, [placements[param_name]]), requires_grad=param.requires_grad),
+        )
 
 
 class TransposedColwiseParallel(ColwiseParallel):
@@ -111,9 +116,13 @@ class TransposedColwiseParallel(ColwiseParallel):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         shard = partial(_shard_parameters, {"weight": Shard(1), "bias": Shard(0)})
-        return distribute_module(module, device_mesh, shard,
-                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+        return distribute_module(
+            module,
+            device_mesh,
+            shard,
+            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
+        )
 
 
 class TransposedRowwiseParallel(RowwiseParallel):
@@ -121,18 +130,23 @@ class TransposedRowwiseParallel(RowwiseParallel):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         self.desired_input_layouts = (Shard(-1),)
-        return distribute_module(module, device_mesh,
-                                 partial(_shard_parameters, {"weight": Shard(0), "bias": Replicate()}),
-                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+        return distribute_module(
+            module,
+            device_mesh,
+            partial(_shard_parameters, {"weight": Shard(0), "bias": Replicate()}),
+            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
+        )
 
 
 def _prepare_input(site: TPSite, layout: Placement, desired: Placement, use_local_output: bool) -> PrepareModuleInput:
     """PrepareModuleInput for the one argument `site.input_key` names (a position or a keyword)."""
     if isinstance(site.input_key, str):
-        return PrepareModuleInput(input_kwarg_layouts={site.input_key: layout},
-                                  desired_input_kwarg_layouts={site.input_key: desired},
-                                  use_local_output=use_local_output)
+        return PrepareModuleInput(
+            input_kwarg_layouts={site.input_key: layout},
+            desired_input_kwarg_layouts={site.input_key: desired},
+            use_local_output=use_local_output,
+        )
     assert isinstance(site.input_key, int)  # layout styles name their argument
     count = max(site.num_positional or 1, site.input_key + 1)
     layouts = tuple(layout if i == site.input_key else None for i in range(count))
@@ -155,8 +169,11 @@ def _torch_styles(module: nn.Module, styles: dict[str, TPSite], sequence_paralle
     torch_styles: dict[str, ParallelStyle] = {}
     for path, site in styles.items():
         plain_linear = isinstance(module.get_submodule(path), (nn.Linear, nn.Embedding))
-        colwise, rowwise = (ColwiseParallel, RowwiseParallel) if plain_linear else \
-            (TransposedColwiseParallel, TransposedRowwiseParallel)
+        colwise, rowwise = (
+            (ColwiseParallel, RowwiseParallel)
+            if plain_linear
+            else (TransposedColwiseParallel, TransposedRowwiseParallel)
+        )
         if site.style == "colwise":  # its parent's colwise_input, if any, replicated the input already
             prepared = styles.get(_parent(path), site).style == "colwise_input"
             torch_styles[path] = colwise(input_layouts=Replicate() if prepared else stream)
@@ -177,12 +194,19 @@ def _torch_styles(module: nn.Module, styles: dict[str, TPSite], sequence_paralle
             count = site.num_positional or 1
             torch_styles[path] = PrepareModuleOutput(
                 output_layouts=tuple(Shard(1) if i == site.input_key else None for i in range(count)),
-                desired_output_layouts=tuple(Replicate() for _ in range(count)), use_local_output=True)
+                desired_output_layouts=tuple(Replicate() for _ in range(count)),
+                use_local_output=True,
+            )
     return torch_styles
 
 
-def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, styles: dict[str, TPSite],
-                          divide_attrs: dict[str, int], sequence_parallel: bool) -> None:
+def apply_tensor_parallel(
+    module: nn.Module,
+    tp_mesh: DeviceMesh,
+    styles: dict[str, TPSite],
+    divide_attrs: dict[str, int],
+    sequence_parallel: bool,
+) -> None:
     """Split `module` over `tp_mesh` in place according to the plan's `styles`.
 
     Parameters of split modules become DTensors sharded on `tp_mesh`; tied parameters
@@ -218,6 +242,7 @@ def _retie(module: nn.Module, ties: list[list[str]]) -> None:
     """`distribute_module` replaces each module's parameters separately: point every name
     of a tied group back at one parameter, the split (DTensor) one when only some of the
     names belong to split modules (BERT's `cls.predictions.bias` is the decoder's bias)."""
+
     def get(name: str) -> nn.Parameter:
         path, _, attr = name.rpartition(".")
         return getattr(module.get_submodule(path), attr)

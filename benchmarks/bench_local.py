@@ -11,6 +11,7 @@ chosen plan's measured step time against the best measured candidate, and the me
 measured over the candidates of step time and of peak memory (worst rank). Reports are
 written to benchmarks/out/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--global-batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-profile", action="store_true",
-                        help="plan from the calibrated roofline only (default: also `autoplan profile` each model "
-                             "under local:4's load and plan with the measured layer times)")
+    parser.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="plan from the calibrated roofline only (default: also `autoplan profile` each model "
+        "under local:4's load and plan with the measured layer times)",
+    )
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     if args.cluster:
@@ -50,13 +54,27 @@ def main() -> None:
         profile_path = None if args.no_profile else str(OUT / f"profile_{label}.json")
         if profile_path:
             job = build(model, batch_size=args.global_batch_size, device="meta")
-            measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets, device="cpu",
-                            micro_batch_sizes=default_micro_batch_sizes(args.global_batch_size), model_name=model,
-                            busy_peers=cluster.devices_per_node - 1, peer_model=model).to_json(profile_path)
+            measure_profile(
+                job.module,
+                job.example_inputs,
+                job.loss_fn,
+                job.targets,
+                device="cpu",
+                micro_batch_sizes=default_micro_batch_sizes(args.global_batch_size),
+                model_name=model,
+                busy_peers=cluster.devices_per_node - 1,
+                peer_model=model,
+            ).to_json(profile_path)
         with planning_with_profile(profile_path):
-            report = run_bench(model, cluster, steps=args.steps, global_batch_size=args.global_batch_size,
-                               rounds=args.rounds, json_path=str(OUT / f"bench_{label}.json"),
-                               plot_path=str(OUT / f"bench_{label}.png"))
+            report = run_bench(
+                model,
+                cluster,
+                steps=args.steps,
+                global_batch_size=args.global_batch_size,
+                rounds=args.rounds,
+                json_path=str(OUT / f"bench_{label}.json"),
+                plot_path=str(OUT / f"bench_{label}.png"),
+            )
         lines.append(describe(label, summarize(report)))
     print("\n".join(lines))
 
@@ -66,12 +84,17 @@ def describe(label: str, summary: dict) -> str:
     if not summary["num_ran"]:
         return f"{label}: no candidate ran"
     chosen = summary["chosen_step_s"]
-    versus = (f"chosen plan {chosen * 1e3:.1f} ms/step vs best measured {summary['best_name']} "
-              f"{summary['best_step_s'] * 1e3:.1f} ms/step (ratio {chosen / summary['best_step_s']:.2f})"
-              if chosen else "the chosen plan did not run")
+    versus = (
+        f"chosen plan {chosen * 1e3:.1f} ms/step vs best measured {summary['best_name']} "
+        f"{summary['best_step_s'] * 1e3:.1f} ms/step (ratio {chosen / summary['best_step_s']:.2f})"
+        if chosen
+        else "the chosen plan did not run"
+    )
     memory = f"{summary['memory_error']:.0%}" if summary["memory_error"] is not None else "-"
-    return (f"{label}: {versus}; median |pred-meas|/meas over {summary['num_ran']}/{summary['num_candidates']} "
-            f"candidates: step time {summary['step_error']:.0%}, peak memory {memory}")
+    return (
+        f"{label}: {versus}; median |pred-meas|/meas over {summary['num_ran']}/{summary['num_candidates']} "
+        f"candidates: step time {summary['step_error']:.0%}, peak memory {memory}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Prints, for each, the median |predicted - measured| / measured of step time and 
 memory over the candidates, and the planner's choice against the fastest measured.
 Reports are written to benchmarks/out/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,22 +41,37 @@ def main() -> None:
     if not args.no_profile:
         profile_path = OUT / "calibration_effect_profile.json"
         job = build(args.model, batch_size=args.global_batch_size, device="meta")
-        measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets, device="cpu",
-                        micro_batch_sizes=default_micro_batch_sizes(args.global_batch_size), model_name=args.model,
-                        busy_peers=calibrated.devices_per_node - 1, peer_model=args.model).to_json(profile_path)
+        measure_profile(
+            job.module,
+            job.example_inputs,
+            job.loss_fn,
+            job.targets,
+            device="cpu",
+            micro_batch_sizes=default_micro_batch_sizes(args.global_batch_size),
+            model_name=args.model,
+            busy_peers=calibrated.devices_per_node - 1,
+            peer_model=args.model,
+        ).to_json(profile_path)
         runs.append(("+ profile", calibrated, str(profile_path)))
     rows = []
     for label, cluster, profile in runs:
         with planning_with_profile(profile):
-            report = run_bench(args.model, cluster, steps=args.steps, global_batch_size=args.global_batch_size,
-                               rounds=args.rounds,
-                               json_path=str(OUT / f"calibration_effect_{label.strip('+ ')}.json"))
+            report = run_bench(
+                args.model,
+                cluster,
+                steps=args.steps,
+                global_batch_size=args.global_batch_size,
+                rounds=args.rounds,
+                json_path=str(OUT / f"calibration_effect_{label.strip('+ ')}.json"),
+            )
         rows.append((label, summarize(report)))
     print(f"{args.model} on local:4, {args.steps} timed steps per candidate")
     print(f"{'cluster spec':<12} {'step err':>9} {'memory err':>11} {'chosen ms':>10} {'best ms':>8}  best")
     for label, s in rows:
-        print(f"{label:<12} {_pct(s['step_error']):>9} {_pct(s['memory_error']):>11} "
-              f"{_ms(s['chosen_step_s']):>10} {_ms(s['best_step_s']):>8}  {s['best_name']}")
+        print(
+            f"{label:<12} {_pct(s['step_error']):>9} {_pct(s['memory_error']):>11} "
+            f"{_ms(s['chosen_step_s']):>10} {_ms(s['best_step_s']):>8}  {s['best_name']}"
+        )
 
 
 def _pct(value: float | None) -> str:

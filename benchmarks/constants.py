@@ -6,6 +6,7 @@ measured on this machine.
 
 The list is `costmodels.devices.CALIBRATED_CONSTANTS`; docs/cost_model.md quotes this output.
 """
+
 from __future__ import annotations
 
 import argparse

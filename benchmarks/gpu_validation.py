@@ -24,6 +24,7 @@ The cost model's device is the preset matching `torch.cuda.get_device_name` (A10
 H100 SXM, H200), or `--cluster`. Float32 matmuls run without TF32 (PyTorch's default),
 which is what the presets' float32 peaks describe.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,16 +69,47 @@ class Sweep:
 
 SWEEPS = {
     # part 2 at h=2048, 8 layers, s=2048, batch 8: at most ~24 GB predicted (Llama, no recompute), fits an A100 40GB
-    ("cuda", False): Sweep(layer_hidden=(1024, 2048, 4096), layer_seq_len=(1024, 2048),
-                           layer_dtypes=("float32", "bfloat16"),
-                           hidden=2048, num_layers=8, seq_len=2048, global_batch_size=8, steps=5),
-    ("cuda", True): Sweep(layer_hidden=(1024, 4096), layer_seq_len=(2048,), layer_dtypes=("float32", "bfloat16"),
-                          hidden=2048, num_layers=4, seq_len=1024, global_batch_size=4, steps=3),
+    ("cuda", False): Sweep(
+        layer_hidden=(1024, 2048, 4096),
+        layer_seq_len=(1024, 2048),
+        layer_dtypes=("float32", "bfloat16"),
+        hidden=2048,
+        num_layers=8,
+        seq_len=2048,
+        global_batch_size=8,
+        steps=5,
+    ),
+    ("cuda", True): Sweep(
+        layer_hidden=(1024, 4096),
+        layer_seq_len=(2048,),
+        layer_dtypes=("float32", "bfloat16"),
+        hidden=2048,
+        num_layers=4,
+        seq_len=1024,
+        global_batch_size=4,
+        steps=3,
+    ),
     # CPU smoke sizes: seconds on two cores, not a validation (one core cannot fill a GEMM)
-    ("cpu", False): Sweep(layer_hidden=(128, 256), layer_seq_len=(64, 128), layer_dtypes=("float32",),
-                          hidden=128, num_layers=4, seq_len=64, global_batch_size=8, steps=3),
-    ("cpu", True): Sweep(layer_hidden=(64,), layer_seq_len=(32,), layer_dtypes=("float32",),
-                         hidden=64, num_layers=2, seq_len=32, global_batch_size=4, steps=2),
+    ("cpu", False): Sweep(
+        layer_hidden=(128, 256),
+        layer_seq_len=(64, 128),
+        layer_dtypes=("float32",),
+        hidden=128,
+        num_layers=4,
+        seq_len=64,
+        global_batch_size=8,
+        steps=3,
+    ),
+    ("cpu", True): Sweep(
+        layer_hidden=(64,),
+        layer_seq_len=(32,),
+        layer_dtypes=("float32",),
+        hidden=64,
+        num_layers=2,
+        seq_len=32,
+        global_batch_size=4,
+        steps=2,
+    ),
 }
 LAYER_VOCAB = 1024
 """Part 1 vocabulary: only the blocks are compared, and a block does not depend on it."""
@@ -85,8 +117,17 @@ FAMILIES = {"gpt": "blocks.0", "llama": "layers.0"}
 """Model family -> the module path of its first block."""
 
 
-def build_job(family: str, *, hidden: int, num_layers: int, seq_len: int, vocab_size: int, batch_size: int,
-              device: str, dtype: torch.dtype = torch.float32) -> Job:
+def build_job(
+    family: str,
+    *,
+    hidden: int,
+    num_layers: int,
+    seq_len: int,
+    vocab_size: int,
+    batch_size: int,
+    device: str,
+    dtype: torch.dtype = torch.float32,
+) -> Job:
     """A GPT or Llama of this size with one global batch of tokens, on `device` in `dtype`.
 
     Head dim 128 as GPT-3 and Llama (at least 4 heads at the CPU smoke sizes); Llama with
@@ -98,13 +139,20 @@ def build_job(family: str, *, hidden: int, num_layers: int, seq_len: int, vocab_
     """
     num_heads = max(4, hidden // 128)
     if family == "gpt":
-        config = GPTConfig(num_layers=num_layers, num_heads=num_heads, hidden=hidden, vocab_size=vocab_size,
-                           seq_len=seq_len)
+        config = GPTConfig(
+            num_layers=num_layers, num_heads=num_heads, hidden=hidden, vocab_size=vocab_size, seq_len=seq_len
+        )
         model_cls = GPT
     else:
-        config = LlamaConfig(num_layers=num_layers, num_heads=num_heads, num_kv_heads=max(1, num_heads // 4),
-                             hidden=hidden, ffn_hidden=-(-8 * hidden // 3 // 256) * 256, vocab_size=vocab_size,
-                             seq_len=seq_len)
+        config = LlamaConfig(
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=max(1, num_heads // 4),
+            hidden=hidden,
+            ffn_hidden=-(-8 * hidden // 3 // 256) * 256,
+            vocab_size=vocab_size,
+            seq_len=seq_len,
+        )
         model_cls = Llama
     torch.manual_seed(0)
     with torch.device(device):
@@ -124,8 +172,10 @@ def cluster_for(device: str, cluster_file: str | None) -> ClusterSpec:
         name = torch.cuda.get_device_name()
         preset = preset_for(name)
         if preset is None:
-            raise ValueError(f"no preset describes {name!r}: calibrate it (`autoplan calibrate --device cuda`) "
-                             "and pass the file with --cluster")
+            raise ValueError(
+                f"no preset describes {name!r}: calibrate it (`autoplan calibrate --device cuda`) "
+                "and pass the file with --cluster"
+            )
         cluster = ClusterSpec.preset(preset, devices_per_node=1)
     if cluster.device.kind != device:
         raise ValueError(f"--cluster describes a {cluster.device.kind} device but --device is {device}")
@@ -150,30 +200,56 @@ def preset_for(device_name: str) -> str | None:
 
 # --- part 1: per-layer time ------------------------------------------------------------------
 
+
 def validate_layers(sweep: Sweep, cluster: ClusterSpec, device: str) -> list[dict]:
     """One row per (family, hidden, seq_len, dtype): predicted and measured ms of one sequence."""
     from autoplan.analysis.profile import profile_model
 
     rows = []
     for dtype, hidden, seq_len, (family, block) in itertools.product(
-            sweep.layer_dtypes, sweep.layer_hidden, sweep.layer_seq_len, FAMILIES.items()):
-        job = build_job(family, hidden=hidden, num_layers=1, seq_len=seq_len, vocab_size=LAYER_VOCAB, batch_size=1,
-                        device="meta", dtype=getattr(torch, dtype))
+        sweep.layer_dtypes, sweep.layer_hidden, sweep.layer_seq_len, FAMILIES.items()
+    ):
+        job = build_job(
+            family,
+            hidden=hidden,
+            num_layers=1,
+            seq_len=seq_len,
+            vocab_size=LAYER_VOCAB,
+            batch_size=1,
+            device="meta",
+            dtype=getattr(torch, dtype),
+        )
         profile = profile_model(job.module, job.example_inputs, model_name=job.name, measure=True, device=device)
         layer = next(layer for layer in profile.layers if layer.name == block)
         # without the measured seconds: on a matching device they would replace the roofline
         roofline = layer.model_copy(update=dict.fromkeys(("measured_fwd_s", "measured_bwd_s", "measured_device")))
-        predicted = estimate_layer_time(roofline, cluster.device, micro_batch_size=1, tp=1, sequence_parallel=False,
-                                        recompute="none", compute_dtype=dtype)
+        predicted = estimate_layer_time(
+            roofline,
+            cluster.device,
+            micro_batch_size=1,
+            tp=1,
+            sequence_parallel=False,
+            recompute="none",
+            compute_dtype=dtype,
+        )
         predicted_s = predicted.forward_s + predicted.backward_s
         measured_s = layer.measured_fwd_s + layer.measured_bwd_s
-        rows.append({"model": family, "hidden": hidden, "seq_len": seq_len, "dtype": dtype,
-                     "predicted_ms": predicted_s * 1e3, "measured_ms": measured_s * 1e3,
-                     "error": relative_error(predicted_s, measured_s)})
+        rows.append(
+            {
+                "model": family,
+                "hidden": hidden,
+                "seq_len": seq_len,
+                "dtype": dtype,
+                "predicted_ms": predicted_s * 1e3,
+                "measured_ms": measured_s * 1e3,
+                "error": relative_error(predicted_s, measured_s),
+            }
+        )
     return rows
 
 
 # --- part 2: single device, end to end --------------------------------------------------------
+
 
 def validate_plans(sweep: Sweep, cluster: ClusterSpec, device: str) -> list[dict]:
     """One row per (family, recompute option): the plan's prediction and the measured run."""
@@ -181,15 +257,21 @@ def validate_plans(sweep: Sweep, cluster: ClusterSpec, device: str) -> list[dict
 
     from autoplan.runtime.launch import free_port
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     vocab_size = {"gpt": 50304, "llama": 32000} if device == "cuda" else {"gpt": 128, "llama": 128}
     rows = []
     try:
         for family in FAMILIES:
             for recompute in RECOMPUTE_OPTIONS:
-                job = build_job(family, hidden=sweep.hidden, num_layers=sweep.num_layers, seq_len=sweep.seq_len,
-                                vocab_size=vocab_size[family], batch_size=sweep.global_batch_size, device=device)
+                job = build_job(
+                    family,
+                    hidden=sweep.hidden,
+                    num_layers=sweep.num_layers,
+                    seq_len=sweep.seq_len,
+                    vocab_size=vocab_size[family],
+                    batch_size=sweep.global_batch_size,
+                    device=device,
+                )
                 rows.append(run_plan(job, cluster, recompute, sweep.steps))
                 del job
                 gc.collect()
@@ -208,22 +290,34 @@ def run_plan(job: Job, cluster: ClusterSpec, recompute: str, steps: int) -> dict
 
     row = {"model": job.name, "recompute": recompute}
     try:
-        model = autoplan.parallelize(job.module, cluster, job.example_inputs, job.loss_fn,
-                                     plan=Constraints(recompute=recompute), model_name=job.name)
+        model = autoplan.parallelize(
+            job.module,
+            cluster,
+            job.example_inputs,
+            job.loss_fn,
+            plan=Constraints(recompute=recompute),
+            model_name=job.name,
+        )
         measured = measure_training(model, [(job.example_inputs, job.targets)], steps=steps)
     except Exception as error:  # an OOM or a backend failure: report it and go on to the next plan
         return {**row, "failure": f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"}
     predicted = model.plan.predicted
     predicted_peak = predicted.peak_memory_bytes - predicted.breakdown.get("framework_overhead_bytes", 0.0)
-    return {**row, "micro_batches": f"{model.plan.micro_batch_size} x {model.plan.num_micro_batches}",
-            "dtype": model.plan.param_dtype,
-            "predicted_step_ms": predicted.step_time_s * 1e3, "measured_step_ms": measured.median_step_s * 1e3,
-            "step_error": relative_error(predicted.step_time_s, measured.median_step_s),
-            "predicted_peak_mb": predicted_peak / 1e6, "measured_peak_mb": measured.peak_memory_bytes / 1e6,
-            "memory_error": relative_error(predicted_peak, measured.peak_memory_bytes)}
+    return {
+        **row,
+        "micro_batches": f"{model.plan.micro_batch_size} x {model.plan.num_micro_batches}",
+        "dtype": model.plan.param_dtype,
+        "predicted_step_ms": predicted.step_time_s * 1e3,
+        "measured_step_ms": measured.median_step_s * 1e3,
+        "step_error": relative_error(predicted.step_time_s, measured.median_step_s),
+        "predicted_peak_mb": predicted_peak / 1e6,
+        "measured_peak_mb": measured.peak_memory_bytes / 1e6,
+        "memory_error": relative_error(predicted_peak, measured.peak_memory_bytes),
+    }
 
 
 # --- report ------------------------------------------------------------------------------------
+
 
 def verdict(error: float) -> str:
     return "pass" if abs(error) <= THRESHOLD else "FAIL"
@@ -231,37 +325,77 @@ def verdict(error: float) -> str:
 
 def layer_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["model", "hidden", "seq", "dtype", "predicted ms", "measured ms", "error", "time"]
-    return header, [[r["model"], str(r["hidden"]), str(r["seq_len"]), r["dtype"], f"{r['predicted_ms']:.3f}",
-                     f"{r['measured_ms']:.3f}", f"{r['error']:+.1%}", verdict(r["error"])] for r in rows]
+    return header, [
+        [
+            r["model"],
+            str(r["hidden"]),
+            str(r["seq_len"]),
+            r["dtype"],
+            f"{r['predicted_ms']:.3f}",
+            f"{r['measured_ms']:.3f}",
+            f"{r['error']:+.1%}",
+            verdict(r["error"]),
+        ]
+        for r in rows
+    ]
 
 
 def plan_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "recompute", "mbs x m", "dtype", "pred step ms", "meas step ms", "error", "time",
-              "pred peak MB", "meas peak MB", "error", "memory"]
+    header = [
+        "model",
+        "recompute",
+        "mbs x m",
+        "dtype",
+        "pred step ms",
+        "meas step ms",
+        "error",
+        "time",
+        "pred peak MB",
+        "meas peak MB",
+        "error",
+        "memory",
+    ]
     body = []
     for r in rows:
         if "failure" in r:
             body.append([r["model"], r["recompute"], *["-"] * 5, "FAIL", *["-"] * 3, "FAIL"])
             continue
-        body.append([r["model"], r["recompute"], r["micro_batches"], r["dtype"], f"{r['predicted_step_ms']:.2f}",
-                     f"{r['measured_step_ms']:.2f}", f"{r['step_error']:+.1%}", verdict(r["step_error"]),
-                     f"{r['predicted_peak_mb']:,.1f}", f"{r['measured_peak_mb']:,.1f}", f"{r['memory_error']:+.1%}",
-                     verdict(r["memory_error"])])
+        body.append(
+            [
+                r["model"],
+                r["recompute"],
+                r["micro_batches"],
+                r["dtype"],
+                f"{r['predicted_step_ms']:.2f}",
+                f"{r['measured_step_ms']:.2f}",
+                f"{r['step_error']:+.1%}",
+                verdict(r["step_error"]),
+                f"{r['predicted_peak_mb']:,.1f}",
+                f"{r['measured_peak_mb']:,.1f}",
+                f"{r['memory_error']:+.1%}",
+                verdict(r["memory_error"]),
+            ]
+        )
     return header, body
 
 
 def failures(layer_rows: list[dict], plan_rows: list[dict]) -> list[str]:
     """One line per failing row, the arithmetic included."""
-    lines = [f"FAIL layer {r['model']} h{r['hidden']} s{r['seq_len']} {r['dtype']}: "
-             f"predicted {r['predicted_ms']:.3f} ms, measured {r['measured_ms']:.3f} ms ({r['error']:+.1%})"
-             for r in layer_rows if verdict(r["error"]) == "FAIL"]
+    lines = [
+        f"FAIL layer {r['model']} h{r['hidden']} s{r['seq_len']} {r['dtype']}: "
+        f"predicted {r['predicted_ms']:.3f} ms, measured {r['measured_ms']:.3f} ms ({r['error']:+.1%})"
+        for r in layer_rows
+        if verdict(r["error"]) == "FAIL"
+    ]
     for r in plan_rows:
         if "failure" in r:
             lines.append(f"FAIL plan {r['model']} recompute={r['recompute']}: {r['failure']}")
         elif "FAIL" in (verdict(r["step_error"]), verdict(r["memory_error"])):
-            lines.append(f"FAIL plan {r['model']} recompute={r['recompute']}: step {r['predicted_step_ms']:.2f} vs "
-                         f"{r['measured_step_ms']:.2f} ms ({r['step_error']:+.1%}), peak {r['predicted_peak_mb']:,.1f} "
-                         f"vs {r['measured_peak_mb']:,.1f} MB ({r['memory_error']:+.1%})")
+            lines.append(
+                f"FAIL plan {r['model']} recompute={r['recompute']}: step {r['predicted_step_ms']:.2f} vs "
+                f"{r['measured_step_ms']:.2f} ms ({r['step_error']:+.1%}), peak {r['predicted_peak_mb']:,.1f} "
+                f"vs {r['measured_peak_mb']:,.1f} MB ({r['memory_error']:+.1%})"
+            )
     return lines
 
 
@@ -278,11 +412,15 @@ def markdown(title: str, tables: list[tuple[str, tuple[list[str], list[list[str]
 def summary(layer_rows: list[dict], plan_rows: list[dict]) -> str:
     """How many rows are within THRESHOLD, per part and quantity."""
     ran = [r for r in plan_rows if "failure" not in r]
-    within = {key: sum(abs(r[key]) <= THRESHOLD for r in rows)
-              for key, rows in (("error", layer_rows), ("step_error", ran), ("memory_error", ran))}
-    return (f"summary: part 1 {within['error']}/{len(layer_rows)} layers within {THRESHOLD:.0%}; part 2 "
-            f"{len(ran)}/{len(plan_rows)} plans ran, step time within {THRESHOLD:.0%} for {within['step_error']}, "
-            f"peak memory for {within['memory_error']}")
+    within = {
+        key: sum(abs(r[key]) <= THRESHOLD for r in rows)
+        for key, rows in (("error", layer_rows), ("step_error", ran), ("memory_error", ran))
+    }
+    return (
+        f"summary: part 1 {within['error']}/{len(layer_rows)} layers within {THRESHOLD:.0%}; part 2 "
+        f"{len(ran)}/{len(plan_rows)} plans ran, step time within {THRESHOLD:.0%} for {within['step_error']}, "
+        f"peak memory for {within['memory_error']}"
+    )
 
 
 def print_tables(tables: list[tuple[str, tuple[list[str], list[list[str]]]]]) -> None:
@@ -293,8 +431,9 @@ def print_tables(tables: list[tuple[str, tuple[list[str], list[list[str]]]]]) ->
     for heading, (header, body) in tables:
         table = Table(title=heading)
         for column in header:
-            table.add_column(column, justify="right" if column.endswith(("ms", "MB", "hidden", "seq", "error"))
-                             else "left")
+            table.add_column(
+                column, justify="right" if column.endswith(("ms", "MB", "hidden", "seq", "error")) else "left"
+            )
         for row in body:
             table.add_row(*row)
         console.print(table)
@@ -320,14 +459,21 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.machine()}), 1 thread"
     heading = f"{name}, torch {torch.__version__}, {datetime.date.today().isoformat()}"
     heading += " (quick)" if args.quick else ""
-    detail = (f"cost model: {cluster.describe()}{' (calibrated)' if cluster.calibrated else ''}; "
-              f"pass: |predicted - measured| / measured <= {THRESHOLD:.0%}")
+    detail = (
+        f"cost model: {cluster.describe()}{' (calibrated)' if cluster.calibrated else ''}; "
+        f"pass: |predicted - measured| / measured <= {THRESHOLD:.0%}"
+    )
     print(f"{heading}\n{detail}")
     layer_rows = validate_layers(sweep, cluster, args.device)
     plan_rows = validate_plans(sweep, cluster, args.device)
-    tables = [("Part 1: per-layer time, forward + backward of one sequence", layer_table(layer_rows)),
-              (f"Part 2: single device end to end, median of {sweep.steps} steps; peak memory without the "
-               "framework overhead", plan_table(plan_rows))]
+    tables = [
+        ("Part 1: per-layer time, forward + backward of one sequence", layer_table(layer_rows)),
+        (
+            f"Part 2: single device end to end, median of {sweep.steps} steps; peak memory without the "
+            "framework overhead",
+            plan_table(plan_rows),
+        ),
+    ]
     print_tables(tables)
     print(summary(layer_rows, plan_rows))
     for line in failures(layer_rows, plan_rows):

@@ -13,6 +13,7 @@ through `autoplan.runtime.timing.measure_training`, in rounds that alternate whi
 load drifting on the machine hits both alike. Prints the median step-time ratio
 autoplan / hand (target <= 1.03) and both peak memories.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,24 @@ def hand_parallelize(module, mesh):
         with torch.no_grad():
             block.attn.c_attn.weight.copy_(block.attn.c_attn.weight[order])
             block.attn.c_attn.bias.copy_(block.attn.c_attn.bias[order])
-        parallelize_module(block, tp_mesh, {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
-                                            "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()})
-    parallelize_module(module, tp_mesh, {
-        "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "lm_head": ColwiseParallel(output_layouts=Replicate())})
+        parallelize_module(
+            block,
+            tp_mesh,
+            {
+                "attn.c_attn": ColwiseParallel(),
+                "attn.c_proj": RowwiseParallel(),
+                "mlp.c_fc": ColwiseParallel(),
+                "mlp.c_proj": RowwiseParallel(),
+            },
+        )
+    parallelize_module(
+        module,
+        tp_mesh,
+        {
+            "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Replicate()),
+        },
+    )
     module.lm_head.weight = module.tok_emb.weight  # both vocab-row shards: keep them one parameter
     for block in module.blocks:
         replicate(block, mesh=dp_mesh)
@@ -90,10 +104,17 @@ def rank_main(rounds: int, steps: int) -> None:
     hand_job = build(MODEL, batch_size=GLOBAL_BATCH, device="cpu", seed=0)
     hand = HandModel(hand_parallelize(hand_job.module, mesh), hand_job.loss_fn, mesh)
     job = build(MODEL, batch_size=GLOBAL_BATCH, device="cpu", seed=0)
-    pins = autoplan.Constraints(dp=DP, tp=TP, pp=1, zero_stage=0, recompute="none", sequence_parallel=False,
-                                micro_batch_size=GLOBAL_BATCH // DP)
-    ours = autoplan.parallelize(job.module, autoplan.ClusterSpec.local(world_size=DP * TP),
-                                example_inputs=job.example_inputs, loss_fn=job.loss_fn, plan=pins, model_name=MODEL)
+    pins = autoplan.Constraints(
+        dp=DP, tp=TP, pp=1, zero_stage=0, recompute="none", sequence_parallel=False, micro_batch_size=GLOBAL_BATCH // DP
+    )
+    ours = autoplan.parallelize(
+        job.module,
+        autoplan.ClusterSpec.local(world_size=DP * TP),
+        example_inputs=job.example_inputs,
+        loss_fn=job.loss_fn,
+        plan=pins,
+        model_name=MODEL,
+    )
     styles = {path: site.style for path, site in ours.plan.tp_styles.items()}
     batches = [(job.example_inputs, job.targets)]
     medians = {"hand": [], "autoplan": []}
@@ -106,14 +127,20 @@ def rank_main(rounds: int, steps: int) -> None:
             peaks[name] = measurement.peak_memory_bytes
     if dist.get_rank() == 0:
         hand_s, ours_s = statistics.median(medians["hand"]), statistics.median(medians["autoplan"])
-        print(f"{MODEL}, dp={DP} x tp={TP} on local:{DP * TP}, global batch {GLOBAL_BATCH}, "
-              f"{rounds} rounds x {steps} steps")
-        print(f"autoplan's tp styles: {sorted(set(styles.values()))} on {len(styles)} modules "
-              f"(hand: colwise/rowwise per block, vocab_embedding, vocab_output)")
+        print(
+            f"{MODEL}, dp={DP} x tp={TP} on local:{DP * TP}, global batch {GLOBAL_BATCH}, "
+            f"{rounds} rounds x {steps} steps"
+        )
+        print(
+            f"autoplan's tp styles: {sorted(set(styles.values()))} on {len(styles)} modules "
+            f"(hand: colwise/rowwise per block, vocab_embedding, vocab_output)"
+        )
         print(f"hand-written median step  {hand_s * 1e3:8.1f} ms   peak memory rank 0 {peaks['hand'] / 1e6:.1f} MB")
         print(f"autoplan     median step  {ours_s * 1e3:8.1f} ms   peak memory rank 0 {peaks['autoplan'] / 1e6:.1f} MB")
-        print(f"ratio autoplan / hand     {ours_s / hand_s:.3f}   (target <= 1.03); per round: "
-              + ", ".join(f"{a / h:.2f}" for a, h in zip(medians["autoplan"], medians["hand"])))
+        print(
+            f"ratio autoplan / hand     {ours_s / hand_s:.3f}   (target <= 1.03); per round: "
+            + ", ".join(f"{a / h:.2f}" for a, h in zip(medians["autoplan"], medians["hand"]))
+        )
     dist.destroy_process_group()
 
 
@@ -126,8 +153,20 @@ def main() -> None:
     if args.rank:
         rank_main(args.rounds, args.steps)
         return
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(DP * TP), "--standalone",
-               __file__, "--rank", "--rounds", str(args.rounds), "--steps", str(args.steps)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(DP * TP),
+        "--standalone",
+        __file__,
+        "--rank",
+        "--rounds",
+        str(args.rounds),
+        "--steps",
+        str(args.steps),
+    ]
     sys.exit(subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode)
 
 

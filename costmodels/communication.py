@@ -24,6 +24,7 @@ Every estimate is affine in the bytes: `collective_coefficients` returns the
     >>> round(estimate_all_reduce_s(1e9, group_levels(c, size=8, stride=1)), 4)
     0.0065
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -84,8 +85,16 @@ def flat_levels(cluster: ClusterSpec, size: int, stride: int) -> list[Level]:
     if size <= 1:
         return []
     link = cluster.intra_node if size * stride <= cluster.devices_per_node else cluster.inter_node
-    return [(size, LinkSpec(bandwidth_gbps=link.bandwidth_gbps * SHARDED_RING_EFFICIENCY / LINK_EFFICIENCY,
-                            latency_us=link.latency_us, collective_overhead_us=link.collective_overhead_us))]
+    return [
+        (
+            size,
+            LinkSpec(
+                bandwidth_gbps=link.bandwidth_gbps * SHARDED_RING_EFFICIENCY / LINK_EFFICIENCY,
+                latency_us=link.latency_us,
+                collective_overhead_us=link.collective_overhead_us,
+            ),
+        )
+    ]
 
 
 def collective_coefficients(kind: Collective, levels: list[Level]) -> tuple[float, float]:
@@ -135,8 +144,7 @@ def estimate_p2p_s(num_bytes: float, link: LinkSpec) -> float:
     >>> round(estimate_p2p_s(25e6, LinkSpec(bandwidth_gbps=25.0, latency_us=5.0)) * 1e3, 3)
     1.116
     """
-    return (num_bytes / (link.bandwidth_gbps * 1e9 * LINK_EFFICIENCY)
-            + (link.latency_us + link.p2p_overhead_us) * 1e-6)
+    return num_bytes / (link.bandwidth_gbps * 1e9 * LINK_EFFICIENCY) + (link.latency_us + link.p2p_overhead_us) * 1e-6
 
 
 def pipeline_link(cluster: ClusterSpec, pp: int, stride: int) -> LinkSpec:

@@ -27,6 +27,7 @@ this micro-batch size, or interpolated from the sizes measured
     >>> round(matmul_efficiency(1e12, d), 3)
     0.699
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,8 +65,16 @@ def tp_elementwise_share(layer: LayerProfile) -> float:
     return min(1.0, layer.tp_saved_bytes.get("none", 0.0) / total) if total > 0 else 0.0
 
 
-def estimate_layer_time(layer: LayerProfile, device: DeviceSpec, *, micro_batch_size: int, tp: int,
-                        sequence_parallel: bool, recompute: str, compute_dtype: str) -> LayerTime:
+def estimate_layer_time(
+    layer: LayerProfile,
+    device: DeviceSpec,
+    *,
+    micro_batch_size: int,
+    tp: int,
+    sequence_parallel: bool,
+    recompute: str,
+    compute_dtype: str,
+) -> LayerTime:
     """Forward, backward and recompute seconds of `layer` for one micro-batch.
 
     >>> from autoplan.schema.cluster import ClusterSpec

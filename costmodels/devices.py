@@ -4,6 +4,7 @@ Every constant `autoplan calibrate` can replace is listed in `CALIBRATED_CONSTAN
 with where its default comes from; `docs/cost_model.md` prints them beside the values
 measured on this machine.
 """
+
 from __future__ import annotations
 
 import os
@@ -82,7 +83,7 @@ LOCAL_OVERHEAD_BYTES = 300 * 1024**2
 
 CALIBRATED_CONSTANTS = {
     "device.peak_flops.float32": "GPU datasheets (A100 19.5 TFLOP/s FP32, ...); local: one core, "
-                                 "AVX2 FMA, 32 FLOP/cycle x 2.5 GHz, times cores / ranks",
+    "AVX2 FMA, 32 FLOP/cycle x 2.5 GHz, times cores / ranks",
     "device.peak_flops.bfloat16": "GPU datasheets (dense tensor core); local: half the float32 guess",
     "device.matmul_efficiency": "0.7: large-GEMM share of peak reported by Megatron-LM (SC21)",
     "device.memory_bandwidth_gbps": "HBM datasheets (A100-80GB 2,039 GB/s, ...); local: 10 GB/s a core",
@@ -90,9 +91,9 @@ CALIBRATED_CONSTANTS = {
     "device.adam_bytes_per_param": "28: a fused Adam kernel's reads and writes; local: ~100 (multi-tensor passes)",
     "device.shared_core_slowdown": "1 on GPUs; local: ranks / cores",
     "device.tp_dispatch_overhead_us": "0 on GPUs (host work runs ahead of the kernels); local: 1 ms a core, "
-                                      "times ranks / cores",
+    "times ranks / cores",
     "device.dtensor_param_step_us": "0 on GPUs (host work runs ahead of the kernels); local: 0.25 ms a core, "
-                                    "times ranks / cores",
+    "times ranks / cores",
     "intra_node.bandwidth_gbps": "NVLink datasheet (GPU) / loopback gloo guess (local)",
     "intra_node.latency_us": "NCCL tests small-message latency (GPU) / loopback guess (local)",
     "intra_node.collective_overhead_us": "0: NCCL calls are asynchronous; measured on CPU ranks",

@@ -25,6 +25,7 @@ Plus, once per device: framework overhead, the largest communication buffer, and
 transient working memory of the largest layer's backward (its "none" saved bytes for
 one micro-batch, tp-split, as the recomputed/temporary tensors of that layer).
 """
+
 from __future__ import annotations
 
 from autoplan.costmodels.compute import DTYPE_BYTES
@@ -70,8 +71,15 @@ def local_param_count(layer: LayerProfile, tp: int) -> float:
     return layer.tp_param_count / tp + (layer.param_count - layer.tp_param_count)
 
 
-def estimate_activation_bytes(layer: LayerProfile, recompute: str, *, micro_batch_size: int, tp: int,
-                              sequence_parallel: bool, activation_dtype: str) -> float:
+def estimate_activation_bytes(
+    layer: LayerProfile,
+    recompute: str,
+    *,
+    micro_batch_size: int,
+    tp: int,
+    sequence_parallel: bool,
+    activation_dtype: str,
+) -> float:
     """Bytes `layer` keeps for backward for one micro-batch on one device.
 
     >>> layer = LayerProfile(name="l", signature="s", param_count=0, fwd_flops=0, bwd_flops=0,
@@ -86,8 +94,9 @@ def estimate_activation_bytes(layer: LayerProfile, recompute: str, *, micro_batc
     return per_sequence * micro_batch_size * DTYPE_BYTES[activation_dtype] / 4
 
 
-def in_flight_micro_batches(schedule: str, pp_rank: int, pp: int, num_micro_batches: int,
-                            virtual_stages: int = 1) -> float:
+def in_flight_micro_batches(
+    schedule: str, pp_rank: int, pp: int, num_micro_batches: int, virtual_stages: int = 1
+) -> float:
     """Micro-batches whose activations pipeline rank `pp_rank` holds at its peak.
 
     >>> in_flight_micro_batches("1f1b", 0, 4, 8), in_flight_micro_batches("gpipe", 0, 4, 8)
@@ -103,13 +112,25 @@ def in_flight_micro_batches(schedule: str, pp_rank: int, pp: int, num_micro_batc
     return min(pp - pp_rank, m)
 
 
-def estimate_transient_bytes(layers: list[LayerProfile], *, micro_batch_size: int, tp: int,
-                             activation_dtype: str) -> float:
+def estimate_transient_bytes(
+    layers: list[LayerProfile], *, micro_batch_size: int, tp: int, activation_dtype: str
+) -> float:
     """Working memory of the largest layer's backward: its "none" saved bytes once
     (tp share split, no sequence-parallel split: the gathered tensors are full)."""
-    return max((estimate_activation_bytes(layer, "none", micro_batch_size=micro_batch_size, tp=tp,
-                                          sequence_parallel=False, activation_dtype=activation_dtype)
-                for layer in layers), default=0.0)
+    return max(
+        (
+            estimate_activation_bytes(
+                layer,
+                "none",
+                micro_batch_size=micro_batch_size,
+                tp=tp,
+                sequence_parallel=False,
+                activation_dtype=activation_dtype,
+            )
+            for layer in layers
+        ),
+        default=0.0,
+    )
 
 
 def estimate_zero3_gathered_bytes(layers: list[LayerProfile], *, tp: int, param_dtype: str) -> float:
@@ -118,9 +139,16 @@ def estimate_zero3_gathered_bytes(layers: list[LayerProfile], *, tp: int, param_
     return sum(sizes[:2]) * DTYPE_BYTES[param_dtype]
 
 
-def estimate_comm_buffer_bytes(layers: list[LayerProfile], *, micro_batch_size: int, tp: int, dp: int,
-                               activation_dtype: str, ddp_bucket_views: bool = False,
-                               grad_reduce_dtype: str = "float32") -> float:
+def estimate_comm_buffer_bytes(
+    layers: list[LayerProfile],
+    *,
+    micro_batch_size: int,
+    tp: int,
+    dp: int,
+    activation_dtype: str,
+    ddp_bucket_views: bool = False,
+    grad_reduce_dtype: str = "float32",
+) -> float:
     """The largest collective buffer: a tp all-reduce of one layer's output, or the data-parallel
     gradient buffer: none with DDP's `gradient_as_bucket_view` (its buckets are the gradients
     themselves); with FSDP2 (ZeRO 1-3, and `replicate` beside tp or pp) one unit's gradients,

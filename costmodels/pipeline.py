@@ -50,6 +50,7 @@ ZeRO, sequence parallelism, layers per rank with their recompute option); the MI
 `autoplan.planner.solver` optimises exactly this function (its per-layer coefficients come
 from `estimate_layer_cost`), and the planner tests check the two agree.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -132,20 +133,41 @@ class LayerCost:
         return self.compute_s + self.recompute_s + self.tp_comm_s
 
 
-def estimate_layer_cost(layer: LayerProfile, recompute: str, cluster: ClusterSpec, *, dp: int, tp: int,
-                        micro_batch_size: int, sequence_parallel: bool, param_dtype: str,
-                        grad_reduce_dtype: str) -> LayerCost:
+def estimate_layer_cost(
+    layer: LayerProfile,
+    recompute: str,
+    cluster: ClusterSpec,
+    *,
+    dp: int,
+    tp: int,
+    micro_batch_size: int,
+    sequence_parallel: bool,
+    param_dtype: str,
+    grad_reduce_dtype: str,
+) -> LayerCost:
     """Per-micro-batch cost terms of `layer` (see module docstring)."""
-    times = estimate_layer_time(layer, cluster.device, micro_batch_size=micro_batch_size, tp=tp,
-                                sequence_parallel=sequence_parallel, recompute=recompute,
-                                compute_dtype=param_dtype)
+    times = estimate_layer_time(
+        layer,
+        cluster.device,
+        micro_batch_size=micro_batch_size,
+        tp=tp,
+        sequence_parallel=sequence_parallel,
+        recompute=recompute,
+        compute_dtype=param_dtype,
+    )
     act_scale = micro_batch_size * DTYPE_BYTES[param_dtype] / 4
     tp_levels = group_levels(cluster, tp, 1)
     fwd_calls, bwd_calls = tp_collectives(layer)
-    fwd_comm = fwd_calls * tp_site_comm_s(layer.tp_allreduce_bytes_fwd * act_scale / fwd_calls, tp_levels,
-                                          sequence_parallel) if tp > 1 and layer.tp_allreduce_bytes_fwd else 0.0
-    bwd_comm = bwd_calls * tp_site_comm_s(layer.tp_allreduce_bytes_bwd * act_scale / bwd_calls, tp_levels,
-                                          sequence_parallel) if tp > 1 and layer.tp_allreduce_bytes_bwd else 0.0
+    fwd_comm = (
+        fwd_calls * tp_site_comm_s(layer.tp_allreduce_bytes_fwd * act_scale / fwd_calls, tp_levels, sequence_parallel)
+        if tp > 1 and layer.tp_allreduce_bytes_fwd
+        else 0.0
+    )
+    bwd_comm = (
+        bwd_calls * tp_site_comm_s(layer.tp_allreduce_bytes_bwd * act_scale / bwd_calls, tp_levels, sequence_parallel)
+        if tp > 1 and layer.tp_allreduce_bytes_bwd
+        else 0.0
+    )
     dispatch = tp_dispatch_s(layer, cluster, sequence_parallel) if tp > 1 else 0.0
     fwd_comm += dispatch / 2
     bwd_comm += dispatch / 2
@@ -155,16 +177,22 @@ def estimate_layer_cost(layer: LayerProfile, recompute: str, cluster: ClusterSpe
     if dp > 1:
         dp_levels = flat_levels(cluster, dp, tp)
         gather_bytes = params * DTYPE_BYTES[param_dtype]
-        zero3_comm = (2 * estimate_collective_s("all_gather", gather_bytes, dp_levels)
-                      + estimate_collective_s("reduce_scatter", params * DTYPE_BYTES[grad_reduce_dtype], dp_levels))
+        zero3_comm = 2 * estimate_collective_s("all_gather", gather_bytes, dp_levels) + estimate_collective_s(
+            "reduce_scatter", params * DTYPE_BYTES[grad_reduce_dtype], dp_levels
+        )
     return LayerCost(
         compute_s=times.forward_s + times.backward_s,
         recompute_s=times.recompute_s,
         tp_comm_s=fwd_comm + bwd_comm + recompute_comm,
         backward_s=times.backward_s + times.recompute_s + bwd_comm + recompute_comm,
-        activation_bytes=estimate_activation_bytes(layer, recompute, micro_batch_size=micro_batch_size, tp=tp,
-                                                   sequence_parallel=sequence_parallel,
-                                                   activation_dtype=param_dtype),
+        activation_bytes=estimate_activation_bytes(
+            layer,
+            recompute,
+            micro_batch_size=micro_batch_size,
+            tp=tp,
+            sequence_parallel=sequence_parallel,
+            activation_dtype=param_dtype,
+        ),
         local_params=params,
         zero3_comm_s=zero3_comm,
         sync_units=1.0 if params else 0.0,
@@ -176,8 +204,10 @@ def tp_dispatch_s(layer: LayerProfile, cluster: ClusterSpec, sequence_parallel: 
     """DTensor's host time for `layer`'s tensor-parallel sites, forward + backward of one
     micro-batch (`device.tp_dispatch_overhead_us` per site; half forward, half backward).
     Norm / dropout sites are DTensors only with sequence parallelism."""
-    sites = sum(site.style not in INPUT_STYLES and (site.style != "sequence_parallel" or sequence_parallel)
-                for site in layer.tp_sites.values())
+    sites = sum(
+        site.style not in INPUT_STYLES and (site.style != "sequence_parallel" or sequence_parallel)
+        for site in layer.tp_sites.values()
+    )
     return sites * cluster.device.tp_dispatch_overhead_us * 1e-6
 
 
@@ -193,8 +223,9 @@ def tp_site_comm_s(num_bytes: float, levels: list, sequence_parallel: bool) -> f
     """
     if not sequence_parallel:
         return estimate_all_reduce_s(num_bytes, levels)
-    return (estimate_collective_s("reduce_scatter", num_bytes, levels)
-            + estimate_collective_s("all_gather", num_bytes, levels))
+    return estimate_collective_s("reduce_scatter", num_bytes, levels) + estimate_collective_s(
+        "all_gather", num_bytes, levels
+    )
 
 
 def tp_collectives(layer: LayerProfile) -> tuple[int, int]:
@@ -225,8 +256,12 @@ def overlap_penalty(cluster: ClusterSpec) -> float:
 def uses_ddp_buckets(config: ParallelConfig, zero_stage: int) -> bool:
     """Whether the backend syncs gradients with DistributedDataParallel's reducer
     (`backends.data_parallel`: ZeRO 0, no tp, no pipeline, float32) rather than per layer."""
-    return (zero_stage == 0 and config.tp == 1 and config.pp == 1
-            and config.param_dtype == config.grad_reduce_dtype == "float32")
+    return (
+        zero_stage == 0
+        and config.tp == 1
+        and config.pp == 1
+        and config.param_dtype == config.grad_reduce_dtype == "float32"
+    )
 
 
 def params_are_dtensors(config: ParallelConfig, zero_stage: int) -> bool:
@@ -293,16 +328,20 @@ def step_collectives_s(profile: ModelProfile, cluster: ClusterSpec, config: Para
         total += estimate_collective_s("all_gather", scalar, pp_levels)  # a broadcast: one ring pass
         link = pipeline_link(cluster, config.pp, config.dp * config.tp)
         for names in profile.tied_parameters:
-            owner = max((layer for layer in profile.layers if names[0].startswith(layer.name + ".")),
-                        key=lambda layer: len(layer.name), default=None)
+            owner = max(
+                (layer for layer in profile.layers if names[0].startswith(layer.name + ".")),
+                key=lambda layer: len(layer.name),
+                default=None,
+            )
             if owner is not None:
                 grad_bytes = local_param_count(owner, config.tp) * DTYPE_BYTES[config.grad_reduce_dtype]
                 total += estimate_all_reduce_s(grad_bytes, [(2, link)])
     return total
 
 
-def pipeline_time_s(stage_times_s: list[float], config: ParallelConfig, p2p_s: float,
-                    shared_core_slowdown: float = 1.0) -> float:
+def pipeline_time_s(
+    stage_times_s: list[float], config: ParallelConfig, p2p_s: float, shared_core_slowdown: float = 1.0
+) -> float:
     """max((m max + (sum - max) / v) / s, m sum / p) + 2 p2p (m v + p - 1) (module docstring)."""
     m, v, p = config.num_micro_batches, config.virtual_stages, config.pp
     slowest, total = max(stage_times_s), sum(stage_times_s)
@@ -310,23 +349,35 @@ def pipeline_time_s(stage_times_s: list[float], config: ParallelConfig, p2p_s: f
     return time_s + (2 * p2p_s * (m * v + p - 1) if p > 1 else 0.0)
 
 
-def fixed_memory_bytes(profile: ModelProfile, cluster: ClusterSpec, config: ParallelConfig,
-                       rank_layers: list[LayerProfile], zero_stage: int) -> dict[str, float]:
+def fixed_memory_bytes(
+    profile: ModelProfile,
+    cluster: ClusterSpec,
+    config: ParallelConfig,
+    rank_layers: list[LayerProfile],
+    zero_stage: int,
+) -> dict[str, float]:
     """Memory terms of a rank that do not scale with its layer count."""
     mbs, tp = config.micro_batch_size, config.tp
     terms = {
-        "transient_bytes": estimate_transient_bytes(rank_layers, micro_batch_size=mbs, tp=tp,
-                                                    activation_dtype=config.param_dtype),
-        "comm_buffer_bytes": estimate_comm_buffer_bytes(profile.layers, micro_batch_size=mbs, tp=tp,
-                                                        ddp_bucket_views=uses_ddp_buckets(config, zero_stage),
-                                                        dp=config.dp, activation_dtype=config.param_dtype,
-                                                        grad_reduce_dtype=config.grad_reduce_dtype),
+        "transient_bytes": estimate_transient_bytes(
+            rank_layers, micro_batch_size=mbs, tp=tp, activation_dtype=config.param_dtype
+        ),
+        "comm_buffer_bytes": estimate_comm_buffer_bytes(
+            profile.layers,
+            micro_batch_size=mbs,
+            tp=tp,
+            ddp_bucket_views=uses_ddp_buckets(config, zero_stage),
+            dp=config.dp,
+            activation_dtype=config.param_dtype,
+            grad_reduce_dtype=config.grad_reduce_dtype,
+        ),
         "framework_overhead_bytes": float(cluster.device.framework_overhead_bytes),
         "zero3_gathered_bytes": 0.0,
     }
     if zero_stage == 3:
-        terms["zero3_gathered_bytes"] = estimate_zero3_gathered_bytes(profile.layers, tp=tp,
-                                                                      param_dtype=config.param_dtype)
+        terms["zero3_gathered_bytes"] = estimate_zero3_gathered_bytes(
+            profile.layers, tp=tp, param_dtype=config.param_dtype
+        )
     return terms
 
 
@@ -343,8 +394,9 @@ class StepEstimate:
     rank_memory: list[dict[str, float]] = field(default_factory=list)
 
 
-def estimate_step(profile: ModelProfile, cluster: ClusterSpec, config: ParallelConfig,
-                  rank_layers: list[list[tuple[int, str]]]) -> StepEstimate:
+def estimate_step(
+    profile: ModelProfile, cluster: ClusterSpec, config: ParallelConfig, rank_layers: list[list[tuple[int, str]]]
+) -> StepEstimate:
     """Predict step time and per-rank memory of a plan.
 
     `rank_layers[i]` lists (layer index, recompute option) of pipeline rank i.
@@ -353,11 +405,20 @@ def estimate_step(profile: ModelProfile, cluster: ClusterSpec, config: ParallelC
     penalty = overlap_penalty(cluster)
     worst = {"tp_comm_s": 0.0, "recompute_s": 0.0, "zero3_exposed_s": 0.0}
     for rank, entries in enumerate(rank_layers):
-        costs = [estimate_layer_cost(profile.layers[index], option, cluster, dp=config.dp, tp=config.tp,
-                                     micro_batch_size=config.micro_batch_size,
-                                     sequence_parallel=config.sequence_parallel,
-                                     param_dtype=config.param_dtype, grad_reduce_dtype=config.grad_reduce_dtype)
-                 for index, option in entries]
+        costs = [
+            estimate_layer_cost(
+                profile.layers[index],
+                option,
+                cluster,
+                dp=config.dp,
+                tp=config.tp,
+                micro_batch_size=config.micro_batch_size,
+                sequence_parallel=config.sequence_parallel,
+                param_dtype=config.param_dtype,
+                grad_reduce_dtype=config.grad_reduce_dtype,
+            )
+            for index, option in entries
+        ]
         busy_s = sum(cost.time_s for cost in costs)
         zero3_s = exposed_s(sum(c.zero3_comm_s for c in costs), busy_s, penalty) if config.zero_stage == 3 else 0.0
         times.append(busy_s + zero3_s)
@@ -365,20 +426,26 @@ def estimate_step(profile: ModelProfile, cluster: ClusterSpec, config: ParallelC
         per_param_s, latency_s = dp_sync_coefficients(cluster, config, config.zero_stage)
         sync_s = per_param_s * local_params + latency_s * sum(c.sync_units for c in costs) if per_param_s else 0.0
         shard = local_params / (config.dp if config.zero_stage >= 1 else 1)
-        optimizer_s = (estimate_optimizer_step_s(shard, cluster.device, config.param_dtype)
-                       + dtensor_step_s_per_tensor(cluster, config, config.zero_stage)
-                       * sum(c.param_tensors for c in costs))
+        optimizer_s = estimate_optimizer_step_s(shard, cluster.device, config.param_dtype) + dtensor_step_s_per_tensor(
+            cluster, config, config.zero_stage
+        ) * sum(c.param_tensors for c in costs)
         extras.append((exposed_s(sync_s, sum(c.backward_s for c in costs), penalty), optimizer_s))
         if times[-1] >= max(times):
-            worst = {"tp_comm_s": sum(c.tp_comm_s for c in costs), "recompute_s": sum(c.recompute_s for c in costs),
-                     "zero3_exposed_s": zero3_s}
-        memory = estimate_model_state_bytes(local_params, zero_stage=config.zero_stage, dp=config.dp,
-                                            param_dtype=config.param_dtype)
-        in_flight = in_flight_micro_batches(config.schedule, rank, config.pp, config.num_micro_batches,
-                                            config.virtual_stages)
+            worst = {
+                "tp_comm_s": sum(c.tp_comm_s for c in costs),
+                "recompute_s": sum(c.recompute_s for c in costs),
+                "zero3_exposed_s": zero3_s,
+            }
+        memory = estimate_model_state_bytes(
+            local_params, zero_stage=config.zero_stage, dp=config.dp, param_dtype=config.param_dtype
+        )
+        in_flight = in_flight_micro_batches(
+            config.schedule, rank, config.pp, config.num_micro_batches, config.virtual_stages
+        )
         memory["activations_bytes"] = in_flight * sum(cost.activation_bytes for cost in costs)
-        memory.update(fixed_memory_bytes(profile, cluster, config, [profile.layers[i] for i, _ in entries],
-                                         config.zero_stage))
+        memory.update(
+            fixed_memory_bytes(profile, cluster, config, [profile.layers[i] for i, _ in entries], config.zero_stage)
+        )
         memories.append(memory)
     p2p_s = p2p_time_s(profile, cluster, config)
     pipeline_s = pipeline_time_s(times, config, p2p_s, cluster.device.shared_core_slowdown)
@@ -401,7 +468,11 @@ def estimate_step(profile: ModelProfile, cluster: ClusterSpec, config: ParallelC
     }
     step_collectives = step_collectives_s(profile, cluster, config)
     breakdown["step_collectives_s"] = step_collectives
-    return StepEstimate(step_time_s=pipeline_s + sum(extras[sync_rank]) + step_collectives,
-                        peak_memory_bytes=max(rank_memory_bytes),
-                        breakdown=breakdown, rank_time_s=times, rank_memory_bytes=rank_memory_bytes,
-                        rank_memory=memories)
+    return StepEstimate(
+        step_time_s=pipeline_s + sum(extras[sync_rank]) + step_collectives,
+        peak_memory_bytes=max(rank_memory_bytes),
+        breakdown=breakdown,
+        rank_time_s=times,
+        rank_memory_bytes=rank_memory_bytes,
+        rank_memory=memories,
+    )

@@ -9,16 +9,17 @@ output head. `factory()` returns (module, example_inputs, targets, loss_fn): one
 batch of 8 sequences of 64 bytes (8 * 64 = 512 tokens per step). The loss is a mean over
 the batch, as `autoplan.parallelize` requires.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VOCAB = 256       # bytes
+VOCAB = 256  # bytes
 SEQ_LEN = 64
 HIDDEN = 128
-NUM_HEADS = 4     # head_dim 32
+NUM_HEADS = 4  # head_dim 32
 NUM_LAYERS = 4
 FFN_HIDDEN = 352  # ~ 8/3 * 128, rounded to a multiple of 32 (SwiGLU keeps the 4h MLP's parameter count)
 GLOBAL_BATCH = 8

@@ -8,6 +8,7 @@ plans, every rank receives the plan), and `loss_fn` gets the model's own `ModelO
 The model here is small and randomly initialised (no download); any `from_config` or
 `from_pretrained` model goes the same way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,15 @@ def main() -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config)
     tokens = torch.randint(0, config.vocab_size, (8, 33))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]

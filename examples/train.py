@@ -11,6 +11,7 @@ for this rank, and `train_step` runs forward and backward of the whole global ba
 the plan's schedule, returning the global mean loss on every rank. The optimizer sees
 only this rank's shard of the parameters. CPU ranks use one thread each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,13 +45,17 @@ def main() -> None:
         plan = autoplan.Plan.from_json(args.plan)
     else:
         plan = autoplan.Constraints.parse_fix(args.fix) if args.fix else None
-    model = autoplan.parallelize(job.module, cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn,
-                                 plan=plan, model_name=args.model)
+    model = autoplan.parallelize(
+        job.module, cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn, plan=plan, model_name=args.model
+    )
     rank = torch.distributed.get_rank()
     if rank == 0:
-        print(f"plan: mesh {model.plan.mesh}, micro-batch {model.plan.micro_batch_size}, "
-              f"schedule {model.plan.schedule}, ZeRO {model.plan.zero_stage}; "
-              f"predicted {model.plan.predicted.step_time_s:.4g} s/step", flush=True)
+        print(
+            f"plan: mesh {model.plan.mesh}, micro-batch {model.plan.micro_batch_size}, "
+            f"schedule {model.plan.schedule}, ZeRO {model.plan.zero_stage}; "
+            f"predicted {model.plan.predicted.step_time_s:.4g} s/step",
+            flush=True,
+        )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     for step in range(args.steps):
         inputs, targets = next_batch(job, step)

@@ -1,12 +1,13 @@
 """The dataflow graph a trace records: nodes owned by modules, layer calls, what tp splits.
 
-    >>> from autoplan import zoo
-    >>> from autoplan.analysis.trace import trace_model
-    >>> job = zoo.build("gpt-tiny", batch_size=1, device="meta")
-    >>> traced = trace_model(job.module, job.example_inputs)
-    >>> [(node.target, node.module, node.is_module) for node in traced.graph[:2]]
-    [('arange', '', False), ('Embedding', 'tok_emb', True)]
+>>> from autoplan import zoo
+>>> from autoplan.analysis.trace import trace_model
+>>> job = zoo.build("gpt-tiny", batch_size=1, device="meta")
+>>> traced = trace_model(job.module, job.example_inputs)
+>>> [(node.target, node.module, node.is_module) for node in traced.graph[:2]]
+[('arange', '', False), ('Embedding', 'tok_emb', True)]
 """
+
 from __future__ import annotations
 
 import operator
@@ -77,16 +78,19 @@ class LayerTP:
 
     def renamed(self, old: str, new: str) -> LayerTP:
         """The same analysis for a repeated block at path `new` (analysed at `old`)."""
+
         def move(key: str) -> str:
             # keys are module paths, "path.attr" (divide attrs) or "path kind" (divisors)
             if old and (key == old or key.startswith((old + ".", old + " "))):
-                return new + key[len(old):]
+                return new + key[len(old) :]
             return key
 
-        return LayerTP({move(k): v for k, v in self.sites.items()},
-                       {move(k): v for k, v in self.divisors.items()},
-                       {move(k): v for k, v in self.divide_attrs.items()},
-                       [[move(p) for p in group] for group in self.colwise_groups])
+        return LayerTP(
+            {move(k): v for k, v in self.sites.items()},
+            {move(k): v for k, v in self.divisors.items()},
+            {move(k): v for k, v in self.divide_attrs.items()},
+            [[move(p) for p in group] for group in self.colwise_groups],
+        )
 
 
 @dataclass
@@ -152,8 +156,12 @@ class TracedModel:
         graph = fx.Graph(owning_module=self.module)  # type: ignore[arg-type]
         made: dict[int, fx.Node] = {}
         names = {id(tensor): name for name, tensor in self.meta_state.items()}
-        replayed = {id(t): layer for layer, call in self.calls.items() if layer in self.replayed_layers
-                    for t in _tensors(call.output)}
+        replayed = {
+            id(t): layer
+            for layer, call in self.calls.items()
+            if layer in self.replayed_layers
+            for t in _tensors(call.output)
+        }
 
         def register(value: Any, node: fx.Node) -> None:
             tensors = _tensors(value)
@@ -191,8 +199,11 @@ class TracedModel:
             made[id(tensor)].meta.update(module="", layer=None, val=tensor)
         for op in self.graph:
             args, kwargs = lift(op.args, op.kwargs)
-            node = graph.call_module(op.module, args, kwargs) if op.is_module else \
-                graph.call_function(op.func, args, kwargs)
+            node = (
+                graph.call_module(op.module, args, kwargs)
+                if op.is_module
+                else graph.call_function(op.func, args, kwargs)
+            )
             node.meta.update(module=op.module, layer=op.layer, val=op.output)
             register(op.output, node)
         graph.output(tree_map_only(torch.Tensor, node_of, self.output))

@@ -7,6 +7,7 @@ backward seconds and the bytes autograd kept at the dtype the layer ran in.
 files the planner reads). It lives beside the meta-tensor profile (`meta_layer`), whose
 layer state and inputs it makes real, because both start from the same trace.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,11 +70,20 @@ def bind_loss(loss_fn: Callable | None, targets: torch.Tensor | None, device: to
             if bound_targets is None:
                 return output
             raise
+
     return loss
 
 
-def measure_layer(traced: TracedModel, layer: str, device: torch.device, *, dtype: torch.dtype | None = None,
-                  loss: Callable | None = None, repeats: int = 3, min_time_s: float = 0.0) -> LayerMeasurement:
+def measure_layer(
+    traced: TracedModel,
+    layer: str,
+    device: torch.device,
+    *,
+    dtype: torch.dtype | None = None,
+    loss: Callable | None = None,
+    repeats: int = 3,
+    min_time_s: float = 0.0,
+) -> LayerMeasurement:
     """Run `layer` of `traced` forward and backward on `device` with random weights and inputs
     of the traced shapes (integer inputs are zeros: valid token ids); floating tensors in `dtype`
     (default: as traced). `loss(output)`, when given, runs after the forward and is timed with it.
@@ -114,8 +124,11 @@ def measure_layer(traced: TracedModel, layer: str, device: torch.device, *, dtyp
     round_index = 0
     while round_index <= repeats or sum(forward_s[1:]) + sum(backward_s[1:]) < min_time_s:
         # round 0 warms up and counts saved tensors
-        counting = torch.autograd.graph.saved_tensors_hooks(count_saved, lambda t: t) \
-            if round_index == 0 else contextlib.nullcontext()
+        counting = (
+            torch.autograd.graph.saved_tensors_hooks(count_saved, lambda t: t)
+            if round_index == 0
+            else contextlib.nullcontext()
+        )
         synchronize()
         start = time.perf_counter()
         with counting:
@@ -124,8 +137,11 @@ def measure_layer(traced: TracedModel, layer: str, device: torch.device, *, dtyp
         synchronize()
         middle = time.perf_counter()
         if round_index == 0:
-            kept = {_storage_key(t): t.untyped_storage().nbytes() for t in saved
-                    if t.dim() > 0 and _storage_key(t) not in state_keys}
+            kept = {
+                _storage_key(t): t.untyped_storage().nbytes()
+                for t in saved
+                if t.dim() > 0 and _storage_key(t) not in state_keys
+            }
             saved_bytes, saved = float(sum(kept.values())), []
         roots = [t for t in _tensors(final) if t.requires_grad]
         if roots:
@@ -135,5 +151,6 @@ def measure_layer(traced: TracedModel, layer: str, device: torch.device, *, dtyp
         backward_s.append(time.perf_counter() - middle)
         round_index += 1
     average = statistics.mean if min_time_s else statistics.median
-    return LayerMeasurement(forward_s=average(forward_s[1:]), backward_s=average(backward_s[1:]),
-                            saved_bytes=saved_bytes)
+    return LayerMeasurement(
+        forward_s=average(forward_s[1:]), backward_s=average(backward_s[1:]), saved_bytes=saved_bytes
+    )

@@ -17,6 +17,7 @@ its math fallback, which no real device runs for training.
 Bytes are counted at float32 (4 bytes per floating element; integer and bool tensors at
 their own size), per sequence.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -53,8 +54,7 @@ def _storage_bytes(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().nbytes() // tensor.element_size() * _element_bytes(tensor)
 
 
-def _sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False):
+def _sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """The signature of F.scaled_dot_product_attention, to bind its arguments."""
 
 
@@ -85,8 +85,15 @@ class _FusedAttention(TorchFunctionMode):
                 mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
             mask = mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
         return torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, mask, True, call.arguments["dropout_p"], call.arguments["is_causal"],
-            scale=call.arguments["scale"])[0]
+            query,
+            key,
+            value,
+            mask,
+            True,
+            call.arguments["dropout_p"],
+            call.arguments["is_causal"],
+            scale=call.arguments["scale"],
+        )[0]
 
 
 @dataclass(eq=False)
@@ -130,8 +137,9 @@ class _Accounting(TorchDispatchMode):
             role = self.roles[-1]
             out_split = role == "colwise" or (role is None and in_split)
             if formula is None:  # parameters excluded: an embedding reads rows, not its table
-                self.elementwise_bytes += sum(_tensor_bytes(t) for t in (*inputs, *outputs)
-                                              if _storage_key(t) not in self.state)
+                self.elementwise_bytes += sum(
+                    _tensor_bytes(t) for t in (*inputs, *outputs) if _storage_key(t) not in self.state
+                )
             if func in self.selective_ops:
                 self.selective.update(_storage_key(t) for t in outputs)
         if out_split:
@@ -156,12 +164,14 @@ def _layer_state(traced: TracedModel, layer: str) -> dict[str, torch.Tensor]:
 
 def _layer_inputs(traced: TracedModel, layer: str) -> tuple[tuple, dict]:
     call = traced.calls[layer]
-    return tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.is_floating_point()),
-                         (call.args, call.kwargs))
+    return tree_map_only(
+        torch.Tensor, lambda t: t.detach().requires_grad_(t.is_floating_point()), (call.args, call.kwargs)
+    )
 
 
-def _tp_roles(traced: TracedModel, layer: str, state: dict[str, torch.Tensor]
-              ) -> tuple[set[int], set[int], dict[nn.Module, str]]:
+def _tp_roles(
+    traced: TracedModel, layer: str, state: dict[str, torch.Tensor]
+) -> tuple[set[int], set[int], dict[nn.Module, str]]:
     """Storage keys of the split parameters and of the colwise weights, and each split module's
     role: "colwise" (vocab output too: its outputs are split) or "rowwise" (vocab embedding too:
     its outputs are whole after the all-reduce)."""
@@ -171,10 +181,13 @@ def _tp_roles(traced: TracedModel, layer: str, state: dict[str, torch.Tensor]
     for path, site in traced.tp[layer].sites.items():
         if site.style in SEQUENCE_PARALLEL_STYLES or site.style in INPUT_STYLES:
             continue
-        prefix = _join(path[len(layer) + 1:] if layer else path, "")
+        prefix = _join(path[len(layer) + 1 :] if layer else path, "")
         is_colwise = site.style in ("colwise", "vocab_output")
-        split_names = [name for name in state if name.startswith(prefix) and "." not in name[len(prefix):]
-                       and (is_colwise or name == prefix + "weight")]   # a rowwise bias stays whole
+        split_names = [
+            name
+            for name in state
+            if name.startswith(prefix) and "." not in name[len(prefix) :] and (is_colwise or name == prefix + "weight")
+        ]  # a rowwise bias stays whole
         split_params.update(_storage_key(state[name]) for name in split_names)
         if is_colwise:
             colwise_weights.add(_storage_key(state[prefix + "weight"]))
@@ -188,8 +201,9 @@ def profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> dic
     state = _layer_state(traced, layer)
     args, kwargs = _layer_inputs(traced, layer)
     split_params, colwise_weights, roles = _tp_roles(traced, layer, state)
-    accounting = _Accounting(split=split_params, state={_storage_key(t) for t in state.values()},
-                             colwise_weights=colwise_weights)
+    accounting = _Accounting(
+        split=split_params, state={_storage_key(t) for t in state.values()}, colwise_weights=colwise_weights
+    )
     saved: list[torch.Tensor] = []
 
     def count_saved(t: torch.Tensor) -> torch.Tensor:
@@ -206,8 +220,13 @@ def profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> dic
     for site_module in roles:
         handles += [site_module.register_forward_pre_hook(enter), site_module.register_forward_hook(leave)]
     try:
-        with FlopCounterMode(display=False) as forward_flops, _FusedAttention(), accounting, as_exported(), \
-                torch.autograd.graph.saved_tensors_hooks(count_saved, lambda t: t):
+        with (
+            FlopCounterMode(display=False) as forward_flops,
+            _FusedAttention(),
+            accounting,
+            as_exported(),
+            torch.autograd.graph.saved_tensors_hooks(count_saved, lambda t: t),
+        ):
             output = torch.func.functional_call(module, state, args, kwargs)
             final = loss(output) if loss is not None else output
     finally:
@@ -223,28 +242,40 @@ def profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> dic
     fwd, bwd = float(forward_flops.get_total_flops()), float(backward_flops.get_total_flops())
     saved_bytes, tp_saved_bytes = _saved_bytes(saved, accounting, (args, kwargs))
     return dict(
-        fwd_flops=fwd, bwd_flops=bwd,
+        fwd_flops=fwd,
+        bwd_flops=bwd,
         tp_flops_fraction=min(1.0, (tp_forward + accounting.tp_flops) / (fwd + bwd)) if fwd + bwd else 0.0,
-        elementwise_bytes=accounting.elementwise_bytes, saved_bytes=saved_bytes, tp_saved_bytes=tp_saved_bytes,
+        elementwise_bytes=accounting.elementwise_bytes,
+        saved_bytes=saved_bytes,
+        tp_saved_bytes=tp_saved_bytes,
         output_bytes=float(sum(_tensor_bytes(t) for t in _tensors(output))),
-        **_allreduce_bytes(traced, layer))
+        **_allreduce_bytes(traced, layer),
+    )
 
 
-def _saved_bytes(saved: list[torch.Tensor], accounting: _Accounting,
-                 inputs: Any) -> tuple[dict[str, float], dict[str, float]]:
+def _saved_bytes(
+    saved: list[torch.Tensor], accounting: _Accounting, inputs: Any
+) -> tuple[dict[str, float], dict[str, float]]:
     """Bytes kept for backward per recompute option, and the tp-split part of each.
 
     none: every storage autograd saved; selective: the layer input plus saved outputs of
     `selective_save_ops()`; full: the layer input (what non-reentrant checkpointing keeps)."""
-    kept = {_storage_key(t): _storage_bytes(t) for t in saved
-            if t.dim() > 0 and _storage_key(t) not in accounting.state}
+    kept = {
+        _storage_key(t): _storage_bytes(t) for t in saved if t.dim() > 0 and _storage_key(t) not in accounting.state
+    }
     given = {_storage_key(t): _storage_bytes(t) for t in _tensors(inputs)}
-    chosen = {"none": kept,
-              "selective": {**given, **{k: b for k, b in kept.items() if k in accounting.selective}},
-              "full": given}
-    return ({option: float(sum(kept_bytes.values())) for option, kept_bytes in chosen.items()},
-            {option: float(sum(b for k, b in kept_bytes.items() if k in accounting.split))
-             for option, kept_bytes in chosen.items()})
+    chosen = {
+        "none": kept,
+        "selective": {**given, **{k: b for k, b in kept.items() if k in accounting.selective}},
+        "full": given,
+    }
+    return (
+        {option: float(sum(kept_bytes.values())) for option, kept_bytes in chosen.items()},
+        {
+            option: float(sum(b for k, b in kept_bytes.items() if k in accounting.split))
+            for option, kept_bytes in chosen.items()
+        },
+    )
 
 
 def _allreduce_bytes(traced: TracedModel, layer: str) -> dict[str, float]:
@@ -254,7 +285,10 @@ def _allreduce_bytes(traced: TracedModel, layer: str) -> dict[str, float]:
     all-reduce of the input gradient per group of colwise Linears reading one tensor."""
     calls = {node.module: node for node in traced.graph if node.layer == layer and node.is_module}
     reduced_share = {"rowwise": 1.0, "vocab_embedding": 1.0, "vocab_output": 0.5}
-    forward = sum(reduced_share[site.style] * _tensor_bytes(calls[path].outputs[0])
-                  for path, site in traced.tp[layer].sites.items() if site.style in reduced_share)
+    forward = sum(
+        reduced_share[site.style] * _tensor_bytes(calls[path].outputs[0])
+        for path, site in traced.tp[layer].sites.items()
+        if site.style in reduced_share
+    )
     backward = sum(_tensor_bytes(calls[group[0]].inputs[0]) for group in traced.tp[layer].colwise_groups)
     return dict(tp_allreduce_bytes_fwd=float(forward), tp_allreduce_bytes_bwd=float(backward))

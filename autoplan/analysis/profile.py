@@ -22,6 +22,7 @@ With `measure=True` each distinct layer is also timed on a real device
 shapes); `autoplan.measure.profile_store` calls it once per distinct layer and micro-batch
 size.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,9 +40,16 @@ from autoplan.errors import TraceError
 from autoplan.schema.profile import LayerProfile, ModelProfile
 
 
-def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "model",
-                  loss_fn: Callable | None = None, *, targets: torch.Tensor | None = None,
-                  measure: bool = False, device: str | torch.device | None = None) -> ModelProfile:
+def profile_model(
+    module: nn.Module,
+    example_inputs: tuple,
+    model_name: str = "model",
+    loss_fn: Callable | None = None,
+    *,
+    targets: torch.Tensor | None = None,
+    measure: bool = False,
+    device: str | torch.device | None = None,
+) -> ModelProfile:
     """Per-layer costs of one sequence of `example_inputs` (one global batch; dim 0 is the batch).
 
     `loss_fn(output, targets)` is profiled as part of the last layer (with `targets` cut to
@@ -55,13 +63,15 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
     first = example_inputs[0] if example_inputs else None
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
         shape = "" if first is None else " of shape " + str(tuple(getattr(first, "shape", ())))
-        raise ValueError("example_inputs[0] must be a tensor whose dim 0 is the batch; "
-                         f"got {type(first).__name__}{shape}")
+        raise ValueError(
+            f"example_inputs[0] must be a tensor whose dim 0 is the batch; got {type(first).__name__}{shape}"
+        )
     one_sequence = tuple(_first_sequence(x) for x in example_inputs)
     traced = trace_model(module, one_sequence)
     loss = bind_loss(loss_fn, _first_sequence(targets), torch.device("meta"))
-    measure_device = torch.device(device) if device is not None else \
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    measure_device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
 
     costs: dict[tuple[str, bool], dict[str, Any]] = {}
     counted: set[int] = set()
@@ -73,32 +83,51 @@ def profile_model(module: nn.Module, example_inputs: tuple, model_name: str = "m
             try:
                 costs[key] = profile_layer(traced, key[0], loss if with_loss else None)
             except Exception as error:
-                raise ValueError(f"cannot profile layer {key[0]!r} ({type(module.get_submodule(key[0])).__name__}) "
-                                 f"forward and backward on meta tensors: {type(error).__name__}: {error}") from error
+                raise ValueError(
+                    f"cannot profile layer {key[0]!r} ({type(module.get_submodule(key[0])).__name__}) "
+                    f"forward and backward on meta tensors: {type(error).__name__}: {error}"
+                ) from error
             if measure:
                 measured_loss = bind_loss(loss_fn, _first_sequence(targets), measure_device) if with_loss else None
                 measured = measure_layer(traced, key[0], measure_device, loss=measured_loss)
-                costs[key].update(measured_fwd_s=measured.forward_s, measured_bwd_s=measured.backward_s,
-                                  measured_device=device_name(measure_device))
+                costs[key].update(
+                    measured_fwd_s=measured.forward_s,
+                    measured_bwd_s=measured.backward_s,
+                    measured_device=device_name(measure_device),
+                )
         param_count, tp_param_count, param_tensors = _count_parameters(traced, layer, counted)
         layer_tp = traced.tp[layer]
-        layers.append(LayerProfile(name=layer, signature=traced.signatures[layer], param_count=param_count,
-                                   tp_param_count=tp_param_count, param_tensors=param_tensors, tp_sites=layer_tp.sites,
-                                   tp_divisors=layer_tp.divisors, tp_divide_attrs=layer_tp.divide_attrs,
-                                   **_repeated(costs[key], traced.num_calls[layer])))
+        layers.append(
+            LayerProfile(
+                name=layer,
+                signature=traced.signatures[layer],
+                param_count=param_count,
+                tp_param_count=tp_param_count,
+                param_tensors=param_tensors,
+                tp_sites=layer_tp.sites,
+                tp_divisors=layer_tp.divisors,
+                tp_divide_attrs=layer_tp.divide_attrs,
+                **_repeated(costs[key], traced.num_calls[layer]),
+            )
+        )
     _charge_unowned_parameters(traced, layers, counted)
     check_conservation(traced, layers)
 
     inputs_bytes = sum(_tensor_bytes(t) for t in _tensors(one_sequence))
     is_tokens = first.dim() == 2 and not first.is_floating_point() and not first.is_complex()
     return ModelProfile(
-        model_name=model_name, layers=layers, global_batch_size=int(first.shape[0]),
-        seq_len=int(first.shape[1]) if is_tokens else 1, input_bytes=float(inputs_bytes),
-        tied_parameters=traced.tied_parameters, fingerprint=_fingerprint(module, traced),
+        model_name=model_name,
+        layers=layers,
+        global_batch_size=int(first.shape[0]),
+        seq_len=int(first.shape[1]) if is_tokens else 1,
+        input_bytes=float(inputs_bytes),
+        tied_parameters=traced.tied_parameters,
+        fingerprint=_fingerprint(module, traced),
         num_params=sum(p.numel() for p in module.parameters()),
         model_flops_per_sequence=sum(layer.fwd_flops + layer.bwd_flops for layer in layers),
         sequence_parallel_blocker=traced.sequence_parallel_blocker,
-        stage_start_blockers=stage_start_blockers(traced))
+        stage_start_blockers=stage_start_blockers(traced),
+    )
 
 
 def _repeated(cost: dict[str, Any], num_calls: int) -> dict[str, Any]:
@@ -139,15 +168,19 @@ def check_conservation(traced: TracedModel, layers: list[LayerProfile]) -> None:
     expected = sum(param.numel() for param in traced.module.parameters())
     counted = sum(layer.param_count for layer in layers)
     if counted != expected:
-        raise TraceError(f"profile of {model} holds {counted:,} parameters but the model has {expected:,}: "
-                         f"layers {[layer.name for layer in layers]} do not cover it")
+        raise TraceError(
+            f"profile of {model} holds {counted:,} parameters but the model has {expected:,}: "
+            f"layers {[layer.name for layer in layers]} do not cover it"
+        )
     glue = sum(traced.glue_flops.values())
     layer_flops = sum(layer.fwd_flops for layer in layers)
     if glue > GLUE_FLOPS_TOLERANCE * (glue + layer_flops):
         where = ", ".join(f"{path or '<root>'} {flops:.3g}" for path, flops in traced.glue_flops.items() if flops)
-        raise TraceError(f"{model}: {glue / (glue + layer_flops):.1%} of the forward FLOPs run outside every layer "
-                         f"(> {GLUE_FLOPS_TOLERANCE:.0%}; by module: {where}): move that computation into a "
-                         f"submodule so a layer owns it")
+        raise TraceError(
+            f"{model}: {glue / (glue + layer_flops):.1%} of the forward FLOPs run outside every layer "
+            f"(> {GLUE_FLOPS_TOLERANCE:.0%}; by module: {where}): move that computation into a "
+            f"submodule so a layer owns it"
+        )
 
 
 def _first_sequence(value: Any) -> Any:

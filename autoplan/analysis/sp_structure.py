@@ -26,6 +26,7 @@ sequence into the batch (a mixture of experts router), or a split stream reachin
 model's output rule it out: then the model has no sequence-parallel sites, and the planner
 never offers it (`check_sequence_parallel` says why).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -69,10 +70,11 @@ def add_colwise_input_sites(traced: TracedModel, flow: ModelFlow) -> None:
                 key = _key_of(tensor, call)
                 readers = {user.module for user in flow.consumers.get(id(tensor), [])}
                 if key is not None and readers <= set(group):
-                    done[representative][parent] = TPSite(style="colwise_input", input_key=key,
-                                                          num_positional=len(call[0]))
+                    done[representative][parent] = TPSite(
+                        style="colwise_input", input_key=key, num_positional=len(call[0])
+                    )
         for path, site in done[representative].items():
-            traced.tp[layer].sites[layer + path[len(representative):]] = site
+            traced.tp[layer].sites[layer + path[len(representative) :]] = site
 
 
 def _stream_of(call) -> torch.Tensor | None:
@@ -87,8 +89,11 @@ def check_sequence_parallel(traced: TracedModel, flow: ModelFlow) -> tuple[tuple
     again: the exit is the last layer holding a tensor-parallel region, so the glue and
     layers after it (a final norm, GPT-2's `hidden_states.view(output_shape)`, the head) see
     the whole sequence."""
-    layers = [layer for layer in traced.layers
-              if any(site.style in ("colwise", "rowwise") for site in traced.tp[layer].sites.values())]
+    layers = [
+        layer
+        for layer in traced.layers
+        if any(site.style in ("colwise", "rowwise") for site in traced.tp[layer].sites.values())
+    ]
     if len(layers) < 2:
         return None, "fewer than two layers hold a tensor-parallel region"
     entry, exit_ = layers[0], layers[-1]
@@ -97,18 +102,23 @@ def check_sequence_parallel(traced: TracedModel, flow: ModelFlow) -> tuple[tuple
     if stream is None or _key_of(stream, (call.args, call.kwargs)) is None:
         return None, f"layer {entry!r} takes no (batch, sequence, ...) tensor argument to split"
     exit_output = traced.calls[exit_].output
-    if not isinstance(exit_output, torch.Tensor) and not (isinstance(exit_output, tuple) and len(exit_output) > 1
-                                                          and isinstance(exit_output[0], torch.Tensor)):
+    if not isinstance(exit_output, torch.Tensor) and not (
+        isinstance(exit_output, tuple) and len(exit_output) > 1 and isinstance(exit_output[0], torch.Tensor)
+    ):
         return None, f"layer {exit_!r} returns {type(exit_output).__name__}, not a tensor or a tuple led by one"
     styles = {path: site.style for layer_tp in traced.tp.values() for path, site in layer_tp.sites.items()}
-    region = set(traced.layers[traced.layers.index(entry):traced.layers.index(exit_) + 1])
+    region = set(traced.layers[traced.layers.index(entry) : traced.layers.index(exit_) + 1])
     split = {id(stream)}
     # A replayed repeat records no nodes: its outputs are split where its twin's are, when its
     # input is split too (T5's decoder replays the encoder's dropout on the whole decoder stream).
-    replayed = {id(t): (layer, id(twin_t))
-                for layer in region if traced.representative(layer) != layer
-                for t, twin_t in zip(_tensors(traced.calls[layer].output),
-                                     _tensors(traced.calls[traced.representative(layer)].output))}
+    replayed = {
+        id(t): (layer, id(twin_t))
+        for layer in region
+        if traced.representative(layer) != layer
+        for t, twin_t in zip(
+            _tensors(traced.calls[layer].output), _tensors(traced.calls[traced.representative(layer)].output)
+        )
+    }
     gathered = {id(t) for t in _tensors(exit_output)}
     past_exit = False
 
@@ -118,13 +128,19 @@ def check_sequence_parallel(traced: TracedModel, flow: ModelFlow) -> tuple[tuple
         if id(t) in split:
             return True
         layer, twin = replayed.get(id(t), (None, None))
-        return layer is not None and twin in split and any(is_split(x) for x in _tensors(
-            (traced.calls[layer].args, traced.calls[layer].kwargs)))
+        return (
+            layer is not None
+            and twin in split
+            and any(is_split(x) for x in _tensors((traced.calls[layer].args, traced.calls[layer].kwargs)))
+        )
 
     for node in traced.graph:
         in_region = node.layer in region or (node.layer is None and not past_exit)
-        past_exit = past_exit or (node.layer is not None and node.layer not in region and bool(split - {id(stream)})) \
+        past_exit = (
+            past_exit
+            or (node.layer is not None and node.layer not in region and bool(split - {id(stream)}))
             or any(id(t) in gathered for t in node.inputs)
+        )
         if node.layer is not None and not in_region and not past_exit:
             continue  # before the entry: the stream is whole
         reads = [t for t in node.inputs if is_split(t)]
@@ -133,14 +149,17 @@ def check_sequence_parallel(traced: TracedModel, flow: ModelFlow) -> tuple[tuple
                 return None, f"a sequence-split tensor is read after the last split layer {exit_!r} (at {node.module})"
             continue
         split.update(id(t) for t in reads)
-        if node.is_module and styles.get(node.module) in ("sequence_parallel", "colwise", "vocab_output") \
-                and not reads:
+        if node.is_module and styles.get(node.module) in ("sequence_parallel", "colwise", "vocab_output") and not reads:
             return None, f"{node.module} reads the whole stream inside the split region"
-        if node.is_module and styles.get(node.module) == "colwise" \
-                and styles.get(node.module.rpartition(".")[0]) != "colwise_input":
+        if (
+            node.is_module
+            and styles.get(node.module) == "colwise"
+            and styles.get(node.module.rpartition(".")[0]) != "colwise_input"
+        ):
             # its module would read the local shard's shape (`input_shape = x.shape[:-1]`)
-            return None, (f"{node.module}'s input is read by its module too, which would see only a shard "
-                          f"of the sequence")
+            return None, (
+                f"{node.module}'s input is read by its module too, which would see only a shard of the sequence"
+            )
         if node.is_module and styles.get(node.module) == "rowwise":
             split.update(id(t) for t in node.outputs)  # reduce-scatter back into the stream
             continue
@@ -150,8 +169,9 @@ def check_sequence_parallel(traced: TracedModel, flow: ModelFlow) -> tuple[tuple
     return (entry, exit_), None
 
 
-def _why_not_position_wise(node: OpNode, reads: list[torch.Tensor], split: set[int], styles: Mapping[str, str],
-                           flow: ModelFlow) -> str | None:
+def _why_not_position_wise(
+    node: OpNode, reads: list[torch.Tensor], split: set[int], styles: Mapping[str, str], flow: ModelFlow
+) -> str | None:
     """None when `node` keeps the sequence split (marking its outputs) or gathers it; else why not."""
     module = flow.modules[node.module] if node.is_module else None
     style = styles.get(node.module) if node.is_module else None
@@ -207,8 +227,12 @@ def apply_sequence_parallel(traced: TracedModel, flow: ModelFlow) -> None:
     if region:
         entry, exit_ = region
         call = traced.calls[entry]
-        traced.tp[entry].sites[entry] = TPSite(style="sequence_parallel_entry", num_positional=len(call.args),
-                                               input_key=_key_of(_stream_of(call), (call.args, call.kwargs)))
+        traced.tp[entry].sites[entry] = TPSite(
+            style="sequence_parallel_entry",
+            num_positional=len(call.args),
+            input_key=_key_of(_stream_of(call), (call.args, call.kwargs)),
+        )
         output = traced.calls[exit_].output
-        traced.tp[exit_].sites[exit_] = TPSite(style="sequence_parallel_exit", input_key=0,
-                                               num_positional=len(output) if isinstance(output, tuple) else 1)
+        traced.tp[exit_].sites[exit_] = TPSite(
+            style="sequence_parallel_exit", input_key=0, num_positional=len(output) if isinstance(output, tuple) else 1
+        )

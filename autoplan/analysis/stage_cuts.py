@@ -28,6 +28,7 @@ here runs. An encoder-decoder model cannot be cut inside its decoder (every deco
 layer reads the encoder's output), nor `torch.nn.Transformer` anywhere (the decoder reads
 the target embedding computed before the encoder).
 """
+
 from __future__ import annotations
 
 import networkx as nx
@@ -44,12 +45,19 @@ def layer_graph(traced: TracedModel) -> nx.DiGraph:
     graph = nx.DiGraph()
     for index, layer in enumerate(traced.layers):
         module = traced.module.get_submodule(layer)
-        graph.add_node(layer, index=index, has_parameters=next(module.parameters(), None) is not None,
-                       num_calls=traced.num_calls.get(layer, 1))
+        graph.add_node(
+            layer,
+            index=index,
+            has_parameters=next(module.parameters(), None) is not None,
+            num_calls=traced.num_calls.get(layer, 1),
+        )
     graph.add_node(OUTPUT, index=len(traced.layers), has_parameters=True, num_calls=1)
     for layer in traced.layers:  # a parameter-free layer runs again where needed: what it passes on counts
-        reads = traced.layer_reads.get(layer, set()) if graph.nodes[layer]["has_parameters"] \
+        reads = (
+            traced.layer_reads.get(layer, set())
+            if graph.nodes[layer]["has_parameters"]
             else traced.layer_derives.get(layer, set())
+        )
         graph.add_edges_from((source, layer) for source in reads if source != layer)
     graph.add_edges_from((source, OUTPUT) for source in traced.output_reads)
     return graph
@@ -71,8 +79,10 @@ def _blocker(graph: nx.DiGraph, layers: list[str], start: int) -> str | None:
     before = layers[:start]
     sent = next((name for name in reversed(before) if graph.nodes[name]["has_parameters"]), before[-1])
     if graph.nodes[sent]["num_calls"] > 1:
-        return (f"a stage starting at {layers[start]!r} would receive the output of {sent!r}, which forward "
-                f"calls {graph.nodes[sent]['num_calls']} times")
+        return (
+            f"a stage starting at {layers[start]!r} would receive the output of {sent!r}, which forward "
+            f"calls {graph.nodes[sent]['num_calls']} times"
+        )
 
     def unmet(source: str, seen: set[str]) -> str | None:
         """The earlier layer with parameters that reading `source` needs, if any."""
@@ -90,6 +100,8 @@ def _blocker(graph: nx.DiGraph, layers: list[str], start: int) -> str | None:
             found = unmet(source, set())
             if found:
                 who = "the model's output" if reader == OUTPUT else repr(reader)
-                return (f"a stage starting at {layers[start]!r} must also receive the output of {found!r}, "
-                        f"which {who} reads")
+                return (
+                    f"a stage starting at {layers[start]!r} must also receive the output of {found!r}, "
+                    f"which {who} reads"
+                )
     return None

@@ -7,6 +7,7 @@ in a Linear that reads the split dimension as its input features (rowwise). Anyt
 else consuming a split tensor (a norm, a residual add, the layer output) rejects the
 region. Repeated blocks (equal `signature`) are analysed once and the result is copied.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,22 +22,52 @@ from autoplan.analysis.graph import LayerCall, LayerTP, OpNode, TracedModel, _jo
 from autoplan.schema.plan import TPSite
 
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
-ELEMENTWISE_MODULES = (nn.modules.dropout._DropoutNd, nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid,
-                        nn.Identity, nn.Mish, nn.LeakyReLU)
+ELEMENTWISE_MODULES = (
+    nn.modules.dropout._DropoutNd,
+    nn.GELU,
+    nn.SiLU,
+    nn.ReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Identity,
+    nn.Mish,
+    nn.LeakyReLU,
+)
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
 _CHUNKS = {"chunk", "split", "tensor_split", "unbind", "split_with_sizes"}
 _TRANSPOSES = {"transpose", "swapaxes", "swapdims", "permute", "t", "T", "mT"}
 _MATMULS = {"matmul", "__matmul__", "bmm"}
-_DIM_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "prod", "softmax",
-                   "log_softmax", "cumsum", "norm", "var", "std", "logsumexp", "topk", "sort"}
-
+_DIM_REDUCTIONS = {
+    "sum",
+    "mean",
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "argmax",
+    "argmin",
+    "prod",
+    "softmax",
+    "log_softmax",
+    "cumsum",
+    "norm",
+    "var",
+    "std",
+    "logsumexp",
+    "topk",
+    "sort",
+}
 
 
 def is_transposed_linear(module: nn.Module) -> bool:
     """Hugging Face's `Conv1D` (GPT-2): a Linear whose weight is stored (in, out), `x @ W + b`."""
     weight = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
-            and getattr(module, "nf", None) == weight.shape[1])
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
 
 
 def is_linear(module: nn.Module | None) -> TypeGuard[nn.Module]:
@@ -59,8 +90,12 @@ def _is_position_wise(module: nn.Module, node: OpNode) -> bool:
     if is_linear(module) or isinstance(module, nn.Embedding) or next(module.children(), None) is not None:
         return False
     outputs = node.outputs
-    return (next(module.parameters(recurse=False), None) is not None and len(outputs) == 1
-            and bool(node.inputs) and outputs[0].shape == node.inputs[0].shape)
+    return (
+        next(module.parameters(recurse=False), None) is not None
+        and len(outputs) == 1
+        and bool(node.inputs)
+        and outputs[0].shape == node.inputs[0].shape
+    )
 
 
 class _Reject(Exception):
@@ -90,8 +125,9 @@ def find_tensor_parallel(traced: TracedModel) -> ModelFlow:
     for layer in traced.layers:
         representative = traced.representative(layer)
         if representative not in analysed:
-            search = _SplitSearch([node for node in traced.graph if node.layer == layer], traced.calls[layer],
-                                  flow.producer, flow.modules)
+            search = _SplitSearch(
+                [node for node in traced.graph if node.layer == layer], traced.calls[layer], flow.producer, flow.modules
+            )
             analysed[representative] = search.run()
             flow.add_module_sites(analysed[representative], search)
         traced.tp[layer] = analysed[representative].renamed(representative, layer)
@@ -111,9 +147,13 @@ class ModelFlow:
                 self.consumers.setdefault(id(t), []).append(node)
         self.model_outputs = {id(t) for t in _tensors(traced.output)}
         self.model_inputs = {id(t) for t in _tensors(traced.inputs)}
-        self.vocab_sizes = {node.module: self.modules[node.module].num_embeddings for node in traced.graph
-                            if node.is_module and isinstance(self.modules[node.module], nn.Embedding)
-                            and self.is_model_input(node.inputs[0])}
+        self.vocab_sizes = {
+            node.module: self.modules[node.module].num_embeddings
+            for node in traced.graph
+            if node.is_module
+            and isinstance(self.modules[node.module], nn.Embedding)
+            and self.is_model_input(node.inputs[0])
+        }
         """Embeddings indexed by the model's own input (tokens, not positions) -> vocabulary size."""
 
     def is_model_input(self, tensor: torch.Tensor) -> bool:
@@ -133,13 +173,23 @@ class ModelFlow:
             if node.module in self.vocab_sizes:
                 layer_tp.sites[node.module] = TPSite(style="vocab_embedding")
                 layer_tp.divisors[f"{node.module} vocab"] = self.vocab_sizes[node.module]
-            elif (is_linear(module) and out_features(module) in self.vocab_sizes.values()
-                  and node.module not in layer_tp.sites and self.feeds_output(node)):
+            elif (
+                is_linear(module)
+                and out_features(module) in self.vocab_sizes.values()
+                and node.module not in layer_tp.sites
+                and self.feeds_output(node)
+            ):
                 layer_tp.sites[node.module] = TPSite(style="vocab_output")
                 layer_tp.divisors[f"{node.module} vocab"] = out_features(module)
                 layer_tp.colwise_groups.append([node.module])
-            elif (module is not None and node.module not in layer_tp.sites and node.module not in search.inside
-                  and node.inputs and node.inputs[0].dim() >= 3 and _is_position_wise(module, node)):
+            elif (
+                module is not None
+                and node.module not in layer_tp.sites
+                and node.module not in search.inside
+                and node.inputs
+                and node.inputs[0].dim() >= 3
+                and _is_position_wise(module, node)
+            ):
                 layer_tp.sites[node.module] = TPSite(style="sequence_parallel")
 
     def feeds_output(self, node: OpNode) -> bool:
@@ -160,8 +210,9 @@ class ModelFlow:
 class _SplitSearch:
     """Finds the colwise/rowwise regions of one layer by propagating a split dimension."""
 
-    def __init__(self, nodes: list[OpNode], call: LayerCall, producer: dict[int, OpNode],
-                 modules: dict[str, nn.Module]):
+    def __init__(
+        self, nodes: list[OpNode], call: LayerCall, producer: dict[int, OpNode], modules: dict[str, nn.Module]
+    ):
         self.nodes, self.call, self.producer, self.modules = nodes, call, producer, modules
         self.in_layer = {id(node) for node in nodes}
         self.inside: set[str] = set()
@@ -194,8 +245,11 @@ class _SplitSearch:
             except _Reject as reject:
                 if reject.needs is None:
                     return None
-                extra = [node for node in self._linear_ancestors(reject.needs)
-                         if id(node) not in assigned and node not in seeds]
+                extra = [
+                    node
+                    for node in self._linear_ancestors(reject.needs)
+                    if id(node) not in assigned and node not in seeds
+                ]
                 if not extra:
                     return None
                 for node in extra:
@@ -286,7 +340,7 @@ class _SplitSearch:
             self._through_generic(node, name, x, d, split, region)
 
     def _through_chunk(self, node, x, d, split, seed_ids, region) -> None:
-        dim_index = 1 if node.target == "unbind" else 2   # unbind(x, dim); chunk/split(x, n, dim)
+        dim_index = 1 if node.target == "unbind" else 2  # unbind(x, dim); chunk/split(x, n, dim)
         dim = node.kwargs.get("dim", node.args[dim_index] if len(node.args) > dim_index else 0) % x.dim()
         outputs = node.outputs
         if dim == d:

@@ -22,6 +22,7 @@ seconds per block on a huge model, and it erases the Python-level calls this mod
 reads: `view(B, T, self.num_heads, head_dim)` (head counts and the attributes behind
 them) and `chunk(3)` of a fused projection.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,9 +46,25 @@ from autoplan.errors import TraceError
 __all__ = ["LayerCall", "LayerTP", "OpNode", "TracedModel", "as_exported", "trace_model", "without_kv_cache"]
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
-_SHAPE_ONLY = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
-                         "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "size", "dim"})
+_SHAPE_ONLY = frozenset(
+    {
+        "zeros_like",
+        "ones_like",
+        "empty_like",
+        "full_like",
+        "rand_like",
+        "randn_like",
+        "randint_like",
+        "new_zeros",
+        "new_ones",
+        "new_empty",
+        "new_full",
+        "size",
+        "dim",
+    }
+)
 """Torch calls whose tensor output depends only on their inputs' shapes (no dataflow)."""
+
 
 def as_exported():
     """Run model code as `torch.export` in non-strict mode runs it: `torch.compiler.is_compiling()`
@@ -90,8 +107,7 @@ def trace_model(module: nn.Module, example_inputs: tuple) -> TracedModel:
         >>> traced = trace_model(model, (tokens,))        # doctest: +SKIP
         >>> traced.layers, traced.tp_sites, traced.tp_divisors  # doctest: +SKIP
     """
-    inputs = tuple(torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
-                   for x in example_inputs)
+    inputs = tuple(torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x for x in example_inputs)
     meta_state = _meta_state(module)
     paths = {mod: path for path, mod in module.named_modules()}
     recorder = _Recorder(paths, set(_layer_candidates(module)))
@@ -99,17 +115,31 @@ def trace_model(module: nn.Module, example_inputs: tuple) -> TracedModel:
     with without_kv_cache(module), recorder.hooked(module), recorder, glue, torch.no_grad(), as_exported():
         output = recorder.run(module, meta_state, inputs)
     layers = recorder.layer_order
-    signatures = {layer: _signature(module.get_submodule(layer), layer, recorder.nodes_of(layer),
-                                    recorder.calls[layer]) for layer in layers if layer not in recorder.replayed}
+    signatures = {
+        layer: _signature(module.get_submodule(layer), layer, recorder.nodes_of(layer), recorder.calls[layer])
+        for layer in layers
+        if layer not in recorder.replayed
+    }
     signatures.update({layer: signatures[twin] for layer, twin in recorder.replayed.items()})
     signatures = {layer: signatures[layer] for layer in layers}
-    traced = TracedModel(module, layers, signatures, recorder.nodes, recorder.calls, {},
-                         _tied_parameters(module), meta_state, inputs, output,
-                         num_calls={layer: recorder.num_calls.get(layer, 1) for layer in layers},
-                         glue_flops=glue.flops, module_calls=recorder.module_calls,
-                         layer_reads={layer: set(recorder.layer_reads.get(layer, ())) for layer in layers},
-                         layer_derives={layer: set(recorder.layer_derives.get(layer, ())) for layer in layers},
-                         output_reads=set(recorder.sources_of(output)))
+    traced = TracedModel(
+        module,
+        layers,
+        signatures,
+        recorder.nodes,
+        recorder.calls,
+        {},
+        _tied_parameters(module),
+        meta_state,
+        inputs,
+        output,
+        num_calls={layer: recorder.num_calls.get(layer, 1) for layer in layers},
+        glue_flops=glue.flops,
+        module_calls=recorder.module_calls,
+        layer_reads={layer: set(recorder.layer_reads.get(layer, ())) for layer in layers},
+        layer_derives={layer: set(recorder.layer_derives.get(layer, ())) for layer in layers},
+        output_reads=set(recorder.sources_of(output)),
+    )
     flow = find_tensor_parallel(traced)
     add_colwise_input_sites(traced, flow)
     apply_sequence_parallel(traced, flow)
@@ -139,6 +169,7 @@ def _layer_candidates(root: nn.Module) -> list[str]:
     """Expand the root, containers (ModuleList/Dict, Sequential) and trunks (a non-item module
     with a container anywhere below it: Hugging Face's `model.model`, OPT's `model.decoder`,
     BERT's `bert.encoder`, T5's `encoder`); everything else is one layer."""
+
     def holds_container(module: nn.Module) -> bool:
         return any(isinstance(child, _CONTAINERS) or holds_container(child) for child in module.children())
 
@@ -153,8 +184,10 @@ def _layer_candidates(root: nn.Module) -> list[str]:
     return expand(root, "", False)
 
 
-_TRACE_ADVICE = ("make that code traceable as torch.export requires (no data-dependent Python branches "
-                 "such as `if tensor.any()`; guard them with `torch.compiler.is_compiling()`)")
+_TRACE_ADVICE = (
+    "make that code traceable as torch.export requires (no data-dependent Python branches "
+    "such as `if tensor.any()`; guard them with `torch.compiler.is_compiling()`)"
+)
 
 
 class _GlueFlops(TorchDispatchMode):
@@ -190,9 +223,12 @@ class _Recorder(TorchFunctionMode):
         # Leaves are recorded as one node: modules with parameters of their own (Linear, norms) and
         # the known elementwise ones; the ops of any other parameter-free leaf (Hugging Face's
         # activation classes) are recorded one by one, so tensor parallelism sees through them.
-        self.leaves = {module for module in paths if next(module.children(), None) is None
-                       and (next(module.parameters(recurse=False), None) is not None
-                            or isinstance(module, ELEMENTWISE_MODULES))}
+        self.leaves = {
+            module
+            for module in paths
+            if next(module.children(), None) is None
+            and (next(module.parameters(recurse=False), None) is not None or isinstance(module, ELEMENTWISE_MODULES))
+        }
         self.module_calls: dict[str, tuple[tuple, dict]] = {}
         """Module path -> (args, kwargs) of its first call."""
         self.nodes: list[OpNode] = []
@@ -234,8 +270,11 @@ class _Recorder(TorchFunctionMode):
         except Exception as error:
             raise _TraceError(self.stack[-1][0] if self.stack else "", name, error) from error
         if self.leaf_depth == 0 and _tensors(output):
-            self.nodes.append(OpNode(name, self.stack[-1][0] if self.stack else "", self.current_layer,
-                                     args, kwargs, output, False, func))
+            self.nodes.append(
+                OpNode(
+                    name, self.stack[-1][0] if self.stack else "", self.current_layer, args, kwargs, output, False, func
+                )
+            )
         if name not in _SHAPE_ONLY:  # dataflow
             sources = self.sources_of((args, kwargs))
             if sources:
@@ -257,13 +296,17 @@ class _Recorder(TorchFunctionMode):
             return torch.func.functional_call(module, state, inputs, tie_weights=True)
         except _TraceError as error:
             where = error.module or "<root>"
-            raise TraceError(f"cannot trace {type(module).__name__}: module {where!r} "
-                             f"({type(module.get_submodule(error.module)).__name__}) failed in operation "
-                             f"{error.op!r} on meta tensors: {error.cause}; {_TRACE_ADVICE}") from None
+            raise TraceError(
+                f"cannot trace {type(module).__name__}: module {where!r} "
+                f"({type(module.get_submodule(error.module)).__name__}) failed in operation "
+                f"{error.op!r} on meta tensors: {error.cause}; {_TRACE_ADVICE}"
+            ) from None
         except Exception as error:
             where = self.stack[-1][0] if self.stack else "<root>"
-            raise TraceError(f"cannot trace {type(module).__name__}: module {where!r} failed outside a torch "
-                             f"operation on meta tensors: {type(error).__name__}: {error}; {_TRACE_ADVICE}") from None
+            raise TraceError(
+                f"cannot trace {type(module).__name__}: module {where!r} failed outside a torch "
+                f"operation on meta tensors: {type(error).__name__}: {error}; {_TRACE_ADVICE}"
+            ) from None
 
     @contextmanager
     def hooked(self, root: nn.Module) -> Iterator[None]:
@@ -347,18 +390,21 @@ def _describe(tensor: torch.Tensor) -> str:
 
 
 def _describe_inputs(args: tuple, kwargs: dict) -> tuple:
-    return tuple(_describe(leaf) if isinstance(leaf, torch.Tensor) else repr(leaf)
-                 for leaf in tree_leaves((args, kwargs)))
+    return tuple(
+        _describe(leaf) if isinstance(leaf, torch.Tensor) else repr(leaf) for leaf in tree_leaves((args, kwargs))
+    )
 
 
 def _static_key(layer: nn.Module) -> tuple:
     """What decides a layer's computation besides its inputs: class, state shapes and the
     plain attributes of every submodule (a layer_idx or attention type makes twins differ)."""
     state = tuple((name, _describe(t)) for name, t in (*layer.named_parameters(), *layer.named_buffers()))
-    attributes = tuple((path, type(sub).__qualname__, name, value)
-                       for path, sub in layer.named_modules() for name, value in vars(sub).items()
-                       if not name.startswith("_") and name != "training"
-                       and isinstance(value, (int, float, str, bool, type(None))))
+    attributes = tuple(
+        (path, type(sub).__qualname__, name, value)
+        for path, sub in layer.named_modules()
+        for name, value in vars(sub).items()
+        if not name.startswith("_") and name != "training" and isinstance(value, (int, float, str, bool, type(None)))
+    )
     return type(layer), state, attributes
 
 
@@ -368,6 +414,6 @@ def _signature(module: nn.Module, layer: str, nodes: list[OpNode], call: LayerCa
     parts += [f"{name}={_describe(t)}" for name, t in (*module.named_parameters(), *module.named_buffers())]
     parts += [_describe(t) for t in _tensors((call.args, call.kwargs))]
     for node in nodes:
-        relative = node.module[len(layer):] if layer else node.module
+        relative = node.module[len(layer) :] if layer else node.module
         parts.append(f"{node.target}@{relative}->" + ",".join(_describe(t) for t in node.outputs))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

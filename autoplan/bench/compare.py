@@ -30,6 +30,7 @@ A candidate that is infeasible, runs out of memory or fails is reported as
 cluster without GPUs, several nodes) keeps its prediction and says "not run: <why>".
 The JSON layout is SPEC.md's `autoplan bench --json` schema plus the fields below.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,10 +72,22 @@ def baseline_constraints(cluster: ClusterSpec) -> dict[str, Constraints]:
     }
 
 
-def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequence[Constraints] = (),
-              global_batch_size: int | None = None, seq_len: int | None = None, json_path: str | None = None,
-              plot_path: str | None = None, progress: bool = True, *, baselines: bool = True,
-              launcher_args: Sequence[str] = (), timeout_s: float = 600.0, rounds: int = 1) -> dict:
+def run_bench(
+    model_name: str,
+    cluster: ClusterSpec,
+    steps: int = 5,
+    fixes: Sequence[Constraints] = (),
+    global_batch_size: int | None = None,
+    seq_len: int | None = None,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    progress: bool = True,
+    *,
+    baselines: bool = True,
+    launcher_args: Sequence[str] = (),
+    timeout_s: float = 600.0,
+    rounds: int = 1,
+) -> dict:
     """Plan, launch and measure every candidate; print a table; write JSON and a figure if asked.
 
     Returns the report: {"model", "cluster", "steps", "global_batch_size", "seq_len",
@@ -105,17 +118,35 @@ def run_bench(model_name: str, cluster: ClusterSpec, steps: int = 5, fixes: Sequ
             for index, (name, constraints) in enumerate(named):
                 label = f"round {round_index + 1}/{rounds}, " if rounds > 1 else ""
                 with console.status(f"[{label}{index + 1}/{len(named)}] {name}: planning and running {steps} step(s)"):
-                    entry = _run_candidate(name, constraints, job, model_name, cluster, steps, seq_len,
-                                           Path(scratch) / f"{index}-plan.json", runnable, launcher_args, timeout_s)
+                    entry = _run_candidate(
+                        name,
+                        constraints,
+                        job,
+                        model_name,
+                        cluster,
+                        steps,
+                        seq_len,
+                        Path(scratch) / f"{index}-plan.json",
+                        runnable,
+                        launcher_args,
+                        timeout_s,
+                    )
                 if round_index == 0:
                     candidates.append(entry)
                 else:
                     _merge_round(candidates[index], entry)
                 console.print(f"  {label}{name}: {entry['status'].split(':')[0]}")
     _pool_identical_plans(candidates)
-    report = {"model": model_name, "cluster": cluster.describe(), "cluster_calibrated": cluster.calibrated,
-              "steps": steps, "rounds": rounds, "global_batch_size": job.example_inputs[0].shape[0], "seq_len": seq_len,
-              "candidates": candidates}
+    report = {
+        "model": model_name,
+        "cluster": cluster.describe(),
+        "cluster_calibrated": cluster.calibrated,
+        "steps": steps,
+        "rounds": rounds,
+        "global_batch_size": job.example_inputs[0].shape[0],
+        "seq_len": seq_len,
+        "candidates": candidates,
+    }
     if progress:
         console.print(bench_table(report))
         for entry in candidates:
@@ -165,11 +196,21 @@ def _merge_round(entry: dict, again: dict) -> None:
     entry["measured_step_times_s"] = (entry["measured_step_times_s"] or []) + again["measured_step_times_s"]
     median_s = statistics.median(entry["measured_step_times_s"])
     if not entry["measured_step_s"]:
-        entry.update({key: again[key] for key in ("measured_step_s", "measured_tokens_per_s", "measured_mfu",
-                                                  "measured_peak_memory_bytes_per_rank")})
+        entry.update(
+            {
+                key: again[key]
+                for key in (
+                    "measured_step_s",
+                    "measured_tokens_per_s",
+                    "measured_mfu",
+                    "measured_peak_memory_bytes_per_rank",
+                )
+            }
+        )
     _set_measured_step(entry, median_s)
-    entry["measured_peak_memory_bytes"] = max(entry["measured_peak_memory_bytes"] or 0,
-                                              again["measured_peak_memory_bytes"] or 0)
+    entry["measured_peak_memory_bytes"] = max(
+        entry["measured_peak_memory_bytes"] or 0, again["measured_peak_memory_bytes"] or 0
+    )
 
 
 def _why_not_runnable(cluster: ClusterSpec, launcher_args: Sequence[str]) -> str | None:
@@ -183,23 +224,51 @@ def _why_not_runnable(cluster: ClusterSpec, launcher_args: Sequence[str]) -> str
     return None
 
 
-def _run_candidate(name: str, constraints: Constraints, job, model_name: str, cluster: ClusterSpec, steps: int,
-                   seq_len: int | None, plan_path: Path, not_runnable: str | None,
-                   launcher_args: Sequence[str], timeout_s: float) -> dict:
+def _run_candidate(
+    name: str,
+    constraints: Constraints,
+    job,
+    model_name: str,
+    cluster: ClusterSpec,
+    steps: int,
+    seq_len: int | None,
+    plan_path: Path,
+    not_runnable: str | None,
+    launcher_args: Sequence[str],
+    timeout_s: float,
+) -> dict:
     """Plan one candidate and (when possible) launch it; failures become its status."""
     from autoplan.planner.planning import plan as make_plan
     from autoplan.runtime.launch import launch
 
     entry: dict[str, Any]  # the candidate's entry of the JSON report
-    entry = {"name": name, "chosen": name == "autoplan", "status": "ok", "mesh": None,
-             "constraints": constraints.model_dump(mode="json", exclude_none=True),
-             "predicted_step_s": None, "measured_step_s": None, "measured_step_times_s": None,
-             "predicted_peak_memory_bytes": None, "measured_peak_memory_bytes": None,
-             "measured_peak_memory_bytes_per_rank": None, "predicted_tokens_per_s": None,
-             "measured_tokens_per_s": None, "predicted_mfu": None, "measured_mfu": None, "plan": None}
+    entry = {
+        "name": name,
+        "chosen": name == "autoplan",
+        "status": "ok",
+        "mesh": None,
+        "constraints": constraints.model_dump(mode="json", exclude_none=True),
+        "predicted_step_s": None,
+        "measured_step_s": None,
+        "measured_step_times_s": None,
+        "predicted_peak_memory_bytes": None,
+        "measured_peak_memory_bytes": None,
+        "measured_peak_memory_bytes_per_rank": None,
+        "predicted_tokens_per_s": None,
+        "measured_tokens_per_s": None,
+        "predicted_mfu": None,
+        "measured_mfu": None,
+        "plan": None,
+    }
     try:
-        plan = make_plan(job.module, cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn,
-                         constraints=constraints, model_name=model_name)
+        plan = make_plan(
+            job.module,
+            cluster,
+            example_inputs=job.example_inputs,
+            loss_fn=job.loss_fn,
+            constraints=constraints,
+            model_name=model_name,
+        )
     except InfeasibleError as error:  # no plan with these pins fits in memory
         entry["status"] = "failed: infeasible: " + _one_line(error)
     except ValueError as error:  # pins the model or cluster cannot take (tp does not divide heads, ...)
@@ -211,8 +280,15 @@ def _run_candidate(name: str, constraints: Constraints, job, model_name: str, cl
         return entry
     plan.to_json(plan_path)
     try:
-        result = launch(plan_path, model_name, nproc=plan.world_size // max(cluster.num_nodes, 1), steps=steps,
-                        launcher_args=launcher_args, seq_len=seq_len, timeout_s=timeout_s)
+        result = launch(
+            plan_path,
+            model_name,
+            nproc=plan.world_size // max(cluster.num_nodes, 1),
+            steps=steps,
+            launcher_args=launcher_args,
+            seq_len=seq_len,
+            timeout_s=timeout_s,
+        )
     except (RuntimeError, ValueError) as error:
         entry["status"] = "failed: " + _one_line(error)
         return entry
@@ -220,10 +296,13 @@ def _run_candidate(name: str, constraints: Constraints, job, model_name: str, cl
         entry["status"] = "ok (result on the node of rank 0)"
         return entry
     measured_s = result["median_step_s"]
-    entry.update(measured_step_s=measured_s, measured_step_times_s=result["step_times_s"],
-                 measured_peak_memory_bytes=result["max_peak_memory_bytes"],
-                 measured_peak_memory_bytes_per_rank=result["peak_memory_bytes"],
-                 measured_tokens_per_s=result["tokens_per_s"])
+    entry.update(
+        measured_step_s=measured_s,
+        measured_step_times_s=result["step_times_s"],
+        measured_peak_memory_bytes=result["max_peak_memory_bytes"],
+        measured_peak_memory_bytes_per_rank=result["peak_memory_bytes"],
+        measured_tokens_per_s=result["tokens_per_s"],
+    )
     if entry["predicted_mfu"] is not None:  # same model FLOPs and peak: MFU scales with 1 / step time
         entry["measured_mfu"] = entry["predicted_mfu"] * plan.predicted.step_time_s / measured_s
     return entry
@@ -233,16 +312,29 @@ def _predicted(plan: Plan, job) -> dict:
     first = job.example_inputs[0]
     tokens_per_step = first.numel() if not first.is_floating_point() else first.shape[0]
     return {
-        "mesh": plan.mesh, "predicted_step_s": plan.predicted.step_time_s,
+        "mesh": plan.mesh,
+        "predicted_step_s": plan.predicted.step_time_s,
         "predicted_peak_memory_bytes": plan.predicted.peak_memory_bytes,
         "predicted_tokens_per_s": plan.predicted.tokens_per_s or tokens_per_step / plan.predicted.step_time_s,
         "predicted_mfu": plan.predicted.mfu,
-        "plan": {"micro_batch_size": plan.micro_batch_size, "num_micro_batches": plan.num_micro_batches,
-                 "schedule": plan.schedule, "virtual_stages": plan.virtual_stages, "zero_stage": plan.zero_stage,
-                 "sequence_parallel": plan.sequence_parallel,
-                 "recompute": sorted(set(plan.recompute_of().values())),
-                 "stages": [{"index": s.index, "pp_rank": s.pp_rank, "num_layers": len(s.layers),
-                             "predicted_time_s": s.predicted_time_s} for s in plan.stages]},
+        "plan": {
+            "micro_batch_size": plan.micro_batch_size,
+            "num_micro_batches": plan.num_micro_batches,
+            "schedule": plan.schedule,
+            "virtual_stages": plan.virtual_stages,
+            "zero_stage": plan.zero_stage,
+            "sequence_parallel": plan.sequence_parallel,
+            "recompute": sorted(set(plan.recompute_of().values())),
+            "stages": [
+                {
+                    "index": s.index,
+                    "pp_rank": s.pp_rank,
+                    "num_layers": len(s.layers),
+                    "predicted_time_s": s.predicted_time_s,
+                }
+                for s in plan.stages
+            ],
+        },
     }
 
 
@@ -254,10 +346,24 @@ def bench_table(report: dict):
     """The rich Table `autoplan bench` prints."""
     from rich.table import Table
 
-    table = Table(title=f"{report['model']} on {report['cluster']}, {report['steps']} timed step(s)"
-                        + (" (calibrated)" if report.get("cluster_calibrated") else ""))
-    for column in ("candidate", "mesh dp/pp/tp", "mb", "zero", "pred s", "meas s", "err", "tok/s meas",
-                   "pred MB", "meas MB", "MFU meas", "status"):
+    table = Table(
+        title=f"{report['model']} on {report['cluster']}, {report['steps']} timed step(s)"
+        + (" (calibrated)" if report.get("cluster_calibrated") else "")
+    )
+    for column in (
+        "candidate",
+        "mesh dp/pp/tp",
+        "mb",
+        "zero",
+        "pred s",
+        "meas s",
+        "err",
+        "tok/s meas",
+        "pred MB",
+        "meas MB",
+        "MFU meas",
+        "status",
+    ):
         table.add_column(column, justify="left" if column in ("candidate", "status") else "right")
     for entry in report["candidates"]:
         mesh, plan = entry["mesh"], entry["plan"] or {}
@@ -265,13 +371,17 @@ def bench_table(report: dict):
         table.add_row(
             ("* " if entry["chosen"] else "") + entry["name"],
             f"{mesh['dp']}/{mesh['pp']}/{mesh['tp']}" if mesh else "-",
-            _fmt(plan.get("micro_batch_size"), "{}"), _fmt(plan.get("zero_stage"), "{}"),
-            _fmt(predicted, "{:.4g}"), _fmt(measured, "{:.4g}"),
+            _fmt(plan.get("micro_batch_size"), "{}"),
+            _fmt(plan.get("zero_stage"), "{}"),
+            _fmt(predicted, "{:.4g}"),
+            _fmt(measured, "{:.4g}"),
             _fmt(relative_error(predicted, measured), "{:+.0%}"),
             _fmt(entry["measured_tokens_per_s"], "{:.4g}"),
             _fmt(entry["predicted_peak_memory_bytes"] and entry["predicted_peak_memory_bytes"] / 1e6, "{:.1f}"),
             _fmt(entry["measured_peak_memory_bytes"] and entry["measured_peak_memory_bytes"] / 1e6, "{:.1f}"),
-            _fmt(entry["measured_mfu"], "{:.1%}"), entry["status"].split(":")[0])
+            _fmt(entry["measured_mfu"], "{:.1%}"),
+            entry["status"].split(":")[0],
+        )
     return table
 
 
@@ -293,14 +403,22 @@ def summarize(report: dict) -> dict:
     chosen = next((c for c in ran if c["chosen"]), None)
     best = min(ran, key=lambda c: c["measured_step_s"], default=None)
     # a candidate that ran has its prediction and its measurement: relative_error is a number
-    memory = [abs(cast(float, relative_error(c["predicted_peak_memory_bytes"], c["measured_peak_memory_bytes"])))
-              for c in ran if c["measured_peak_memory_bytes"]]
+    memory = [
+        abs(cast(float, relative_error(c["predicted_peak_memory_bytes"], c["measured_peak_memory_bytes"])))
+        for c in ran
+        if c["measured_peak_memory_bytes"]
+    ]
     return {
-        "num_ran": len(ran), "num_candidates": len(report["candidates"]),
+        "num_ran": len(ran),
+        "num_candidates": len(report["candidates"]),
         "chosen_step_s": chosen and chosen["measured_step_s"],
-        "best_name": best and best["name"], "best_step_s": best and best["measured_step_s"],
-        "step_error": statistics.median(abs(cast(float, relative_error(c["predicted_step_s"], c["measured_step_s"])))
-                                        for c in ran) if ran else None,
+        "best_name": best and best["name"],
+        "best_step_s": best and best["measured_step_s"],
+        "step_error": statistics.median(
+            abs(cast(float, relative_error(c["predicted_step_s"], c["measured_step_s"]))) for c in ran
+        )
+        if ran
+        else None,
         "memory_error": statistics.median(memory) if memory else None,
     }
 
@@ -327,14 +445,29 @@ def plot_bench(report: dict, path: str | os.PathLike) -> None:
     names = [c["name"] for c in report["candidates"]]
     positions = range(len(names))
     width = 0.4
-    bars.bar([p - width / 2 for p in positions], [c["predicted_step_s"] or 0 for c in report["candidates"]],
-             width, label="predicted")
-    bars.bar([p + width / 2 for p in positions], [c["measured_step_s"] or 0 for c in report["candidates"]],
-             width, label="measured")
+    bars.bar(
+        [p - width / 2 for p in positions],
+        [c["predicted_step_s"] or 0 for c in report["candidates"]],
+        width,
+        label="predicted",
+    )
+    bars.bar(
+        [p + width / 2 for p in positions],
+        [c["measured_step_s"] or 0 for c in report["candidates"]],
+        width,
+        label="measured",
+    )
     for position, candidate in zip(positions, report["candidates"]):
         if candidate["measured_step_s"] is None:  # say why the measured bar is missing
-            bars.text(position + width / 2, 0, candidate["status"].split(":")[0], rotation=90, ha="center",
-                      va="bottom", fontsize=8)
+            bars.text(
+                position + width / 2,
+                0,
+                candidate["status"].split(":")[0],
+                rotation=90,
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
     bars.set_xticks(list(positions), names, rotation=20)
     bars.set_ylabel("step time (s)")
     bars.set_title(f"{report['model']} on {report['cluster']}")

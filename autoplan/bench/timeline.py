@@ -6,11 +6,13 @@ Each rank runs its actions in the schedule's order and an action starts when its
 free and its input exists, so the figure shows the pipeline bubble the cost model charges
 (`costmodels.pipeline.pipeline_time_s`) as gaps between the bars.
 """
+
 from __future__ import annotations
 
 
-def pipeline_timeline(stage_times_s: list[float], pp: int, num_micro_batches: int,
-                      schedule: str) -> list[tuple[int, str, int, int, float, float]]:
+def pipeline_timeline(
+    stage_times_s: list[float], pp: int, num_micro_batches: int, schedule: str
+) -> list[tuple[int, str, int, int, float, float]]:
     """Simulated (pp_rank, "F"/"B", stage, micro_batch, start_s, end_s) of one step.
 
     Stage i runs on pipeline rank i % pp. Forward is a third of a stage's forward+backward time, backward two thirds.
@@ -66,7 +68,7 @@ def _rank_order(rank: int, pp: int, v: int, num_micro_batches: int, schedule: st
     order = forwards[:warmup]
     for forward, backward in zip(forwards[warmup:], backwards):
         order += [forward, backward]
-    return order + backwards[len(forwards) - warmup:]
+    return order + backwards[len(forwards) - warmup :]
 
 
 def plot_timeline(axis, candidate: dict) -> None:
@@ -77,8 +79,14 @@ def plot_timeline(axis, candidate: dict) -> None:
     pp = candidate["mesh"]["pp"]
     actions = pipeline_timeline(stage_times, pp, plan["num_micro_batches"], plan["schedule"])
     for rank, kind, stage, mb, start, end in actions:
-        axis.barh(rank, end - start, left=start, color="tab:blue" if kind == "F" else "tab:orange",
-                  edgecolor="white", alpha=0.6 + 0.4 * (stage // pp) / max(plan["virtual_stages"], 1))
+        axis.barh(
+            rank,
+            end - start,
+            left=start,
+            color="tab:blue" if kind == "F" else "tab:orange",
+            edgecolor="white",
+            alpha=0.6 + 0.4 * (stage // pp) / max(plan["virtual_stages"], 1),
+        )
         axis.text((start + end) / 2, rank, f"{kind}{mb}", ha="center", va="center", fontsize=7)
     axis.set_yticks(range(pp), [f"pp rank {rank}" for rank in range(pp)])
     axis.invert_yaxis()

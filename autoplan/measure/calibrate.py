@@ -66,6 +66,7 @@ preset `inter_node` keeps its datasheet value.
 Local (CPU) plans assume one thread per rank: every rank here runs with
 `OMP_NUM_THREADS=1` and `torch.set_num_threads(1)`, as `autoplan run` does.
 """
+
 from __future__ import annotations
 
 import os
@@ -92,15 +93,23 @@ from autoplan.schema.cluster import ClusterSpec
 MATMUL_SIZES: dict[str, tuple[int, ...]] = {"cpu": (128, 256, 512, 1024), "cuda": (1024, 2048, 4096, 8192)}
 """Square matmul sizes tried per dtype (a dtype stops growing once one matmul takes probes.MAX_SINGLE_OP_S);
 a GPU needs n in the thousands to approach its peak."""
-MESSAGE_BYTES: dict[str, tuple[int, ...]] = {"cpu": tuple(4**k * 1024 for k in range(8)),
-                                             "cuda": tuple(4**k * 1024 for k in range(10))}
+MESSAGE_BYTES: dict[str, tuple[int, ...]] = {
+    "cpu": tuple(4**k * 1024 for k in range(8)),
+    "cuda": tuple(4**k * 1024 for k in range(10)),
+}
 """Collective message sizes: 1 KiB .. 16 MiB on CPU (a layer's gradients; gloo's rate drops
 beyond the caches), .. 256 MiB on GPUs (NVLink needs large messages)."""
 
 
-def calibrate(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None, progress: bool = True, *,
-              matmul_sizes: tuple[int, ...] | None = None,
-              message_bytes: tuple[int, ...] | None = None) -> ClusterSpec:
+def calibrate(
+    cluster: ClusterSpec,
+    device: str = "cpu",
+    nproc: int | None = None,
+    progress: bool = True,
+    *,
+    matmul_sizes: tuple[int, ...] | None = None,
+    message_bytes: tuple[int, ...] | None = None,
+) -> ClusterSpec:
     """Measure this machine on `nproc` ranks and return `cluster` with the measured figures.
 
     `nproc` defaults to the cluster's devices per node (CPU) or the visible GPUs (CUDA).
@@ -109,13 +118,20 @@ def calibrate(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = Non
     >>> local = calibrate(ClusterSpec.local(world_size=2), nproc=2)   # doctest: +SKIP
     >>> local.to_file("local.toml")                                  # doctest: +SKIP
     """
-    return measure(cluster, device, nproc, progress, matmul_sizes=matmul_sizes,
-                   message_bytes=message_bytes).apply(cluster)
+    return measure(cluster, device, nproc, progress, matmul_sizes=matmul_sizes, message_bytes=message_bytes).apply(
+        cluster
+    )
 
 
-def measure(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None, progress: bool = True, *,
-            matmul_sizes: tuple[int, ...] | None = None,
-            message_bytes: tuple[int, ...] | None = None) -> Calibration:
+def measure(
+    cluster: ClusterSpec,
+    device: str = "cpu",
+    nproc: int | None = None,
+    progress: bool = True,
+    *,
+    matmul_sizes: tuple[int, ...] | None = None,
+    message_bytes: tuple[int, ...] | None = None,
+) -> Calibration:
     """Run the measurements on `nproc` spawned ranks; `calibrate` is `measure(...).apply(cluster)`."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -141,7 +157,8 @@ def measure(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None,
         sizes = min(len(rank["matmul"][dtype]) for rank in timed)
         result.matmul_flops[dtype] = [
             (timed[0]["matmul"][dtype][i][0], statistics.median(rank["matmul"][dtype][i][1] for rank in timed))
-            for i in range(sizes)]
+            for i in range(sizes)
+        ]
     result.elementwise_gbps = statistics.median(rank["elementwise_gbps"] for rank in timed)
     result.adam_seconds_per_param = statistics.median(rank["adam_s_per_param"] for rank in per_rank)
     if per_rank[0].get("sharing") is not None:
@@ -159,8 +176,14 @@ def measure(cluster: ClusterSpec, device: str = "cpu", nproc: int | None = None,
 
 
 # ------------------------------------------------------------------ the spawned ranks
-def _run_on_ranks(nproc: int, device: str, dtypes: list[str], matmul_sizes: tuple[int, ...],
-                  message_bytes: tuple[int, ...], progress: bool) -> list[dict]:
+def _run_on_ranks(
+    nproc: int,
+    device: str,
+    dtypes: list[str],
+    matmul_sizes: tuple[int, ...],
+    message_bytes: tuple[int, ...],
+    progress: bool,
+) -> list[dict]:
     """Spawn `nproc` ranks running `_rank_main`, show rank 0's progress, return each rank's dict."""
     import queue as queue_module
 
@@ -173,9 +196,12 @@ def _run_on_ranks(nproc: int, device: str, dtypes: list[str], matmul_sizes: tupl
     queue = context.Queue()
     port = free_port()
     total = len(dtypes) + 2 + (len(COLLECTIVES) * len(message_bytes) + 2 if nproc > 1 else 0)
-    processes = [context.Process(target=_rank_main, daemon=True,
-                                 args=(rank, nproc, port, device, dtypes, matmul_sizes, message_bytes, queue))
-                 for rank in range(nproc)]
+    processes = [
+        context.Process(
+            target=_rank_main, daemon=True, args=(rank, nproc, port, device, dtypes, matmul_sizes, message_bytes, queue)
+        )
+        for rank in range(nproc)
+    ]
     for process in processes:
         process.start()
     results: dict[int, dict] = {}
@@ -189,11 +215,14 @@ def _run_on_ranks(nproc: int, device: str, dtypes: list[str], matmul_sizes: tupl
                 except queue_module.Empty:
                     dead = [rank for rank, p in enumerate(processes) if p.exitcode not in (None, 0)]
                     if dead:
-                        raise RuntimeError(f"calibration rank(s) {dead} died with exit code "
-                                           f"{processes[dead[0]].exitcode} before reporting") from None
+                        raise RuntimeError(
+                            f"calibration rank(s) {dead} died with exit code "
+                            f"{processes[dead[0]].exitcode} before reporting"
+                        ) from None
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"calibration timed out; {nproc - len(results)} rank(s) "
-                                           "never finished") from None
+                        raise RuntimeError(
+                            f"calibration timed out; {nproc - len(results)} rank(s) never finished"
+                        ) from None
                     continue
                 if kind == "progress":
                     bar.update(task, advance=1, description=value)
@@ -209,10 +238,24 @@ def _run_on_ranks(nproc: int, device: str, dtypes: list[str], matmul_sizes: tupl
     return [results[rank] for rank in range(nproc)]
 
 
-def _rank_main(rank: int, nproc: int, port: int, device: str, dtypes: list[str], matmul_sizes: tuple[int, ...],
-               message_bytes: tuple[int, ...], queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nproc),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+def _rank_main(
+    rank: int,
+    nproc: int,
+    port: int,
+    device: str,
+    dtypes: list[str],
+    matmul_sizes: tuple[int, ...],
+    message_bytes: tuple[int, ...],
+    queue,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
     import torch.distributed as dist
 
     try:

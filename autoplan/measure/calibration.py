@@ -8,6 +8,7 @@ the measurements become a ClusterSpec's figures (`Calibration.apply`; the rules 
 Kept apart from the measuring: a Calibration is plain data plus arithmetic, so the fits and
 `apply` can be checked on made-up timings without spawning a rank.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -98,8 +99,10 @@ class Calibration:
             saturated[dtype] = achieved / matmul_efficiency(2 * n**3, unit)
         efficiency = min(1.0, saturated["float32"] / device["peak_flops"]["float32"])
         device["matmul_efficiency"] = efficiency
-        device["peak_flops"] = {**device["peak_flops"],
-                                **{dtype: rate / efficiency for dtype, rate in saturated.items()}}
+        device["peak_flops"] = {
+            **device["peak_flops"],
+            **{dtype: rate / efficiency for dtype, rate in saturated.items()},
+        }
         memory_efficiency = min(1.0, elementwise_gbps / device["memory_bandwidth_gbps"])
         device["memory_efficiency"] = memory_efficiency
         device["memory_bandwidth_gbps"] = elementwise_gbps / memory_efficiency
@@ -107,8 +110,12 @@ class Calibration:
             device["adam_bytes_per_param"] = self.adam_seconds_per_param * elementwise_gbps * 1e9
         if self.link is not None:
             # the communication model uses bandwidth_gbps * LINK_EFFICIENCY as the achieved rate
-            link = {"bandwidth_gbps": self.link.bandwidth_gbps / LINK_EFFICIENCY, "latency_us": self.link.latency_us,
-                    "collective_overhead_us": self.collective_overhead_us(), "p2p_overhead_us": self.p2p_overhead_us()}
+            link = {
+                "bandwidth_gbps": self.link.bandwidth_gbps / LINK_EFFICIENCY,
+                "latency_us": self.link.latency_us,
+                "collective_overhead_us": self.collective_overhead_us(),
+                "p2p_overhead_us": self.p2p_overhead_us(),
+            }
             data["intra_node"] = link
             if cluster.num_nodes == 1 or cluster.device.kind == "cpu":
                 data["inter_node"] = dict(link)
@@ -148,9 +155,11 @@ class Calibration:
         table.add_row("matmul FLOPs at half rate (float32 fit)", f"{self.half_efficiency_flops():.3g}")
         table.add_row(f"elementwise GB/s, {who}", f"{self.elementwise_gbps:.3g}")
         if self.adam_seconds_per_param:
-            table.add_row("AdamW ns per parameter (bytes moved per parameter)",
-                          f"{self.adam_seconds_per_param * 1e9:.3g} "
-                          f"({self.adam_seconds_per_param * self.elementwise_gbps * 1e9 / share:.3g})")
+            table.add_row(
+                "AdamW ns per parameter (bytes moved per parameter)",
+                f"{self.adam_seconds_per_param * 1e9:.3g} "
+                f"({self.adam_seconds_per_param * self.elementwise_gbps * 1e9 / share:.3g})",
+            )
         if self.nproc > 1 and self.device == "cpu":
             table.add_row("shared-core slowdown (all ranks busy / one alone)", f"{self.shared_core_slowdown:.3g}")
             table.add_row("collective overhead under load, us", f"{self.collective_overhead_us():.3g}")
@@ -160,8 +169,9 @@ class Calibration:
             if self.dtensor_param_step_s is not None:
                 table.add_row("AdamW host time per DTensor parameter, us", f"{self.dtensor_param_step_s * 1e6:.3g}")
         for fit in [*self.collectives.values(), *([self.link] if self.link else [])]:
-            table.add_row(f"{fit.name}: latency us / bandwidth GB/s",
-                          f"{fit.latency_us:.3g} / {fit.bandwidth_gbps:.3g}")
+            table.add_row(
+                f"{fit.name}: latency us / bandwidth GB/s", f"{fit.latency_us:.3g} / {fit.bandwidth_gbps:.3g}"
+            )
         return table
 
 
@@ -200,8 +210,9 @@ def fit_collectives(timings: dict[str, list[tuple[int, float]]], nproc: int, lab
             rows.append([steps / seconds, factor * size / seconds])
             values.append(1.0)
             points.append((size, seconds))
-    solution = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
-                                  torch.tensor(values, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1)
+    solution = torch.linalg.lstsq(
+        torch.tensor(rows, dtype=torch.float64), torch.tensor(values, dtype=torch.float64).unsqueeze(1)
+    ).solution.squeeze(1)
     latency_s = max(solution[0].item(), 0.0)
     moved, spent = 0.0, 0.0
     for name, measured in timings.items():
@@ -209,5 +220,6 @@ def fit_collectives(timings: dict[str, list[tuple[int, float]]], nproc: int, lab
         size, seconds = max(measured)
         moved += factor * size
         spent += max(seconds - steps * latency_s, seconds / 2)
-    return CollectiveFit(name=label, latency_us=latency_s * 1e6, bandwidth_gbps=moved / spent / 1e9,
-                         points=sorted(points))
+    return CollectiveFit(
+        name=label, latency_us=latency_s * 1e6, bandwidth_gbps=moved / spent / 1e9, points=sorted(points)
+    )

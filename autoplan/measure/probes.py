@@ -10,6 +10,7 @@ single timings scatter by tens of percent. The probe sizes below are chosen so t
 working sets overflow the caches as a model's do, or (the dispatch probe) so that host
 work dominates.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -81,8 +82,9 @@ class _Timer:
         return statistics.median(times)
 
 
-def _time_matmuls(timer: _Timer, dtype: torch.dtype, sizes: tuple[int, ...], active: bool = True
-                  ) -> list[tuple[int, float]]:
+def _time_matmuls(
+    timer: _Timer, dtype: torch.dtype, sizes: tuple[int, ...], active: bool = True
+) -> list[tuple[int, float]]:
     """(n, FLOP/s) per size; the active ranks time the same size at once, all stop growing together
     (an inactive rank waits in the barriers and reports 0)."""
     import torch.distributed as dist
@@ -119,8 +121,11 @@ def _time_adam(timer: _Timer) -> float:
 
 def _probe_mlp(tokens: int, width: int, blocks: int):
     """A forward + backward step of `blocks` x (Linear(w, 4w), GELU, Linear(4w, w)) on `tokens` rows."""
-    layers = [m for _ in range(blocks) for m in (torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
-                                                   torch.nn.Linear(4 * width, width))]
+    layers = [
+        m
+        for _ in range(blocks)
+        for m in (torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width))
+    ]
     mlp, x = torch.nn.Sequential(*layers), torch.randn(tokens, width)
 
     def step() -> None:
@@ -194,8 +199,7 @@ def _median_extra_s(with_fn, without_fn, rounds: int, repeats: int) -> float:
     """How much longer a round of `with_fn` takes than one of `without_fn`, >= 0: the median
     over `repeats` alternations (after one warm-up of each), every rank running them at once."""
     _per_round_s(with_fn, rounds), _per_round_s(without_fn, rounds)
-    extra = statistics.median(_per_round_s(with_fn, rounds) - _per_round_s(without_fn, rounds)
-                              for _ in range(repeats))
+    extra = statistics.median(_per_round_s(with_fn, rounds) - _per_round_s(without_fn, rounds) for _ in range(repeats))
     return max(extra, 0.0)
 
 
@@ -232,8 +236,12 @@ def _time_tp_dispatch(nproc: int, rank: int) -> tuple[float, float]:
     sharded = [torch.nn.Parameter(distribute_tensor(torch.randn(numel), mesh, [Shard(0)])) for _ in range(count)]
     for param in plain + sharded:
         param.grad = torch.randn_like(param)
-    step_extra = _median_extra_s(torch.optim.AdamW(sharded, lr=1e-4).step, torch.optim.AdamW(plain, lr=1e-4).step,
-                                 DISPATCH_ROUNDS, DISPATCH_REPEATS)  # the warm-up creates the states
+    step_extra = _median_extra_s(
+        torch.optim.AdamW(sharded, lr=1e-4).step,
+        torch.optim.AdamW(plain, lr=1e-4).step,
+        DISPATCH_ROUNDS,
+        DISPATCH_REPEATS,
+    )  # the warm-up creates the states
     return extra / 2, step_extra / count
 
 
@@ -257,10 +265,12 @@ def _time_collective(timer: _Timer, name: str, size: int, nproc: int, rank: int)
         else:
             dist.recv(full, peer)
 
-    run = {"all_reduce": lambda: dist.all_reduce(full),
-           "all_gather": lambda: all_gather(full, part),
-           "reduce_scatter": lambda: reduce_scatter(part, full),
-           "send_recv": send_recv}[name]
+    run = {
+        "all_reduce": lambda: dist.all_reduce(full),
+        "all_gather": lambda: all_gather(full, part),
+        "reduce_scatter": lambda: reduce_scatter(part, full),
+        "send_recv": send_recv,
+    }[name]
     times = []
     for repeat in range(COLLECTIVE_REPEATS + 1):
         dist.barrier()

@@ -28,6 +28,7 @@ to every CUDA preset: a profile made on one H100 plans a DGX H100 cluster) and i
 compute dtype is the plan's. The cost model then uses the measured seconds instead of the
 roofline (`costmodels/compute.py`), and the Plan names per layer which it used.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,11 +73,21 @@ def _entry_keys(signatures: list[str], with_loss: bool) -> list[str]:
     return [*signatures[:-1], signatures[-1] + (LOSS_SUFFIX if with_loss else "")]
 
 
-def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable | None = None,
-                    targets: torch.Tensor | None = None, device: str | torch.device | None = None,
-                    micro_batch_sizes: list[int] | tuple[int, ...] = (1,), *, dtype: str | None = None,
-                    model_name: str = "model", repeats: int = 3, progress: bool = True,
-                    busy_peers: int = 0, peer_model: str | None = None) -> ProfileFile:
+def measure_profile(
+    module: nn.Module,
+    example_inputs: tuple,
+    loss_fn: Callable | None = None,
+    targets: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+    micro_batch_sizes: list[int] | tuple[int, ...] = (1,),
+    *,
+    dtype: str | None = None,
+    model_name: str = "model",
+    repeats: int = 3,
+    progress: bool = True,
+    busy_peers: int = 0,
+    peer_model: str | None = None,
+) -> ProfileFile:
     """Measure every distinct layer of `module` at each micro-batch size on `device` (default:
     CUDA when available, else CPU). `example_inputs` need at least max(micro_batch_sizes)
     sequences (dim 0); the module may live on meta (weights are made on the device per layer).
@@ -96,13 +107,16 @@ def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable 
     from autoplan.analysis.measured_layer import bind_loss, device_name, measure_layer
     from autoplan.analysis.trace import trace_model
 
-    device = torch.device(device) if device is not None else \
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {str(device)!r}: profiles are measured on 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device 'cuda': no CUDA device here (torch {torch.__version__}, "
-                         f"torch.cuda.is_available() is False); use --device cpu")
+        raise ValueError(
+            f"device 'cuda': no CUDA device here (torch {torch.__version__}, "
+            f"torch.cuda.is_available() is False); use --device cpu"
+        )
     dtype = dtype_name(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     sizes = sorted(set(micro_batch_sizes))
     first = example_inputs[0] if example_inputs else None
@@ -113,8 +127,10 @@ def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable 
     if busy_peers and device.type != "cpu":
         raise ValueError(f"busy_peers={busy_peers}: only CPU ranks share cores; a GPU is measured alone")
     if sizes[-1] > first.shape[0]:
-        raise ValueError(f"micro-batch size {sizes[-1]} > the {first.shape[0]} sequences of example_inputs[0]; "
-                         f"give a global batch of at least {sizes[-1]}")
+        raise ValueError(
+            f"micro-batch size {sizes[-1]} > the {first.shape[0]} sequences of example_inputs[0]; "
+            f"give a global batch of at least {sizes[-1]}"
+        )
 
     def cut(value, b: int):
         return value[:b] if isinstance(value, torch.Tensor) and value.dim() >= 1 else value
@@ -124,35 +140,53 @@ def measure_profile(module: nn.Module, example_inputs: tuple, loss_fn: Callable 
     jobs: dict[str, str] = {}  # key -> the first layer with it
     for layer, key in zip(one.layers, keys):
         jobs.setdefault(key, layer)
-    entries = {key: LayerEntry(example_layer=layer, num_layers=keys.count(key), micro_batches={})
-               for key, layer in jobs.items()}
+    entries = {
+        key: LayerEntry(example_layer=layer, num_layers=keys.count(key), micro_batches={})
+        for key, layer in jobs.items()
+    }
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # as each `local` rank runs; restored below
     try:
         measured_threads = torch.get_num_threads()
-        with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar, \
-                _busy_peers(busy_peers, peer_model, sizes, first.shape[1] if first.dim() > 1 else None):
+        with (
+            Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar,
+            _busy_peers(busy_peers, peer_model, sizes, first.shape[1] if first.dim() > 1 else None),
+        ):
             task = bar.add_task(f"measuring {model_name} on {device.type}", total=len(sizes) * len(jobs))
             for b in sizes:
                 traced = trace_model(module, tuple(cut(x, b) for x in example_inputs))
                 for key, layer in jobs.items():
                     bar.update(task, description=f"{layer} at micro-batch {b}")
                     loss = bind_loss(loss_fn, cut(targets, b), device) if key.endswith(LOSS_SUFFIX) else None
-                    result = measure_layer(traced, layer, device, dtype=getattr(torch, dtype), loss=loss,
-                                           repeats=repeats, min_time_s=SHARED_CORE_MIN_TIME_S if busy_peers else 0.0)
+                    result = measure_layer(
+                        traced,
+                        layer,
+                        device,
+                        dtype=getattr(torch, dtype),
+                        loss=loss,
+                        repeats=repeats,
+                        min_time_s=SHARED_CORE_MIN_TIME_S if busy_peers else 0.0,
+                    )
                     entries[key].micro_batches[b] = MicroBatchMeasurement(
-                        fwd_s=result.forward_s, bwd_s=result.backward_s, saved_bytes=result.saved_bytes)
+                        fwd_s=result.forward_s, bwd_s=result.backward_s, saved_bytes=result.saved_bytes
+                    )
                     bar.advance(task)
     finally:
         torch.set_num_threads(threads)
     return ProfileFile(
-        model_name=model_name, input_shape=list(cut(first, 1).shape),
+        model_name=model_name,
+        input_shape=list(cut(first, 1).shape),
         device_kind=cast(Literal["cpu", "cuda"], device.type),  # pydantic refuses other kinds
-        device_name=device_name(device), compute_dtype=dtype, num_threads=measured_threads, repeats=repeats,
+        device_name=device_name(device),
+        compute_dtype=dtype,
+        num_threads=measured_threads,
+        repeats=repeats,
         concurrent_ranks=1 + busy_peers,
         torch_version=torch.__version__,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), entries=entries)
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        entries=entries,
+    )
 
 
 @contextlib.contextmanager
@@ -166,8 +200,9 @@ def _busy_peers(count: int, model: str | None = None, sizes: list[int] | None = 
 
     context = mp.get_context("spawn")
     stop, ready = context.Event(), context.Queue()
-    peers = [context.Process(target=_busy_loop, args=(stop, ready, model, sizes, seq_len), daemon=True)
-             for _ in range(count)]
+    peers = [
+        context.Process(target=_busy_loop, args=(stop, ready, model, sizes, seq_len), daemon=True) for _ in range(count)
+    ]
     for peer in peers:
         peer.start()
     try:
@@ -197,8 +232,18 @@ def _busy_loop(stop, ready, model: str | None, sizes: list[int] | None, seq_len:
         job = build(model, batch_size=max(sizes), seq_len=seq_len, device="meta")
 
         def step() -> None:
-            measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets, device="cpu",
-                            micro_batch_sizes=sizes, model_name=model, repeats=1, progress=False)
+            measure_profile(
+                job.module,
+                job.example_inputs,
+                job.loss_fn,
+                job.targets,
+                device="cpu",
+                micro_batch_sizes=sizes,
+                model_name=model,
+                repeats=1,
+                progress=False,
+            )
+
     ready.put(os.getpid())
     while not stop.is_set():
         step()
@@ -215,10 +260,21 @@ def profile_table(profile_file: ProfileFile, profile: ModelProfile, device: Devi
 
     by_key = {key: layer for layer, key in zip(profile.layers, match_layers(profile, profile_file)) if key}
     dtype = profile_file.compute_dtype
-    table = Table(title=f"{profile_file.model_name} on {profile_file.device_name} ({dtype}); "
-                        f"roofline: {device.name if device else '-'}")
-    for column in ("signature", "layer", "mbs", "fwd ms", "bwd ms", "roofline fwd ms", "roofline bwd ms",
-                   "saved", "profiled saved"):
+    table = Table(
+        title=f"{profile_file.model_name} on {profile_file.device_name} ({dtype}); "
+        f"roofline: {device.name if device else '-'}"
+    )
+    for column in (
+        "signature",
+        "layer",
+        "mbs",
+        "fwd ms",
+        "bwd ms",
+        "roofline fwd ms",
+        "roofline bwd ms",
+        "saved",
+        "profiled saved",
+    ):
         table.add_column(column, justify="left" if column in ("signature", "layer") else "right")
     for key, entry in profile_file.entries.items():
         layer = by_key.get(key)
@@ -226,13 +282,29 @@ def profile_table(profile_file: ProfileFile, profile: ModelProfile, device: Devi
         for b, measured in sorted(entry.micro_batches.items()):
             roofline = ("-", "-")
             if layer is not None and device is not None:
-                time = estimate_layer_time(layer, device, micro_batch_size=b, tp=1, sequence_parallel=False,
-                                           recompute="none", compute_dtype=dtype)
+                time = estimate_layer_time(
+                    layer,
+                    device,
+                    micro_batch_size=b,
+                    tp=1,
+                    sequence_parallel=False,
+                    recompute="none",
+                    compute_dtype=dtype,
+                )
                 roofline = (f"{time.forward_s * 1e3:.3f}", f"{time.backward_s * 1e3:.3f}")
-            profiled = "-" if layer is None else _format_bytes(layer.saved_bytes.get("none", 0.0) * b
-                                                               * DTYPE_BYTES[dtype] / 4)
-            table.add_row(key[:8] + key[16:], shown, str(b), f"{measured.fwd_s * 1e3:.3f}",
-                          f"{measured.bwd_s * 1e3:.3f}", *roofline, _format_bytes(measured.saved_bytes), profiled)
+            profiled = (
+                "-" if layer is None else _format_bytes(layer.saved_bytes.get("none", 0.0) * b * DTYPE_BYTES[dtype] / 4)
+            )
+            table.add_row(
+                key[:8] + key[16:],
+                shown,
+                str(b),
+                f"{measured.fwd_s * 1e3:.3f}",
+                f"{measured.bwd_s * 1e3:.3f}",
+                *roofline,
+                _format_bytes(measured.saved_bytes),
+                profiled,
+            )
     return table
 
 

@@ -8,6 +8,7 @@ and SP option per layer, and per ZeRO option only the unavoidable `overlap_penal
 of its communication. Candidates whose model states cannot fit even fully sharded get an
 infinite bound.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -66,13 +67,27 @@ class Instance:
         return [self.block_option] if self.block_option else self.options
 
     def config(self, schedule: tuple[str, int], zero: int, sp: bool) -> ParallelConfig:
-        return ParallelConfig(**{**self.base.__dict__, "schedule": schedule[0], "virtual_stages": schedule[1],
-                                 "zero_stage": zero, "sequence_parallel": sp})
+        return ParallelConfig(
+            **{
+                **self.base.__dict__,
+                "schedule": schedule[0],
+                "virtual_stages": schedule[1],
+                "zero_stage": zero,
+                "sequence_parallel": sp,
+            }
+        )
 
 
-def build_instance(profile: ModelProfile, cluster: ClusterSpec, split: LayerSplit, mesh: tuple[int, int, int],
-                   micro_batch_size: int, constraints: Constraints, param_dtype: str,
-                   grad_reduce_dtype: str) -> Instance | None:
+def build_instance(
+    profile: ModelProfile,
+    cluster: ClusterSpec,
+    split: LayerSplit,
+    mesh: tuple[int, int, int],
+    micro_batch_size: int,
+    constraints: Constraints,
+    param_dtype: str,
+    grad_reduce_dtype: str,
+) -> Instance | None:
     dp, pp, tp = mesh
     m = profile.global_batch_size // (dp * micro_batch_size)
     schedules = schedule_options(pp, m, len(split.blocks), constraints)
@@ -85,16 +100,42 @@ def build_instance(profile: ModelProfile, cluster: ClusterSpec, split: LayerSpli
     options = [o for o in RECOMPUTE_OPTIONS if all(o in layer.saved_bytes for layer in profile.layers)]
     if constraints.recompute and constraints.recompute not in options:
         raise AutoplanError(f"recompute={constraints.recompute!r} is not available; the profile offers {options}")
-    base = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size, num_micro_batches=m,
-                          param_dtype=param_dtype, grad_reduce_dtype=grad_reduce_dtype)
+    base = ParallelConfig(
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        micro_batch_size=micro_batch_size,
+        num_micro_batches=m,
+        param_dtype=param_dtype,
+        grad_reduce_dtype=grad_reduce_dtype,
+    )
     costs = {}
     representatives = list(split.prefix) + [split.blocks[0]] + list(split.suffix)
     for index, option, sp in itertools.product(representatives, options, sps):
         costs[index, option, sp] = estimate_layer_cost(
-            profile.layers[index], option, cluster, dp=dp, tp=tp, micro_batch_size=micro_batch_size,
-            sequence_parallel=sp, param_dtype=param_dtype, grad_reduce_dtype=grad_reduce_dtype)
-    return Instance(profile, cluster, split, base, options, schedules, zeros, sps, costs,
-                    constraints.max_memory_fraction * cluster.device.memory_bytes, constraints.recompute)
+            profile.layers[index],
+            option,
+            cluster,
+            dp=dp,
+            tp=tp,
+            micro_batch_size=micro_batch_size,
+            sequence_parallel=sp,
+            param_dtype=param_dtype,
+            grad_reduce_dtype=grad_reduce_dtype,
+        )
+    return Instance(
+        profile,
+        cluster,
+        split,
+        base,
+        options,
+        schedules,
+        zeros,
+        sps,
+        costs,
+        constraints.max_memory_fraction * cluster.device.memory_bytes,
+        constraints.recompute,
+    )
 
 
 def lower_bound_s(inst: Instance) -> float:
@@ -112,7 +153,8 @@ def lower_bound_s(inst: Instance) -> float:
 
     fixed = split.prefix + split.suffix
     total_s = len(split.blocks) * cheapest(block, "time_s", inst.block_options()) + sum(
-        cheapest(i, "time_s") for i in fixed)
+        cheapest(i, "time_s") for i in fixed
+    )
     params, zero3_s = total_local_params(inst), total_over_layers(inst, "zero3_comm_s")
     sync_units, penalty = total_over_layers(inst, "sync_units"), overlap_penalty(inst.cluster)
     slowdown = inst.cluster.device.shared_core_slowdown
@@ -129,12 +171,15 @@ def lower_bound_s(inst: Instance) -> float:
         busy = total_s + zero3_share
         slowest = max(busy / pp, slowest_s)
         pipeline = max(((m - 1 / v) * slowest + busy / v) / slowdown, m * busy / pp) + (
-            2 * p2p * (m + pp - 1) if pp > 1 else 0.0)
+            2 * p2p * (m + pp - 1) if pp > 1 else 0.0
+        )
         per_param, latency = dp_sync_coefficients(inst.cluster, config, zero)
         shard = params / pp / (base.dp if zero >= 1 else 1)
-        extra = penalty * (per_param * params + latency * sync_units) / pp + estimate_optimizer_step_s(
-            shard, inst.cluster.device, base.param_dtype) + dtensor_step_s_per_tensor(
-            inst.cluster, config, zero) * total_over_layers(inst, "param_tensors") / pp
+        extra = (
+            penalty * (per_param * params + latency * sync_units) / pp
+            + estimate_optimizer_step_s(shard, inst.cluster.device, base.param_dtype)
+            + dtensor_step_s_per_tensor(inst.cluster, config, zero) * total_over_layers(inst, "param_tensors") / pp
+        )
         extra += step_collectives_s(inst.profile, inst.cluster, config)
         inst.zero_bounds_s[zero] = pipeline + extra
         if state_memory_lower_bound(inst, zero, params) <= inst.cap_bytes:
@@ -145,9 +190,15 @@ def lower_bound_s(inst: Instance) -> float:
 def state_memory_lower_bound(inst: Instance, zero: int, params: float) -> float:
     """Average model-state bytes over the pipeline ranks plus the fixed per-device terms."""
     per_param = model_state_bytes_per_param(inst.base.param_dtype)
-    sharded = sum(per_param.values()) if zero == 0 else (
-        per_param["params_bytes"] + (sum(per_param.values()) - per_param["params_bytes"]) / inst.base.dp
-        if zero < 3 else sum(per_param.values()) / inst.base.dp)
+    sharded = (
+        sum(per_param.values())
+        if zero == 0
+        else (
+            per_param["params_bytes"] + (sum(per_param.values()) - per_param["params_bytes"]) / inst.base.dp
+            if zero < 3
+            else sum(per_param.values()) / inst.base.dp
+        )
+    )
     return params / inst.pp * sharded + inst.cluster.device.framework_overhead_bytes
 
 
@@ -174,16 +225,22 @@ def combinations(inst: Instance, incumbent_s: float | None = None) -> list[Combo
     schedules = [k for k in inst.schedules if k[0] != "gpipe"] or inst.schedules
     sps = [q for q in inst.sps if q] or inst.sps
     params = total_local_params(inst)
-    return [Combo(k[0], k[1], z, q) for k in schedules for z in inst.zeros for q in sps
-            if state_memory_lower_bound(inst, z, params) <= inst.cap_bytes
-            and (incumbent_s is None or inst.zero_bounds_s.get(z, 0.0) < incumbent_s)]
+    return [
+        Combo(k[0], k[1], z, q)
+        for k in schedules
+        for z in inst.zeros
+        for q in sps
+        if state_memory_lower_bound(inst, z, params) <= inst.cap_bytes
+        and (incumbent_s is None or inst.zero_bounds_s.get(z, 0.0) < incumbent_s)
+    ]
 
 
 def total_over_layers(inst: Instance, field_name: str) -> float:
     """A per-layer cost that no recompute or SP choice changes, summed over the model."""
     split, option, sp = inst.split, inst.options[0], inst.sps[0]
     return len(split.blocks) * getattr(inst.costs[split.blocks[0], option, sp], field_name) + sum(
-        getattr(inst.costs[j, option, sp], field_name) for j in split.prefix + split.suffix)
+        getattr(inst.costs[j, option, sp], field_name) for j in split.prefix + split.suffix
+    )
 
 
 def total_local_params(inst: Instance) -> float:

@@ -1,8 +1,9 @@
 """Measured layer times in a plan: a profile file's entries applied to a model's profile.
 
-    >>> applied, summary = apply_profile(profile, ProfileFile.from_json("p.json"),
-    ...                                  ClusterSpec.local(2).device, source="p.json")  # doctest: +SKIP
+>>> applied, summary = apply_profile(profile, ProfileFile.from_json("p.json"),
+...                                  ClusterSpec.local(2).device, source="p.json")  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,15 @@ def ranks_per_core(cluster: ClusterSpec) -> float:
     return max(1.0, cluster.devices_per_node / (os.cpu_count() or 1))
 
 
-def apply_profile(profile: ModelProfile, profile_file: ProfileFile, device: DeviceSpec | str, *,
-                  compute_dtype: str | None = None, source: str = "profile",
-                  ranks_per_core: float = 1.0) -> tuple[ModelProfile, str]:
+def apply_profile(
+    profile: ModelProfile,
+    profile_file: ProfileFile,
+    device: DeviceSpec | str,
+    *,
+    compute_dtype: str | None = None,
+    source: str = "profile",
+    ranks_per_core: float = 1.0,
+) -> tuple[ModelProfile, str]:
     """`profile` with the measured times of `profile_file` on every layer whose signature it
     holds, and one line saying what was applied (or why nothing was).
 
@@ -56,36 +63,54 @@ def apply_profile(profile: ModelProfile, profile_file: ProfileFile, device: Devi
         'p.json: measured on cpu for 9/9 layers'
     """
     kind = device.kind if isinstance(device, DeviceSpec) else device
-    measured_on = profile_file.device_kind + ("" if profile_file.device_name == profile_file.device_kind
-                                              else f" ({profile_file.device_name})")
+    measured_on = profile_file.device_kind + (
+        "" if profile_file.device_name == profile_file.device_kind else f" ({profile_file.device_name})"
+    )
     if kind not in (profile_file.device_kind, profile_file.device_name):
         return profile, f"{source}: not used: measured on {measured_on}, the plan's devices are {kind}"
     if compute_dtype is not None and dtype_name(compute_dtype) != profile_file.compute_dtype:
-        return profile, (f"{source}: not used: measured in {profile_file.compute_dtype}, the plan computes in "
-                         f"{compute_dtype} (profile with --dtype {compute_dtype}, or pin "
-                         f"param_dtype={profile_file.compute_dtype})")
+        return profile, (
+            f"{source}: not used: measured in {profile_file.compute_dtype}, the plan computes in "
+            f"{compute_dtype} (profile with --dtype {compute_dtype}, or pin "
+            f"param_dtype={profile_file.compute_dtype})"
+        )
     keys = match_layers(profile, profile_file)
     if not any(keys):
-        return profile, (f"{source}: not used: no layer's signature is in it (measured for {profile_file.model_name} "
-                         f"with one sequence of shape {profile_file.input_shape}: same --seq-len?)")
-    measured_sharing = max(1.0, profile_file.concurrent_ranks / (os.cpu_count() or 1)) \
-        if profile_file.device_kind == "cpu" else 1.0
+        return profile, (
+            f"{source}: not used: no layer's signature is in it (measured for {profile_file.model_name} "
+            f"with one sequence of shape {profile_file.input_shape}: same --seq-len?)"
+        )
+    measured_sharing = (
+        max(1.0, profile_file.concurrent_ranks / (os.cpu_count() or 1)) if profile_file.device_kind == "cpu" else 1.0
+    )
     stretch = ranks_per_core / measured_sharing
-    layers = [layer if key is None else _with_measurements(layer, profile_file, key, source, stretch)
-              for layer, key in zip(profile.layers, keys)]
+    layers = [
+        layer if key is None else _with_measurements(layer, profile_file, key, source, stretch)
+        for layer, key in zip(profile.layers, keys)
+    ]
     found = sum(key is not None for key in keys)
-    stretched = f", times x{stretch:.3g} ({ranks_per_core:.3g} ranks per core, measured at " \
-                f"{measured_sharing:.3g})" if stretch != 1 else ""
-    return (profile.model_copy(update={"layers": layers}),
-            f"{source}: measured on {profile_file.device_name} for {found}/{len(keys)} layers{stretched}")
+    stretched = (
+        f", times x{stretch:.3g} ({ranks_per_core:.3g} ranks per core, measured at {measured_sharing:.3g})"
+        if stretch != 1
+        else ""
+    )
+    return (
+        profile.model_copy(update={"layers": layers}),
+        f"{source}: measured on {profile_file.device_name} for {found}/{len(keys)} layers{stretched}",
+    )
 
 
-def _with_measurements(layer: LayerProfile, profile_file: ProfileFile, key: str, source: str,
-                       stretch: float) -> LayerProfile:
-    by_mbs = {b: (m.fwd_s * stretch, m.bwd_s * stretch)
-              for b, m in profile_file.entries[key].micro_batches.items()}
+def _with_measurements(
+    layer: LayerProfile, profile_file: ProfileFile, key: str, source: str, stretch: float
+) -> LayerProfile:
+    by_mbs = {b: (m.fwd_s * stretch, m.bwd_s * stretch) for b, m in profile_file.entries[key].micro_batches.items()}
     smallest = min(by_mbs)
-    return layer.model_copy(update=dict(
-        measured_fwd_s=by_mbs[smallest][0] / smallest, measured_bwd_s=by_mbs[smallest][1] / smallest,
-        measured_device=profile_file.device_kind, measured_by_mbs=by_mbs,
-        measured_source=f"{profile_file.device_name} ({source})"))
+    return layer.model_copy(
+        update=dict(
+            measured_fwd_s=by_mbs[smallest][0] / smallest,
+            measured_bwd_s=by_mbs[smallest][1] / smallest,
+            measured_device=profile_file.device_kind,
+            measured_by_mbs=by_mbs,
+            measured_source=f"{profile_file.device_name} ({source})",
+        )
+    )

@@ -4,6 +4,7 @@ read back, goes through it too), `heuristic_solution` is the balanced plan that 
 MILP an incumbent to beat, and `smallest_memory_plan` is what a mesh needs at least (to say
 why none fits).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ class Solution:
     estimate: StepEstimate
 
 
-def place_layers(inst: Instance, config: ParallelConfig, counts: list[dict[str, int]],
-                 fixed_choice: dict[int, str]) -> Solution:
+def place_layers(
+    inst: Instance, config: ParallelConfig, counts: list[dict[str, int]], fixed_choice: dict[int, str]
+) -> Solution:
     """Blocks in model order, rank by rank (fuller recompute first inside a rank), evaluated."""
     blocks = iter(inst.split.blocks)
     rank_layers = []
@@ -55,10 +57,15 @@ def heuristic_solution(inst: Instance, combos: list[Combo]) -> Solution | None:
     for c in combos:
         options = sorted(inst.block_options(), key=lambda o: inst.costs[block, o, c.sp].time_s)
         for option in options:
-            fixed = {j: option if option in inst.options else inst.options[-1]
-                     for j in inst.split.prefix + inst.split.suffix}
-            solution = place_layers(inst, inst.config((c.schedule, c.v), c.zero, c.sp),
-                                    balanced_counts(len(inst.split.blocks), inst.pp, option), fixed)
+            fixed = {
+                j: option if option in inst.options else inst.options[-1] for j in inst.split.prefix + inst.split.suffix
+            }
+            solution = place_layers(
+                inst,
+                inst.config((c.schedule, c.v), c.zero, c.sp),
+                balanced_counts(len(inst.split.blocks), inst.pp, option),
+                fixed,
+            )
             if solution.estimate.peak_memory_bytes <= inst.cap_bytes:
                 if best is None or solution.estimate.step_time_s < best.estimate.step_time_s:
                     best = solution

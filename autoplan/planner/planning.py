@@ -7,6 +7,7 @@
 
 `parallelize` (running a plan) lives in `autoplan.runtime.parallelize`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,8 @@ OBJECTIVES = ("throughput",)
 ESTIMATED = "estimated (roofline)"
 
 _profile_file_for_callers: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "autoplan_profile_file", default=None)
+    "autoplan_profile_file", default=None
+)
 
 
 @contextlib.contextmanager
@@ -50,9 +52,17 @@ def planning_with_profile(profile_file: str | os.PathLike | None) -> Iterator[No
         _profile_file_for_callers.reset(token)
 
 
-def plan(model, cluster: ClusterSpec, example_inputs: tuple, loss_fn: Callable | None = None,
-         constraints: Constraints | None = None, objective: str = "throughput",
-         model_name: str | None = None, *, profile_file: str | os.PathLike | None = None) -> Plan:
+def plan(
+    model,
+    cluster: ClusterSpec,
+    example_inputs: tuple,
+    loss_fn: Callable | None = None,
+    constraints: Constraints | None = None,
+    objective: str = "throughput",
+    model_name: str | None = None,
+    *,
+    profile_file: str | os.PathLike | None = None,
+) -> Plan:
     """Profile `model` on one global batch of `example_inputs` and return the fastest plan
     that fits `cluster` (SPEC.md section 2).
 
@@ -79,8 +89,14 @@ def plan(model, cluster: ClusterSpec, example_inputs: tuple, loss_fn: Callable |
     profile = profile_model(model, example_inputs, model_name=model_name or type(model).__name__, loss_fn=loss_fn)
     summary = None
     if measured is not None and profile_file:
-        profile, summary = apply_profile(profile, measured, cluster.device, compute_dtype=param_dtype,
-                                         source=Path(profile_file).name, ranks_per_core=ranks_per_core(cluster))
+        profile, summary = apply_profile(
+            profile,
+            measured,
+            cluster.device,
+            compute_dtype=param_dtype,
+            source=Path(profile_file).name,
+            ranks_per_core=ranks_per_core(cluster),
+        )
     result = plan_from_profile(profile, cluster, constraints)
     if summary:
         result.measured_sources["profile_file"] = summary
@@ -97,9 +113,11 @@ def check_plan_matches(plan_: Plan, model, example_inputs: tuple, model_name: st
         return
     fingerprint = profile_model(model, example_inputs, model_name=model_name or plan_.model_name).fingerprint
     if fingerprint != plan_.model_fingerprint:
-        raise AutoplanError(f"plan was made for model {plan_.model_name!r} (model_fingerprint "
-                         f"{plan_.model_fingerprint}), not this model (fingerprint {fingerprint}): its layers or "
-                         f"parameter shapes differ; re-plan with `autoplan plan`")
+        raise AutoplanError(
+            f"plan was made for model {plan_.model_name!r} (model_fingerprint "
+            f"{plan_.model_fingerprint}), not this model (fingerprint {fingerprint}): its layers or "
+            f"parameter shapes differ; re-plan with `autoplan plan`"
+        )
 
 
 def plan_from_profile(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints | None = None) -> Plan:
@@ -148,49 +166,91 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
         stage_time = 0.0
         for layer_index, option in entries:
             layer = profile.layers[layer_index]
-            stage_time += estimate_layer_cost(layer, option, cluster, dp=config.dp, tp=config.tp,
-                                              micro_batch_size=config.micro_batch_size,
-                                              sequence_parallel=config.sequence_parallel,
-                                              param_dtype=config.param_dtype,
-                                              grad_reduce_dtype=config.grad_reduce_dtype).time_s
-            layer_choices[layer_index] = LayerChoice(name=layer.name, recompute=cast(Recompute, option), stage=index,
-                                                     time_source=sources[layer_index])
-        stages.append(StagePlan(index=index, pp_rank=index % config.pp,
-                                layers=[profile.layers[i].name for i, _ in entries],
-                                predicted_time_s=stage_time,
-                                predicted_memory_bytes=estimate.rank_memory_bytes[index % config.pp]))
+            stage_time += estimate_layer_cost(
+                layer,
+                option,
+                cluster,
+                dp=config.dp,
+                tp=config.tp,
+                micro_batch_size=config.micro_batch_size,
+                sequence_parallel=config.sequence_parallel,
+                param_dtype=config.param_dtype,
+                grad_reduce_dtype=config.grad_reduce_dtype,
+            ).time_s
+            layer_choices[layer_index] = LayerChoice(
+                name=layer.name, recompute=cast(Recompute, option), stage=index, time_source=sources[layer_index]
+            )
+        stages.append(
+            StagePlan(
+                index=index,
+                pp_rank=index % config.pp,
+                layers=[profile.layers[i].name for i, _ in entries],
+                predicted_time_s=stage_time,
+                predicted_memory_bytes=estimate.rank_memory_bytes[index % config.pp],
+            )
+        )
     tp_styles: dict[str, TPSite] = {}
     tp_divide_attrs: dict[str, int] = {}
     if config.tp > 1:
         for layer in profile.layers:
-            tp_styles.update({path: site for path, site in layer.tp_sites.items()
-                              if site.style not in SEQUENCE_PARALLEL_STYLES or config.sequence_parallel})
+            tp_styles.update(
+                {
+                    path: site
+                    for path, site in layer.tp_sites.items()
+                    if site.style not in SEQUENCE_PARALLEL_STYLES or config.sequence_parallel
+                }
+            )
             tp_divide_attrs.update(layer.tp_divide_attrs)
     tokens = profile.global_batch_size * profile.seq_len
     peak = cluster.device.peak_flops_for(config.param_dtype)
     step_s = estimate.step_time_s
     prediction = Prediction(
-        step_time_s=step_s, peak_memory_bytes=estimate.peak_memory_bytes, breakdown=dict(estimate.breakdown),
+        step_time_s=step_s,
+        peak_memory_bytes=estimate.peak_memory_bytes,
+        breakdown=dict(estimate.breakdown),
         tokens_per_s=tokens / step_s,
-        mfu=profile.model_flops_per_sequence * profile.global_batch_size / (step_s * cluster.world_size * peak))
+        mfu=profile.model_flops_per_sequence * profile.global_batch_size / (step_s * cluster.world_size * peak),
+    )
     return Plan(
-        model_name=profile.model_name, mesh=config.mesh, global_batch_size=profile.global_batch_size,
-        micro_batch_size=config.micro_batch_size, num_micro_batches=config.num_micro_batches,
-        schedule=cast(Schedule, config.schedule), virtual_stages=config.virtual_stages, zero_stage=config.zero_stage,
-        sequence_parallel=config.sequence_parallel, param_dtype=config.param_dtype,
-        grad_reduce_dtype=config.grad_reduce_dtype, activation_dtype=config.param_dtype,
-        stages=stages, layers=[layer_choices[i] for i in range(len(profile.layers))],
-        tp_styles=tp_styles, tp_divide_attrs=tp_divide_attrs, tied_parameters=profile.tied_parameters,
+        model_name=profile.model_name,
+        mesh=config.mesh,
+        global_batch_size=profile.global_batch_size,
+        micro_batch_size=config.micro_batch_size,
+        num_micro_batches=config.num_micro_batches,
+        schedule=cast(Schedule, config.schedule),
+        virtual_stages=config.virtual_stages,
+        zero_stage=config.zero_stage,
+        sequence_parallel=config.sequence_parallel,
+        param_dtype=config.param_dtype,
+        grad_reduce_dtype=config.grad_reduce_dtype,
+        activation_dtype=config.param_dtype,
+        stages=stages,
+        layers=[layer_choices[i] for i in range(len(profile.layers))],
+        tp_styles=tp_styles,
+        tp_divide_attrs=tp_divide_attrs,
+        tied_parameters=profile.tied_parameters,
         predicted=prediction,
-        runners_up=[Candidate(mesh=r.config.mesh, micro_batch_size=r.config.micro_batch_size,
-                              schedule=r.config.schedule if r.step_time_s is not None else "-",
-                              virtual_stages=r.config.virtual_stages,
-                              zero_stage=r.config.zero_stage, recompute=r.recompute,
-                              sequence_parallel=r.config.sequence_parallel, step_time_s=r.step_time_s,
-                              peak_memory_bytes=r.peak_memory_bytes, why=r.why) for r in result.runners_up],
-        model_fingerprint=profile.fingerprint, cluster_fingerprint=cluster.fingerprint(), cluster=cluster,
+        runners_up=[
+            Candidate(
+                mesh=r.config.mesh,
+                micro_batch_size=r.config.micro_batch_size,
+                schedule=r.config.schedule if r.step_time_s is not None else "-",
+                virtual_stages=r.config.virtual_stages,
+                zero_stage=r.config.zero_stage,
+                recompute=r.recompute,
+                sequence_parallel=r.config.sequence_parallel,
+                step_time_s=r.step_time_s,
+                peak_memory_bytes=r.peak_memory_bytes,
+                why=r.why,
+            )
+            for r in result.runners_up
+        ],
+        model_fingerprint=profile.fingerprint,
+        cluster_fingerprint=cluster.fingerprint(),
+        cluster=cluster,
         measured_sources={"layer_time": _summarize_sources(profile, sources), "memory": "estimated"},
-        solver=dict(result.stats))
+        solver=dict(result.stats),
+    )
 
 
 def layer_time_sources(profile: ModelProfile, cluster: ClusterSpec) -> list[str]:
@@ -198,9 +258,12 @@ def layer_time_sources(profile: ModelProfile, cluster: ClusterSpec) -> list[str]
     when the profile carries measurements for the cluster's device (as `estimate_layer_time`
     decides), else "estimated (roofline)"."""
     device_names = (cluster.device.name, cluster.device.kind)
-    return [f"measured on {layer.measured_source or layer.measured_device}"
-            if layer.measured_fwd_s is not None and layer.measured_device in device_names else ESTIMATED
-            for layer in profile.layers]
+    return [
+        f"measured on {layer.measured_source or layer.measured_device}"
+        if layer.measured_fwd_s is not None and layer.measured_device in device_names
+        else ESTIMATED
+        for layer in profile.layers
+    ]
 
 
 def _summarize_sources(profile: ModelProfile, sources: list[str]) -> str:
@@ -216,8 +279,10 @@ def _summarize_sources(profile: ModelProfile, sources: list[str]) -> str:
             runs.setdefault(source, []).append([layer.name])
     return "; ".join(
         f"{source} for {sources.count(source)}/{len(sources)} layers ("
-        + ", ".join(run[0] if len(run) == 1 else f"{run[0]} .. {run[-1]}" for run in source_runs) + ")"
-        for source, source_runs in runs.items())
+        + ", ".join(run[0] if len(run) == 1 else f"{run[0]} .. {run[-1]}" for run in source_runs)
+        + ")"
+        for source, source_runs in runs.items()
+    )
 
 
 def _compress_runs(plan: Plan) -> list[tuple[str, str, int, str]]:
@@ -230,8 +295,10 @@ def _compress_runs(plan: Plan) -> list[tuple[str, str, int, str]]:
             rows[-1][5] += 1
         else:
             rows.append([layer.name, layer.recompute, layer.stage, source, layer.name, 1])
-    return [(f"{first} .. {last} ({count})" if count > 1 else first, recompute, stage, source)
-            for first, recompute, stage, source, last, count in rows]
+    return [
+        (f"{first} .. {last} ({count})" if count > 1 else first, recompute, stage, source)
+        for first, recompute, stage, source, last, count in rows
+    ]
 
 
 def explain(plan: Plan) -> str:
@@ -247,24 +314,34 @@ def explain(plan: Plan) -> str:
     console = Console(file=io.StringIO(), record=True, width=130, color_system=None)
     predicted, capacity = plan.predicted, plan.cluster.device.memory_bytes
     console.print(f"[bold]{plan.model_name}[/] on {plan.cluster.describe()}")
-    console.print(f"mesh pp={plan.mesh['pp']} x dp={plan.mesh['dp']} x tp={plan.mesh['tp']}  "
-                  f"micro-batch {plan.micro_batch_size} x {plan.num_micro_batches} per step "
-                  f"(global batch {plan.global_batch_size})  schedule {plan.schedule}"
-                  f"{f' v={plan.virtual_stages}' if plan.virtual_stages > 1 else ''}  ZeRO-{plan.zero_stage}  "
-                  f"sequence-parallel {plan.sequence_parallel}  params {plan.param_dtype}, "
-                  f"grad reduce {plan.grad_reduce_dtype}")
+    console.print(
+        f"mesh pp={plan.mesh['pp']} x dp={plan.mesh['dp']} x tp={plan.mesh['tp']}  "
+        f"micro-batch {plan.micro_batch_size} x {plan.num_micro_batches} per step "
+        f"(global batch {plan.global_batch_size})  schedule {plan.schedule}"
+        f"{f' v={plan.virtual_stages}' if plan.virtual_stages > 1 else ''}  ZeRO-{plan.zero_stage}  "
+        f"sequence-parallel {plan.sequence_parallel}  params {plan.param_dtype}, "
+        f"grad reduce {plan.grad_reduce_dtype}"
+    )
     mfu = f"  MFU {predicted.mfu:.1%}" if predicted.mfu is not None else ""
     tokens = f"  {predicted.tokens_per_s:,.0f} tokens/s" if predicted.tokens_per_s else ""
-    console.print(f"predicted step {predicted.step_time_s:.4g} s{tokens}{mfu}; peak memory "
-                  f"{predicted.peak_memory_bytes / 1e9:.2f} GB of {capacity / 1e9:.0f} GB per device")
+    console.print(
+        f"predicted step {predicted.step_time_s:.4g} s{tokens}{mfu}; peak memory "
+        f"{predicted.peak_memory_bytes / 1e9:.2f} GB of {capacity / 1e9:.0f} GB per device"
+    )
     stages = Table(title="stages")
     for column in ("stage", "pp rank", "layers", "time / micro-batch", "rank memory", "of capacity"):
         stages.add_column(column)
     for stage in plan.stages:
         names = stage.layers
         shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} .. {names[-1]} ({len(names)})"
-        stages.add_row(str(stage.index), str(stage.pp_rank), shown, f"{stage.predicted_time_s * 1e3:.2f} ms",
-                       f"{stage.predicted_memory_bytes / 1e9:.2f} GB", f"{stage.predicted_memory_bytes / capacity:.0%}")
+        stages.add_row(
+            str(stage.index),
+            str(stage.pp_rank),
+            shown,
+            f"{stage.predicted_time_s * 1e3:.2f} ms",
+            f"{stage.predicted_memory_bytes / 1e9:.2f} GB",
+            f"{stage.predicted_memory_bytes / capacity:.0%}",
+        )
     console.print(stages)
     layers = Table(title="per-layer choices")
     for column in ("layers", "recompute", "stage", "layer time"):
@@ -288,13 +365,21 @@ def explain(plan: Plan) -> str:
         for column in ("mesh", "mbs", "schedule", "ZeRO", "recompute", "SP", "step", "memory", "why it lost"):
             runners.add_column(column)
         for c in plan.runners_up:
-            runners.add_row(f"dp{c.mesh['dp']} pp{c.mesh['pp']} tp{c.mesh['tp']}", str(c.micro_batch_size),
-                            c.schedule + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else ""), str(c.zero_stage),
-                            c.recompute, str(c.sequence_parallel),
-                            f"{c.step_time_s:.4g} s" if c.step_time_s else "-",
-                            f"{c.peak_memory_bytes / 1e9:.1f} GB" if c.peak_memory_bytes else "-", c.why)
+            runners.add_row(
+                f"dp{c.mesh['dp']} pp{c.mesh['pp']} tp{c.mesh['tp']}",
+                str(c.micro_batch_size),
+                c.schedule + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else ""),
+                str(c.zero_stage),
+                c.recompute,
+                str(c.sequence_parallel),
+                f"{c.step_time_s:.4g} s" if c.step_time_s else "-",
+                f"{c.peak_memory_bytes / 1e9:.1f} GB" if c.peak_memory_bytes else "-",
+                c.why,
+            )
         console.print(runners)
     if plan.solver:
-        console.print("solver: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in plan.solver.items()))
+        console.print(
+            "solver: "
+            + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in plan.solver.items())
+        )
     return console.export_text()

@@ -11,6 +11,7 @@ The longest run of layers with one `signature` that a stage may be cut anywhere 
 the repeated body (N blocks): the MILP (`autoplan.planner.solver`) counts blocks per rank
 instead of placing each layer, so it does not grow with depth.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,10 +63,12 @@ def split_layers(profile: ModelProfile) -> LayerSplit:
     blocker = None
     if length == 1:
         start, length = max(runs, key=lambda run: (run[1], -run[0]))
-        blocker = next((blockers[layers[i].name] for i in range(start + 1, start + length)
-                        if layers[i].name in blockers), None)
-    return LayerSplit(tuple(range(start)), tuple(range(start, start + length)),
-                      tuple(range(start + length, len(layers))), blocker)
+        blocker = next(
+            (blockers[layers[i].name] for i in range(start + 1, start + length) if layers[i].name in blockers), None
+        )
+    return LayerSplit(
+        tuple(range(start)), tuple(range(start, start + length)), tuple(range(start + length, len(layers))), blocker
+    )
 
 
 def _divisors(value: int) -> list[int]:
@@ -80,8 +83,9 @@ def can_sequence_parallel(profile: ModelProfile) -> bool:
 def check_tp(profile: ModelProfile, tp: int) -> str | None:
     """Why `tp` cannot split the model, or None."""
     if tp > 1 and not any(layer.tp_param_count for layer in profile.layers):
-        return (f"tp={tp}: tensor parallelism finds nothing to split in this model "
-                "(no Linear pairs, heads or vocabulary)")
+        return (
+            f"tp={tp}: tensor parallelism finds nothing to split in this model (no Linear pairs, heads or vocabulary)"
+        )
     for layer in profile.layers:
         for name, value in layer.tp_divisors.items():
             if value % tp:
@@ -89,16 +93,23 @@ def check_tp(profile: ModelProfile, tp: int) -> str | None:
     return None
 
 
-def enumerate_meshes(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints,
-                     num_blocks: int, cut_blocker: str | None = None) -> list[tuple[int, int, int]]:
+def enumerate_meshes(
+    profile: ModelProfile,
+    cluster: ClusterSpec,
+    constraints: Constraints,
+    num_blocks: int,
+    cut_blocker: str | None = None,
+) -> list[tuple[int, int, int]]:
     """(dp, pp, tp) candidates honouring the pins; pinned values are validated loudly."""
     world = cluster.world_size
     pins = {axis: getattr(constraints, axis) for axis in ("dp", "pp", "tp")}
     if pins["tp"] and check_tp(profile, pins["tp"]):
         raise AutoplanError(check_tp(profile, pins["tp"]))
     if all(pins.values()) and pins["dp"] * pins["tp"] * pins["pp"] != world:
-        raise AutoplanError(f"dp({pins['dp']}) * tp({pins['tp']}) * pp({pins['pp']}) = "
-                         f"{pins['dp'] * pins['tp'] * pins['pp']} != world_size({world})")
+        raise AutoplanError(
+            f"dp({pins['dp']}) * tp({pins['tp']}) * pp({pins['pp']}) = "
+            f"{pins['dp'] * pins['tp'] * pins['pp']} != world_size({world})"
+        )
     for axis, value in pins.items():
         if value and world % value:
             raise AutoplanError(f"{axis}={value} does not divide world_size({world})")
@@ -116,12 +127,15 @@ def enumerate_meshes(profile: ModelProfile, cluster: ClusterSpec, constraints: C
                 continue
             meshes.append((dp, pp, tp))
     if not meshes:
-        raise AutoplanError(f"no mesh dp * pp * tp = world_size({world}) satisfies the pins "
-                         f"{ {k: v for k, v in pins.items() if v} }")
+        raise AutoplanError(
+            f"no mesh dp * pp * tp = world_size({world}) satisfies the pins { {k: v for k, v in pins.items() if v} }"
+        )
     for _dp, pp, _tp in meshes:
         if pp > num_blocks:
-            raise AutoplanError(f"pp={pp} exceeds the {num_blocks} repeated blocks the model can be cut into"
-                             + (f": {cut_blocker}" if cut_blocker else ""))
+            raise AutoplanError(
+                f"pp={pp} exceeds the {num_blocks} repeated blocks the model can be cut into"
+                + (f": {cut_blocker}" if cut_blocker else "")
+            )
     return meshes
 
 
@@ -133,16 +147,18 @@ def micro_batch_sizes(global_batch: int, dp: int, pinned: int | None) -> list[in
     """
     if pinned:
         if global_batch % (dp * pinned):
-            raise AutoplanError(f"global batch {global_batch} is not divisible by dp({dp}) * "
-                             f"micro_batch_size({pinned}) = {dp * pinned}")
+            raise AutoplanError(
+                f"global batch {global_batch} is not divisible by dp({dp}) * micro_batch_size({pinned}) = {dp * pinned}"
+            )
         return [pinned]
     if global_batch % dp:
         return []
     return [b for b in _divisors(global_batch // dp) if b <= MAX_MICRO_BATCH_SIZE]
 
 
-def schedule_options(pp: int, num_micro_batches: int, num_blocks: int,
-                     constraints: Constraints) -> list[tuple[str, int]]:
+def schedule_options(
+    pp: int, num_micro_batches: int, num_blocks: int, constraints: Constraints
+) -> list[tuple[str, int]]:
     """(schedule, virtual stages) choices: 1F1B needs m >= pp and interleaving m % pp == 0
     (torch.distributed.pipelining, as Megatron-LM) and at least v blocks per rank."""
     options: list[tuple[str, int]]
@@ -151,9 +167,15 @@ def schedule_options(pp: int, num_micro_batches: int, num_blocks: int,
     else:
         virtual = [constraints.virtual_stages] if constraints.virtual_stages else list(VIRTUAL_STAGE_OPTIONS)
         # torch's Schedule1F1B needs at least one micro-batch per pipeline rank.
-        options = [("gpipe", 1)] + ([("1f1b", 1)] if num_micro_batches >= pp else []) + [
-            ("interleaved_1f1b", v) for v in virtual
-            if v > 1 and num_blocks >= pp * v and num_micro_batches % pp == 0]
+        options = (
+            [("gpipe", 1)]
+            + ([("1f1b", 1)] if num_micro_batches >= pp else [])
+            + [
+                ("interleaved_1f1b", v)
+                for v in virtual
+                if v > 1 and num_blocks >= pp * v and num_micro_batches % pp == 0
+            ]
+        )
         if constraints.schedule:
             options = [o for o in options if o[0] == constraints.schedule]
         if constraints.virtual_stages and constraints.schedule != "interleaved_1f1b":

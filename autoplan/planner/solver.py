@@ -52,6 +52,7 @@ sizes, schedules, the repeated body) is `planner.search_space`, one candidate's 
 combinations and its lower bound `planner.instance`, and plans from block counts (the
 heuristic incumbent, the smallest-memory plan) `planner.placement`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -157,10 +158,18 @@ class Milp:
         # PuLP >= 3.3 attaches variables to the problem (LpVariable(...) is deprecated there)
         var = getattr(self.problem, "add_variable", None) or pulp.LpVariable
         self.u = {c: var(f"u_{c.name}", cat="Binary") for c in self.combos}
-        self.n = {(i, o, c): var(f"n_{i}_{o}_{c.name}", lowBound=0, upBound=N, cat="Integer")
-                  for i in range(p) for o in inst.block_options() for c in self.combos}
-        self.r = {(j, o, c): var(f"r_{j}_{o}_{c.name}", cat="Binary")
-                  for j in inst.split.prefix + inst.split.suffix for o in inst.options for c in self.combos}
+        self.n = {
+            (i, o, c): var(f"n_{i}_{o}_{c.name}", lowBound=0, upBound=N, cat="Integer")
+            for i in range(p)
+            for o in inst.block_options()
+            for c in self.combos
+        }
+        self.r = {
+            (j, o, c): var(f"r_{j}_{o}_{c.name}", cat="Binary")
+            for j in inst.split.prefix + inst.split.suffix
+            for o in inst.options
+            for c in self.combos
+        }
         cont = lambda name: var(name, lowBound=0)  # noqa: E731
         self.X = {(i, c): cont(f"X_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero == 3}
         self.E = {(i, c): cont(f"E_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero != 3}
@@ -192,11 +201,15 @@ class Milp:
         inst, prob, N = self.inst, self.problem, len(self.inst.split.blocks)
         prob += pulp.lpSum(self.u.values()) == 1, "one_configuration"
         for c in self.combos:
-            prob += pulp.lpSum(self.n[i, o, c] for i in range(inst.pp) for o in inst.block_options()) \
-                == N * self.u[c], f"blocks_all_placed_{c.name}"
+            prob += (
+                pulp.lpSum(self.n[i, o, c] for i in range(inst.pp) for o in inst.block_options()) == N * self.u[c],
+                f"blocks_all_placed_{c.name}",
+            )
             for i in range(inst.pp):
-                prob += pulp.lpSum(self.n[i, o, c] for o in inst.block_options()) >= c.v * self.u[c], \
-                    f"blocks_per_virtual_stage_{i}_{c.name}"
+                prob += (
+                    pulp.lpSum(self.n[i, o, c] for o in inst.block_options()) >= c.v * self.u[c],
+                    f"blocks_per_virtual_stage_{i}_{c.name}",
+                )
                 for o in inst.block_options():
                     prob += self.n[i, o, c] <= N * self.u[c], f"counts_vanish_{i}_{o}_{c.name}"
             for j in inst.split.prefix + inst.split.suffix:
@@ -211,8 +224,10 @@ class Milp:
                 if c.zero == 3:
                     comm = self.rank_sum(i, c, "zero3_comm_s")
                     time_s = self.rank_sum(i, c, "time_s")
-                    self.problem += self.X[i, c] >= (1 - penalty) * (comm - time_s) + penalty * comm, \
-                        f"zero3_exposed_{i}_{c.name}"
+                    self.problem += (
+                        self.X[i, c] >= (1 - penalty) * (comm - time_s) + penalty * comm,
+                        f"zero3_exposed_{i}_{c.name}",
+                    )
                     self.problem += self.X[i, c] >= penalty * comm, f"zero3_hidden_share_{i}_{c.name}"
                 self.problem += self.Tmax[c] >= self.busy(i, c), f"slowest_rank_{i}_{c.name}"
 
@@ -229,11 +244,14 @@ class Milp:
             config = inst.config((c.schedule, c.v), c.zero, c.sp)
             p2p = p2p_time_s(inst.profile, inst.cluster, config)
             # the per-step collectives depend on the ZeRO stage (DDP's first bucket): per combination
-            comm = (2 * p2p * (m * c.v + p - 1) if p > 1 else 0.0) + step_collectives_s(inst.profile, inst.cluster,
-                                                                                        config)
+            comm = (2 * p2p * (m * c.v + p - 1) if p > 1 else 0.0) + step_collectives_s(
+                inst.profile, inst.cluster, config
+            )
             busy = pulp.lpSum(self.busy(i, c) for i in range(p))
-            self.problem += self.P[c] >= ((m - 1 / c.v) * self.Tmax[c] + (1 / c.v) * busy) * (1 / slowdown), \
-                f"pipeline_critical_path_{c.name}"
+            self.problem += (
+                self.P[c] >= ((m - 1 / c.v) * self.Tmax[c] + (1 / c.v) * busy) * (1 / slowdown),
+                f"pipeline_critical_path_{c.name}",
+            )
             if slowdown > 1:
                 self.problem += self.P[c] >= (m / p) * busy, f"pipeline_shared_cores_{c.name}"
             terms.append(self.P[c] + comm * self.u[c])
@@ -258,8 +276,10 @@ class Milp:
                 per_param, latency = dp_sync_coefficients(inst.cluster, config, c.zero)
                 if per_param:
                     sync = per_param * params + latency * self.rank_sum(i, c, "sync_units")
-                    self.problem += self.E[i, c] >= sync - self.rank_sum(i, c, "backward_s"), \
-                        f"dp_sync_exposed_{i}_{c.name}"
+                    self.problem += (
+                        self.E[i, c] >= sync - self.rank_sum(i, c, "backward_s"),
+                        f"dp_sync_exposed_{i}_{c.name}",
+                    )
                     total.append((1 - penalty) * self.E[i, c] + penalty * sync)
             self.problem += self.W >= pulp.lpSum(total), f"sync_and_optimizer_{i}"
 
@@ -269,16 +289,24 @@ class Milp:
         terms = model_state_bytes_per_param(base.param_dtype)
         for i in range(inst.pp):
             layers = [inst.profile.layers[j] for j in inst.rank_fixed_layers(i) + [inst.split.blocks[0]]]
-            fixed_of = {z: sum(fixed_memory_bytes(inst.profile, inst.cluster, base, layers, z).values())
-                        for z in inst.zeros}
+            fixed_of = {
+                z: sum(fixed_memory_bytes(inst.profile, inst.cluster, base, layers, z).values()) for z in inst.zeros
+            }
             for c in self.combos:
-                per_param = sum(v if (c.zero == 0 or (c.zero < 3 and name == "params_bytes")) else v / base.dp
-                                for name, v in terms.items())
+                per_param = sum(
+                    v if (c.zero == 0 or (c.zero < 3 and name == "params_bytes")) else v / base.dp
+                    for name, v in terms.items()
+                )
                 fixed = fixed_of[c.zero]
                 in_flight = in_flight_micro_batches(c.schedule, i, inst.pp, base.num_micro_batches, c.v)
-                self.problem += (per_param * self.rank_sum(i, c, "local_params", 1 / GB)
-                                 + in_flight * self.rank_sum(i, c, "activation_bytes", 1 / GB)
-                                 <= (inst.cap_bytes - fixed) / GB * self.u[c]), f"memory_{i}_{c.name}"
+                self.problem += (
+                    (
+                        per_param * self.rank_sum(i, c, "local_params", 1 / GB)
+                        + in_flight * self.rank_sum(i, c, "activation_bytes", 1 / GB)
+                        <= (inst.cap_bytes - fixed) / GB * self.u[c]
+                    ),
+                    f"memory_{i}_{c.name}",
+                )
 
     def solve(self, time_limit_s: float = MILP_TIME_LIMIT_S[0]) -> bool:
         """Build and solve; True when a plan was found (`self.proven`: optimal within MIP_GAP).
@@ -302,7 +330,9 @@ class Milp:
         status = self.problem.solve(solver)
         self.proven = self.problem.sol_status == pulp.LpSolutionOptimal
         return pulp.LpStatus[status] == "Optimal" and self.problem.sol_status in (
-            pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
+            pulp.LpSolutionOptimal,
+            pulp.LpSolutionIntegerFeasible,
+        )
 
     def solution(self) -> Solution:
         """Read back the chosen configuration and layer placement, evaluated by the cost model."""
@@ -310,8 +340,10 @@ class Milp:
         c = max(self.combos, key=lambda combo: self.u[combo].value() or 0)
         config = inst.config((c.schedule, c.v), c.zero, c.sp)
         counts = [{o: int(round(self.n[i, o, c].value() or 0)) for o in inst.block_options()} for i in range(inst.pp)]
-        choice = {j: max(inst.options, key=lambda o: self.r[j, o, c].value() or 0)
-                  for j in inst.split.prefix + inst.split.suffix}
+        choice = {
+            j: max(inst.options, key=lambda o: self.r[j, o, c].value() or 0)
+            for j in inst.split.prefix + inst.split.suffix
+        }
         return place_layers(inst, config, counts, choice)
 
 
@@ -319,8 +351,10 @@ class Milp:
 def default_dtypes(cluster: ClusterSpec, constraints: Constraints) -> tuple[str, str]:
     """bfloat16 on GPUs (mixed precision), float32 on CPUs, unless pinned."""
     if constraints.activation_dtype is not None:
-        raise AutoplanError("activation_dtype (quantized activation storage) is not supported yet; "
-                         "activations are stored in param_dtype — leave activation_dtype unset")
+        raise AutoplanError(
+            "activation_dtype (quantized activation storage) is not supported yet; "
+            "activations are stored in param_dtype — leave activation_dtype unset"
+        )
     default = "bfloat16" if cluster.device.kind == "cuda" else "float32"
     param = constraints.param_dtype or default
     return param, constraints.grad_reduce_dtype or param
@@ -348,8 +382,10 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
             if inst is not None:
                 instances.append((lower_bound_s(inst), inst))
     if not instances:
-        raise AutoplanError(f"no (mesh, micro-batch size) divides global batch {profile.global_batch_size} "
-                         f"over world_size({cluster.world_size}) with the pins {constraints.pinned()}")
+        raise AutoplanError(
+            f"no (mesh, micro-batch size) divides global batch {profile.global_batch_size} "
+            f"over world_size({cluster.world_size}) with the pins {constraints.pinned()}"
+        )
     instances.sort(key=lambda pair: pair[0])
     solved: list[Solution] = []
     rejected: list[Rejected] = []
@@ -357,12 +393,12 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
     num_milps = time_limited = 0
     for bound, inst in instances:
         if best is not None and bound >= best.estimate.step_time_s:
-            rejected.append(Rejected(inst.base, None, None,
-                                     f"lower bound {bound:.3g} s >= best {best.estimate.step_time_s:.3g} s"))
+            rejected.append(
+                Rejected(inst.base, None, None, f"lower bound {bound:.3g} s >= best {best.estimate.step_time_s:.3g} s")
+            )
             continue
         if math.isinf(bound):
-            rejected.append(Rejected(inst.base, None, None, "model states alone exceed the memory cap",
-                                     instance=inst))
+            rejected.append(Rejected(inst.base, None, None, "model states alone exceed the memory cap", instance=inst))
             continue
         start = heuristic_solution(inst, combinations(inst, best.estimate.step_time_s if best else None))
         if start is not None:
@@ -377,8 +413,14 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
             if best is None:
                 rejected.append(Rejected(inst.base, None, None, "no placement fits the memory cap", instance=inst))
             else:
-                rejected.append(Rejected(inst.base, None, None,
-                                         f"no placement that fits beats the best {best.estimate.step_time_s:.3g} s"))
+                rejected.append(
+                    Rejected(
+                        inst.base,
+                        None,
+                        None,
+                        f"no placement that fits beats the best {best.estimate.step_time_s:.3g} s",
+                    )
+                )
             continue
         solution = milp.solution()
         time_limited += not milp.proven
@@ -387,9 +429,13 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
             best = solution
     if best is None:
         raise infeasible_error(profile, cluster, split, instances, constraints)
-    stats = {"solver": "HiGHS" if highs_available() else "CBC", "milps_solved": num_milps,
-             "milps_time_limited": time_limited,
-             "candidates": len(instances), "wall_time_s": time.perf_counter() - started}
+    stats = {
+        "solver": "HiGHS" if highs_available() else "CBC",
+        "milps_solved": num_milps,
+        "milps_time_limited": time_limited,
+        "candidates": len(instances),
+        "wall_time_s": time.perf_counter() - started,
+    }
     return SolveResult(best, runners_up(best, solved, rejected, constraints, cluster), stats)
 
 
@@ -398,8 +444,14 @@ def summary_recompute(solution: Solution) -> str:
     return options[0] if len(options) == 1 else "mixed(" + ",".join(options) + ")"
 
 
-def runners_up(best: Solution, solved: list[Solution], rejected: list[Rejected], constraints: Constraints,
-               cluster: ClusterSpec, limit: int = 5) -> list[Rejected]:
+def runners_up(
+    best: Solution,
+    solved: list[Solution],
+    rejected: list[Rejected],
+    constraints: Constraints,
+    cluster: ClusterSpec,
+    limit: int = 5,
+) -> list[Rejected]:
     """The next fastest distinct configurations, then the memory-infeasible ones."""
     cap = constraints.max_memory_fraction * cluster.device.memory_bytes
     out, seen = [], {(best.config.mesh["dp"], best.config.mesh["pp"], best.config.micro_batch_size)}
@@ -409,8 +461,15 @@ def runners_up(best: Solution, solved: list[Solution], rejected: list[Rejected],
             continue
         seen.add(key)
         slower = solution.estimate.step_time_s / best.estimate.step_time_s - 1
-        out.append(Rejected(solution.config, solution.estimate.step_time_s, solution.estimate.peak_memory_bytes,
-                            f"slower by {slower:.1%}", summary_recompute(solution)))
+        out.append(
+            Rejected(
+                solution.config,
+                solution.estimate.step_time_s,
+                solution.estimate.peak_memory_bytes,
+                f"slower by {slower:.1%}",
+                summary_recompute(solution),
+            )
+        )
     for item in rejected:
         if item.instance is not None and len(out) < limit:
             need = smallest_memory_plan(item.instance).estimate.peak_memory_bytes
@@ -421,8 +480,9 @@ def runners_up(best: Solution, solved: list[Solution], rejected: list[Rejected],
     return (out + pruned)[:limit]
 
 
-def infeasible_error(profile: ModelProfile, cluster: ClusterSpec, split: LayerSplit, instances,
-                     constraints: Constraints) -> InfeasibleError:
+def infeasible_error(
+    profile: ModelProfile, cluster: ClusterSpec, split: LayerSplit, instances, constraints: Constraints
+) -> InfeasibleError:
     smallest = min((smallest_memory_plan(inst) for _, inst in instances), key=lambda s: s.estimate.peak_memory_bytes)
     est = smallest.estimate
     cap = constraints.max_memory_fraction * cluster.device.memory_bytes
@@ -433,4 +493,5 @@ def infeasible_error(profile: ModelProfile, cluster: ClusterSpec, split: LayerSp
         f"no plan fits in memory: the smallest plan needs {est.peak_memory_bytes / GB:.2f} GB per device > "
         f"{cap / GB:.2f} GB (max_memory_fraction {constraints.max_memory_fraction} x "
         f"{cluster.device.memory_bytes / GB:.0f} GB); that plan is dp={c.dp} pp={c.pp} tp={c.tp} "
-        f"micro_batch_size={c.micro_batch_size} ZeRO-{c.zero_stage} recompute=full; its worst rank holds {terms}")
+        f"micro_batch_size={c.micro_batch_size} ZeRO-{c.zero_stage} recompute=full; its worst rank holds {terms}"
+    )

@@ -9,6 +9,7 @@ Multi-node: pass the launcher's own flags, e.g. `launcher_args=["--nnodes", "2",
 they go to `torch.distributed.run` unchanged. The result (see autoplan/runtime/worker.py) is
 written by global rank 0, so only the node holding it returns one.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,18 @@ DEFAULT_TIMEOUT_S = 600.0
 STDERR_TAIL_LINES = 15
 
 
-def launch(plan_path: str | os.PathLike, model: str | None = None, nproc: int | None = None, steps: int = 5,
-           out_path: str | os.PathLike | None = None, launcher_args: Sequence[str] = (), *, warmup: int = 1,
-           seq_len: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+def launch(
+    plan_path: str | os.PathLike,
+    model: str | None = None,
+    nproc: int | None = None,
+    steps: int = 5,
+    out_path: str | os.PathLike | None = None,
+    launcher_args: Sequence[str] = (),
+    *,
+    warmup: int = 1,
+    seq_len: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict:
     """Launch `nproc` ranks of `autoplan.runtime.worker` on the plan; return the parsed result JSON.
 
     `model` defaults to the plan's model_name (a zoo name or `file.py:factory`), `nproc`
@@ -50,8 +60,10 @@ def launch(plan_path: str | os.PathLike, model: str | None = None, nproc: int | 
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     if nproc * num_nodes != plan.world_size:
-        raise ValueError(f"nproc({nproc}) * nnodes({num_nodes}) = {nproc * num_nodes} != the plan's world size "
-                         f"dp({plan.mesh['dp']}) * pp({plan.mesh['pp']}) * tp({plan.mesh['tp']}) = {plan.world_size}")
+        raise ValueError(
+            f"nproc({nproc}) * nnodes({num_nodes}) = {nproc * num_nodes} != the plan's world size "
+            f"dp({plan.mesh['dp']}) * pp({plan.mesh['pp']}) * tp({plan.mesh['tp']}) = {plan.world_size}"
+        )
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     with tempfile.TemporaryDirectory(prefix="autoplan-launch-") as scratch:
@@ -59,11 +71,28 @@ def launch(plan_path: str | os.PathLike, model: str | None = None, nproc: int | 
         out = out.resolve()
         if out.exists():
             out.unlink()  # a stale result must not pass for this run's
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   *_default_rendezvous(launcher_args), *launcher_args,
-                   "-m", "autoplan.runtime.worker", "--model", model, "--plan", str(Path(plan_path).resolve()),
-                   "--steps", str(steps), "--warmup", str(warmup), "--out", str(out),
-                   *(["--seq-len", str(seq_len)] if seq_len else [])]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            *_default_rendezvous(launcher_args),
+            *launcher_args,
+            "-m",
+            "autoplan.runtime.worker",
+            "--model",
+            model,
+            "--plan",
+            str(Path(plan_path).resolve()),
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--out",
+            str(out),
+            *(["--seq-len", str(seq_len)] if seq_len else []),
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if plan.cluster.device.kind == "cpu":
             env["OMP_NUM_THREADS"] = "1"  # local plans assume one thread per rank
@@ -105,8 +134,9 @@ def _default_rendezvous(launcher_args: list[str]) -> list[str]:
 
 def _run(command: list[str], env: dict, timeout_s: float) -> tuple[int | None, str]:
     """Run the launcher in its own process group; on timeout stop the whole group."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, stderr = process.communicate(timeout=timeout_s)
         return process.returncode, stderr
@@ -130,8 +160,10 @@ def _describe_failure(returncode: int | None, stderr: str) -> str:
         ranks_of.setdefault(message, []).append(rank)
     status = "timed out" if returncode is None else f"failed (exit code {returncode})"
     if ranks_of:
-        return f"{status}: " + "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {','.join(sorted(ranks))}: {message}"
-                                         for message, ranks in ranks_of.items())
+        return f"{status}: " + "; ".join(
+            f"rank{'s' if len(ranks) > 1 else ''} {','.join(sorted(ranks))}: {message}"
+            for message, ranks in ranks_of.items()
+        )
     if "SIGKILL" in stderr:  # the kernel's OOM killer leaves no Python error behind
         return f"{status}: a rank was killed by SIGKILL (out of host memory?)"
     return f"{status}; last lines of stderr:\n" + "\n".join(stderr.strip().splitlines()[-STDERR_TAIL_LINES:])

@@ -9,6 +9,7 @@ It initialises the process group from the environment when needed, plans on rank
 (or takes a given Plan), makes every rank use the same plan, checks that the plan was
 made for this model and this world size, then hands the Plan to the backends.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,10 @@ def check_devices(device_kind: str, processes_per_node: int) -> None:
         return
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if found < processes_per_node:
-        raise ValueError(f"the plan runs {processes_per_node} CUDA device(s) per node but this machine has {found}: "
-                         f"run it where the cluster's GPUs are, or plan for this machine with --cluster local:N")
+        raise ValueError(
+            f"the plan runs {processes_per_node} CUDA device(s) per node but this machine has {found}: "
+            f"run it where the cluster's GPUs are, or plan for this machine with --cluster local:N"
+        )
 
 
 def init_process_group_from_env(device_kind: str) -> None:
@@ -49,8 +52,10 @@ def init_process_group_from_env(device_kind: str) -> None:
         return
     missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
-        raise ValueError(f"no process group and no launcher environment ({', '.join(missing)} unset): "
-                         "start the script with `torchrun --nproc-per-node N script.py` or `autoplan run`")
+        raise ValueError(
+            f"no process group and no launcher environment ({', '.join(missing)} unset): "
+            "start the script with `torchrun --nproc-per-node N script.py` or `autoplan run`"
+        )
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if backend == "nccl":
         check_devices(device_kind, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -84,8 +89,14 @@ class LazyParallelModel:
         >>> opt = torch.optim.AdamW(pm.parameters())  # the planned (sharded) parameters  # doctest: +SKIP
     """
 
-    def __init__(self, model: nn.Module, cluster: ClusterSpec, loss_fn: Callable | None,
-                 plan: Plan | Constraints | None, model_name: str | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        cluster: ClusterSpec,
+        loss_fn: Callable | None,
+        plan: Plan | Constraints | None,
+        model_name: str | None,
+    ):
         self._pending = (model, cluster, loss_fn, plan, model_name)
         self._model: ParallelModel | None = None
 
@@ -93,23 +104,29 @@ class LazyParallelModel:
         if self._model is None:
             model, cluster, loss_fn, plan, model_name = self._pending
             example_inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-            self._model = parallelize(model, cluster, example_inputs, loss_fn=loss_fn, plan=plan,
-                                      model_name=model_name)
+            self._model = parallelize(model, cluster, example_inputs, loss_fn=loss_fn, plan=plan, model_name=model_name)
         return self._model.train_step(inputs, targets)
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
         if self._model is None:
-            raise AutoplanError(f"parallelize(model, cluster) has not planned yet, so it has no {name!r}: call "
-                                f"pm.train_step(inputs, targets) once first (it plans from that batch), then make "
-                                f"the optimizer from pm.parameters(); or pass example_inputs= to plan at once")
+            raise AutoplanError(
+                f"parallelize(model, cluster) has not planned yet, so it has no {name!r}: call "
+                f"pm.train_step(inputs, targets) once first (it plans from that batch), then make "
+                f"the optimizer from pm.parameters(); or pass example_inputs= to plan at once"
+            )
         return getattr(self._model, name)
 
 
-def parallelize(model: nn.Module, cluster: ClusterSpec, example_inputs: tuple | None = None,
-                loss_fn: Callable | None = None, plan: Plan | Constraints | None = None,
-                model_name: str | None = None):
+def parallelize(
+    model: nn.Module,
+    cluster: ClusterSpec,
+    example_inputs: tuple | None = None,
+    loss_fn: Callable | None = None,
+    plan: Plan | Constraints | None = None,
+    model_name: str | None = None,
+):
     """Plan (unless given a Plan) and apply it to `model` on this rank.
 
     `plan`: None plans freely; a Constraints plans with those pins; a Plan is used as is
@@ -129,19 +146,31 @@ def parallelize(model: nn.Module, cluster: ClusterSpec, example_inputs: tuple | 
     init_process_group_from_env(cluster.device.kind)
     world_size = dist.get_world_size()
     if cluster.world_size != world_size:
-        raise ValueError(f"cluster world_size {cluster.world_size} (= {cluster.num_nodes} nodes x "
-                         f"{cluster.devices_per_node} devices) != launched world size {world_size}")
+        raise ValueError(
+            f"cluster world_size {cluster.world_size} (= {cluster.num_nodes} nodes x "
+            f"{cluster.devices_per_node} devices) != launched world size {world_size}"
+        )
     if example_inputs is None:
         return LazyParallelModel(model, cluster, loss_fn, plan, model_name)
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if isinstance(plan, Plan):
         plan = Plan.model_validate(plan.model_dump())  # a model_copy(update=...) skipped the checks
         if plan.world_size != world_size:
-            raise ValueError(f"plan mesh dp({plan.mesh['dp']}) * pp({plan.mesh['pp']}) * tp({plan.mesh['tp']}) = "
-                             f"{plan.world_size} != world size {world_size}: the plan was made for another cluster")
+            raise ValueError(
+                f"plan mesh dp({plan.mesh['dp']}) * pp({plan.mesh['pp']}) * tp({plan.mesh['tp']}) = "
+                f"{plan.world_size} != world size {world_size}: the plan was made for another cluster"
+            )
         check_plan_matches(plan, model, example_inputs, model_name)  # before any parameter is allocated
     else:
         constraints = plan
-        plan = _agree_on_plan(lambda: make_plan(model, cluster, example_inputs=example_inputs, loss_fn=loss_fn,
-                                                constraints=constraints, model_name=model_name))
+        plan = _agree_on_plan(
+            lambda: make_plan(
+                model,
+                cluster,
+                example_inputs=example_inputs,
+                loss_fn=loss_fn,
+                constraints=constraints,
+                model_name=model_name,
+            )
+        )
     return apply_plan(model, plan, loss_fn, example_inputs=example_inputs)

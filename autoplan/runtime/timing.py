@@ -12,6 +12,7 @@ On CUDA it is `torch.cuda.max_memory_allocated`. On CPU it is counted by
 refuses a module called more than once per iteration, which every pipeline schedule
 with several micro-batches does.)
 """
+
 from __future__ import annotations
 
 import statistics
@@ -33,8 +34,9 @@ MEMORY_STEPS = 2
 class TrainsSteps(Protocol):
     """What `measure_training` needs of a model (autoplan's ParallelModel has it)."""
 
-    def train_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
-                   targets: torch.Tensor | None = None) -> float: ...
+    def train_step(
+        self, inputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor | None = None
+    ) -> float: ...
 
     def parameters(self): ...
 
@@ -55,8 +57,13 @@ class Measurement:
         return statistics.median(self.step_times_s)
 
 
-def measure_training(model: TrainsSteps, batches: Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]],
-                     steps: int, warmup: int = 1, lr: float = 1e-4) -> Measurement:
+def measure_training(
+    model: TrainsSteps,
+    batches: Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]],
+    steps: int,
+    warmup: int = 1,
+    lr: float = 1e-4,
+) -> Measurement:
     """Train `warmup` + `steps` steps with AdamW (the optimizer the planner assumes) and time the last `steps`.
 
     `batches` are (inputs, targets) global batches, used in turn. Every step is bracketed
@@ -188,8 +195,9 @@ def _storages(tensor: torch.Tensor, device_type: str) -> list[torch.UntypedStora
     if is_traceable_wrapper_subclass(tensor):
         names, _ = tensor.__tensor_flatten__()
         inner = (getattr(tensor, name) for name in names)
-        return [storage for value in inner if isinstance(value, torch.Tensor)
-                for storage in _storages(value, device_type)]
+        return [
+            storage for value in inner if isinstance(value, torch.Tensor) for storage in _storages(value, device_type)
+        ]
     if tensor.device.type != device_type or tensor.is_sparse or tensor.is_nested:
         return []
     return [tensor.untyped_storage()]

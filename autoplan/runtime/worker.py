@@ -12,6 +12,7 @@ CPU ranks run one thread each (`torch.set_num_threads(1)`): local plans assume o
 core per rank. A failure exits non-zero with one line on stderr,
 `autoplan.worker: rank R: <what went wrong>` (set AUTOPLAN_DEBUG=1 for the traceback).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,13 +58,24 @@ def run(args: argparse.Namespace) -> dict | None:
     job = build(args.model, batch_size=plan.global_batch_size, seq_len=args.seq_len, device=device, seed=0)
     batch_size = job.example_inputs[0].shape[0]
     if batch_size != plan.global_batch_size:
-        raise ValueError(f"the model's inputs hold a global batch of {batch_size} but the plan was made for "
-                         f"global_batch_size={plan.global_batch_size}")
-    model = parallelize(job.module, plan.cluster, example_inputs=job.example_inputs, loss_fn=job.loss_fn, plan=plan,
-                        model_name=plan.model_name)
+        raise ValueError(
+            f"the model's inputs hold a global batch of {batch_size} but the plan was made for "
+            f"global_batch_size={plan.global_batch_size}"
+        )
+    model = parallelize(
+        job.module,
+        plan.cluster,
+        example_inputs=job.example_inputs,
+        loss_fn=job.loss_fn,
+        plan=plan,
+        model_name=plan.model_name,
+    )
     measurement = measure_training(model, [(job.example_inputs, job.targets)], steps=args.steps, warmup=args.warmup)
-    mine = {"step_times_s": measurement.step_times_s, "peak_memory_bytes": measurement.peak_memory_bytes,
-            "losses": measurement.losses}
+    mine = {
+        "step_times_s": measurement.step_times_s,
+        "peak_memory_bytes": measurement.peak_memory_bytes,
+        "losses": measurement.losses,
+    }
     gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, mine)
     if dist.get_rank() != 0:
@@ -75,13 +87,21 @@ def run(args: argparse.Namespace) -> dict | None:
     tokens_per_step = first.numel() if not first.is_floating_point() else first.shape[0]
     peaks = [rank["peak_memory_bytes"] for rank in gathered]
     return {
-        "model": args.model, "plan": str(Path(args.plan).resolve()), "device": device_kind,
-        "world_size": dist.get_world_size(), "mesh": plan.mesh, "steps": args.steps, "warmup": args.warmup,
-        "global_batch_size": plan.global_batch_size, "tokens_per_step": tokens_per_step,
-        "median_step_s": median_step_s, "step_times_s": step_times,
+        "model": args.model,
+        "plan": str(Path(args.plan).resolve()),
+        "device": device_kind,
+        "world_size": dist.get_world_size(),
+        "mesh": plan.mesh,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "global_batch_size": plan.global_batch_size,
+        "tokens_per_step": tokens_per_step,
+        "median_step_s": median_step_s,
+        "step_times_s": step_times,
         "rank_step_times_s": [rank["step_times_s"] for rank in gathered],
         "tokens_per_s": tokens_per_step / median_step_s,
-        "peak_memory_bytes": peaks, "max_peak_memory_bytes": max(peaks),
+        "peak_memory_bytes": peaks,
+        "max_peak_memory_bytes": max(peaks),
         "predicted_step_s": plan.predicted.step_time_s,
         "predicted_peak_memory_bytes": plan.predicted.peak_memory_bytes,
         "losses": gathered[0]["losses"],

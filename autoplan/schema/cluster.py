@@ -7,6 +7,7 @@ microseconds; memory in bytes; compute in FLOP/s.
     >>> cluster.world_size
     128
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -165,9 +166,7 @@ class ClusterSpec(BaseModel):
             data = json.loads(json.dumps(PRESETS[name]))
             data["num_nodes"] = num_nodes
         else:
-            raise ValueError(
-                f"unknown cluster preset {name!r}; choose one of {sorted(PRESETS) + ['local']}"
-            )
+            raise ValueError(f"unknown cluster preset {name!r}; choose one of {sorted(PRESETS) + ['local']}")
         data["name"] = name
         shortcuts = {
             "inter_node_gbps_per_device": ("inter_node", "bandwidth_gbps"),
@@ -237,8 +236,9 @@ class ClusterSpec(BaseModel):
             else:
                 data = json.loads(text)
         except ValueError as error:  # json.JSONDecodeError, tomllib.TOMLDecodeError
-            raise ValueError(f"cluster file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
-                             f"{error}") from None
+            raise ValueError(
+                f"cluster file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'JSON'}: {error}"
+            ) from None
         try:
             preset = data.pop("preset", None)
             if preset is not None:  # a short file: a preset plus overrides

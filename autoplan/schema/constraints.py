@@ -1,10 +1,11 @@
 """Pins on any part of a plan. `None` means "the planner chooses".
 
-    >>> Constraints(tp=8, pp=4, schedule="1f1b").tp
-    8
-    >>> Constraints(param_dtype=torch.bfloat16).param_dtype
-    'bfloat16'
+>>> Constraints(tp=8, pp=4, schedule="1f1b").tp
+8
+>>> Constraints(param_dtype=torch.bfloat16).param_dtype
+'bfloat16'
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal

@@ -7,6 +7,7 @@ A Plan is made by `autoplan.plan` (or the CLI), saved as JSON, inspected with
     >>> plan.mesh, plan.predicted.step_time_s       # doctest: +SKIP
     ({'dp': 8, 'pp': 4, 'tp': 4}, 1.93)
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,16 @@ from autoplan.schema.constraints import Recompute, Schedule
 PLAN_VERSION = 1
 Model = TypeVar("Model", bound=BaseModel)
 
-TPStyle = Literal["colwise", "rowwise", "vocab_embedding", "vocab_output", "sequence_parallel",
-                  "colwise_input", "sequence_parallel_entry", "sequence_parallel_exit"]
+TPStyle = Literal[
+    "colwise",
+    "rowwise",
+    "vocab_embedding",
+    "vocab_output",
+    "sequence_parallel",
+    "colwise_input",
+    "sequence_parallel_entry",
+    "sequence_parallel_exit",
+]
 SEQUENCE_PARALLEL_STYLES = ("sequence_parallel", "sequence_parallel_entry", "sequence_parallel_exit")
 """Sites that exist only when the plan runs sequence parallelism."""
 INPUT_STYLES = ("colwise_input", "sequence_parallel_entry", "sequence_parallel_exit")
@@ -209,17 +218,21 @@ def plan_problem(plan: Plan) -> str | None:
         return f"mesh {plan.mesh} must give dp, pp and tp, each >= 1"
     dp, pp, tp = plan.mesh["dp"], plan.mesh["pp"], plan.mesh["tp"]
     if dp * pp * tp != plan.cluster.world_size:
-        return (f"mesh dp({dp}) * pp({pp}) * tp({tp}) = {dp * pp * tp} != cluster world_size "
-                f"{plan.cluster.world_size} ({plan.cluster.num_nodes} nodes x {plan.cluster.devices_per_node})")
+        return (
+            f"mesh dp({dp}) * pp({pp}) * tp({tp}) = {dp * pp * tp} != cluster world_size "
+            f"{plan.cluster.world_size} ({plan.cluster.num_nodes} nodes x {plan.cluster.devices_per_node})"
+        )
     for name in ("global_batch_size", "micro_batch_size", "num_micro_batches", "virtual_stages"):
         if getattr(plan, name) < 1:
             return f"{name} must be >= 1, got {getattr(plan, name)}"
     if plan.seq_len is not None and plan.seq_len < 1:
         return f"seq_len must be >= 1, got {plan.seq_len}"
     if plan.micro_batch_size * plan.num_micro_batches * dp != plan.global_batch_size:
-        return (f"global_batch_size {plan.global_batch_size} != micro_batch_size({plan.micro_batch_size}) * "
-                f"num_micro_batches({plan.num_micro_batches}) * dp({dp}) = "
-                f"{plan.micro_batch_size * plan.num_micro_batches * dp}")
+        return (
+            f"global_batch_size {plan.global_batch_size} != micro_batch_size({plan.micro_batch_size}) * "
+            f"num_micro_batches({plan.num_micro_batches}) * dp({dp}) = "
+            f"{plan.micro_batch_size * plan.num_micro_batches * dp}"
+        )
     if not 0 <= plan.zero_stage <= 3:
         return f"zero_stage must be 0, 1, 2 or 3, got {plan.zero_stage}"
     return _stage_problem(plan, pp) or _tp_problem(plan, tp)
@@ -227,12 +240,16 @@ def plan_problem(plan: Plan) -> str | None:
 
 def _stage_problem(plan: Plan, pp: int) -> str | None:
     if len(plan.stages) != pp * plan.virtual_stages:
-        return (f"stages: {len(plan.stages)} given, pp({pp}) * virtual_stages({plan.virtual_stages}) = "
-                f"{pp * plan.virtual_stages} expected")
+        return (
+            f"stages: {len(plan.stages)} given, pp({pp}) * virtual_stages({plan.virtual_stages}) = "
+            f"{pp * plan.virtual_stages} expected"
+        )
     for index, stage in enumerate(plan.stages):
         if stage.index != index or stage.pp_rank != index % pp:
-            return (f"stages[{index}] has index {stage.index} and pp_rank {stage.pp_rank}; expected index {index} "
-                    f"on pp_rank {index % pp}")
+            return (
+                f"stages[{index}] has index {stage.index} and pp_rank {stage.pp_rank}; expected index {index} "
+                f"on pp_rank {index % pp}"
+            )
         if not stage.layers:
             return f"stages[{index}] holds no layers"
     on_stages = [name for stage in plan.stages for name in stage.layers]

@@ -10,6 +10,7 @@ divides by t (column/row-split matmuls, attention heads, vocab-split embedding a
 head); the rest is replicated on every tp rank (norms, residual adds, dropout), unless
 sequence parallelism splits it along the sequence (activations only).
 """
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -101,8 +102,10 @@ class LayerProfile(BaseModel):
             return fwd / nearest * b, bwd / nearest * b
         weight = (b - below) / (above - below)
         (fwd_below, bwd_below), (fwd_above, bwd_above) = self.measured_by_mbs[below], self.measured_by_mbs[above]
-        return (((1 - weight) * fwd_below / below + weight * fwd_above / above) * b,
-                ((1 - weight) * bwd_below / below + weight * bwd_above / above) * b)
+        return (
+            ((1 - weight) * fwd_below / below + weight * fwd_above / above) * b,
+            ((1 - weight) * bwd_below / below + weight * bwd_above / above) * b,
+        )
 
 
 class ModelProfile(BaseModel):
@@ -139,5 +142,13 @@ def selective_save_ops() -> frozenset:
     import torch
 
     aten = torch.ops.aten
-    return frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
-                      aten.linear.default, aten._scaled_mm.default})
+    return frozenset(
+        {
+            aten.mm.default,
+            aten.addmm.default,
+            aten.bmm.default,
+            aten.baddbmm.default,
+            aten.linear.default,
+            aten._scaled_mm.default,
+        }
+    )

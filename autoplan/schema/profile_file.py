@@ -2,6 +2,7 @@
 keyed by layer signature and device kind (measured by `autoplan.measure.profile_store`,
 applied to a plan by `autoplan.planner.measured`).
 """
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@
 `path/to/file.py:factory`, where factory() returns
 `(module, example_inputs)` or `(module, example_inputs, targets, loss_fn)`.
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -64,15 +65,24 @@ class Job:
 def _reference_configs() -> dict[str, GPTConfig]:
     """megatron-1.7b ... megatron-1t: one per row of Megatron-LM's Table 1
     (Narayanan et al., SC21; tests/data/megatron_sc21.json): params_b, heads, hidden, layers."""
-    rows = ((1.7, 24, 2304, 24), (3.6, 32, 3072, 30), (7.5, 32, 4096, 36), (18.4, 48, 6144, 40),
-            (39.1, 64, 8192, 48), (76.1, 80, 10240, 60), (145.6, 96, 12288, 80), (310.1, 128, 16384, 96),
-            (529.6, 128, 20480, 105), (1008.0, 160, 25600, 128))
+    rows = (
+        (1.7, 24, 2304, 24),
+        (3.6, 32, 3072, 30),
+        (7.5, 32, 4096, 36),
+        (18.4, 48, 6144, 40),
+        (39.1, 64, 8192, 48),
+        (76.1, 80, 10240, 60),
+        (145.6, 96, 12288, 80),
+        (310.1, 128, 16384, 96),
+        (529.6, 128, 20480, 105),
+        (1008.0, 160, 25600, 128),
+    )
     configs = {}
     for params_b, heads, hidden, layers in rows:
         label = "1t" if params_b >= 1000 else f"{params_b:g}b"
         configs[f"megatron-{label}"] = GPTConfig(
-            num_layers=layers, num_heads=heads, hidden=hidden,
-            vocab_size=51200, seq_len=2048)
+            num_layers=layers, num_heads=heads, hidden=hidden, vocab_size=51200, seq_len=2048
+        )
     return configs
 
 
@@ -89,17 +99,42 @@ GPT_CONFIGS: dict[str, GPTConfig] = {
 }
 
 LLAMA_CONFIGS: dict[str, LlamaConfig] = {
-    "llama-tiny": LlamaConfig(num_layers=4, num_heads=4, num_kv_heads=2, hidden=64, ffn_hidden=128,
-                              vocab_size=128, seq_len=32),
+    "llama-tiny": LlamaConfig(
+        num_layers=4, num_heads=4, num_kv_heads=2, hidden=64, ffn_hidden=128, vocab_size=128, seq_len=32
+    ),
     "llama2-7b": LlamaConfig(),
     "llama2-13b": LlamaConfig(num_layers=40, num_heads=40, num_kv_heads=40, hidden=5120, ffn_hidden=13824),
     "llama2-70b": LlamaConfig(num_layers=80, num_heads=64, num_kv_heads=8, hidden=8192, ffn_hidden=28672),
-    "llama3-8b": LlamaConfig(num_layers=32, num_heads=32, num_kv_heads=8, hidden=4096, ffn_hidden=14336,
-                             vocab_size=128256, seq_len=8192, rope_theta=500000.0),
-    "llama3-70b": LlamaConfig(num_layers=80, num_heads=64, num_kv_heads=8, hidden=8192, ffn_hidden=28672,
-                              vocab_size=128256, seq_len=8192, rope_theta=500000.0),
-    "llama3-405b": LlamaConfig(num_layers=126, num_heads=128, num_kv_heads=8, hidden=16384,
-                               ffn_hidden=53248, vocab_size=128256, seq_len=8192, rope_theta=500000.0),
+    "llama3-8b": LlamaConfig(
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        hidden=4096,
+        ffn_hidden=14336,
+        vocab_size=128256,
+        seq_len=8192,
+        rope_theta=500000.0,
+    ),
+    "llama3-70b": LlamaConfig(
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        hidden=8192,
+        ffn_hidden=28672,
+        vocab_size=128256,
+        seq_len=8192,
+        rope_theta=500000.0,
+    ),
+    "llama3-405b": LlamaConfig(
+        num_layers=126,
+        num_heads=128,
+        num_kv_heads=8,
+        hidden=16384,
+        ffn_hidden=53248,
+        vocab_size=128256,
+        seq_len=8192,
+        rope_theta=500000.0,
+    ),
 }
 
 MLP_CONFIGS: dict[str, MLPConfig] = {"mlp-tiny": MLPConfig(num_layers=4, in_features=16, hidden=32, out_features=8)}
@@ -125,8 +160,9 @@ def skip_init_on(device: torch.device):
             setattr(torch.nn.init, n, fn)
 
 
-def build(name: str, *, batch_size: int = 8, seq_len: int | None = None,
-          device: str | torch.device = "meta", seed: int = 0) -> Job:
+def build(
+    name: str, *, batch_size: int = 8, seq_len: int | None = None, device: str | torch.device = "meta", seed: int = 0
+) -> Job:
     """Build a zoo model (or load `file.py:factory`) with one global batch of inputs.
 
     `batch_size` is the global batch size in sequences; `seq_len` overrides the model's
@@ -135,8 +171,9 @@ def build(name: str, *, batch_size: int = 8, seq_len: int | None = None,
     if ":" in name and name.split(":", 1)[0].endswith(".py"):
         return load_factory(name)
     if name not in MODEL_NAMES and not name.startswith("hf:"):
-        raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}, hf:path/to/config.json "
-                         "or path/file.py:factory")
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}, hf:path/to/config.json or path/file.py:factory"
+        )
     if batch_size < 1:
         raise ValueError(f"global batch size must be >= 1, got {batch_size}")
     if seq_len is not None and seq_len < 1:
@@ -203,8 +240,10 @@ def load_factory(spec: str) -> Job:
     except Exception as error:  # the user's code failed: its type and where, on one line
         raise ValueError(f"{spec}: {type(error).__name__}: {error} (at {_user_frame(error, path)})") from error
     if not isinstance(result, tuple) or len(result) not in (2, 4):
-        raise ValueError(f"{spec}: factory must return (module, example_inputs) or "
-                         f"(module, example_inputs, targets, loss_fn), got {type(result).__name__}")
+        raise ValueError(
+            f"{spec}: factory must return (module, example_inputs) or "
+            f"(module, example_inputs, targets, loss_fn), got {type(result).__name__}"
+        )
     module, inputs = result[0], result[1]
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     targets, loss_fn = (result[2], result[3]) if len(result) == 4 else (None, output_mean)

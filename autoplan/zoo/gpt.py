@@ -8,6 +8,7 @@ head count without patching attributes.
 Parameters per block: 12 h^2 + 13 h (qkv 3h^2+3h, proj h^2+h, fc 4h^2+4h, fc2 4h^2+h,
 two LayerNorms 4h); GPT-3 175B: 96 * 12 * 12288^2 = 173.9e9 + embeddings 0.65e9.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,6 @@ class GPTConfig:
         return 12 * L * h * h + 13 * L * h + (self.vocab_size + self.seq_len) * h + 2 * h
 
 
-
 def init_weights(module: nn.Module) -> None:
     """GPT-2 initialisation: N(0, 0.02) weights, zero biases (skipped on the meta device,
     where it only costs time: ~0.7 s for GPT-3 175B)."""
@@ -59,8 +59,7 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).chunk(3, dim=-1)
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

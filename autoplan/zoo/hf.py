@@ -17,6 +17,7 @@ Only what the config needs is imported: `transformers` itself, its config regist
 one model family's configuration and modeling modules (not the Auto* model classes of every
 family), so `autoplan plan --model hf:...` pays for one architecture.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,8 +32,11 @@ from autoplan.errors import AutoplanError
 
 DEFAULT_MAX_SEQ_LEN = 2048
 """Sequence length of `hf:` models whose config allows more (override with seq_len / --seq-len)."""
-_TASKS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
-          "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES")
+_TASKS = (
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+)
 """The task tables of `transformers.models.auto.modeling_auto` tried, in order, without `architectures`."""
 
 
@@ -55,8 +59,9 @@ def config_file(path_text: str) -> Path:
     path = Path(path_text)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        raise AutoplanError(f"hf:{path_text}: no such file" + (" (the folder holds no config.json)"
-                                                               if path.is_dir() else ""))
+        raise AutoplanError(
+            f"hf:{path_text}: no such file" + (" (the folder holds no config.json)" if path.is_dir() else "")
+        )
     return file
 
 
@@ -71,15 +76,18 @@ def load_hf_config(path_text: str):
     if not isinstance(fields, dict):
         raise AutoplanError(f"{file}: expected a JSON object of config fields, got a {type(fields).__name__}")
     if "model_type" not in fields:
-        raise AutoplanError(f"{file}: field 'model_type' is missing (a Hugging Face config.json names its "
-                            f"architecture family there, e.g. \"llama\")")
+        raise AutoplanError(
+            f"{file}: field 'model_type' is missing (a Hugging Face config.json names its "
+            f'architecture family there, e.g. "llama")'
+        )
     transformers = _transformers()
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = fields.pop("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise AutoplanError(f"{file}: field 'model_type' is {model_type!r}, which transformers "
-                            f"{transformers.__version__} does not know")
+        raise AutoplanError(
+            f"{file}: field 'model_type' is {model_type!r}, which transformers {transformers.__version__} does not know"
+        )
     try:
         config = CONFIG_MAPPING[model_type].from_dict(fields)
         config.use_cache = False
@@ -125,19 +133,25 @@ def _model_class(config, file: Path | str):
 
     architectures = config.architectures or []
     if not isinstance(architectures, (list, tuple)):
-        raise AutoplanError(f"{file}: field 'architectures' is {architectures!r}; expected a list of class "
-                            f"names, e.g. [\"LlamaForCausalLM\"]")
+        raise AutoplanError(
+            f"{file}: field 'architectures' is {architectures!r}; expected a list of class "
+            f'names, e.g. ["LlamaForCausalLM"]'
+        )
     if architectures:
         name = architectures[0]
         cls = _family_attribute(config, name) if isinstance(name, str) else None
         if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-            raise AutoplanError(f"{file}: field 'architectures' names {name!r}, which is not a model class of "
-                                f"transformers {transformers.__version__}")
+            raise AutoplanError(
+                f"{file}: field 'architectures' names {name!r}, which is not a model class of "
+                f"transformers {transformers.__version__}"
+            )
         expected = getattr(cls, "config_class", None)
         if isinstance(expected, type) and not isinstance(config, expected):
-            raise AutoplanError(f"{file}: field 'architectures' names {name!r}, a model for "
-                                f"{expected.__name__}, but field 'model_type' {config.model_type!r} makes a "
-                                f"{type(config).__name__}")
+            raise AutoplanError(
+                f"{file}: field 'architectures' names {name!r}, a model for "
+                f"{expected.__name__}, but field 'model_type' {config.model_type!r} makes a "
+                f"{type(config).__name__}"
+            )
         return cls
     from transformers.models.auto import modeling_auto
 
@@ -146,8 +160,10 @@ def _model_class(config, file: Path | str):
         cls = _family_attribute(config, name) if isinstance(name, str) else None
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             return cls
-    raise AutoplanError(f"{file}: no causal, masked or seq2seq LM class for model_type {config.model_type!r}; "
-                        f"name one in the field 'architectures'")
+    raise AutoplanError(
+        f"{file}: no causal, masked or seq2seq LM class for model_type {config.model_type!r}; "
+        f"name one in the field 'architectures'"
+    )
 
 
 def _dtype_keyword() -> str:
@@ -156,12 +172,13 @@ def _dtype_keyword() -> str:
     return "dtype" if major_minor >= (4, 56) else "torch_dtype"
 
 
-def build_hf(spec: str, *, batch_size: int, seq_len: int | None = None, device: str | torch.device = "meta",
-             seed: int = 0):
+def build_hf(
+    spec: str, *, batch_size: int, seq_len: int | None = None, device: str | torch.device = "meta", seed: int = 0
+):
     """A zoo Job for `hf:PATH` (see the module docstring)."""
     from autoplan.zoo import Job, skip_init_on
 
-    path_text = spec[len("hf:"):]
+    path_text = spec[len("hf:") :]
     config = load_hf_config(path_text)
     file = config_file(path_text)
     cls = _model_class(config, file)

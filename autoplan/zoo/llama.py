@@ -8,6 +8,7 @@ shard runs with local heads: with tp=8, Llama-3-70B's 64 q / 8 kv heads become 8
 Parameters per block: h (2 h + 2 kv_heads * head_dim) for attention + 3 h f for the
 MLP + 2h norms; Llama-2-7B: 32 * (4 * 4096^2 + 3 * 4096 * 11008) = 6.48e9 + 0.26e9.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,7 +41,6 @@ def apply_rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
     cos, sin = angles.cos()[None, :, None, :].to(x.dtype), angles.sin()[None, :, None, :].to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-
 
 
 class Attention(nn.Module):

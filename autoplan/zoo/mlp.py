@@ -2,6 +2,7 @@
 
 features (B, d_in) -> Linear -> [LayerNorm -> Linear(d, 4d) -> GeLU -> Linear(4d, d) + x] * L -> Linear(d, d_out)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -9,6 +9,7 @@ within RTOL (float32). Each plan trains the model its `model_name` names (a zoo 
 so `check_plans` takes plans of several models; all plans of one world size share one
 set of spawned processes (spawning costs seconds, importing transformers in each rank more).
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,8 +55,14 @@ def plan_for(job_name: str, world_size: int, **pins) -> Plan:
     import autoplan
 
     job = build(job_name, batch_size=GLOBAL_BATCH, device="meta")
-    return autoplan.plan(job.module, ClusterSpec.local(world_size=world_size), example_inputs=job.example_inputs,
-                         loss_fn=job.loss_fn, constraints=Constraints(**pins), model_name=job_name)
+    return autoplan.plan(
+        job.module,
+        ClusterSpec.local(world_size=world_size),
+        example_inputs=job.example_inputs,
+        loss_fn=job.loss_fn,
+        constraints=Constraints(**pins),
+        model_name=job_name,
+    )
 
 
 def _train_plans_on_rank(rank: int, world_size: int, plan_jsons: list[str], steps: int):
@@ -79,9 +86,11 @@ def _train_plans_on_rank(rank: int, world_size: int, plan_jsons: list[str], step
 
 def describe(plan: Plan) -> str:
     """The plan's choices on one line, for failure messages and test ids."""
-    return (f"{plan.model_name} mesh={plan.mesh} zero={plan.zero_stage} schedule={plan.schedule} "
-            f"v={plan.virtual_stages} sp={plan.sequence_parallel} "
-            f"recompute={sorted(set(plan.recompute_of().values()))}")
+    return (
+        f"{plan.model_name} mesh={plan.mesh} zero={plan.zero_stage} schedule={plan.schedule} "
+        f"v={plan.virtual_stages} sp={plan.sequence_parallel} "
+        f"recompute={sorted(set(plan.recompute_of().values()))}"
+    )
 
 
 def check_plans(plans: list[Plan], steps: int = STEPS) -> None:
@@ -98,16 +107,25 @@ def check_plans(plans: list[Plan], steps: int = STEPS) -> None:
             expected_losses, expected_state = references[plan.model_name]
             for rank in range(world_size):
                 losses = per_rank[rank][index][0]
-                torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=RTOL, atol=ATOL,
-                                           msg=lambda m, label=label, rank=rank:
-                                           f"{label}: rank {rank} losses differ\n{m}")
+                torch.testing.assert_close(
+                    torch.tensor(losses),
+                    torch.tensor(expected_losses),
+                    rtol=RTOL,
+                    atol=ATOL,
+                    msg=lambda m, label=label, rank=rank: f"{label}: rank {rank} losses differ\n{m}",
+                )
             state = per_rank[0][index][1]
-            assert set(state) == set(expected_state), f"{label}: state_dict keys differ: " \
-                f"{sorted(set(state) ^ set(expected_state))}"
+            assert set(state) == set(expected_state), (
+                f"{label}: state_dict keys differ: {sorted(set(state) ^ set(expected_state))}"
+            )
             for name, value in expected_state.items():
-                torch.testing.assert_close(state[name], value, rtol=RTOL, atol=ATOL,
-                                           msg=lambda m, label=label, name=name:
-                                           f"{label}: parameter {name} differs\n{m}")
+                torch.testing.assert_close(
+                    state[name],
+                    value,
+                    rtol=RTOL,
+                    atol=ATOL,
+                    msg=lambda m, label=label, name=name: f"{label}: parameter {name} differs\n{m}",
+                )
 
 
 def check_equivalence(job_name: str, plans: list[Plan], steps: int = STEPS) -> None:
@@ -120,6 +138,7 @@ def check_equivalence(job_name: str, plans: list[Plan], steps: int = STEPS) -> N
 # Until a test needs the planner's own choices, plans are written by hand here from the
 # zoo models' structure: this is also what a user pinning everything would write.
 
+
 def _zoo_layers_and_styles(job_name: str) -> tuple[list[str], dict[str, dict]]:
     """The model's layers and tensor-parallel sites as the trace finds them (what a user
     pinning everything would copy from `autoplan show`)."""
@@ -130,9 +149,20 @@ def _zoo_layers_and_styles(job_name: str) -> tuple[list[str], dict[str, dict]]:
     return traced.layers, {path: site.model_dump(exclude_none=True) for path, site in traced.tp_sites.items()}
 
 
-def hand_plan(job_name: str, world_size: int, *, dp: int = 1, tp: int = 1, pp: int = 1, zero_stage: int = 0,
-              recompute: str = "none", sequence_parallel: bool = False, schedule: str = "1f1b",
-              virtual_stages: int = 1, micro_batch_size: int | None = None) -> Plan:
+def hand_plan(
+    job_name: str,
+    world_size: int,
+    *,
+    dp: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    zero_stage: int = 0,
+    recompute: str = "none",
+    sequence_parallel: bool = False,
+    schedule: str = "1f1b",
+    virtual_stages: int = 1,
+    micro_batch_size: int | None = None,
+) -> Plan:
     """A Plan written by hand: repeated blocks split evenly over pp * virtual_stages stages,
     the layers before the blocks on the first stage and after them on the last."""
     from autoplan.schema.plan import LayerChoice, Prediction, StagePlan, TPSite
@@ -140,13 +170,13 @@ def hand_plan(job_name: str, world_size: int, *, dp: int = 1, tp: int = 1, pp: i
     assert dp * tp * pp == world_size
     layers, styles = _zoo_layers_and_styles(job_name)
     blocks = [name for name in layers if name.startswith(("blocks.", "layers."))]
-    head = layers[:layers.index(blocks[0])]
-    tail = layers[layers.index(blocks[-1]) + 1:]
+    head = layers[: layers.index(blocks[0])]
+    tail = layers[layers.index(blocks[-1]) + 1 :]
     num_stages = pp * virtual_stages
     per_stage = [len(blocks) // num_stages + (1 if i < len(blocks) % num_stages else 0) for i in range(num_stages)]
     stages, start = [], 0
     for index, count in enumerate(per_stage):
-        names = blocks[start:start + count]
+        names = blocks[start : start + count]
         start += count
         names = (head if index == 0 else []) + names + (tail if index == num_stages - 1 else [])
         stages.append(StagePlan(index=index, pp_rank=index % pp, layers=names))
@@ -156,12 +186,20 @@ def hand_plan(job_name: str, world_size: int, *, dp: int = 1, tp: int = 1, pp: i
         styles = {k: v for k, v in styles.items() if v["style"] not in SEQUENCE_PARALLEL_STYLES}
     tied = [["tok_emb.weight", "lm_head.weight"]] if job_name.startswith("gpt") else []
     return Plan(
-        model_name=job_name, mesh={"dp": dp, "pp": pp, "tp": tp}, global_batch_size=GLOBAL_BATCH,
-        micro_batch_size=micro_batch_size, num_micro_batches=GLOBAL_BATCH // (dp * micro_batch_size),
-        schedule=schedule, virtual_stages=virtual_stages, zero_stage=zero_stage,
-        sequence_parallel=sequence_parallel, stages=stages,
+        model_name=job_name,
+        mesh={"dp": dp, "pp": pp, "tp": tp},
+        global_batch_size=GLOBAL_BATCH,
+        micro_batch_size=micro_batch_size,
+        num_micro_batches=GLOBAL_BATCH // (dp * micro_batch_size),
+        schedule=schedule,
+        virtual_stages=virtual_stages,
+        zero_stage=zero_stage,
+        sequence_parallel=sequence_parallel,
+        stages=stages,
         layers=[LayerChoice(name=n, recompute=recompute if n in blocks else "none", stage=stage_of[n]) for n in layers],
         tp_styles={k: TPSite(**v) for k, v in styles.items()} if tp > 1 else {},
-        tied_parameters=tied, predicted=Prediction(step_time_s=0.0, peak_memory_bytes=0.0),
-        cluster=ClusterSpec.local(world_size=world_size), model_fingerprint="",
+        tied_parameters=tied,
+        predicted=Prediction(step_time_s=0.0, peak_memory_bytes=0.0),
+        cluster=ClusterSpec.local(world_size=world_size),
+        model_fingerprint="",
     )

@@ -8,6 +8,7 @@ environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, as torchrun sets th
 A rank that raises fails the call with its traceback; a hang fails after `timeout_s`.
 Spawning costs ~3 s per call on CI: group several configurations into one call.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,9 +27,15 @@ def free_port() -> int:
 
 
 def _rank_main(rank, world_size, port, fn, args, init, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-                      OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
     import torch
     import torch.distributed as dist
 
@@ -53,8 +60,7 @@ def _rank_main(rank, world_size, port, fn, args, init, queue):
 TRANSPORT_ERRORS = ("DistNetworkError", "Broken pipe", "Connection reset by peer", "Address already in use")
 
 
-def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 240.0,
-              init_process_group: bool = True) -> list:
+def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 240.0, init_process_group: bool = True) -> list:
     """fn(rank, world_size, *args) on `world_size` processes; returns results by rank.
     A run whose only failure is a transport error of the rendezvous is retried once."""
     results, errors = _run_once(fn, world_size, args, timeout_s, init_process_group)
@@ -69,8 +75,10 @@ def _run_once(fn, world_size: int, args: tuple, timeout_s: float, init_process_g
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_rank_main, args=(rank, world_size, port, fn, args, init_process_group, queue))
-                 for rank in range(world_size)]
+    processes = [
+        context.Process(target=_rank_main, args=(rank, world_size, port, fn, args, init_process_group, queue))
+        for rank in range(world_size)
+    ]
     for process in processes:
         process.start()
     results, errors = {}, {}

@@ -1,4 +1,5 @@
 """`autoplan bench` end to end on local:2: planner, torchrun, measurement, JSON, figure."""
+
 import json
 
 import pytest
@@ -9,20 +10,35 @@ from autoplan.bench.timeline import pipeline_timeline
 
 pytestmark = pytest.mark.distributed  # starts ranks through torchrun
 
-SCHEMA_KEYS = {"name", "chosen", "mesh", "constraints", "predicted_step_s", "measured_step_s",
-               "predicted_peak_memory_bytes", "measured_peak_memory_bytes"}
+SCHEMA_KEYS = {
+    "name",
+    "chosen",
+    "mesh",
+    "constraints",
+    "predicted_step_s",
+    "measured_step_s",
+    "predicted_peak_memory_bytes",
+    "measured_peak_memory_bytes",
+}
 
 
 def test_bench_reports_every_candidate_and_goes_on_past_failures(tmp_path):
-    pytest.importorskip("autoplan.planner.planning",
-                        reason="the planner (autoplan.planner.planning.plan) has not landed yet")
+    pytest.importorskip(
+        "autoplan.planner.planning", reason="the planner (autoplan.planner.planning.plan) has not landed yet"
+    )
     from autoplan.bench.compare import run_bench
 
     json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    report = run_bench("gpt-tiny", ClusterSpec.local(world_size=2), steps=2, baselines=False,
-                       fixes=[Constraints(pp=2, dp=1, tp=1, schedule="1f1b", micro_batch_size=2),
-                              Constraints(tp=3)],
-                       json_path=str(json_path), plot_path=str(plot_path), progress=False)
+    report = run_bench(
+        "gpt-tiny",
+        ClusterSpec.local(world_size=2),
+        steps=2,
+        baselines=False,
+        fixes=[Constraints(pp=2, dp=1, tp=1, schedule="1f1b", micro_batch_size=2), Constraints(tp=3)],
+        json_path=str(json_path),
+        plot_path=str(plot_path),
+        progress=False,
+    )
     assert json.loads(json_path.read_text()) == report
     assert plot_path.stat().st_size > 0
     assert report["model"] == "gpt-tiny" and report["steps"] == 2
@@ -44,8 +60,10 @@ def test_baselines_follow_the_cluster_shape():
     assert (dgx["megatron"].tp, dgx["megatron"].pp, dgx["megatron"].dp) == (8, 4, 1)
 
 
-@pytest.mark.parametrize("schedule, expected_s", [("gpipe", (8 + 3) * 3.0), ("1f1b", (8 + 3) * 3.0),
-                                                  ("interleaved_1f1b", 8 * 3.0 + 3 * 3.0 / 2)])
+@pytest.mark.parametrize(
+    "schedule, expected_s",
+    [("gpipe", (8 + 3) * 3.0), ("1f1b", (8 + 3) * 3.0), ("interleaved_1f1b", 8 * 3.0 + 3 * 3.0 / 2)],
+)
 def test_simulated_timeline_has_the_textbook_bubble(schedule, expected_s):
     """4 ranks, 8 micro-batches, 3 s forward+backward per rank: (m + p - 1) t, and the
     bubble divided by v = 2 with interleaving (Narayanan et al., SC21)."""

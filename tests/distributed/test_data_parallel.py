@@ -1,4 +1,5 @@
 """ZeRO 0-3 (replicate / fully_shard) train like one process, alone and with tensor parallelism."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,5 +16,10 @@ def test_zero_stages_on_gpt_two_ranks():
 
 
 def test_data_parallel_on_mlp_four_ranks():
-    check_equivalence("mlp-tiny", [hand_plan("mlp-tiny", 4, dp=4, recompute="full"),
-                                   hand_plan("mlp-tiny", 4, dp=2, tp=2, zero_stage=2, recompute="selective")])
+    check_equivalence(
+        "mlp-tiny",
+        [
+            hand_plan("mlp-tiny", 4, dp=4, recompute="full"),
+            hand_plan("mlp-tiny", 4, dp=2, tp=2, zero_stage=2, recompute="selective"),
+        ],
+    )

@@ -1,4 +1,5 @@
 """`autoplan.runtime.launch` through torch's own launcher: real processes, real gloo."""
+
 import json
 import re
 
@@ -58,8 +59,11 @@ def test_a_failing_job_raises_one_line_per_rank_not_a_traceback(tmp_path):
 def test_rank_errors_are_grouped_even_when_their_lines_interleave():
     from autoplan.runtime.launch import _describe_failure
 
-    stderr = ("noise\nautoplan.worker: rank 2: ValueError: tp=3 does not divide 4"
-              "autoplan.worker: rank 3: ValueError: tp=3 does not divide 4\n"
-              "Traceback (most recent call last):\nautoplan.worker: rank 0: KeyError: 'x'\n")
-    assert _describe_failure(1, stderr) == ("failed (exit code 1): ranks 2,3: ValueError: tp=3 does not divide 4; "
-                                            "rank 0: KeyError: 'x'")
+    stderr = (
+        "noise\nautoplan.worker: rank 2: ValueError: tp=3 does not divide 4"
+        "autoplan.worker: rank 3: ValueError: tp=3 does not divide 4\n"
+        "Traceback (most recent call last):\nautoplan.worker: rank 0: KeyError: 'x'\n"
+    )
+    assert _describe_failure(1, stderr) == (
+        "failed (exit code 1): ranks 2,3: ValueError: tp=3 does not divide 4; rank 0: KeyError: 'x'"
+    )

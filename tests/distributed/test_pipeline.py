@@ -5,6 +5,7 @@ Every schedule (gpipe, 1f1b, interleaved 1f1b), composed with data parallel (ZeR
 selective), on gpt-tiny (embedding tied across the first and last stage), llama-tiny and
 mlp-tiny. Plans are grouped per world size: one spawn of processes each.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,10 @@ def _pipeline_plans(job_name: str) -> list[Plan]:
         hand_plan(job_name, 4, pp=2, dp=2, schedule="interleaved_1f1b", virtual_stages=2, zero_stage=3),
     ]
     if job_name == "gpt-tiny":  # the tied embedding is vocab-split on both stages; fused q|k|v
-        plans += [hand_plan(job_name, 4, pp=2, tp=2, schedule="gpipe", recompute="selective"),
-                  hand_plan(job_name, 4, pp=2, tp=2, schedule="1f1b", sequence_parallel=True)]
+        plans += [
+            hand_plan(job_name, 4, pp=2, tp=2, schedule="gpipe", recompute="selective"),
+            hand_plan(job_name, 4, pp=2, tp=2, schedule="1f1b", sequence_parallel=True),
+        ]
     elif job_name == "llama-tiny":  # grouped-query attention split over tp
         plans += [hand_plan(job_name, 4, pp=2, tp=2, schedule="interleaved_1f1b", virtual_stages=2)]
     return plans
@@ -79,9 +82,11 @@ def test_the_plans_schedule_is_the_one_that_runs():
                 assert forwards.index(f"{stages[1]}F0") < forwards.index(f"{stages[0]}F{n - 1}")
         first_rank = per_rank[0][index][1]
         first_backward = next(i for i, action in enumerate(first_rank) if "B" in action)
-        warmup = {"gpipe": [f"0F{mb}" for mb in range(n)],            # every forward, then backwards
-                  "1f1b": ["0F0", "0F1"],                              # pp = 2 forwards, then 1F1B
-                  "interleaved_1f1b": ["0F0", "0F1", "2F0", "2F1", "0F2"]}[plan.schedule]
+        warmup = {
+            "gpipe": [f"0F{mb}" for mb in range(n)],  # every forward, then backwards
+            "1f1b": ["0F0", "0F1"],  # pp = 2 forwards, then 1F1B
+            "interleaved_1f1b": ["0F0", "0F1", "2F0", "2F1", "0F2"],
+        }[plan.schedule]
         assert first_rank[:first_backward] == warmup
 
 
@@ -109,10 +114,17 @@ def _two_input_net_on_rank(rank: int, world_size: int):
     from autoplan.schema.plan import LayerChoice, Prediction, StagePlan
 
     stages = [["emb"], ["a"], ["b", "pos", "c"]]  # tokens, scale, positions travel through stage 1
-    plan = Plan(mesh={"dp": 1, "pp": 3, "tp": 1}, global_batch_size=6, micro_batch_size=2, num_micro_batches=3,
-                schedule="1f1b", stages=[StagePlan(index=i, pp_rank=i, layers=names) for i, names in enumerate(stages)],
-                layers=[LayerChoice(name=name, stage=i) for i, names in enumerate(stages) for name in names],
-                predicted=Prediction(step_time_s=0.0, peak_memory_bytes=0.0), cluster=ClusterSpec.local(world_size=3))
+    plan = Plan(
+        mesh={"dp": 1, "pp": 3, "tp": 1},
+        global_batch_size=6,
+        micro_batch_size=2,
+        num_micro_batches=3,
+        schedule="1f1b",
+        stages=[StagePlan(index=i, pp_rank=i, layers=names) for i, names in enumerate(stages)],
+        layers=[LayerChoice(name=name, stage=i) for i, names in enumerate(stages) for name in names],
+        predicted=Prediction(step_time_s=0.0, peak_memory_bytes=0.0),
+        cluster=ClusterSpec.local(world_size=3),
+    )
     torch.manual_seed(0)
     model, generator = _TwoInputNet(), torch.Generator().manual_seed(1)
     inputs = (torch.randint(0, 10, (6, 5), generator=generator), torch.randn(6, 5, 8, generator=generator))
@@ -149,13 +161,13 @@ def test_split_keeps_original_names_and_passes_values_through_stages():
 
 
 def test_schedule_constraints_are_value_errors_with_the_numbers():
-    plan = hand_plan("mlp-tiny", 4, pp=4, schedule="1f1b", micro_batch_size=4)   # 2 micro-batches, pp=4
+    plan = hand_plan("mlp-tiny", 4, pp=4, schedule="1f1b", micro_batch_size=4)  # 2 micro-batches, pp=4
     with pytest.raises(ValueError, match=r"num_micro_batches >= pp: 2 < 4"):
         validate_pipeline_plan(plan)
     plan = hand_plan("mlp-tiny", 2, pp=2, schedule="1f1b", virtual_stages=2)
     with pytest.raises(ValueError, match="virtual_stages=2"):
         validate_pipeline_plan(plan)
     plan = hand_plan("mlp-tiny", 4, pp=4, schedule="interleaved_1f1b", virtual_stages=1, micro_batch_size=1)
-    validate_pipeline_plan(plan.model_copy(update={"num_micro_batches": 10}))   # 2 rounds of 5
+    validate_pipeline_plan(plan.model_copy(update={"num_micro_batches": 10}))  # 2 rounds of 5
     with pytest.raises(ValueError, match=r"num_micro_batches\(9\) to be a multiple of .* = max\(1, 9 // 4\) = 2"):
         validate_pipeline_plan(plan.model_copy(update={"num_micro_batches": 9}))

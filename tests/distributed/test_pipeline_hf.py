@@ -7,6 +7,7 @@ here the other schedules and recompute on 2 ranks (Llama, GPT-2, BERT with its t
 groups; torch.nn.Transformer, whose layers fx cannot see inside it), and Qwen2's embedding tied
 to lm_head across stages with pp=2 x dp=2 on 4 ranks, ZeRO 0 and ZeRO 3: one spawn per world size.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -27,17 +28,24 @@ def _hf(name: str) -> str:
 
 
 def test_hf_pipeline_schedules_and_recompute_train_like_one_process():
-    check_plans([plan_for(_hf("llama"), 2, pp=2, schedule="gpipe", recompute="full"),
-                 plan_for(_hf("gpt2"), 2, pp=2, schedule="gpipe", recompute="selective"),
-                 plan_for(_hf("bert"), 2, pp=2, schedule="interleaved_1f1b", virtual_stages=2),
-                 # torch.fx keeps nn.Transformer whole: split by module, where one tensor crosses
-                 plan_for("tests/models/foreign.py:transformer_seq2seq", 2, pp=2)])
+    check_plans(
+        [
+            plan_for(_hf("llama"), 2, pp=2, schedule="gpipe", recompute="full"),
+            plan_for(_hf("gpt2"), 2, pp=2, schedule="gpipe", recompute="selective"),
+            plan_for(_hf("bert"), 2, pp=2, schedule="interleaved_1f1b", virtual_stages=2),
+            # torch.fx keeps nn.Transformer whole: split by module, where one tensor crosses
+            plan_for("tests/models/foreign.py:transformer_seq2seq", 2, pp=2),
+        ]
+    )
 
 
 def test_hf_tied_embedding_across_stages_with_data_parallel():
-    check_plans([plan_for(_hf("qwen2"), 4, pp=2, dp=2, schedule="gpipe", zero_stage=0),
-                 plan_for(_hf("qwen2"), 4, pp=2, dp=2, schedule="interleaved_1f1b", virtual_stages=2,
-                          zero_stage=3)])
+    check_plans(
+        [
+            plan_for(_hf("qwen2"), 4, pp=2, dp=2, schedule="gpipe", zero_stage=0),
+            plan_for(_hf("qwen2"), 4, pp=2, dp=2, schedule="interleaved_1f1b", virtual_stages=2, zero_stage=3),
+        ]
+    )
 
 
 def test_split_by_module_keeps_names_and_reproduces_forward():
@@ -45,8 +53,12 @@ def test_split_by_module_keeps_names_and_reproduces_forward():
     the stages (activation, then the model's inputs) gives the model's ModelOutput."""
     job = build(_hf("llama"), batch_size=4, device="cpu", seed=0)
     blocks = [f"model.layers.{i}" for i in range(4)]
-    stages = [["model.embed_tokens", "model.rotary_emb", blocks[0]], [blocks[1]], [blocks[2]],
-              [blocks[3], "model.norm", "lm_head"]]
+    stages = [
+        ["model.embed_tokens", "model.rotary_emb", blocks[0]],
+        [blocks[1]],
+        [blocks[2]],
+        [blocks[3], "model.norm", "lm_head"],
+    ]
     split = split_model(job.module, stages, tuple(x[:2] for x in job.example_inputs))
     assert not any(isinstance(module, fx.GraphModule) for module in split.stage_modules)
     names = [{name for name, _ in module.named_parameters()} for module in split.stage_modules]
@@ -64,8 +76,10 @@ def test_split_by_module_keeps_names_and_reproduces_forward():
 
 def test_qwen2_tied_embedding_is_copied_on_both_ends():
     job = build(_hf("qwen2"), batch_size=2, device="cpu", seed=0)
-    stages = [["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1"],
-              ["model.layers.2", "model.layers.3", "model.norm", "lm_head"]]
+    stages = [
+        ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1"],
+        ["model.layers.2", "model.layers.3", "model.norm", "lm_head"],
+    ]
     split = split_model(job.module, stages, job.example_inputs)
     assert split.tied_groups == [["model.embed_tokens.weight", "lm_head.weight"]]
     assert split.holders(split.tied_groups[0]) == [0, 1]
@@ -75,18 +89,29 @@ def test_a_cut_that_more_than_one_tensor_crosses_names_the_layers():
     """T5: the decoder's layers read the encoder's output, which a cut inside the decoder
     would have to carry beside the decoder's activation."""
     job = build(_hf("t5"), batch_size=2, device="cpu", seed=0)
-    encoder = ["encoder.embed_tokens", "decoder.embed_tokens", "encoder.dropout", "encoder.block.0", "encoder.block.1",
-               "encoder.final_layer_norm"]
+    encoder = [
+        "encoder.embed_tokens",
+        "decoder.embed_tokens",
+        "encoder.dropout",
+        "encoder.block.0",
+        "encoder.block.1",
+        "encoder.final_layer_norm",
+    ]
     decoder = ["decoder.dropout", "decoder.block.0", "decoder.block.1", "decoder.final_layer_norm", "lm_head"]
-    with pytest.raises(ValueError, match=r"torch.fx cannot trace T5ForConditionalGeneration.*"
-                                         r"'decoder.block.1' reads \[[^]]*'encoder.final_layer_norm'"):
+    with pytest.raises(
+        ValueError,
+        match=r"torch.fx cannot trace T5ForConditionalGeneration.*"
+        r"'decoder.block.1' reads \[[^]]*'encoder.final_layer_norm'",
+    ):
         split_model(job.module, [encoder + decoder[:2], decoder[2:]], job.example_inputs)
 
 
 def test_split_by_module_needs_example_inputs():
     job = build(_hf("gpt2"), batch_size=2, device="meta")
-    stages = [["transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h.0", "transformer.h.1"],
-              ["transformer.h.2", "transformer.h.3", "transformer.ln_f", "lm_head"]]
+    stages = [
+        ["transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h.0", "transformer.h.1"],
+        ["transformer.h.2", "transformer.h.3", "transformer.ln_f", "lm_head"],
+    ]
     with pytest.raises(ValueError, match="co_varnames is too small.*needs example_inputs"):
         split_model(job.module, stages)
 

@@ -1,4 +1,5 @@
 """Plans the planner makes (not written by hand) train exactly like one process."""
+
 import pytest
 
 from tests.distributed.equivalence import check_equivalence, plan_for
@@ -7,9 +8,11 @@ pytestmark = pytest.mark.distributed  # spawns gloo ranks
 
 
 def test_free_and_pinned_planner_plans_train_like_one_process():
-    plans = [plan_for("gpt-tiny", 4),                                   # the planner's free choice
-             plan_for("gpt-tiny", 4, dp=1, pp=2, tp=2),                 # its stages, schedule, SP, ZeRO
-             plan_for("gpt-tiny", 4, dp=2, tp=2, zero_stage=3, recompute="selective")]
+    plans = [
+        plan_for("gpt-tiny", 4),  # the planner's free choice
+        plan_for("gpt-tiny", 4, dp=1, pp=2, tp=2),  # its stages, schedule, SP, ZeRO
+        plan_for("gpt-tiny", 4, dp=2, tp=2, zero_stage=3, recompute="selective"),
+    ]
     check_equivalence("gpt-tiny", plans)
 
 

@@ -1,4 +1,5 @@
 """Recomputation: the right ops rerun in backward, and training is unchanged."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,5 +46,6 @@ def test_selective_recomputes_everything_but_the_matmuls():
 
 
 def test_recompute_alone_trains_like_one_process():
-    check_equivalence("gpt-tiny", [hand_plan("gpt-tiny", 1, recompute="full"),
-                                   hand_plan("gpt-tiny", 1, recompute="selective")])
+    check_equivalence(
+        "gpt-tiny", [hand_plan("gpt-tiny", 1, recompute="full"), hand_plan("gpt-tiny", 1, recompute="selective")]
+    )

@@ -1,4 +1,5 @@
 """apply_plan / ParallelModel: errors a user can make, the model-facing API, bf16."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,11 @@ def _exercise_runner(rank: int, world_size: int) -> dict:
     original_names = set(job.module.state_dict())
     model = apply_plan(job.module, plan, job.loss_fn)
     result["parameter_names_are_original"] = {name for name, _ in model.named_parameters()} <= original_names
-    result["split_parameters"] = sorted(name for name, param in model.named_parameters()
-                                        if isinstance(param, DTensor) and param.to_local().shape != param.shape)
+    result["split_parameters"] = sorted(
+        name
+        for name, param in model.named_parameters()
+        if isinstance(param, DTensor) and param.to_local().shape != param.shape
+    )
     result["loss"] = model.train_step(job.example_inputs, job.targets)
     result["full_keys_are_original"] = set(model.state_dict(full=True)) == original_names
     try:
@@ -82,8 +86,10 @@ def test_loss_is_the_same_float_on_every_rank(runner_results):
 
 def test_a_batch_that_does_not_match_the_plan_is_a_value_error(runner_results):
     # hand_plan: micro_batch_size = 8 // (dp * 2) = 4 sequences, 2 micro-batches
-    assert runner_results[0]["batch_error"] == \
-        "global batch of 3 != micro_batch_size(4) * num_micro_batches(2) * dp(1) = 8"
+    assert (
+        runner_results[0]["batch_error"]
+        == "global batch of 3 != micro_batch_size(4) * num_micro_batches(2) * dp(1) = 8"
+    )
 
 
 def test_bfloat16_runs_with_finite_loss_and_float32_master_weights(runner_results):

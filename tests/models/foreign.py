@@ -8,6 +8,7 @@ weights, and returns (module, example_inputs, targets, loss_fn) for one global b
     >>> type(job.module.transformer).__name__, len(job.example_inputs)
     ('Transformer', 2)
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,15 @@ class Seq2Seq(nn.Module):
         super().__init__()
         self.src_emb = nn.Embedding(VOCAB, HIDDEN)
         self.tgt_emb = nn.Embedding(VOCAB, HIDDEN)
-        self.transformer = nn.Transformer(d_model=HIDDEN, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
-                                          dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.transformer = nn.Transformer(
+            d_model=HIDDEN,
+            nhead=4,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            dim_feedforward=64,
+            dropout=0.0,
+            batch_first=True,
+        )
         self.head = nn.Linear(HIDDEN, VOCAB)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
@@ -89,7 +97,7 @@ class HandWrittenGPT(nn.Module):
         self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.tok(tokens) + self.pos[:, :tokens.shape[1]]
+        x = self.tok(tokens) + self.pos[:, : tokens.shape[1]]
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))

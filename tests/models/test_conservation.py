@@ -2,6 +2,7 @@
 counted once, and the layers' FLOPs equal torch.utils.flop_counter's over the whole forward
 and backward within 1%. A plan that silently drops part of a model (OPT's decoder once
 did) fails here."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,10 @@ pytest.importorskip("transformers")
 def whole_model_flops(module: torch.nn.Module, inputs: tuple) -> float:
     """Forward + backward FLOPs of the model run at once on meta (one sequence), attention
     counted as the fused kernel the profile assumes."""
-    state = {name: t.detach().requires_grad_(t.is_floating_point() and name in dict(module.named_parameters()))
-             for name, t in {**dict(module.named_parameters()), **dict(module.named_buffers())}.items()}
+    state = {
+        name: t.detach().requires_grad_(t.is_floating_point() and name in dict(module.named_parameters()))
+        for name, t in {**dict(module.named_parameters()), **dict(module.named_buffers())}.items()
+    }
     with FlopCounterMode(display=False) as counter, _FusedAttention(), as_exported():
         output = torch.func.functional_call(module, state, inputs, tie_weights=True)
         leaves = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]

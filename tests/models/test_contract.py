@@ -7,6 +7,7 @@
 
 Both forms give the single-process loss, on every rank, and the same plan on every rank.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The trace is a torch.fx graph over the model, each node mapped to the module that ran it."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,5 +26,9 @@ def test_trace_is_an_fx_graph_with_owning_modules(model):
     placeholders = [node for node in nodes if node.op == "placeholder"]
     assert len(placeholders) == len([x for x in job.example_inputs if isinstance(x, torch.Tensor)])
     output_values = [arg.meta["val"] for arg in graph.output_node().all_input_nodes]
-    assert any(value.shape == leaf.shape for value in output_values
-               for leaf in torch.utils._pytree.tree_leaves(traced.output) if isinstance(leaf, torch.Tensor))
+    assert any(
+        value.shape == leaf.shape
+        for value in output_values
+        for leaf in torch.utils._pytree.tree_leaves(traced.output)
+        if isinstance(leaf, torch.Tensor)
+    )

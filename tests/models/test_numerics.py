@@ -7,6 +7,7 @@ the planner chooses by itself, so a returned plan that cannot run fails here.
 
 One spawn of 4 ranks per model (~20 s on 2 cores), one for all free choices.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,11 @@ def _hf(name: str) -> str:
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "mixtral", "bert"])
 def test_numerics_matrix_matches_one_process(name):
-    plans = [plan_for(_hf(name), WORLD, **pins) for label, pins in MATRIX.items()
-             if label != "tp+sp" or name in SEQUENCE_PARALLEL]
+    plans = [
+        plan_for(_hf(name), WORLD, **pins)
+        for label, pins in MATRIX.items()
+        if label != "tp+sp" or name in SEQUENCE_PARALLEL
+    ]
     assert [plan.mesh for plan in plans][:3] == [{"dp": 4, "pp": 1, "tp": 1}] * 2 + [{"dp": 2, "pp": 1, "tp": 2}]
     tp_plans = [plan for plan in plans if plan.mesh["tp"] > 1]
     assert all(plan.tp_styles for plan in tp_plans), "a tp plan that splits nothing"
@@ -54,8 +58,13 @@ def test_numerics_matrix_matches_one_process(name):
 
 def _free_plan(model: str) -> Plan:
     job = build(model, batch_size=GLOBAL_BATCH, device="meta")
-    return autoplan.plan(job.module, autoplan.ClusterSpec.local(world_size=WORLD), job.example_inputs,
-                         loss_fn=job.loss_fn, model_name=model)
+    return autoplan.plan(
+        job.module,
+        autoplan.ClusterSpec.local(world_size=WORLD),
+        job.example_inputs,
+        loss_fn=job.loss_fn,
+        model_name=model,
+    )
 
 
 def test_the_planners_free_choice_runs_for_every_foreign_model():

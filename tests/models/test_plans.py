@@ -1,6 +1,7 @@
 """Every foreign model plans on a GPU preset and on local CPU ranks, and what the planner
 returns is something the backend can run: sequence parallelism only where the trace found
 a region for it, tensor parallelism only where something is split."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,15 +32,20 @@ def test_every_model_plans_and_offers_only_what_runs(model):
 def test_sequence_parallel_pinned_where_it_cannot_run_names_the_reason():
     job = build("tests/models/foreign.py:transformer_seq2seq", device="meta")
     with pytest.raises(ValueError, match="sequence_parallel=True cannot run on .*sequence-split"):
-        autoplan.plan(job.module, autoplan.ClusterSpec.local(4), job.example_inputs,
-                      constraints=autoplan.Constraints(tp=2, sequence_parallel=True))
+        autoplan.plan(
+            job.module,
+            autoplan.ClusterSpec.local(4),
+            job.example_inputs,
+            constraints=autoplan.Constraints(tp=2, sequence_parallel=True),
+        )
 
 
 def test_tensor_parallel_pinned_on_a_cnn_says_there_is_nothing_to_split():
     job = build("tests/models/foreign.py:resnet", device="meta")
     with pytest.raises(ValueError, match="nothing to split"):
-        autoplan.plan(job.module, autoplan.ClusterSpec.local(4), job.example_inputs,
-                      constraints=autoplan.Constraints(tp=2))
+        autoplan.plan(
+            job.module, autoplan.ClusterSpec.local(4), job.example_inputs, constraints=autoplan.Constraints(tp=2)
+        )
 
 
 def test_a_decoder_as_users_build_it_plans_with_its_cache_left_on():
@@ -49,12 +55,20 @@ def test_a_decoder_as_users_build_it_plans_with_its_cache_left_on():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    plan = autoplan.plan(model, autoplan.ClusterSpec.local(2), (torch.randint(0, 128, (4, 16)),),
-                         constraints=autoplan.Constraints(tp=2))
+    plan = autoplan.plan(
+        model, autoplan.ClusterSpec.local(2), (torch.randint(0, 128, (4, 16)),), constraints=autoplan.Constraints(tp=2)
+    )
     assert plan.mesh["tp"] == 2 and model.config.use_cache
 
 

@@ -1,5 +1,6 @@
 """Stage cuts come from the layer graph (networkx): a pipeline stage begins only where one
 activation crosses, so the planner never offers a cut the backend cannot make."""
+
 from __future__ import annotations
 
 import networkx as nx
@@ -40,7 +41,8 @@ def test_an_encoder_decoder_cannot_be_cut_where_the_decoder_reads_the_encoder():
     blockers = stage_start_blockers(_traced(SEQ2SEQ))
     assert blockers["transformer.decoder.layers.1"] == (
         "a stage starting at 'transformer.decoder.layers.1' must also receive the output of "
-        "'transformer.encoder.norm', which 'transformer.decoder.layers.1' reads")
+        "'transformer.encoder.norm', which 'transformer.decoder.layers.1' reads"
+    )
     assert "'tgt_emb'" in blockers["transformer.encoder.layers.1"]  # the decoder reads the target embedding
 
 
@@ -58,7 +60,8 @@ def test_the_body_is_the_longest_run_a_stage_may_be_cut_inside():
 
 def test_pinned_pipeline_on_nn_transformer_cuts_where_one_tensor_crosses():
     job = build(SEQ2SEQ, batch_size=8, device="meta")
-    plan = autoplan.plan(job.module, autoplan.ClusterSpec.local(2), job.example_inputs,
-                         constraints=autoplan.Constraints(pp=2))
+    plan = autoplan.plan(
+        job.module, autoplan.ClusterSpec.local(2), job.example_inputs, constraints=autoplan.Constraints(pp=2)
+    )
     blockers = stage_start_blockers(trace_model(job.module, job.example_inputs))
     assert plan.stages[1].layers[0] not in blockers

@@ -1,5 +1,6 @@
 """plan() end to end: a zoo model through the profiler, a 1024-rank plan that maps onto a
 real DeviceMesh under the fake process group, and the report."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,8 +41,14 @@ def check_layout(result: Plan, num_layers: int) -> None:
 
 def test_plan_zoo_model_and_explain(tmp_path):
     job = zoo.build("gpt-tiny", batch_size=8, device="meta")
-    result = plan(job.module, ClusterSpec.local(world_size=4), job.example_inputs, loss_fn=job.loss_fn,
-                  constraints=Constraints(pp=2), model_name="gpt-tiny")
+    result = plan(
+        job.module,
+        ClusterSpec.local(world_size=4),
+        job.example_inputs,
+        loss_fn=job.loss_fn,
+        constraints=Constraints(pp=2),
+        model_name="gpt-tiny",
+    )
     check_layout(result, len(result.layers))
     assert result.mesh["pp"] == 2
     assert result.predicted.step_time_s > 0 and result.predicted.tokens_per_s > 0
@@ -56,8 +63,12 @@ def test_plan_zoo_model_and_explain(tmp_path):
 def test_plan_rejects_activation_dtype_before_profiling():
     job = zoo.build("gpt-tiny", batch_size=8, device="meta")
     with pytest.raises(ValueError, match="activation_dtype"):
-        plan(job.module, ClusterSpec.local(world_size=2), job.example_inputs,
-             constraints=Constraints(activation_dtype="bfloat16"))
+        plan(
+            job.module,
+            ClusterSpec.local(world_size=2),
+            job.example_inputs,
+            constraints=Constraints(activation_dtype="bfloat16"),
+        )
 
 
 def test_1024_rank_plan_maps_onto_a_device_mesh():
@@ -68,8 +79,9 @@ def test_1024_rank_plan_maps_onto_a_device_mesh():
     check_layout(result, len(profile.layers))
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1024)
     try:
-        mesh = init_device_mesh("cpu", (result.mesh["pp"], result.mesh["dp"], result.mesh["tp"]),
-                                mesh_dim_names=("pp", "dp", "tp"))
+        mesh = init_device_mesh(
+            "cpu", (result.mesh["pp"], result.mesh["dp"], result.mesh["tp"]), mesh_dim_names=("pp", "dp", "tp")
+        )
         assert mesh["tp"].size() == 4 and mesh["pp"].size() == 2 and mesh["dp"].size() == 128
     finally:
         dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """The MILP is exact: on small instances the free optimum equals brute force over every
 configuration and layer placement, evaluated by the same cost model. Pins and errors."""
+
 from __future__ import annotations
 
 import itertools
@@ -19,38 +20,82 @@ NUM_BLOCKS = 4
 
 def tiny_cluster(memory_bytes: int = 2_000_000_000) -> ClusterSpec:
     """2 nodes x 2 devices, small and slow so that memory binds and links matter."""
-    return ClusterSpec.model_validate({
-        "name": "tiny", "num_nodes": 2, "devices_per_node": 2,
-        "device": {"name": "tiny", "memory_bytes": memory_bytes, "memory_bandwidth_gbps": 100.0,
-                   "peak_flops": {"float32": 1e12, "bfloat16": 4e12}},
-        "intra_node": {"bandwidth_gbps": 50.0, "latency_us": 2.0},
-        "inter_node": {"bandwidth_gbps": 5.0, "latency_us": 10.0}})
+    return ClusterSpec.model_validate(
+        {
+            "name": "tiny",
+            "num_nodes": 2,
+            "devices_per_node": 2,
+            "device": {
+                "name": "tiny",
+                "memory_bytes": memory_bytes,
+                "memory_bandwidth_gbps": 100.0,
+                "peak_flops": {"float32": 1e12, "bfloat16": 4e12},
+            },
+            "intra_node": {"bandwidth_gbps": 50.0, "latency_us": 2.0},
+            "inter_node": {"bandwidth_gbps": 5.0, "latency_us": 10.0},
+        }
+    )
 
 
 def tiny_profile(global_batch: int = 8, heads: int = 4) -> ModelProfile:
-    blocks = [LayerProfile(
-        name=f"blocks.{i}", signature="block", param_count=50_000_000, tp_param_count=48_000_000, param_tensors=12,
-        fwd_flops=1e11, bwd_flops=2e11, tp_flops_fraction=0.95, elementwise_bytes=2e8,
-        saved_bytes={"none": 4e8, "selective": 1.5e8, "full": 2e7},
-        tp_saved_bytes={"none": 3e8, "selective": 1e8, "full": 0.0},
-        output_bytes=1e7, tp_allreduce_bytes_fwd=2e7, tp_allreduce_bytes_bwd=2e7,
-        tp_divisors={f"blocks.{i}.attn heads": heads},
-        # the trace marks where sequence parallelism enters the blocks: without it, SP is not offered
-        tp_sites={"blocks.0": TPSite(style="sequence_parallel_entry")} if i == 0 else {})
-        for i in range(NUM_BLOCKS)]
-    embed = LayerProfile(name="embed", signature="embed", param_count=20_000_000, tp_param_count=20_000_000,
-                         param_tensors=1,
-                         fwd_flops=0.0, bwd_flops=0.0, saved_bytes={o: 1e7 for o in OPTIONS}, output_bytes=1e7,
-                         tp_allreduce_bytes_fwd=1e7)
-    head = LayerProfile(name="head", signature="head", param_count=1000, fwd_flops=5e10, bwd_flops=1e11,
-                        tp_flops_fraction=1.0, elementwise_bytes=1e8,
-                        saved_bytes={"none": 2e8, "selective": 2e8, "full": 1e7},
-                        tp_saved_bytes={"none": 1.5e8, "selective": 1.5e8, "full": 0.0},
-                        output_bytes=5e7, tp_allreduce_bytes_bwd=1e7)
+    blocks = [
+        LayerProfile(
+            name=f"blocks.{i}",
+            signature="block",
+            param_count=50_000_000,
+            tp_param_count=48_000_000,
+            param_tensors=12,
+            fwd_flops=1e11,
+            bwd_flops=2e11,
+            tp_flops_fraction=0.95,
+            elementwise_bytes=2e8,
+            saved_bytes={"none": 4e8, "selective": 1.5e8, "full": 2e7},
+            tp_saved_bytes={"none": 3e8, "selective": 1e8, "full": 0.0},
+            output_bytes=1e7,
+            tp_allreduce_bytes_fwd=2e7,
+            tp_allreduce_bytes_bwd=2e7,
+            tp_divisors={f"blocks.{i}.attn heads": heads},
+            # the trace marks where sequence parallelism enters the blocks: without it, SP is not offered
+            tp_sites={"blocks.0": TPSite(style="sequence_parallel_entry")} if i == 0 else {},
+        )
+        for i in range(NUM_BLOCKS)
+    ]
+    embed = LayerProfile(
+        name="embed",
+        signature="embed",
+        param_count=20_000_000,
+        tp_param_count=20_000_000,
+        param_tensors=1,
+        fwd_flops=0.0,
+        bwd_flops=0.0,
+        saved_bytes={o: 1e7 for o in OPTIONS},
+        output_bytes=1e7,
+        tp_allreduce_bytes_fwd=1e7,
+    )
+    head = LayerProfile(
+        name="head",
+        signature="head",
+        param_count=1000,
+        fwd_flops=5e10,
+        bwd_flops=1e11,
+        tp_flops_fraction=1.0,
+        elementwise_bytes=1e8,
+        saved_bytes={"none": 2e8, "selective": 2e8, "full": 1e7},
+        tp_saved_bytes={"none": 1.5e8, "selective": 1.5e8, "full": 0.0},
+        output_bytes=5e7,
+        tp_allreduce_bytes_bwd=1e7,
+    )
     layers = [embed, *blocks, head]
-    return ModelProfile(model_name="tiny", layers=layers, global_batch_size=global_batch, seq_len=16,
-                        input_bytes=128, fingerprint="tiny", num_params=sum(layer.param_count for layer in layers),
-                        model_flops_per_sequence=sum(layer.fwd_flops + layer.bwd_flops for layer in layers))
+    return ModelProfile(
+        model_name="tiny",
+        layers=layers,
+        global_batch_size=global_batch,
+        seq_len=16,
+        input_bytes=128,
+        fingerprint="tiny",
+        num_params=sum(layer.param_count for layer in layers),
+        model_flops_per_sequence=sum(layer.fwd_flops + layer.bwd_flops for layer in layers),
+    )
 
 
 def compositions(total: int, parts: int, minimum: int):
@@ -82,17 +127,34 @@ def brute_force(profile: ModelProfile, cluster: ClusterSpec, pins: dict | None =
                 if profile.global_batch_size % (dp * mbs) or pins.get("micro_batch_size", mbs) != mbs:
                     continue
                 m = profile.global_batch_size // (dp * mbs)
-                schedules = [("1f1b", 1)] if pp == 1 else [("gpipe", 1), ("1f1b", 1)] + [
-                    ("interleaved_1f1b", v) for v in (2, 4) if NUM_BLOCKS >= pp * v and m % pp == 0]
+                schedules = (
+                    [("1f1b", 1)]
+                    if pp == 1
+                    else [("gpipe", 1), ("1f1b", 1)]
+                    + [("interleaved_1f1b", v) for v in (2, 4) if NUM_BLOCKS >= pp * v and m % pp == 0]
+                )
                 for (schedule, v), zero, sp in itertools.product(
-                        schedules, (0, 1, 3) if dp > 1 else (0,), (False, True) if tp > 1 else (False,)):
-                    if pins.get("schedule", schedule) != schedule or pins.get("zero_stage", zero) != zero \
-                            or pins.get("sequence_parallel", sp) != sp:
+                    schedules, (0, 1, 3) if dp > 1 else (0,), (False, True) if tp > 1 else (False,)
+                ):
+                    if (
+                        pins.get("schedule", schedule) != schedule
+                        or pins.get("zero_stage", zero) != zero
+                        or pins.get("sequence_parallel", sp) != sp
+                    ):
                         continue
-                    config = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=m,
-                                            schedule=schedule, virtual_stages=v, zero_stage=zero,
-                                            sequence_parallel=sp, param_dtype="bfloat16",
-                                            grad_reduce_dtype="bfloat16")
+                    config = ParallelConfig(
+                        dp=dp,
+                        tp=tp,
+                        pp=pp,
+                        micro_batch_size=mbs,
+                        num_micro_batches=m,
+                        schedule=schedule,
+                        virtual_stages=v,
+                        zero_stage=zero,
+                        sequence_parallel=sp,
+                        param_dtype="bfloat16",
+                        grad_reduce_dtype="bfloat16",
+                    )
                     best = min(best, best_placement(profile, cluster, config, cap, pins.get("recompute")))
     return best
 
@@ -125,8 +187,13 @@ def shared_core_cluster() -> ClusterSpec:
     """tiny_cluster as CPU ranks sharing cores: bubbles discounted, nothing overlapped,
     a fixed cost per collective."""
     data = tiny_cluster().model_dump()
-    data["device"].update(shared_core_slowdown=2.5, overlaps_communication=False, adam_bytes_per_param=100.0,
-                          tp_dispatch_overhead_us=2000.0, dtensor_param_step_us=700.0)
+    data["device"].update(
+        shared_core_slowdown=2.5,
+        overlaps_communication=False,
+        adam_bytes_per_param=100.0,
+        tp_dispatch_overhead_us=2000.0,
+        dtensor_param_step_us=700.0,
+    )
     for link in ("intra_node", "inter_node"):
         data[link].update(collective_overhead_us=3000.0, p2p_overhead_us=1500.0)
     return ClusterSpec.model_validate(data)
@@ -162,8 +229,9 @@ def test_pins_are_honoured_and_exact_under_the_pins():
 
 def test_fully_pinned_config_is_evaluated():
     profile, cluster = tiny_profile(), tiny_cluster(memory_bytes=8_000_000_000)
-    pins = dict(dp=2, tp=1, pp=2, micro_batch_size=1, schedule="gpipe", zero_stage=0, recompute="full",
-                sequence_parallel=False)
+    pins = dict(
+        dp=2, tp=1, pp=2, micro_batch_size=1, schedule="gpipe", zero_stage=0, recompute="full", sequence_parallel=False
+    )
     config = solve(profile, cluster, Constraints(**pins)).best.config
     chosen = (config.schedule, config.zero_stage, config.sequence_parallel, config.num_micro_batches)
     assert chosen == ("gpipe", 0, False, 4)

@@ -1,4 +1,5 @@
 """`autoplan bench --rounds`: a candidate's rounds pooled into one entry."""
+
 from __future__ import annotations
 
 import statistics
@@ -8,10 +9,15 @@ from autoplan.bench.compare import _merge_round
 
 def _entry(times: list[float] | None, peak: int | None, status: str = "ok") -> dict:
     median = statistics.median(times) if times else None
-    return {"status": status, "measured_step_times_s": times, "measured_step_s": median,
-            "measured_tokens_per_s": 1000 / median if median else None,
-            "measured_mfu": 0.1 / median if median else None,
-            "measured_peak_memory_bytes": peak, "measured_peak_memory_bytes_per_rank": [peak] if peak else None}
+    return {
+        "status": status,
+        "measured_step_times_s": times,
+        "measured_step_s": median,
+        "measured_tokens_per_s": 1000 / median if median else None,
+        "measured_mfu": 0.1 / median if median else None,
+        "measured_peak_memory_bytes": peak,
+        "measured_peak_memory_bytes_per_rank": [peak] if peak else None,
+    }
 
 
 def test_rounds_pool_every_step_and_keep_the_largest_peak():

@@ -34,12 +34,19 @@ def _direct_matmul_s(n: int) -> float:
 @pytest.mark.distributed  # calibrate spawns 2 gloo ranks
 def test_two_rank_calibration_is_positive_and_reproduces_a_direct_matmul_timing():
     preset = ClusterSpec.local(world_size=2)
-    cluster = calibrate(preset, nproc=2, progress=False, matmul_sizes=(64, 128, MATMUL_N),
-                        message_bytes=(4096, 65536, 1 << 20))
+    cluster = calibrate(
+        preset, nproc=2, progress=False, matmul_sizes=(64, 128, MATMUL_N), message_bytes=(4096, 65536, 1 << 20)
+    )
     assert cluster.calibrated and not preset.calibrated
     device = cluster.device
-    numbers = [*device.peak_flops.values(), device.matmul_efficiency, device.memory_bandwidth_gbps,
-               device.memory_efficiency, cluster.intra_node.bandwidth_gbps, cluster.intra_node.latency_us]
+    numbers = [
+        *device.peak_flops.values(),
+        device.matmul_efficiency,
+        device.memory_bandwidth_gbps,
+        device.memory_efficiency,
+        cluster.intra_node.bandwidth_gbps,
+        cluster.intra_node.latency_us,
+    ]
     assert all(math.isfinite(x) and x > 0 for x in numbers), numbers
     assert cluster.intra_node != preset.intra_node and cluster.inter_node == cluster.intra_node
     # DTensor's wrapping and sharding propagation cost host time beyond the same collectives by hand
@@ -61,8 +68,14 @@ def _synthetic_calibration(nproc: int, latency_s: float, bandwidth_bps: float) -
     for name in ("all_reduce", "all_gather", "reduce_scatter", "send_recv"):
         steps, factor = ring_terms(name, nproc)
         timings[name] = [(size, steps * latency_s + factor * size / bandwidth_bps) for size in (1e3, 1e5, 1e7)]
-    return Calibration(device="cpu", nproc=nproc, matmul_flops={"float32": [(512, 50e9), (1024, 60e9)]},
-                       elementwise_gbps=5.0, collectives={}, link=fit_collectives(timings, nproc, "link"))
+    return Calibration(
+        device="cpu",
+        nproc=nproc,
+        matmul_flops={"float32": [(512, 50e9), (1024, 60e9)]},
+        elementwise_gbps=5.0,
+        collectives={},
+        link=fit_collectives(timings, nproc, "link"),
+    )
 
 
 def test_fit_recovers_a_known_link_and_the_cost_model_reproduces_the_timings():
@@ -98,12 +111,24 @@ def test_bad_arguments_are_value_errors():
 
 
 def test_rates_timed_alone_are_divided_by_the_shared_core_slowdown():
-    timings = {name: [(size, ring_terms(name, 4)[0] * 1e-3 + ring_terms(name, 4)[1] * size / 1e9)
-                      for size in (1e3, 1e6)] for name in ("all_reduce", "send_recv")}
-    measured = Calibration(device="cpu", nproc=4, matmul_flops={"float32": [(1024, 80e9)]}, elementwise_gbps=20.0,
-                           link=fit_collectives(timings, 4, "link"), shared_core_slowdown=2.0, rates_alone=True,
-                           adam_seconds_per_param=5e-9, loaded_extra_us=9000.0, loaded_p2p_extra_us=3000.0,
-                           tp_dispatch_s=2e-3, dtensor_param_step_s=6e-4)
+    timings = {
+        name: [(size, ring_terms(name, 4)[0] * 1e-3 + ring_terms(name, 4)[1] * size / 1e9) for size in (1e3, 1e6)]
+        for name in ("all_reduce", "send_recv")
+    }
+    measured = Calibration(
+        device="cpu",
+        nproc=4,
+        matmul_flops={"float32": [(1024, 80e9)]},
+        elementwise_gbps=20.0,
+        link=fit_collectives(timings, 4, "link"),
+        shared_core_slowdown=2.0,
+        rates_alone=True,
+        adam_seconds_per_param=5e-9,
+        loaded_extra_us=9000.0,
+        loaded_p2p_extra_us=3000.0,
+        tp_dispatch_s=2e-3,
+        dtensor_param_step_s=6e-4,
+    )
     cluster = measured.apply(ClusterSpec.local(world_size=4))
     device = cluster.device
     assert device.shared_core_slowdown == 2.0

@@ -1,4 +1,5 @@
 """The `autoplan` command line, run in-process through its entry point."""
+
 import json
 
 import pytest
@@ -9,8 +10,24 @@ from autoplan.cli import main
 
 def test_plan_then_show(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["plan", "--model", "gpt2-small", "--cluster", "dgx-a100-80gb:2", "--global-batch-size", "64",
-                 "--seq-len", "256", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "gpt2-small",
+                "--cluster",
+                "dgx-a100-80gb:2",
+                "--global-batch-size",
+                "64",
+                "--seq-len",
+                "256",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     plan = Plan.from_json(out)
     assert plan.world_size == 16 and plan.global_batch_size == 64 and plan.seq_len == 256
     assert main(["show", str(out)]) == 0
@@ -22,19 +39,48 @@ def test_plan_then_show(tmp_path, capsys):
 
 def test_fix_pins_every_axis(tmp_path):
     out = tmp_path / "plan.json"
-    assert main(["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--fix", "dp=1,pp=2,tp=2,schedule=gpipe",
-                 "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "gpt-tiny",
+                "--cluster",
+                "local:4",
+                "--fix",
+                "dp=1,pp=2,tp=2,schedule=gpipe",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     plan = Plan.from_json(out)
     assert plan.mesh == {"dp": 1, "pp": 2, "tp": 2} and plan.schedule == "gpipe"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["plan", "--model", "nope-1b", "--cluster", "local:2"], "unknown model 'nope-1b'"),
-    (["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--fix", "tp=3"], "tp=3"),
-    (["plan", "--model", "gpt-tiny", "--cluster", "dgx-a100-80gb:0"], "num_nodes"),
-    (["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--global-batch-size", "10",
-      "--fix", "dp=4,micro_batch_size=3"], "12"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["plan", "--model", "nope-1b", "--cluster", "local:2"], "unknown model 'nope-1b'"),
+        (["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--fix", "tp=3"], "tp=3"),
+        (["plan", "--model", "gpt-tiny", "--cluster", "dgx-a100-80gb:0"], "num_nodes"),
+        (
+            [
+                "plan",
+                "--model",
+                "gpt-tiny",
+                "--cluster",
+                "local:4",
+                "--global-batch-size",
+                "10",
+                "--fix",
+                "dp=4,micro_batch_size=3",
+            ],
+            "12",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -118,18 +164,29 @@ def test_a_cuda_plan_on_a_machine_without_enough_gpus_is_refused_before_launchin
     assert "runs 8 CUDA device(s) per node but this machine has 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("make, argv, words", [
-    (None, ["plan", "--model", "gpt-tiny", "--cluster", "dgx-h100:0"], "num_nodes: num_nodes must be >= 1, got 0"),
-    (None, ["plan", "--model", "gpt-tiny", "--cluster", "local:2", "--fix", "tp=0"],
-     "tp: Input should be greater than or equal to 1 (got 0)"),
-    ("folder", ["show", "{tmp}"], "is a folder"),
-    ("bad.toml:[x", ["plan", "--model", "gpt-tiny", "--cluster", "{tmp}/bad.toml"], "bad.toml' is not valid toml"),
-    ("c.toml:preset = \"dgx-h100\"\nbogus = 3\n", ["plan", "--model", "gpt-tiny", "--cluster", "{tmp}/c.toml"],
-     "c.toml': unknown override 'bogus'"),
-    ("user.py:def boom():\n    raise RuntimeError('weights file missing')\n",
-     ["plan", "--model", "{tmp}/user.py:boom", "--cluster", "local:2"],
-     "user.py:boom: RuntimeError: weights file missing (at "),
-])
+@pytest.mark.parametrize(
+    "make, argv, words",
+    [
+        (None, ["plan", "--model", "gpt-tiny", "--cluster", "dgx-h100:0"], "num_nodes: num_nodes must be >= 1, got 0"),
+        (
+            None,
+            ["plan", "--model", "gpt-tiny", "--cluster", "local:2", "--fix", "tp=0"],
+            "tp: Input should be greater than or equal to 1 (got 0)",
+        ),
+        ("folder", ["show", "{tmp}"], "is a folder"),
+        ("bad.toml:[x", ["plan", "--model", "gpt-tiny", "--cluster", "{tmp}/bad.toml"], "bad.toml' is not valid toml"),
+        (
+            'c.toml:preset = "dgx-h100"\nbogus = 3\n',
+            ["plan", "--model", "gpt-tiny", "--cluster", "{tmp}/c.toml"],
+            "c.toml': unknown override 'bogus'",
+        ),
+        (
+            "user.py:def boom():\n    raise RuntimeError('weights file missing')\n",
+            ["plan", "--model", "{tmp}/user.py:boom", "--cluster", "local:2"],
+            "user.py:boom: RuntimeError: weights file missing (at ",
+        ),
+    ],
+)
 def test_user_errors_are_one_line_naming_file_and_field(tmp_path, capsys, make, argv, words):
     if make and ":" in make:
         name, _, text = make.partition(":")

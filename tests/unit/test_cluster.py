@@ -29,11 +29,14 @@ def test_short_file_is_a_preset_with_overrides(tmp_path):
     assert cluster.world_size == 24 and cluster.inter_node.bandwidth_gbps == 12.5
 
 
-@pytest.mark.parametrize("bad, field", [
-    (dict(num_nodes=0), "num_nodes"),
-    (dict(memory_bytes=-1), "memory_bytes"),
-    (dict(bogus=1), "bogus"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (dict(num_nodes=0), "num_nodes"),
+        (dict(memory_bytes=-1), "memory_bytes"),
+        (dict(bogus=1), "bogus"),
+    ],
+)
 def test_bad_cluster_names_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         ClusterSpec.preset("dgx-a100-80gb", **bad)
@@ -54,9 +57,17 @@ def test_constraints_dtypes_and_fix():
         Constraints.parse_fix("nonsense=3")
 
 
-@pytest.mark.parametrize("name, published", [
-    ("gpt3-175b", 174.6e9), ("megatron-1t", 1008.0e9), ("megatron-1.7b", 1.7e9),
-    ("llama2-7b", 6.74e9), ("llama3-70b", 70.55e9), ("llama3-405b", 405.9e9)])
+@pytest.mark.parametrize(
+    "name, published",
+    [
+        ("gpt3-175b", 174.6e9),
+        ("megatron-1t", 1008.0e9),
+        ("megatron-1.7b", 1.7e9),
+        ("llama2-7b", 6.74e9),
+        ("llama3-70b", 70.55e9),
+        ("llama3-405b", 405.9e9),
+    ],
+)
 def test_zoo_parameter_counts_match_published(name, published):
     module = build(name, batch_size=1).module
     count = sum(p.numel() for p in module.parameters())

@@ -1,4 +1,5 @@
 """Compute, communication and step-time formulas against hand arithmetic, plus properties."""
+
 from __future__ import annotations
 
 import math
@@ -58,15 +59,26 @@ def test_p2p():
 
 
 def layer(fwd_flops=1e12, tp_fraction=1.0, elementwise=0.0, **extra) -> LayerProfile:
-    return LayerProfile(name="l", signature="s", param_count=10, fwd_flops=fwd_flops, bwd_flops=2 * fwd_flops,
-                        tp_flops_fraction=tp_fraction, elementwise_bytes=elementwise,
-                        saved_bytes={"none": 100.0}, tp_saved_bytes={"none": 50.0}, output_bytes=0.0, **extra)
+    return LayerProfile(
+        name="l",
+        signature="s",
+        param_count=10,
+        fwd_flops=fwd_flops,
+        bwd_flops=2 * fwd_flops,
+        tp_flops_fraction=tp_fraction,
+        elementwise_bytes=elementwise,
+        saved_bytes={"none": 100.0},
+        tp_saved_bytes={"none": 50.0},
+        output_bytes=0.0,
+        **extra,
+    )
 
 
 def test_roofline_matmul_time():
     device = A100.device
-    time = estimate_layer_time(layer(), device, micro_batch_size=2, tp=1, sequence_parallel=False,
-                               recompute="none", compute_dtype="bfloat16")
+    time = estimate_layer_time(
+        layer(), device, micro_batch_size=2, tp=1, sequence_parallel=False, recompute="none", compute_dtype="bfloat16"
+    )
     efficiency = device.matmul_efficiency * 2e12 / (2e12 + 2e9)
     assert time.forward_s == pytest.approx(2e12 / (312e12 * efficiency))
     assert time.backward_s == pytest.approx(2 * time.forward_s)
@@ -75,8 +87,15 @@ def test_roofline_matmul_time():
 
 def test_tp_divides_only_its_fraction_and_full_recompute_repeats_forward():
     device = A100.device
-    half = estimate_layer_time(layer(tp_fraction=0.5), device, micro_batch_size=1, tp=4, sequence_parallel=False,
-                               recompute="full", compute_dtype="bfloat16")
+    half = estimate_layer_time(
+        layer(tp_fraction=0.5),
+        device,
+        micro_batch_size=1,
+        tp=4,
+        sequence_parallel=False,
+        recompute="full",
+        compute_dtype="bfloat16",
+    )
     flops = 1e12 * (0.5 / 4 + 0.5)
     assert half.forward_s == pytest.approx(flops / (312e12 * matmul_efficiency(flops, device)))
     assert half.recompute_s == pytest.approx(half.forward_s)
@@ -84,8 +103,15 @@ def test_tp_divides_only_its_fraction_and_full_recompute_repeats_forward():
 
 def test_elementwise_is_memory_bound():
     device = A100.device
-    time = estimate_layer_time(layer(fwd_flops=0.0, elementwise=4e9), device, micro_batch_size=1, tp=1,
-                               sequence_parallel=False, recompute="selective", compute_dtype="bfloat16")
+    time = estimate_layer_time(
+        layer(fwd_flops=0.0, elementwise=4e9),
+        device,
+        micro_batch_size=1,
+        tp=1,
+        sequence_parallel=False,
+        recompute="selective",
+        compute_dtype="bfloat16",
+    )
     elementwise = 2e9 / (2039e9 * device.memory_efficiency)  # bf16 halves the float32 bytes
     assert time.forward_s == pytest.approx(elementwise, rel=1e-6)
     assert time.recompute_s == pytest.approx(elementwise, rel=1e-6)
@@ -94,8 +120,15 @@ def test_elementwise_is_memory_bound():
 
 def test_measured_times_replace_the_roofline():
     measured = layer(measured_fwd_s=0.01, measured_bwd_s=0.02, measured_device=A100.device.name)
-    time = estimate_layer_time(measured, A100.device, micro_batch_size=3, tp=2, sequence_parallel=False,
-                               recompute="none", compute_dtype="bfloat16")
+    time = estimate_layer_time(
+        measured,
+        A100.device,
+        micro_batch_size=3,
+        tp=2,
+        sequence_parallel=False,
+        recompute="none",
+        compute_dtype="bfloat16",
+    )
     assert (time.forward_s, time.backward_s) == pytest.approx((0.03 / 2, 0.06 / 2))
 
 
@@ -103,8 +136,9 @@ def test_pipeline_formula():
     config = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=1, num_micro_batches=8)
     # (m - 1) * max + sum for 1F1B, plus 2 p2p per micro-batch and boundary
     assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.0) == pytest.approx(7 * 2 + 5)
-    interleaved = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=1, num_micro_batches=8,
-                                 schedule="interleaved_1f1b", virtual_stages=2)
+    interleaved = ParallelConfig(
+        dp=1, tp=1, pp=4, micro_batch_size=1, num_micro_batches=8, schedule="interleaved_1f1b", virtual_stages=2
+    )
     assert pipeline_time_s([1.0] * 4, interleaved, 0.1) == pytest.approx(8 + 3 / 2 + 2 * 0.1 * (16 + 3))
 
 
@@ -202,20 +236,43 @@ def test_adam_traffic_is_the_devices_constant():
 def _tp_block() -> LayerProfile:
     from autoplan.schema.plan import TPSite
 
-    sites = {"b.attn.qkv": TPSite(style="colwise"), "b.attn.o": TPSite(style="rowwise"),
-             "b.mlp.fc": TPSite(style="colwise"), "b.mlp.proj": TPSite(style="rowwise"),
-             "b.ln_1": TPSite(style="sequence_parallel"), "b.ln_2": TPSite(style="sequence_parallel")}
-    return LayerProfile(name="b", signature="s", param_count=10, fwd_flops=1e9, bwd_flops=2e9,
-                        saved_bytes={"none": 100.0, "full": 10.0}, tp_saved_bytes={"none": 50.0, "full": 5.0},
-                        output_bytes=0.0, tp_allreduce_bytes_fwd=2e6, tp_allreduce_bytes_bwd=2e6, tp_sites=sites)
+    sites = {
+        "b.attn.qkv": TPSite(style="colwise"),
+        "b.attn.o": TPSite(style="rowwise"),
+        "b.mlp.fc": TPSite(style="colwise"),
+        "b.mlp.proj": TPSite(style="rowwise"),
+        "b.ln_1": TPSite(style="sequence_parallel"),
+        "b.ln_2": TPSite(style="sequence_parallel"),
+    }
+    return LayerProfile(
+        name="b",
+        signature="s",
+        param_count=10,
+        fwd_flops=1e9,
+        bwd_flops=2e9,
+        saved_bytes={"none": 100.0, "full": 10.0},
+        tp_saved_bytes={"none": 50.0, "full": 5.0},
+        output_bytes=0.0,
+        tp_allreduce_bytes_fwd=2e6,
+        tp_allreduce_bytes_bwd=2e6,
+        tp_sites=sites,
+    )
 
 
 def _tp_comm_s(cluster: ClusterSpec, sequence_parallel: bool, recompute: str = "none") -> float:
     from autoplan.costmodels.pipeline import estimate_layer_cost
 
-    return estimate_layer_cost(_tp_block(), recompute, cluster, dp=2, tp=2, micro_batch_size=1,
-                               sequence_parallel=sequence_parallel, param_dtype="float32",
-                               grad_reduce_dtype="float32").tp_comm_s
+    return estimate_layer_cost(
+        _tp_block(),
+        recompute,
+        cluster,
+        dp=2,
+        tp=2,
+        micro_batch_size=1,
+        sequence_parallel=sequence_parallel,
+        param_dtype="float32",
+        grad_reduce_dtype="float32",
+    ).tp_comm_s
 
 
 def test_sequence_parallel_pays_two_calls_per_site():
@@ -235,8 +292,7 @@ def test_dtensor_dispatch_is_paid_per_site():
     assert _tp_comm_s(with_dispatch, False) - _tp_comm_s(base, False) == pytest.approx(4e-3)
     assert _tp_comm_s(with_dispatch, True) - _tp_comm_s(base, True) == pytest.approx(6e-3)
     # full recompute runs the forward (half the dispatch) again
-    assert (_tp_comm_s(with_dispatch, False, "full") - _tp_comm_s(base, False, "full")
-            == pytest.approx(4e-3 * 1.5))
+    assert _tp_comm_s(with_dispatch, False, "full") - _tp_comm_s(base, False, "full") == pytest.approx(4e-3 * 1.5)
 
 
 def test_optimizer_pays_dtensor_host_time_per_parameter_tensor_where_params_are_dtensors():
@@ -244,16 +300,24 @@ def test_optimizer_pays_dtensor_host_time_per_parameter_tensor_where_params_are_
     from autoplan.schema.profile import ModelProfile
 
     ddp = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=2, num_micro_batches=1)
-    assert not params_are_dtensors(ddp, 0)          # DDP's reducer keeps plain tensors
-    assert params_are_dtensors(ddp, 1) and params_are_dtensors(ddp, 3)   # FSDP2 shards
+    assert not params_are_dtensors(ddp, 0)  # DDP's reducer keeps plain tensors
+    assert params_are_dtensors(ddp, 1) and params_are_dtensors(ddp, 3)  # FSDP2 shards
     staged = ParallelConfig(dp=2, tp=1, pp=2, micro_batch_size=2, num_micro_batches=2)
-    assert params_are_dtensors(staged, 0)           # replicate_with_fsdp beside a pipeline
+    assert params_are_dtensors(staged, 0)  # replicate_with_fsdp beside a pipeline
     assert params_are_dtensors(ParallelConfig(dp=1, tp=4, pp=1, micro_batch_size=2, num_micro_batches=1), 0)
     assert not params_are_dtensors(ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=2, num_micro_batches=4), 0)
 
     blocks = [layer(fwd_flops=1e6, param_tensors=5) for _ in range(3)]
-    profile = ModelProfile(model_name="m", layers=blocks, global_batch_size=8, seq_len=1, input_bytes=0.0,
-                           fingerprint="f", num_params=30, model_flops_per_sequence=0.0)
+    profile = ModelProfile(
+        model_name="m",
+        layers=blocks,
+        global_batch_size=8,
+        seq_len=1,
+        input_bytes=0.0,
+        fingerprint="f",
+        num_params=30,
+        model_flops_per_sequence=0.0,
+    )
     rank_layers = [[(i, "none") for i in range(3)]]
 
     def optimizer_s(cluster: ClusterSpec, zero: int) -> float:
@@ -272,17 +336,25 @@ def test_step_collectives_loss_first_ddp_bucket_and_tied_gradients():
     cluster = _local()  # 1 GB/s, 100 us latency, 2 ms per collective call
     embed = layer(fwd_flops=1e6).model_copy(update={"name": "embed", "param_count": 1_000_000})
     head = layer(fwd_flops=1e6).model_copy(update={"name": "head", "param_count": 0})
-    profile = ModelProfile(model_name="m", layers=[embed, head], global_batch_size=8, seq_len=1, input_bytes=0.0,
-                           fingerprint="f", num_params=1_000_000, model_flops_per_sequence=0.0,
-                           tied_parameters=[["embed.weight", "head.weight"]])
+    profile = ModelProfile(
+        model_name="m",
+        layers=[embed, head],
+        global_batch_size=8,
+        seq_len=1,
+        input_bytes=0.0,
+        fingerprint="f",
+        num_params=1_000_000,
+        model_flops_per_sequence=0.0,
+        tied_parameters=[["embed.weight", "head.weight"]],
+    )
     bandwidth = 1e9 * LINK_EFFICIENCY
-    call_4 = 6 * 100e-6 + 2e-3                       # all-reduce on 4 ranks: 6 ring steps + the call
+    call_4 = 6 * 100e-6 + 2e-3  # all-reduce on 4 ranks: 6 ring steps + the call
     ddp = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=2, num_micro_batches=1)
     loss = 2 * 3 / 4 * 4 / bandwidth + call_4
-    assert step_collectives_s(profile, cluster, ddp) == pytest.approx(loss + call_4)   # + DDP's first bucket
+    assert step_collectives_s(profile, cluster, ddp) == pytest.approx(loss + call_4)  # + DDP's first bucket
     fsdp = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=2, num_micro_batches=1, zero_stage=3)
     assert step_collectives_s(profile, cluster, fsdp) == pytest.approx(loss)
     pipeline = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=2, num_micro_batches=4)
     broadcast = 3 / 4 * 4 / bandwidth + 3 * 100e-6 + 2e-3
-    tied = 2 * 1 / 2 * 4e6 / bandwidth + 2 * 100e-6 + 2e-3   # 1 M fp32 gradients between two stages
+    tied = 2 * 1 / 2 * 4e6 / bandwidth + 2 * 100e-6 + 2e-3  # 1 M fp32 gradients between two stages
     assert step_collectives_s(profile, cluster, pipeline) == pytest.approx(broadcast + tied)

@@ -6,6 +6,7 @@ Modules are imported by their dotted names, as users import them: autoplan.costm
 in costmodels/ and autoplan.backends in backends/ (pyproject's package-dir), which
 `--doctest-modules` over the folders would import under the wrong names.
 """
+
 from __future__ import annotations
 
 import doctest
@@ -15,8 +16,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = {"autoplan": ROOT / "autoplan", "autoplan.costmodels": ROOT / "costmodels",
-            "autoplan.backends": ROOT / "backends"}
+PACKAGES = {
+    "autoplan": ROOT / "autoplan",
+    "autoplan.costmodels": ROOT / "costmodels",
+    "autoplan.backends": ROOT / "backends",
+}
 OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 NEEDS_SKIP: dict[str, str] = {}
 
@@ -32,9 +36,15 @@ def _module_names() -> list[str]:
     return sorted(names)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(reason=f"needs # doctest: +SKIP: {NEEDS_SKIP[name]}", strict=True))
-    if name in NEEDS_SKIP else name for name in _module_names()])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(reason=f"needs # doctest: +SKIP: {NEEDS_SKIP[name]}", strict=True))
+        if name in NEEDS_SKIP
+        else name
+        for name in _module_names()
+    ],
+)
 def test_docstring_examples(name, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # doctest's debugger reads ~/.pdbrc: not this machine's
     module = importlib.import_module(name)

@@ -1,6 +1,7 @@
 """`hf:PATH` models: a Hugging Face config.json (or a folder holding one) built on meta by
 `autoplan.zoo.build`, its mistakes named by file and field, and `autoplan plan --model hf:...`
 (in-process, through the CLI's entry point, as tests/unit/test_cli.py runs it)."""
+
 from __future__ import annotations
 
 import gc
@@ -75,17 +76,26 @@ def _llama_with(**changes) -> str:
     return json.dumps({k: v for k, v in fields.items() if v is not None})
 
 
-@pytest.mark.parametrize("case, text, words", [
-    ("malformed JSON", '{"model_type": "llama",', ["not valid JSON"]),
-    ("not an object", "[1, 2]", ["JSON object"]),
-    ("missing model_type", _llama_with(model_type=None), ["'model_type'", "missing"]),
-    ("unknown model_type", _llama_with(model_type="no-such-family"), ["'model_type'", "'no-such-family'"]),
-    ("unknown architectures name", _llama_with(architectures=["LlamaForTeleportation"]),
-     ["'architectures'", "'LlamaForTeleportation'"]),
-    ("architectures of another family", _llama_with(architectures=["GPT2LMHeadModel"]),
-     ["'architectures'", "'GPT2LMHeadModel'", "'model_type'"]),
-    ("field of the wrong type", _llama_with(hidden_size="wide"), ["hidden_size"]),
-])
+@pytest.mark.parametrize(
+    "case, text, words",
+    [
+        ("malformed JSON", '{"model_type": "llama",', ["not valid JSON"]),
+        ("not an object", "[1, 2]", ["JSON object"]),
+        ("missing model_type", _llama_with(model_type=None), ["'model_type'", "missing"]),
+        ("unknown model_type", _llama_with(model_type="no-such-family"), ["'model_type'", "'no-such-family'"]),
+        (
+            "unknown architectures name",
+            _llama_with(architectures=["LlamaForTeleportation"]),
+            ["'architectures'", "'LlamaForTeleportation'"],
+        ),
+        (
+            "architectures of another family",
+            _llama_with(architectures=["GPT2LMHeadModel"]),
+            ["'architectures'", "'GPT2LMHeadModel'", "'model_type'"],
+        ),
+        ("field of the wrong type", _llama_with(hidden_size="wide"), ["hidden_size"]),
+    ],
+)
 def test_bad_configs_raise_a_value_error_naming_file_and_field(tmp_path, case, text, words):
     path = _write(tmp_path, text)
     with pytest.raises(ValueError) as error:
@@ -115,8 +125,10 @@ def test_cli_plans_an_hf_model(tmp_path, capsys):
     assert (gc.get_threshold(), gc.get_freeze_count()) == gc_state
 
 
-@pytest.mark.parametrize("text", ['{"model_type": "llama",', _llama_with(hidden_size="wide"),
-                                  _llama_with(architectures=["LlamaForTeleportation"])])
+@pytest.mark.parametrize(
+    "text",
+    ['{"model_type": "llama",', _llama_with(hidden_size="wide"), _llama_with(architectures=["LlamaForTeleportation"])],
+)
 def test_cli_prints_a_bad_hf_config_as_one_line_and_exits_2(tmp_path, capsys, text):
     path = _write(tmp_path, text)
     assert main(["plan", "--model", f"hf:{path}", "--cluster", "local:2"]) == 2

@@ -1,6 +1,7 @@
 """The layers of the tree, as autoplan/__init__.py lists them: a module imports only modules
 of its own layer or of layers before it, function-level imports included, so planning never
 reaches into measurement or running, and there is no import cycle."""
+
 from __future__ import annotations
 
 import ast
@@ -10,11 +11,26 @@ import networkx as nx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE_DIRS = {"autoplan": ROOT / "autoplan", "autoplan.costmodels": ROOT / "costmodels",
-                "autoplan.backends": ROOT / "backends"}
-LAYERS = ["autoplan.errors", "autoplan.costmodels.devices", "autoplan.schema", "autoplan.zoo", "autoplan.analysis",
-          "autoplan.costmodels", "autoplan.planner", "autoplan.backends", "autoplan.runtime", "autoplan.measure",
-          "autoplan.bench", "autoplan.cli", "autoplan"]
+PACKAGE_DIRS = {
+    "autoplan": ROOT / "autoplan",
+    "autoplan.costmodels": ROOT / "costmodels",
+    "autoplan.backends": ROOT / "backends",
+}
+LAYERS = [
+    "autoplan.errors",
+    "autoplan.costmodels.devices",
+    "autoplan.schema",
+    "autoplan.zoo",
+    "autoplan.analysis",
+    "autoplan.costmodels",
+    "autoplan.planner",
+    "autoplan.backends",
+    "autoplan.runtime",
+    "autoplan.measure",
+    "autoplan.bench",
+    "autoplan.cli",
+    "autoplan",
+]
 """Earliest first; a module belongs to the longest prefix that names it. `autoplan` itself (the
 facade: plan, explain, parallelize) comes last. Datasheet presets (costmodels.devices) are data
 the schema's cluster presets read."""
@@ -35,8 +51,10 @@ def _modules() -> dict[str, Path]:
 
 
 def _layer(module: str) -> int:
-    return max((index for index, prefix in enumerate(LAYERS) if module == prefix or module.startswith(prefix + ".")),
-               key=lambda index: len(LAYERS[index]))
+    return max(
+        (index for index, prefix in enumerate(LAYERS) if module == prefix or module.startswith(prefix + ".")),
+        key=lambda index: len(LAYERS[index]),
+    )
 
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
@@ -48,7 +66,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parent + ([base] if base else []))
             targets |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names}
     resolved = set()
@@ -62,15 +80,23 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
 
 def test_no_module_imports_a_later_layer():
     modules = _modules()
-    wrong = [f"{name} -> {target}" for name, path in modules.items() for target in _imports(name, path, modules)
-             if _layer(target) > _layer(name) and not name.startswith(target + ".")]
+    wrong = [
+        f"{name} -> {target}"
+        for name, path in modules.items()
+        for target in _imports(name, path, modules)
+        if _layer(target) > _layer(name) and not name.startswith(target + ".")
+    ]
     assert not wrong, "imports against the layering:\n" + "\n".join(sorted(wrong))
 
 
 def test_there_is_no_import_cycle():
     modules = _modules()
-    graph = nx.DiGraph((name, target) for name, path in modules.items() for target in _imports(name, path, modules)
-                       if not name.startswith(target + "."))  # a module may import its own package's __init__
+    graph = nx.DiGraph(
+        (name, target)
+        for name, path in modules.items()
+        for target in _imports(name, path, modules)
+        if not name.startswith(target + ".")
+    )  # a module may import its own package's __init__
     cycles = list(nx.simple_cycles(graph))
     assert not cycles, f"import cycles: {cycles[:5]}"
 
@@ -87,10 +113,12 @@ def test_importing_autoplan_changes_nothing_global():
     import subprocess
     import sys
 
-    code = ("import os, warnings, torch, torch.distributed.fsdp, torch.distributed.pipelining, pulp; "
-            "before = list(warnings.filters); fd = os.dup(1); "
-            "import autoplan, autoplan.planner.solver, autoplan.backends.runner, autoplan.runtime.parallelize; "
-            "assert warnings.filters == before, 'warning filters changed'; "
-            "assert os.fstat(1).st_ino == os.fstat(fd).st_ino, 'stdout moved'; print('clean')")
+    code = (
+        "import os, warnings, torch, torch.distributed.fsdp, torch.distributed.pipelining, pulp; "
+        "before = list(warnings.filters); fd = os.dup(1); "
+        "import autoplan, autoplan.planner.solver, autoplan.backends.runner, autoplan.runtime.parallelize; "
+        "assert warnings.filters == before, 'warning filters changed'; "
+        "assert os.fstat(1).st_ino == os.fstat(fd).st_ino, 'stdout moved'; print('clean')"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.strip() == "clean", result.stderr[-2000:]

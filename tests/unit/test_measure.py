@@ -7,14 +7,14 @@ def test_tracker_peak_equals_hand_arithmetic():
     existing = torch.zeros(250)  # 1,000 bytes, counted only once tracked
     with AllocationTracker() as tracker:
         tracker.track(existing)
-        a = torch.empty(1000)                     # 1,000 + 4,000 = 5,000
-        view = a[:10].view(2, 5)                  # a view: no new storage
+        a = torch.empty(1000)  # 1,000 + 4,000 = 5,000
+        view = a[:10].view(2, 5)  # a view: no new storage
         b = torch.ones(500, dtype=torch.float64)  # + 4,000 = 9,000 (peak so far)
-        del a, view                               # - 4,000 = 5,000
-        c = torch.empty(1500)                     # + 6,000 = 11,000 (the peak)
-        b.add_(1)                                 # in place: no new storage
-        c.untyped_storage().resize_(0)            # FSDP-style free: - 6,000 = 5,000
-        d = torch.empty(100)                      # + 400 = 5,400
+        del a, view  # - 4,000 = 5,000
+        c = torch.empty(1500)  # + 6,000 = 11,000 (the peak)
+        b.add_(1)  # in place: no new storage
+        c.untyped_storage().resize_(0)  # FSDP-style free: - 6,000 = 5,000
+        d = torch.empty(100)  # + 400 = 5,400
         assert tracker.current_bytes == 5_400
     assert tracker.peak_bytes == 11_000
     del b, c, d

@@ -1,4 +1,5 @@
 """Memory terms against hand arithmetic (Korthikanti et al. 2022 for activations)."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,22 +15,29 @@ from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.profile import LayerProfile, ModelProfile
 
 S, H, A = 2048, 4096, 32  # sequence, hidden, heads
-ATTN = 5 * A * S / H      # the 5as/h term
+ATTN = 5 * A * S / H  # the 5as/h term
 
 
 def gpt_block(name: str = "blocks.0") -> LayerProfile:
     """Saved bytes at float32 = 2x Korthikanti's 16-bit counts per sequence."""
     return LayerProfile(
-        name=name, signature="block", param_count=12 * H * H, tp_param_count=12 * H * H,
-        fwd_flops=24 * S * H * H, bwd_flops=48 * S * H * H, tp_flops_fraction=1.0,
+        name=name,
+        signature="block",
+        param_count=12 * H * H,
+        tp_param_count=12 * H * H,
+        fwd_flops=24 * S * H * H,
+        bwd_flops=48 * S * H * H,
+        tp_flops_fraction=1.0,
         saved_bytes={"none": 2 * S * H * (34 + ATTN), "selective": 2 * S * H * 34, "full": 4 * S * H},
         tp_saved_bytes={"none": 2 * S * H * (24 + ATTN), "selective": 2 * S * H * 24, "full": 0.0},
-        output_bytes=4 * S * H)
+        output_bytes=4 * S * H,
+    )
 
 
 def activation(recompute: str, tp: int, sp: bool, b: int = 2) -> float:
-    return estimate_activation_bytes(gpt_block(), recompute, micro_batch_size=b, tp=tp, sequence_parallel=sp,
-                                     activation_dtype="bfloat16")
+    return estimate_activation_bytes(
+        gpt_block(), recompute, micro_batch_size=b, tp=tp, sequence_parallel=sp, activation_dtype="bfloat16"
+    )
 
 
 def test_activation_no_parallelism_is_korthikanti_eq1():
@@ -55,15 +63,20 @@ def test_activation_full_recompute():
 
 
 def test_activation_float32_doubles_bf16():
-    fp32 = estimate_activation_bytes(gpt_block(), "none", micro_batch_size=1, tp=1, sequence_parallel=False,
-                                     activation_dtype="float32")
+    fp32 = estimate_activation_bytes(
+        gpt_block(), "none", micro_batch_size=1, tp=1, sequence_parallel=False, activation_dtype="float32"
+    )
     assert fp32 == pytest.approx(2 * S * H * (34 + ATTN))
 
 
 def test_model_states_mixed_precision_18_bytes():
     terms = estimate_model_state_bytes(1e9, zero_stage=0, dp=8, param_dtype="bfloat16")
-    assert terms == {"params_bytes": 2e9, "grads_bytes": 4e9, "master_weights_bytes": 4e9,
-                     "optimizer_states_bytes": 8e9}
+    assert terms == {
+        "params_bytes": 2e9,
+        "grads_bytes": 4e9,
+        "master_weights_bytes": 4e9,
+        "optimizer_states_bytes": 8e9,
+    }
 
 
 def test_model_states_float32_16_bytes():
@@ -97,16 +110,32 @@ def test_rank_memory_by_hand():
     """One rank, 2 blocks, dp=2 ZeRO-1, bf16, 1F1B on pp=1, mbs 1, full recompute."""
     cluster = ClusterSpec.preset("dgx-a100-80gb", num_nodes=1, devices_per_node=2)
     layers = [gpt_block("blocks.0"), gpt_block("blocks.1")]
-    profile = ModelProfile(model_name="m", layers=layers, global_batch_size=4, seq_len=S, input_bytes=8 * S,
-                           fingerprint="x", num_params=24 * H * H, model_flops_per_sequence=0.0)
-    config = ParallelConfig(dp=2, tp=1, pp=1, micro_batch_size=1, num_micro_batches=2, zero_stage=1,
-                            param_dtype="bfloat16", grad_reduce_dtype="bfloat16")
+    profile = ModelProfile(
+        model_name="m",
+        layers=layers,
+        global_batch_size=4,
+        seq_len=S,
+        input_bytes=8 * S,
+        fingerprint="x",
+        num_params=24 * H * H,
+        model_flops_per_sequence=0.0,
+    )
+    config = ParallelConfig(
+        dp=2,
+        tp=1,
+        pp=1,
+        micro_batch_size=1,
+        num_micro_batches=2,
+        zero_stage=1,
+        param_dtype="bfloat16",
+        grad_reduce_dtype="bfloat16",
+    )
     memory = estimate_step(profile, cluster, config, [[(0, "full"), (1, "full")]]).rank_memory[0]
     params = 24 * H * H
     assert memory["params_bytes"] == 2 * params
     assert memory["optimizer_states_bytes"] == pytest.approx(8 * params / 2)
-    assert memory["activations_bytes"] == pytest.approx(1 * 2 * (2 * S * H))        # in flight 1, 2 blocks x 2sh
-    assert memory["transient_bytes"] == pytest.approx(S * H * (34 + ATTN))          # largest "none", bf16
+    assert memory["activations_bytes"] == pytest.approx(1 * 2 * (2 * S * H))  # in flight 1, 2 blocks x 2sh
+    assert memory["transient_bytes"] == pytest.approx(S * H * (34 + ATTN))  # largest "none", bf16
     assert memory["framework_overhead_bytes"] == cluster.device.framework_overhead_bytes
 
 
@@ -117,8 +146,9 @@ def test_data_parallel_buffer_is_one_fsdp_unit_or_none_with_ddp_bucket_views():
     kwargs = dict(micro_batch_size=1, tp=1, activation_dtype="float32")
     # FSDP2 copies a unit's gradients flat for its reduce-scatter: 12 H^2 fp32 gradients
     assert estimate_comm_buffer_bytes(layers, dp=4, **kwargs) == pytest.approx(12 * H * H * 4)
-    assert estimate_comm_buffer_bytes(layers, dp=4, grad_reduce_dtype="bfloat16", **kwargs) == \
-        pytest.approx(12 * H * H * 2)
+    assert estimate_comm_buffer_bytes(layers, dp=4, grad_reduce_dtype="bfloat16", **kwargs) == pytest.approx(
+        12 * H * H * 2
+    )
     # DDP with gradient_as_bucket_view reduces the gradients in place; one rank reduces nothing
     assert estimate_comm_buffer_bytes(layers, dp=4, ddp_bucket_views=True, **kwargs) == 0.0
     assert estimate_comm_buffer_bytes(layers, dp=1, **kwargs) == 0.0

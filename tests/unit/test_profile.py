@@ -26,7 +26,7 @@ def layer(profile, name):
 def test_model_fields(gpt):
     assert gpt.model_name == "gpt-tiny"
     assert gpt.global_batch_size == 4 and gpt.seq_len == S
-    assert gpt.input_bytes == S * 8                     # one sequence of int64 token ids
+    assert gpt.input_bytes == S * 8  # one sequence of int64 token ids
     # 4 blocks of 12 h^2 + 13 h, embeddings (V + s) h, final LayerNorm 2h (lm_head is tied)
     assert gpt.num_params == 4 * (12 * H * H + 13 * H) + (V + S) * H + 2 * H
     assert sum(layer.param_count for layer in gpt.layers) == gpt.num_params
@@ -41,7 +41,7 @@ def test_gpt_block_flops_match_the_formula(gpt):
     # backward: 2x per matmul (input and weight gradients); fused attention recomputes the
     # scores, 5 s^2 h-sized matmuls instead of 2, i.e. 2.5x
     assert block.bwd_flops == 2 * 24 * S * H * H + 2.5 * 4 * S * S * H
-    assert block.tp_flops_fraction == 1.0               # every matmul and the attention are split
+    assert block.tp_flops_fraction == 1.0  # every matmul and the attention are split
     head = layer(gpt, "lm_head")
     assert head.fwd_flops == 2 * S * H * V and head.tp_flops_fraction == 1.0
     assert layer(gpt, "ln_f").fwd_flops == 0
@@ -86,7 +86,7 @@ def test_gpt_tensor_parallel_collectives_and_parameters(gpt):
     assert tok_emb.tp_allreduce_bytes_fwd == 4 * S * H and tok_emb.tp_param_count == V * H
     assert tok_emb.tp_divisors == {"tok_emb vocab": V}
     head = layer(gpt, "lm_head")
-    assert head.param_count == 0 and head.tp_param_count == 0   # tied: counted in tok_emb
+    assert head.param_count == 0 and head.tp_param_count == 0  # tied: counted in tok_emb
     assert head.tp_allreduce_bytes_bwd == 4 * S * H
     # the vocab-split logits are all-gathered: s x V floats, costed as an all-reduce of half
     assert head.tp_allreduce_bytes_fwd == 4 * S * V / 2
@@ -95,10 +95,10 @@ def test_gpt_tensor_parallel_collectives_and_parameters(gpt):
 def test_repeated_blocks_carry_their_own_names(gpt):
     first, last = layer(gpt, "blocks.0"), layer(gpt, "blocks.3")
     assert first.signature == last.signature and first.saved_bytes == last.saved_bytes
-    inner = {path for path in first.tp_sites if path != "blocks.0"}   # blocks.0 itself: the SP entry
+    inner = {path for path in first.tp_sites if path != "blocks.0"}  # blocks.0 itself: the SP entry
     assert set(last.tp_sites) - {"blocks.3"} == {path.replace("blocks.0.", "blocks.3.") for path in inner}
     assert first.tp_sites["blocks.0"].style == "sequence_parallel_entry"
-    assert last.tp_sites["blocks.3"].style == "sequence_parallel_exit"   # the last split block gathers
+    assert last.tp_sites["blocks.3"].style == "sequence_parallel_exit"  # the last split block gathers
     assert last.tp_divisors == {"blocks.3.attn heads": A, "blocks.3.mlp width": 4 * H}
 
 
@@ -191,7 +191,7 @@ def test_tp_flops_fraction_stops_at_the_colwise_input_gradient():
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.pre = torch.nn.Linear(8, 8)           # feeds the residual stream: not split
+            self.pre = torch.nn.Linear(8, 8)  # feeds the residual stream: not split
             self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
 
         def forward(self, x):
@@ -199,7 +199,7 @@ def test_tp_flops_fraction_stops_at_the_colwise_input_gradient():
             return x + self.down(torch.relu(self.up(x)))
 
     block = profile_model(torch.nn.Sequential(Block()), (torch.randn(4, 5, 8),)).layers[0]
-    pre, up, down = 2 * 5 * 8 * 8, 2 * 5 * 8 * 32, 2 * 5 * 32 * 8   # forward FLOPs of 5 tokens
+    pre, up, down = 2 * 5 * 8 * 8, 2 * 5 * 8 * 32, 2 * 5 * 32 * 8  # forward FLOPs of 5 tokens
     assert block.fwd_flops == pre + up + down and block.bwd_flops == 2 * (pre + up + down)
     # split: up and down, forward and backward; pre's backward reads the all-reduced gradient
     assert block.tp_flops_fraction == pytest.approx(3 * (up + down) / (3 * (pre + up + down)))

@@ -4,6 +4,7 @@ Expected times are read from the written JSON itself (plain dicts), never recomp
 through the code under test. gpt-tiny has 9 layers: tok_emb, pos_emb, drop, blocks.0-3,
 ln_f, lm_head (the loss rides on lm_head).
 """
+
 import json
 
 import pytest
@@ -34,15 +35,24 @@ def job():
 def written(job, tmp_path_factory):
     """(path, the file's JSON as plain dicts) of a profile measured for micro-batches 1 and 2."""
     path = tmp_path_factory.mktemp("profile") / "gpt-tiny.cpu.json"
-    measure_profile(job.module, job.example_inputs, job.loss_fn, job.targets, device="cpu",
-                    micro_batch_sizes=[1, 2], model_name="gpt-tiny", progress=False).to_json(path)
+    measure_profile(
+        job.module,
+        job.example_inputs,
+        job.loss_fn,
+        job.targets,
+        device="cpu",
+        micro_batch_sizes=[1, 2],
+        model_name="gpt-tiny",
+        progress=False,
+    ).to_json(path)
     return path, json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
 def estimated(job):
-    return profile_model(job.module, job.example_inputs, model_name="gpt-tiny", loss_fn=job.loss_fn,
-                         targets=job.targets)
+    return profile_model(
+        job.module, job.example_inputs, model_name="gpt-tiny", loss_fn=job.loss_fn, targets=job.targets
+    )
 
 
 def block_entry(raw: dict, estimated) -> dict:
@@ -85,9 +95,18 @@ def test_applied_profile_gives_the_measured_times(written, estimated):
 
 
 def test_between_measured_sizes_the_per_sequence_time_is_interpolated():
-    layer = LayerProfile(name="l", signature="s", param_count=0, fwd_flops=1e9, bwd_flops=2e9, saved_bytes={},
-                         output_bytes=0, measured_fwd_s=0.010, measured_device="cpu",
-                         measured_by_mbs={2: (0.020, 0.040), 6: (0.036, 0.060)})
+    layer = LayerProfile(
+        name="l",
+        signature="s",
+        param_count=0,
+        fwd_flops=1e9,
+        bwd_flops=2e9,
+        saved_bytes={},
+        output_bytes=0,
+        measured_fwd_s=0.010,
+        measured_device="cpu",
+        measured_by_mbs={2: (0.020, 0.040), 6: (0.036, 0.060)},
+    )
     # per sequence: forward 10 ms at b=2, 6 ms at b=6 -> 8 ms at b=4; backward 20 -> 10 -> 15 ms
     time = estimate_layer_time(layer, LOCAL.device, micro_batch_size=4, **TIME_KWARGS)
     assert (time.forward_s, time.backward_s) == pytest.approx((4 * 0.008, 4 * 0.015))
@@ -95,8 +114,9 @@ def test_between_measured_sizes_the_per_sequence_time_is_interpolated():
 
 def test_a_cuda_profile_applies_to_cuda_presets_only(written, estimated):
     path, _ = written
-    on_gpu = ProfileFile.from_json(path).model_copy(update=dict(
-        device_kind="cuda", device_name="NVIDIA H100 80GB HBM3", compute_dtype="bfloat16"))
+    on_gpu = ProfileFile.from_json(path).model_copy(
+        update=dict(device_kind="cuda", device_name="NVIDIA H100 80GB HBM3", compute_dtype="bfloat16")
+    )
     unchanged, summary = apply_profile(estimated, on_gpu, LOCAL.device, compute_dtype="float32", source="h100.json")
     assert unchanged is estimated and "not used" in summary and "cuda" in summary
     applied, summary = apply_profile(estimated, on_gpu, H100.device, compute_dtype="bfloat16", source="h100.json")
@@ -104,8 +124,15 @@ def test_a_cuda_profile_applies_to_cuda_presets_only(written, estimated):
     block = next(layer for layer in applied.layers if layer.name == "blocks.0")
     assert block.measured_source == "NVIDIA H100 80GB HBM3 (h100.json)"
     expected = on_gpu.entries[block.signature].micro_batches[1]
-    time = estimate_layer_time(block, H100.device, micro_batch_size=1, tp=1, sequence_parallel=False,
-                               recompute="none", compute_dtype="bfloat16")
+    time = estimate_layer_time(
+        block,
+        H100.device,
+        micro_batch_size=1,
+        tp=1,
+        sequence_parallel=False,
+        recompute="none",
+        compute_dtype="bfloat16",
+    )
     assert (time.forward_s, time.backward_s) == pytest.approx((expected.fwd_s, expected.bwd_s))
     # measured in bfloat16, planned in float32: not used, and the summary says how to fix it
     _, summary = apply_profile(estimated, on_gpu, H100.device, compute_dtype="float32", source="h100.json")
@@ -114,18 +141,23 @@ def test_a_cuda_profile_applies_to_cuda_presets_only(written, estimated):
 
 def test_plan_names_measured_and_estimated_layers(written, job, tmp_path):
     path, raw = written
-    partial = dict(raw, entries={key: entry for key, entry in raw["entries"].items()
-                                 if entry["example_layer"] != "tok_emb"})
+    partial = dict(
+        raw, entries={key: entry for key, entry in raw["entries"].items() if entry["example_layer"] != "tok_emb"}
+    )
     partial_path = tmp_path / "partial.json"
     partial_path.write_text(json.dumps(partial))
-    result = plan(job.module, LOCAL, job.example_inputs, loss_fn=job.loss_fn, model_name="gpt-tiny",
-                  profile_file=partial_path)
+    result = plan(
+        job.module, LOCAL, job.example_inputs, loss_fn=job.loss_fn, model_name="gpt-tiny", profile_file=partial_path
+    )
     assert result.measured_sources["layer_time"] == (
         "estimated (roofline) for 1/9 layers (tok_emb); "
-        "measured on cpu (partial.json) for 8/9 layers (pos_emb .. lm_head)")
+        "measured on cpu (partial.json) for 8/9 layers (pos_emb .. lm_head)"
+    )
     assert result.measured_sources["profile_file"].startswith("partial.json: measured on cpu for 8/9 layers")
-    assert [layer.time_source for layer in result.layers[:2]] == ["estimated (roofline)",
-                                                                   "measured on cpu (partial.json)"]
+    assert [layer.time_source for layer in result.layers[:2]] == [
+        "estimated (roofline)",
+        "measured on cpu (partial.json)",
+    ]
     report = explain(result)
     assert "cost sources" in report and "measured on cpu (partial.json) for 8/9 layers" in report
     # `autoplan bench` reaches its plans through the context, and without a file nothing is measured
@@ -166,20 +198,23 @@ def test_measuring_needs_enough_sequences(job):
 
 def test_cli_profile_plan_show(tmp_path, capsys):
     profile, out = tmp_path / "tiny.json", tmp_path / "plan.json"
-    assert main(["profile", "--model", "gpt-tiny", "--device", "cpu", "--micro-batch-sizes", "1",
-                 "-o", str(profile)]) == 0
+    assert (
+        main(["profile", "--model", "gpt-tiny", "--device", "cpu", "--micro-batch-sizes", "1", "-o", str(profile)]) == 0
+    )
     assert "blocks.0 (x4)" in capsys.readouterr().out
-    assert main(["plan", "--model", "gpt-tiny", "--cluster", "local:2", "--profile", str(profile),
-                 "-o", str(out)]) == 0
+    assert main(["plan", "--model", "gpt-tiny", "--cluster", "local:2", "--profile", str(profile), "-o", str(out)]) == 0
     assert main(["show", str(out)]) == 0
     assert "measured on cpu (tiny.json)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{not json", "is not valid JSON"),
-    (json.dumps({"version": 1, "entries": {}}), "is not a valid profile"),
-    (json.dumps({"version": 7}), "has version 7"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "is not valid JSON"),
+        (json.dumps({"version": 1, "entries": {}}), "is not a valid profile"),
+        (json.dumps({"version": 7}), "has version 7"),
+    ],
+)
 def test_a_bad_profile_file_is_one_line_naming_it(tmp_path, capsys, text, message):
     bad = tmp_path / "bad.json"
     bad.write_text(text)

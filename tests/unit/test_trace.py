@@ -1,4 +1,5 @@
 """trace_model: layers in execution order, repeated blocks, tensor-parallel sites from dataflow."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -21,10 +22,26 @@ def sites_under(traced_model, prefix: str) -> dict[str, TPSite]:
 
 
 def test_layers_follow_execution_order():
-    assert traced("gpt-tiny").layers == ["tok_emb", "pos_emb", "drop", "blocks.0", "blocks.1", "blocks.2",
-                                         "blocks.3", "ln_f", "lm_head"]
-    assert traced("llama-tiny").layers == ["tok_embeddings", "layers.0", "layers.1", "layers.2", "layers.3",
-                                           "norm", "output"]
+    assert traced("gpt-tiny").layers == [
+        "tok_emb",
+        "pos_emb",
+        "drop",
+        "blocks.0",
+        "blocks.1",
+        "blocks.2",
+        "blocks.3",
+        "ln_f",
+        "lm_head",
+    ]
+    assert traced("llama-tiny").layers == [
+        "tok_embeddings",
+        "layers.0",
+        "layers.1",
+        "layers.2",
+        "layers.3",
+        "norm",
+        "output",
+    ]
     assert traced("mlp-tiny").layers == ["input", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
 
 
@@ -32,7 +49,7 @@ def test_order_comes_from_running_not_from_registration():
     class Backwards(nn.Module):
         def __init__(self):
             super().__init__()
-            self.head = nn.Linear(8, 2)      # registered first, runs last
+            self.head = nn.Linear(8, 2)  # registered first, runs last
             self.body = nn.Linear(4, 8)
 
         def forward(self, x):
@@ -70,7 +87,7 @@ def test_trunk_modules_are_expanded_like_hugging_face_model_model():
 def test_repeated_blocks_share_a_signature_and_other_layers_do_not():
     gpt = traced("gpt-tiny")
     assert len({gpt.signatures[f"blocks.{i}"] for i in range(4)}) == 1
-    assert len(set(gpt.signatures.values())) == len(gpt.layers) - 3   # 4 blocks, one signature
+    assert len(set(gpt.signatures.values())) == len(gpt.layers) - 3  # 4 blocks, one signature
     assert gpt.signatures["tok_emb"] != gpt.signatures["lm_head"]
     assert gpt.representative("blocks.3") == "blocks.0"
 
@@ -101,25 +118,30 @@ def test_gpt_fused_qkv_mlp_vocab_and_sequence_parallel_sites():
     assert gpt.tp_sites["blocks.3"] == TPSite(style="sequence_parallel_exit", input_key=0, num_positional=1)
     assert gpt.tp_sites["tok_emb"] == TPSite(style="vocab_embedding")
     assert gpt.tp_sites["lm_head"] == TPSite(style="vocab_output")
-    assert "pos_emb" not in gpt.tp_sites   # indexed by positions, not by the model's tokens
-    assert "ln_f" not in gpt.tp_sites and "drop" not in gpt.tp_sites   # outside the split region
+    assert "pos_emb" not in gpt.tp_sites  # indexed by positions, not by the model's tokens
+    assert "ln_f" not in gpt.tp_sites and "drop" not in gpt.tp_sites  # outside the split region
     # 4 heads of 16 dims; MLP width 4 * 64; vocab 128
     assert gpt.tp_divisors["blocks.0.attn heads"] == 4
     assert gpt.tp_divisors["blocks.3.mlp width"] == 256
     assert gpt.tp_divisors["tok_emb vocab"] == 128 and gpt.tp_divisors["lm_head vocab"] == 128
-    assert gpt.tp_divide_attrs == {}   # heads come from tensor widths: view(B, T, -1, head_dim)
+    assert gpt.tp_divide_attrs == {}  # heads come from tensor widths: view(B, T, -1, head_dim)
     assert gpt.tied_parameters == [["tok_emb.weight", "lm_head.weight"]]
 
 
 def test_llama_grouped_query_attention_and_swiglu():
     llama = traced("llama-tiny")
     assert {path: site.style for path, site in sites_under(llama, "layers.2.").items()} == {
-        "layers.2.attention.wq": "colwise", "layers.2.attention.wk": "colwise",
-        "layers.2.attention.wv": "colwise", "layers.2.attention.wo": "rowwise",
-        "layers.2.feed_forward.w1": "colwise", "layers.2.feed_forward.w3": "colwise",
+        "layers.2.attention.wq": "colwise",
+        "layers.2.attention.wk": "colwise",
+        "layers.2.attention.wv": "colwise",
+        "layers.2.attention.wo": "rowwise",
+        "layers.2.feed_forward.w1": "colwise",
+        "layers.2.feed_forward.w3": "colwise",
         "layers.2.feed_forward.w2": "rowwise",
-        "layers.2.attention_norm": "sequence_parallel", "layers.2.ffn_norm": "sequence_parallel",
-        "layers.2.attention": "colwise_input", "layers.2.feed_forward": "colwise_input",
+        "layers.2.attention_norm": "sequence_parallel",
+        "layers.2.ffn_norm": "sequence_parallel",
+        "layers.2.attention": "colwise_input",
+        "layers.2.feed_forward": "colwise_input",
     }
     # hidden 64 / 4 heads = head_dim 16; wk, wv: 2 kv heads * 16 = 32 features
     assert llama.tp_divisors["layers.2.attention heads"] == 4
@@ -170,7 +192,7 @@ class HFStyleAttention(nn.Module):
         k = self.k_proj(x).view(bsz, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         k, v = (t.repeat_interleave(self.num_heads // self.num_key_value_heads, dim=1) for t in (k, v))
-        scores = torch.matmul(q, k.transpose(2, 3)) / self.head_dim ** 0.5
+        scores = torch.matmul(q, k.transpose(2, 3)) / self.head_dim**0.5
         y = torch.matmul(scores.softmax(dim=-1), v)
         return self.o_proj(y.transpose(1, 2).reshape(bsz, q_len, self.hidden_size))
 
@@ -193,8 +215,12 @@ def test_hugging_face_style_attributes_are_divided():
     # num_heads and num_key_value_heads are written into view(); hidden_size into reshape();
     # head_dim (16) is per head and stays; the integer division for repeats is not an attribute
     assert result.tp_divide_attrs == {
-        "0.self_attn.num_heads": 4, "0.self_attn.num_key_value_heads": 2, "0.self_attn.hidden_size": 64,
-        "1.self_attn.num_heads": 4, "1.self_attn.num_key_value_heads": 2, "1.self_attn.hidden_size": 64,
+        "0.self_attn.num_heads": 4,
+        "0.self_attn.num_key_value_heads": 2,
+        "0.self_attn.hidden_size": 64,
+        "1.self_attn.num_heads": 4,
+        "1.self_attn.num_key_value_heads": 2,
+        "1.self_attn.hidden_size": 64,
     }
 
 
@@ -213,7 +239,7 @@ class DataDependent(nn.Module):
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x):
-        if x.sum() > 0:   # needs the values, which meta tensors do not have
+        if x.sum() > 0:  # needs the values, which meta tensors do not have
             return self.fc(x)
         return x
 
@@ -242,7 +268,7 @@ class _Wrap(nn.Module):
 def test_graph_nodes_name_their_owning_module():
     gpt = traced("gpt-tiny")
     attention = [node for node in gpt.graph if node.target == "scaled_dot_product_attention"]
-    assert [node.module for node in attention] == ["blocks.0.attn"]   # blocks 1-3 replay block 0
+    assert [node.module for node in attention] == ["blocks.0.attn"]  # blocks 1-3 replay block 0
     linear = next(node for node in gpt.graph if node.module == "blocks.0.mlp.c_fc")
     assert linear.is_module and linear.layer == "blocks.0" and tuple(linear.outputs[0].shape) == (4, 32, 256)
 
@@ -257,7 +283,7 @@ def test_split_qkv_with_matmul_attention_and_properties():
             B, T, _ = x.shape
             q, k, v = self.qkv(x).split(32, dim=-1)
             q, k, v = (t.view(B, T, 4, 8).transpose(1, 2) for t in (q, k, v))
-            weights = (q @ k.mT).softmax(-1)          # softmax over keys, not heads
+            weights = (q @ k.mT).softmax(-1)  # softmax over keys, not heads
             return x + self.out((weights @ v).transpose(1, 2).flatten(2))
 
     result = trace_model(nn.Sequential(Attention()), (torch.randn(2, 6, 32),))
