@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from autoplan.measure.commands import cmd_calibrate, cmd_profile
 from autoplan.schema.cluster import ClusterSpec, condensed
 from autoplan.schema.constraints import Constraints
 
@@ -334,89 +335,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
             launcher_args=args.launcher_args,
             rounds=args.rounds,
         )
-
-
-def cmd_calibrate(args: argparse.Namespace) -> None:
-    from autoplan.measure.calibrate import measure
-
-    cluster = ClusterSpec.parse(args.cluster)
-    device = args.device or cluster.device.kind
-    measurement = measure(cluster, device=device)
-    Console(highlight=False, width=None if sys.stdout.isatty() else 140).print(measurement.table())
-    calibrated = measurement.apply(cluster)
-    calibrated.to_file(args.output)
-    console.print(f"wrote {args.output}: use it with --cluster {args.output}")
-
-
-def cmd_profile(args: argparse.Namespace) -> None:
-    import torch
-
-    from autoplan.analysis.profile import profile_model
-    from autoplan.measure.profile_store import (
-        default_micro_batch_sizes,
-        measure_profile,
-        profile_table,
-    )
-    from autoplan.zoo import build
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sizes = (
-        _parse_sizes(args.micro_batch_sizes)
-        if args.micro_batch_sizes
-        else default_micro_batch_sizes(args.global_batch_size)
-    )
-    job = build(args.model, batch_size=max(args.global_batch_size, *sizes), seq_len=args.seq_len, device="meta")
-    cluster = ClusterSpec.parse(args.cluster) if args.cluster else None
-    # a local:N cluster's ranks share the cores: measure while N - 1 peers compute too
-    peers = cluster.devices_per_node - 1 if cluster and cluster.device.kind == "cpu" and device == "cpu" else 0
-    measured = measure_profile(
-        job.module,
-        job.example_inputs,
-        job.loss_fn,
-        job.targets,
-        device=device,
-        micro_batch_sizes=sizes,
-        dtype=args.dtype,
-        model_name=args.model,
-        busy_peers=peers,
-        peer_model=args.model,
-    )
-    measured.to_json(args.output)
-    estimated = profile_model(
-        job.module, job.example_inputs, model_name=args.model, loss_fn=job.loss_fn, targets=job.targets
-    )
-    cluster = cluster or _roofline_cluster(measured.device_name)
-    wide = Console(highlight=False, width=None if sys.stdout.isatty() else 140)  # a log gets the whole table
-    wide.print(profile_table(measured, estimated, cluster.device if cluster else None))
-    console.print(
-        f"wrote {args.output}: add --profile {args.output} to autoplan plan/run/bench "
-        f"for a {measured.device_kind} cluster"
-    )
-
-
-def _parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--micro-batch-sizes {text!r}: expected comma-separated integers, e.g. 1,2,4") from None
-    if min(sizes) < 1:
-        raise ValueError(f"--micro-batch-sizes {text!r}: sizes must be >= 1")
-    return sizes
-
-
-def _roofline_cluster(device_name: str) -> ClusterSpec | None:
-    """local:1 for "cpu"; for a GPU the preset sharing most of its name's parts
-    ("NVIDIA H100 80GB HBM3" -> dgx-h100); None when no preset's name matches."""
-    from autoplan.costmodels.devices import PRESETS
-
-    if device_name == "cpu":
-        return ClusterSpec.local(1)
-    shared = {
-        name: sum(part in device_name for part in preset["device"]["name"].split("-"))
-        for name, preset in PRESETS.items()
-    }
-    best = max(shared, key=lambda name: shared[name])
-    return ClusterSpec.preset(best) if shared[best] else None
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -394,6 +394,59 @@ class StepEstimate:
     rank_memory: list[dict[str, float]] = field(default_factory=list)
 
 
+def _rank_estimate(
+    profile: ModelProfile,
+    cluster: ClusterSpec,
+    config: ParallelConfig,
+    rank: int,
+    entries: list[tuple[int, str]],
+    penalty: float,
+) -> tuple[float, tuple[float, float], dict[str, float], dict[str, float]]:
+    """One pipeline rank of `estimate_step`: its time for one micro-batch (incl. exposed ZeRO-3
+    comm), its (exposed DP sync, optimizer step) seconds, its tp/recompute/ZeRO-3 terms and its
+    memory terms."""
+    costs = [
+        estimate_layer_cost(
+            profile.layers[index],
+            option,
+            cluster,
+            dp=config.dp,
+            tp=config.tp,
+            micro_batch_size=config.micro_batch_size,
+            sequence_parallel=config.sequence_parallel,
+            param_dtype=config.param_dtype,
+            grad_reduce_dtype=config.grad_reduce_dtype,
+        )
+        for index, option in entries
+    ]
+    busy_s = sum(cost.time_s for cost in costs)
+    zero3_s = exposed_s(sum(c.zero3_comm_s for c in costs), busy_s, penalty) if config.zero_stage == 3 else 0.0
+    local_params = sum(cost.local_params for cost in costs)
+    per_param_s, latency_s = dp_sync_coefficients(cluster, config, config.zero_stage)
+    sync_s = per_param_s * local_params + latency_s * sum(c.sync_units for c in costs) if per_param_s else 0.0
+    shard = local_params / (config.dp if config.zero_stage >= 1 else 1)
+    optimizer_s = estimate_optimizer_step_s(shard, cluster.device, config.param_dtype) + dtensor_step_s_per_tensor(
+        cluster, config, config.zero_stage
+    ) * sum(c.param_tensors for c in costs)
+    extra = (exposed_s(sync_s, sum(c.backward_s for c in costs), penalty), optimizer_s)
+    terms = {
+        "tp_comm_s": sum(c.tp_comm_s for c in costs),
+        "recompute_s": sum(c.recompute_s for c in costs),
+        "zero3_exposed_s": zero3_s,
+    }
+    memory = estimate_model_state_bytes(
+        local_params, zero_stage=config.zero_stage, dp=config.dp, param_dtype=config.param_dtype
+    )
+    in_flight = in_flight_micro_batches(
+        config.schedule, rank, config.pp, config.num_micro_batches, config.virtual_stages
+    )
+    memory["activations_bytes"] = in_flight * sum(cost.activation_bytes for cost in costs)
+    memory.update(
+        fixed_memory_bytes(profile, cluster, config, [profile.layers[i] for i, _ in entries], config.zero_stage)
+    )
+    return busy_s + zero3_s, extra, terms, memory
+
+
 def estimate_step(
     profile: ModelProfile, cluster: ClusterSpec, config: ParallelConfig, rank_layers: list[list[tuple[int, str]]]
 ) -> StepEstimate:
@@ -405,47 +458,11 @@ def estimate_step(
     penalty = overlap_penalty(cluster)
     worst = {"tp_comm_s": 0.0, "recompute_s": 0.0, "zero3_exposed_s": 0.0}
     for rank, entries in enumerate(rank_layers):
-        costs = [
-            estimate_layer_cost(
-                profile.layers[index],
-                option,
-                cluster,
-                dp=config.dp,
-                tp=config.tp,
-                micro_batch_size=config.micro_batch_size,
-                sequence_parallel=config.sequence_parallel,
-                param_dtype=config.param_dtype,
-                grad_reduce_dtype=config.grad_reduce_dtype,
-            )
-            for index, option in entries
-        ]
-        busy_s = sum(cost.time_s for cost in costs)
-        zero3_s = exposed_s(sum(c.zero3_comm_s for c in costs), busy_s, penalty) if config.zero_stage == 3 else 0.0
-        times.append(busy_s + zero3_s)
-        local_params = sum(cost.local_params for cost in costs)
-        per_param_s, latency_s = dp_sync_coefficients(cluster, config, config.zero_stage)
-        sync_s = per_param_s * local_params + latency_s * sum(c.sync_units for c in costs) if per_param_s else 0.0
-        shard = local_params / (config.dp if config.zero_stage >= 1 else 1)
-        optimizer_s = estimate_optimizer_step_s(shard, cluster.device, config.param_dtype) + dtensor_step_s_per_tensor(
-            cluster, config, config.zero_stage
-        ) * sum(c.param_tensors for c in costs)
-        extras.append((exposed_s(sync_s, sum(c.backward_s for c in costs), penalty), optimizer_s))
+        time_s, extra, terms, memory = _rank_estimate(profile, cluster, config, rank, entries, penalty)
+        times.append(time_s)
+        extras.append(extra)
         if times[-1] >= max(times):
-            worst = {
-                "tp_comm_s": sum(c.tp_comm_s for c in costs),
-                "recompute_s": sum(c.recompute_s for c in costs),
-                "zero3_exposed_s": zero3_s,
-            }
-        memory = estimate_model_state_bytes(
-            local_params, zero_stage=config.zero_stage, dp=config.dp, param_dtype=config.param_dtype
-        )
-        in_flight = in_flight_micro_batches(
-            config.schedule, rank, config.pp, config.num_micro_batches, config.virtual_stages
-        )
-        memory["activations_bytes"] = in_flight * sum(cost.activation_bytes for cost in costs)
-        memory.update(
-            fixed_memory_bytes(profile, cluster, config, [profile.layers[i] for i, _ in entries], config.zero_stage)
-        )
+            worst = terms
         memories.append(memory)
     p2p_s = p2p_time_s(profile, cluster, config)
     pipeline_s = pipeline_time_s(times, config, p2p_s, cluster.device.shared_core_slowdown)

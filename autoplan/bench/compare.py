@@ -106,10 +106,7 @@ def run_bench(
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     job = build(model_name, batch_size=global_batch_size or DEFAULT_GLOBAL_BATCH_SIZE, seq_len=seq_len, device="meta")
-    named = [("autoplan", Constraints())]
-    if baselines:
-        named += list(baseline_constraints(cluster).items())
-    named += [("fix:" + ",".join(f"{key}={value}" for key, value in fix.pinned().items()), fix) for fix in fixes]
+    named = _named_candidates(cluster, fixes, baselines)
     console = Console(quiet=not progress, width=None if sys.stdout.isatty() else 160)  # a log file gets the whole table
     runnable = _why_not_runnable(cluster, launcher_args)
     candidates: list[dict] = []
@@ -147,16 +144,32 @@ def run_bench(
         "seq_len": seq_len,
         "candidates": candidates,
     }
+    _print_and_write(report, console, progress, json_path, plot_path)
+    return report
+
+
+def _named_candidates(
+    cluster: ClusterSpec, fixes: Sequence[Constraints], baselines: bool
+) -> list[tuple[str, Constraints]]:
+    """The candidates in bench order: the planner's choice, the baselines (if asked), each fix."""
+    named = [("autoplan", Constraints())]
+    if baselines:
+        named += list(baseline_constraints(cluster).items())
+    named += [("fix:" + ",".join(f"{key}={value}" for key, value in fix.pinned().items()), fix) for fix in fixes]
+    return named
+
+
+def _print_and_write(report: dict, console, progress: bool, json_path: str | None, plot_path: str | None) -> None:
+    """The table and each candidate's non-ok status (with progress), then the JSON and figure if asked."""
     if progress:
         console.print(bench_table(report))
-        for entry in candidates:
+        for entry in report["candidates"]:
             if entry["status"] != "ok":
                 console.print(f"{entry['name']}: {entry['status']}", soft_wrap=True)
     if json_path:
         write_atomically(Path(json_path), json.dumps(report, indent=2) + "\n")
     if plot_path:
         plot_bench(report, plot_path)
-    return report
 
 
 def _pool_identical_plans(candidates: list[dict]) -> None:
@@ -241,25 +254,7 @@ def _run_candidate(
     from autoplan.planner.planning import plan as make_plan
     from autoplan.runtime.launch import launch
 
-    entry: dict[str, Any]  # the candidate's entry of the JSON report
-    entry = {
-        "name": name,
-        "chosen": name == "autoplan",
-        "status": "ok",
-        "mesh": None,
-        "constraints": constraints.model_dump(mode="json", exclude_none=True),
-        "predicted_step_s": None,
-        "measured_step_s": None,
-        "measured_step_times_s": None,
-        "predicted_peak_memory_bytes": None,
-        "measured_peak_memory_bytes": None,
-        "measured_peak_memory_bytes_per_rank": None,
-        "predicted_tokens_per_s": None,
-        "measured_tokens_per_s": None,
-        "predicted_mfu": None,
-        "measured_mfu": None,
-        "plan": None,
-    }
+    entry = _empty_entry(name, constraints)
     try:
         plan = make_plan(
             job.module,
@@ -306,6 +301,28 @@ def _run_candidate(
     if entry["predicted_mfu"] is not None:  # same model FLOPs and peak: MFU scales with 1 / step time
         entry["measured_mfu"] = entry["predicted_mfu"] * plan.predicted.step_time_s / measured_s
     return entry
+
+
+def _empty_entry(name: str, constraints: Constraints) -> dict[str, Any]:
+    """A candidate's entry of the JSON report before planning: status ok, nothing predicted or measured."""
+    return {
+        "name": name,
+        "chosen": name == "autoplan",
+        "status": "ok",
+        "mesh": None,
+        "constraints": constraints.model_dump(mode="json", exclude_none=True),
+        "predicted_step_s": None,
+        "measured_step_s": None,
+        "measured_step_times_s": None,
+        "predicted_peak_memory_bytes": None,
+        "measured_peak_memory_bytes": None,
+        "measured_peak_memory_bytes_per_rank": None,
+        "predicted_tokens_per_s": None,
+        "measured_tokens_per_s": None,
+        "predicted_mfu": None,
+        "measured_mfu": None,
+        "plan": None,
+    }
 
 
 def _predicted(plan: Plan, job) -> dict:
