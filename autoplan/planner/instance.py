@@ -93,6 +93,8 @@ def build_instance(
     schedules = schedule_options(pp, m, len(split.blocks), constraints)
     if not schedules:
         return None
+    if constraints.zero_stage and dp == 1:
+        return None  # ZeRO shards over dp: with one dp rank it would change nothing but its name
     zeros = [constraints.zero_stage] if constraints.zero_stage is not None else (list(ZERO_OPTIONS) if dp > 1 else [0])
     sps = [False, True] if tp > 1 and can_sequence_parallel(profile) else [False]
     if constraints.sequence_parallel is not None:

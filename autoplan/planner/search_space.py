@@ -103,6 +103,11 @@ def enumerate_meshes(
     """(dp, pp, tp) candidates honouring the pins; pinned values are validated loudly."""
     world = cluster.world_size
     pins = {axis: getattr(constraints, axis) for axis in ("dp", "pp", "tp")}
+    if pins["dp"] == 1 and constraints.zero_stage:
+        raise AutoplanError(
+            f"zero_stage={constraints.zero_stage} shards model states over dp, but dp=1: nothing to shard; "
+            f"pin zero_stage=0, or dp > 1"
+        )
     if pins["tp"] and check_tp(profile, pins["tp"]):
         raise AutoplanError(check_tp(profile, pins["tp"]))
     if all(pins.values()) and pins["dp"] * pins["tp"] * pins["pp"] != world:

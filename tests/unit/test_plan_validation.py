@@ -118,3 +118,18 @@ def test_no_plan_that_fits_is_an_infeasible_error_and_bad_pins_are_not():
             job.module, autoplan.ClusterSpec.local(2), job.example_inputs, constraints=autoplan.Constraints(tp=3)
         )
     assert not isinstance(error.value, autoplan.InfeasibleError)
+
+
+def test_zero_with_one_data_parallel_rank_is_refused_not_renamed():
+    job = build("gpt-tiny", batch_size=8, device="meta")
+    with pytest.raises(autoplan.AutoplanError, match="zero_stage=1 shards model states over dp, but dp=1"):
+        autoplan.plan(
+            job.module,
+            autoplan.ClusterSpec.local(2),
+            job.example_inputs,
+            constraints=autoplan.Constraints(dp=1, pp=2, zero_stage=1),
+        )
+    plan = autoplan.plan(
+        job.module, autoplan.ClusterSpec.local(4), job.example_inputs, constraints=autoplan.Constraints(zero_stage=3)
+    )
+    assert plan.mesh["dp"] > 1
