@@ -40,6 +40,39 @@ from autoplan.errors import TraceError
 from autoplan.schema.profile import LayerProfile, ModelProfile
 
 
+def _batched_first_input(example_inputs: tuple) -> torch.Tensor:
+    """`example_inputs[0]`, checked to be a tensor with a batch dim 0 (ValueError otherwise)."""
+    first = example_inputs[0] if example_inputs else None
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        shape = "" if first is None else " of shape " + str(tuple(getattr(first, "shape", ())))
+        raise ValueError(
+            f"example_inputs[0] must be a tensor whose dim 0 is the batch; got {type(first).__name__}{shape}"
+        )
+    return first
+
+
+def _layer_costs(module: nn.Module, traced: TracedModel, name: str, loss: Callable | None) -> dict[str, Any]:
+    """`profile_layer`'s meta-tensor costs of layer `name`; a failure becomes a ValueError
+    naming the layer and its module type."""
+    try:
+        return profile_layer(traced, name, loss)
+    except Exception as error:
+        raise ValueError(
+            f"cannot profile layer {name!r} ({type(module.get_submodule(name)).__name__}) "
+            f"forward and backward on meta tensors: {type(error).__name__}: {error}"
+        ) from error
+
+
+def _measured_costs(traced: TracedModel, name: str, device: torch.device, loss: Callable | None) -> dict[str, Any]:
+    """The measured forward and backward time of layer `name` on `device`, as profile fields."""
+    measured = measure_layer(traced, name, device, loss=loss)
+    return {
+        "measured_fwd_s": measured.forward_s,
+        "measured_bwd_s": measured.backward_s,
+        "measured_device": device_name(device),
+    }
+
+
 def profile_model(
     module: nn.Module,
     example_inputs: tuple,
@@ -60,12 +93,7 @@ def profile_model(
         >>> profile = profile_model(model, (tokens,), model_name="gpt2-small")   # doctest: +SKIP
         >>> [(layer.name, layer.fwd_flops) for layer in profile.layers]         # doctest: +SKIP
     """
-    first = example_inputs[0] if example_inputs else None
-    if not isinstance(first, torch.Tensor) or first.dim() == 0:
-        shape = "" if first is None else " of shape " + str(tuple(getattr(first, "shape", ())))
-        raise ValueError(
-            f"example_inputs[0] must be a tensor whose dim 0 is the batch; got {type(first).__name__}{shape}"
-        )
+    first = _batched_first_input(example_inputs)
     one_sequence = tuple(_first_sequence(x) for x in example_inputs)
     traced = trace_model(module, one_sequence)
     loss = bind_loss(loss_fn, _first_sequence(targets), torch.device("meta"))
@@ -80,21 +108,10 @@ def profile_model(
         with_loss = loss is not None and layer == traced.layers[-1]
         key = (traced.representative(layer), with_loss)  # the loss rides on the last layer only
         if key not in costs:
-            try:
-                costs[key] = profile_layer(traced, key[0], loss if with_loss else None)
-            except Exception as error:
-                raise ValueError(
-                    f"cannot profile layer {key[0]!r} ({type(module.get_submodule(key[0])).__name__}) "
-                    f"forward and backward on meta tensors: {type(error).__name__}: {error}"
-                ) from error
+            costs[key] = _layer_costs(module, traced, key[0], loss if with_loss else None)
             if measure:
                 measured_loss = bind_loss(loss_fn, _first_sequence(targets), measure_device) if with_loss else None
-                measured = measure_layer(traced, key[0], measure_device, loss=measured_loss)
-                costs[key].update(
-                    measured_fwd_s=measured.forward_s,
-                    measured_bwd_s=measured.backward_s,
-                    measured_device=device_name(measure_device),
-                )
+                costs[key].update(_measured_costs(traced, key[0], measure_device, measured_loss))
         param_count, tp_param_count, param_tensors = _count_parameters(traced, layer, counted)
         layer_tp = traced.tp[layer]
         layers.append(

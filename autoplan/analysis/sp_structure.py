@@ -82,6 +82,21 @@ def _stream_of(call) -> torch.Tensor | None:
     return next((t for t in _tensors((call.args, call.kwargs)) if t.is_floating_point() and t.dim() >= 3), None)
 
 
+def _replayed_outputs(traced: TracedModel, region: set[str]) -> dict[int, tuple[str, int]]:
+    """id of each output of a replayed repeat in `region` -> (that layer, id of its twin's output).
+
+    A replayed repeat records no nodes: its outputs are split where its twin's are, when its
+    input is split too (T5's decoder replays the encoder's dropout on the whole decoder stream)."""
+    return {
+        id(t): (layer, id(twin_t))
+        for layer in region
+        if traced.representative(layer) != layer
+        for t, twin_t in zip(
+            _tensors(traced.calls[layer].output), _tensors(traced.calls[traced.representative(layer)].output)
+        )
+    }
+
+
 def check_sequence_parallel(traced: TracedModel, flow: ModelFlow) -> tuple[tuple[str, str] | None, str | None]:
     """((entry layer, exit layer), None) when sequence parallelism can run, else (None, why not).
 
@@ -109,16 +124,7 @@ def check_sequence_parallel(traced: TracedModel, flow: ModelFlow) -> tuple[tuple
     styles = {path: site.style for layer_tp in traced.tp.values() for path, site in layer_tp.sites.items()}
     region = set(traced.layers[traced.layers.index(entry) : traced.layers.index(exit_) + 1])
     split = {id(stream)}
-    # A replayed repeat records no nodes: its outputs are split where its twin's are, when its
-    # input is split too (T5's decoder replays the encoder's dropout on the whole decoder stream).
-    replayed = {
-        id(t): (layer, id(twin_t))
-        for layer in region
-        if traced.representative(layer) != layer
-        for t, twin_t in zip(
-            _tensors(traced.calls[layer].output), _tensors(traced.calls[traced.representative(layer)].output)
-        )
-    }
+    replayed = _replayed_outputs(traced, region)
     gathered = {id(t) for t in _tensors(exit_output)}
     past_exit = False
 

@@ -35,7 +35,7 @@ import contextlib
 import datetime
 import os
 from collections.abc import Callable
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,9 @@ from autoplan.schema.cluster import DeviceSpec
 from autoplan.schema.constraints import dtype_name
 from autoplan.schema.profile import ModelProfile
 from autoplan.schema.profile_file import LOSS_SUFFIX, LayerEntry, MicroBatchMeasurement, ProfileFile
+
+if TYPE_CHECKING:
+    from autoplan.analysis.graph import TracedModel
 
 SHARED_CORE_MIN_TIME_S = 0.4
 """With busy peers, each layer and size is timed over at least this long and averaged
@@ -71,6 +74,96 @@ def default_micro_batch_sizes(global_batch_size: int) -> list[int]:
 def _entry_keys(signatures: list[str], with_loss: bool) -> list[str]:
     """The file key of each layer, in model order."""
     return [*signatures[:-1], signatures[-1] + (LOSS_SUFFIX if with_loss else "")]
+
+
+def _measure_device(device: str | torch.device | None) -> torch.device:
+    """The device to measure on (default: CUDA when available, else CPU), checked to be a
+    CPU or an available CUDA device."""
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: profiles are measured on 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device 'cuda': no CUDA device here (torch {torch.__version__}, "
+            f"torch.cuda.is_available() is False); use --device cpu"
+        )
+    return device
+
+
+def _check_measure_inputs(
+    example_inputs: tuple,
+    sizes: list[int],
+    micro_batch_sizes: list[int] | tuple[int, ...],
+    device: torch.device,
+    busy_peers: int,
+) -> torch.Tensor:
+    """`example_inputs[0]`, checked to be batched with enough sequences for the largest of
+    the (sorted, distinct) `sizes`; busy peers are checked to be on a CPU."""
+    first = example_inputs[0] if example_inputs else None
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        raise ValueError("example_inputs[0] must be a tensor whose dim 0 is the batch")
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"micro_batch_sizes must be >= 1, got {list(micro_batch_sizes)}")
+    if busy_peers and device.type != "cpu":
+        raise ValueError(f"busy_peers={busy_peers}: only CPU ranks share cores; a GPU is measured alone")
+    if sizes[-1] > first.shape[0]:
+        raise ValueError(
+            f"micro-batch size {sizes[-1]} > the {first.shape[0]} sequences of example_inputs[0]; "
+            f"give a global batch of at least {sizes[-1]}"
+        )
+    return first
+
+
+def _cut_batch(value, b: int):
+    """The first `b` sequences of a batched tensor; anything else as it is."""
+    return value[:b] if isinstance(value, torch.Tensor) and value.dim() >= 1 else value
+
+
+def _distinct_layers(
+    module: nn.Module, example_inputs: tuple, with_loss: bool
+) -> tuple[dict[str, str], dict[str, LayerEntry]]:
+    """The layers to measure, traced on one sequence: each entry key with the first layer
+    that has it, and an empty LayerEntry per key counting the layers that share it."""
+    from autoplan.analysis.trace import trace_model
+
+    one = trace_model(module, tuple(_cut_batch(x, 1) for x in example_inputs))
+    keys = _entry_keys([one.signatures[layer] for layer in one.layers], with_loss)
+    jobs: dict[str, str] = {}  # key -> the first layer with it
+    for layer, key in zip(one.layers, keys):
+        jobs.setdefault(key, layer)
+    entries = {
+        key: LayerEntry(example_layer=layer, num_layers=keys.count(key), micro_batches={})
+        for key, layer in jobs.items()
+    }
+    return jobs, entries
+
+
+def _measure_entry(
+    traced: TracedModel,
+    layer: str,
+    device: torch.device,
+    dtype: str,
+    loss: Callable | None,
+    repeats: int,
+    *,
+    shared_cores: bool,
+) -> MicroBatchMeasurement:
+    """One layer's forward, backward and saved bytes at the traced micro-batch size (timed
+    over at least `SHARED_CORE_MIN_TIME_S` while peers share the cores)."""
+    from autoplan.analysis.measured_layer import measure_layer
+
+    result = measure_layer(
+        traced,
+        layer,
+        device,
+        dtype=getattr(torch, dtype),
+        loss=loss,
+        repeats=repeats,
+        min_time_s=SHARED_CORE_MIN_TIME_S if shared_cores else 0.0,
+    )
+    return MicroBatchMeasurement(fwd_s=result.forward_s, bwd_s=result.backward_s, saved_bytes=result.saved_bytes)
 
 
 def measure_profile(
@@ -104,46 +197,14 @@ def measure_profile(
     from rich.console import Console
     from rich.progress import Progress
 
-    from autoplan.analysis.measured_layer import bind_loss, device_name, measure_layer
+    from autoplan.analysis.measured_layer import bind_loss, device_name
     from autoplan.analysis.trace import trace_model
 
-    device = (
-        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {str(device)!r}: profiles are measured on 'cpu' or 'cuda'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device 'cuda': no CUDA device here (torch {torch.__version__}, "
-            f"torch.cuda.is_available() is False); use --device cpu"
-        )
+    device = _measure_device(device)
     dtype = dtype_name(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     sizes = sorted(set(micro_batch_sizes))
-    first = example_inputs[0] if example_inputs else None
-    if not isinstance(first, torch.Tensor) or first.dim() == 0:
-        raise ValueError("example_inputs[0] must be a tensor whose dim 0 is the batch")
-    if not sizes or sizes[0] < 1:
-        raise ValueError(f"micro_batch_sizes must be >= 1, got {list(micro_batch_sizes)}")
-    if busy_peers and device.type != "cpu":
-        raise ValueError(f"busy_peers={busy_peers}: only CPU ranks share cores; a GPU is measured alone")
-    if sizes[-1] > first.shape[0]:
-        raise ValueError(
-            f"micro-batch size {sizes[-1]} > the {first.shape[0]} sequences of example_inputs[0]; "
-            f"give a global batch of at least {sizes[-1]}"
-        )
-
-    def cut(value, b: int):
-        return value[:b] if isinstance(value, torch.Tensor) and value.dim() >= 1 else value
-
-    one = trace_model(module, tuple(cut(x, 1) for x in example_inputs))
-    keys = _entry_keys([one.signatures[layer] for layer in one.layers], loss_fn is not None)
-    jobs: dict[str, str] = {}  # key -> the first layer with it
-    for layer, key in zip(one.layers, keys):
-        jobs.setdefault(key, layer)
-    entries = {
-        key: LayerEntry(example_layer=layer, num_layers=keys.count(key), micro_batches={})
-        for key, layer in jobs.items()
-    }
+    first = _check_measure_inputs(example_inputs, sizes, micro_batch_sizes, device, busy_peers)
+    jobs, entries = _distinct_layers(module, example_inputs, loss_fn is not None)
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # as each `local` rank runs; restored below
@@ -155,28 +216,19 @@ def measure_profile(
         ):
             task = bar.add_task(f"measuring {model_name} on {device.type}", total=len(sizes) * len(jobs))
             for b in sizes:
-                traced = trace_model(module, tuple(cut(x, b) for x in example_inputs))
+                traced = trace_model(module, tuple(_cut_batch(x, b) for x in example_inputs))
                 for key, layer in jobs.items():
                     bar.update(task, description=f"{layer} at micro-batch {b}")
-                    loss = bind_loss(loss_fn, cut(targets, b), device) if key.endswith(LOSS_SUFFIX) else None
-                    result = measure_layer(
-                        traced,
-                        layer,
-                        device,
-                        dtype=getattr(torch, dtype),
-                        loss=loss,
-                        repeats=repeats,
-                        min_time_s=SHARED_CORE_MIN_TIME_S if busy_peers else 0.0,
-                    )
-                    entries[key].micro_batches[b] = MicroBatchMeasurement(
-                        fwd_s=result.forward_s, bwd_s=result.backward_s, saved_bytes=result.saved_bytes
+                    loss = bind_loss(loss_fn, _cut_batch(targets, b), device) if key.endswith(LOSS_SUFFIX) else None
+                    entries[key].micro_batches[b] = _measure_entry(
+                        traced, layer, device, dtype, loss, repeats, shared_cores=bool(busy_peers)
                     )
                     bar.advance(task)
     finally:
         torch.set_num_threads(threads)
     return ProfileFile(
         model_name=model_name,
-        input_shape=list(cut(first, 1).shape),
+        input_shape=list(_cut_batch(first, 1).shape),
         device_kind=cast(Literal["cpu", "cuda"], device.type),  # pydantic refuses other kinds
         device_name=device_name(device),
         compute_dtype=dtype,

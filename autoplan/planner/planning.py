@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from autoplan.costmodels.pipeline import estimate_layer_cost
 from autoplan.errors import AutoplanError
@@ -28,6 +28,9 @@ from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints, Recompute, Schedule
 from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES, Candidate, LayerChoice, Plan, Prediction, StagePlan, TPSite
 from autoplan.schema.profile import ModelProfile
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 OBJECTIVES = ("throughput",)
 ESTIMATED = "estimated (roofline)"
@@ -155,11 +158,11 @@ def stage_layout(profile: ModelProfile, solution: Solution) -> list[list[tuple[i
     return stages
 
 
-def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult) -> Plan:
-    """The Plan of the solver's best solution (stages, per-layer choices, tp styles, prediction)."""
-    best = result.best
+def _plan_stages(
+    profile: ModelProfile, cluster: ClusterSpec, best: Solution, sources: list[str]
+) -> tuple[list[StagePlan], dict[int, LayerChoice]]:
+    """The StagePlans of `best` (each with its summed per-layer cost) and every layer's choice."""
     config, estimate = best.config, best.estimate
-    sources = layer_time_sources(profile, cluster)
     stages = []
     layer_choices = {}
     for index, entries in enumerate(stage_layout(profile, best)):
@@ -189,28 +192,68 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
                 predicted_memory_bytes=estimate.rank_memory_bytes[index % config.pp],
             )
         )
+    return stages, layer_choices
+
+
+def _plan_tp_sites(profile: ModelProfile, tp: int, sequence_parallel: bool) -> tuple[dict[str, TPSite], dict[str, int]]:
+    """The tp styles (sequence-parallel ones only when sequence parallelism is on) and
+    divided attributes of every layer; both empty without tensor parallelism."""
     tp_styles: dict[str, TPSite] = {}
     tp_divide_attrs: dict[str, int] = {}
-    if config.tp > 1:
+    if tp > 1:
         for layer in profile.layers:
             tp_styles.update(
                 {
                     path: site
                     for path, site in layer.tp_sites.items()
-                    if site.style not in SEQUENCE_PARALLEL_STYLES or config.sequence_parallel
+                    if site.style not in SEQUENCE_PARALLEL_STYLES or sequence_parallel
                 }
             )
             tp_divide_attrs.update(layer.tp_divide_attrs)
+    return tp_styles, tp_divide_attrs
+
+
+def _plan_prediction(profile: ModelProfile, cluster: ClusterSpec, best: Solution) -> Prediction:
+    """The predicted step time, peak memory, breakdown, tokens/s and MFU of `best`."""
+    config, estimate = best.config, best.estimate
     tokens = profile.global_batch_size * profile.seq_len
     peak = cluster.device.peak_flops_for(config.param_dtype)
     step_s = estimate.step_time_s
-    prediction = Prediction(
+    return Prediction(
         step_time_s=step_s,
         peak_memory_bytes=estimate.peak_memory_bytes,
         breakdown=dict(estimate.breakdown),
         tokens_per_s=tokens / step_s,
         mfu=profile.model_flops_per_sequence * profile.global_batch_size / (step_s * cluster.world_size * peak),
     )
+
+
+def _plan_runners_up(result: SolveResult) -> list[Candidate]:
+    """The solver's runners-up as Candidates (schedule "-" for those that got no step time)."""
+    return [
+        Candidate(
+            mesh=r.config.mesh,
+            micro_batch_size=r.config.micro_batch_size,
+            schedule=r.config.schedule if r.step_time_s is not None else "-",
+            virtual_stages=r.config.virtual_stages,
+            zero_stage=r.config.zero_stage,
+            recompute=r.recompute,
+            sequence_parallel=r.config.sequence_parallel,
+            step_time_s=r.step_time_s,
+            peak_memory_bytes=r.peak_memory_bytes,
+            why=r.why,
+        )
+        for r in result.runners_up
+    ]
+
+
+def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult) -> Plan:
+    """The Plan of the solver's best solution (stages, per-layer choices, tp styles, prediction)."""
+    best = result.best
+    config = best.config
+    sources = layer_time_sources(profile, cluster)
+    stages, layer_choices = _plan_stages(profile, cluster, best, sources)
+    tp_styles, tp_divide_attrs = _plan_tp_sites(profile, config.tp, config.sequence_parallel)
     return Plan(
         model_name=profile.model_name,
         mesh=config.mesh,
@@ -229,22 +272,8 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
         tp_styles=tp_styles,
         tp_divide_attrs=tp_divide_attrs,
         tied_parameters=profile.tied_parameters,
-        predicted=prediction,
-        runners_up=[
-            Candidate(
-                mesh=r.config.mesh,
-                micro_batch_size=r.config.micro_batch_size,
-                schedule=r.config.schedule if r.step_time_s is not None else "-",
-                virtual_stages=r.config.virtual_stages,
-                zero_stage=r.config.zero_stage,
-                recompute=r.recompute,
-                sequence_parallel=r.config.sequence_parallel,
-                step_time_s=r.step_time_s,
-                peak_memory_bytes=r.peak_memory_bytes,
-                why=r.why,
-            )
-            for r in result.runners_up
-        ],
+        predicted=_plan_prediction(profile, cluster, best),
+        runners_up=_plan_runners_up(result),
         model_fingerprint=profile.fingerprint,
         cluster_fingerprint=cluster.fingerprint(),
         cluster=cluster,
@@ -301,6 +330,50 @@ def _compress_runs(plan: Plan) -> list[tuple[str, str, int, str]]:
     ]
 
 
+def _stages_table(plan: Plan) -> Table:
+    """The "stages" table of `explain`: per stage its rank, layers, time and memory."""
+    from rich.table import Table
+
+    capacity = plan.cluster.device.memory_bytes
+    stages = Table(title="stages")
+    for column in ("stage", "pp rank", "layers", "time / micro-batch", "rank memory", "of capacity"):
+        stages.add_column(column)
+    for stage in plan.stages:
+        names = stage.layers
+        shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} .. {names[-1]} ({len(names)})"
+        stages.add_row(
+            str(stage.index),
+            str(stage.pp_rank),
+            shown,
+            f"{stage.predicted_time_s * 1e3:.2f} ms",
+            f"{stage.predicted_memory_bytes / 1e9:.2f} GB",
+            f"{stage.predicted_memory_bytes / capacity:.0%}",
+        )
+    return stages
+
+
+def _runners_up_table(plan: Plan) -> Table:
+    """The "runners-up" table of `explain`: each losing candidate and why it lost."""
+    from rich.table import Table
+
+    runners = Table(title="runners-up")
+    for column in ("mesh", "mbs", "schedule", "ZeRO", "recompute", "SP", "step", "memory", "why it lost"):
+        runners.add_column(column)
+    for c in plan.runners_up:
+        runners.add_row(
+            f"dp{c.mesh['dp']} pp{c.mesh['pp']} tp{c.mesh['tp']}",
+            str(c.micro_batch_size),
+            c.schedule + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else ""),
+            str(c.zero_stage),
+            c.recompute,
+            str(c.sequence_parallel),
+            f"{c.step_time_s:.4g} s" if c.step_time_s else "-",
+            f"{c.peak_memory_bytes / 1e9:.1f} GB" if c.peak_memory_bytes else "-",
+            c.why,
+        )
+    return runners
+
+
 def explain(plan: Plan) -> str:
     """The full report `autoplan show` prints: mesh, stages, per-layer choices (and whether
     each layer's time was measured or estimated), cost sources, time and memory breakdown,
@@ -328,21 +401,7 @@ def explain(plan: Plan) -> str:
         f"predicted step {predicted.step_time_s:.4g} s{tokens}{mfu}; peak memory "
         f"{predicted.peak_memory_bytes / 1e9:.2f} GB of {capacity / 1e9:.0f} GB per device"
     )
-    stages = Table(title="stages")
-    for column in ("stage", "pp rank", "layers", "time / micro-batch", "rank memory", "of capacity"):
-        stages.add_column(column)
-    for stage in plan.stages:
-        names = stage.layers
-        shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} .. {names[-1]} ({len(names)})"
-        stages.add_row(
-            str(stage.index),
-            str(stage.pp_rank),
-            shown,
-            f"{stage.predicted_time_s * 1e3:.2f} ms",
-            f"{stage.predicted_memory_bytes / 1e9:.2f} GB",
-            f"{stage.predicted_memory_bytes / capacity:.0%}",
-        )
-    console.print(stages)
+    console.print(_stages_table(plan))
     layers = Table(title="per-layer choices")
     for column in ("layers", "recompute", "stage", "layer time"):
         layers.add_column(column)
@@ -361,22 +420,7 @@ def explain(plan: Plan) -> str:
         breakdown.add_row(name, shown)
     console.print(breakdown)
     if plan.runners_up:
-        runners = Table(title="runners-up")
-        for column in ("mesh", "mbs", "schedule", "ZeRO", "recompute", "SP", "step", "memory", "why it lost"):
-            runners.add_column(column)
-        for c in plan.runners_up:
-            runners.add_row(
-                f"dp{c.mesh['dp']} pp{c.mesh['pp']} tp{c.mesh['tp']}",
-                str(c.micro_batch_size),
-                c.schedule + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else ""),
-                str(c.zero_stage),
-                c.recompute,
-                str(c.sequence_parallel),
-                f"{c.step_time_s:.4g} s" if c.step_time_s else "-",
-                f"{c.peak_memory_bytes / 1e9:.1f} GB" if c.peak_memory_bytes else "-",
-                c.why,
-            )
-        console.print(runners)
+        console.print(_runners_up_table(plan))
     if plan.solver:
         console.print(
             "solver: "
