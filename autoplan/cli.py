@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="the full report of a saved plan")
     show.add_argument("plan_file")
+    show.add_argument(
+        "--layers",
+        action="store_true",
+        help="one row per run of layers on each stage (default: folded over repeated blocks)",
+    )
 
     run = commands.add_parser(
         "run",
@@ -246,7 +251,7 @@ def cmd_show(args: argparse.Namespace) -> None:
     from autoplan.planner.planning import explain
     from autoplan.schema.plan import Plan
 
-    console.print(explain(Plan.from_json(args.plan_file)))
+    sys.stdout.write(explain(Plan.from_json(args.plan_file), all_layers=args.layers))
 
 
 def _check_saved_plan(plan, args: argparse.Namespace) -> None:

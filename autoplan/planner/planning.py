@@ -331,23 +331,46 @@ def _compress_runs(plan: Plan) -> list[tuple[str, str, int, str]]:
 
 
 def _stages_table(plan: Plan) -> Table:
-    """The "stages" table of `explain`: per stage its rank, layers, time and memory."""
+    """The "stages" table of `explain`: per stage its rank, layers, time and memory; a run
+    of middle stages with as many layers and the same time is one row ("1..14"), its memory
+    the range over the pipeline ranks holding them."""
     from rich.table import Table
 
     capacity = plan.cluster.device.memory_bytes
     stages = Table(title="stages")
     for column in ("stage", "pp rank", "layers", "time / micro-batch", "rank memory", "of capacity"):
         stages.add_column(column)
+    groups: list[list[StagePlan]] = []
     for stage in plan.stages:
-        names = stage.layers
-        shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} .. {names[-1]} ({len(names)})"
+        middle = 0 < stage.index < len(plan.stages) - 1
+        previous = groups[-1][-1] if groups else None
+        if (
+            previous is not None
+            and middle
+            and previous.index > 0
+            and len(previous.layers) == len(stage.layers)
+            and f"{previous.predicted_time_s:.3g}" == f"{stage.predicted_time_s:.3g}"
+        ):
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    for members in groups:
+        first, last = members[0], members[-1]
+        if len(members) == 1:
+            names = first.layers
+            shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} .. {names[-1]} ({len(names)})"
+        else:
+            shown = f"{len(first.layers)} layers each: {first.layers[0]} .. {last.layers[-1]}"
+        ranks = sorted({stage.pp_rank for stage in members})
+        low = min(stage.predicted_memory_bytes for stage in members)
+        high = max(stage.predicted_memory_bytes for stage in members)
         stages.add_row(
-            str(stage.index),
-            str(stage.pp_rank),
+            str(first.index) if len(members) == 1 else f"{first.index}..{last.index}",
+            str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}",
             shown,
-            f"{stage.predicted_time_s * 1e3:.2f} ms",
-            f"{stage.predicted_memory_bytes / 1e9:.2f} GB",
-            f"{stage.predicted_memory_bytes / capacity:.0%}",
+            f"{first.predicted_time_s * 1e3:.2f} ms",
+            f"{high / 1e9:.2f} GB" if low == high else f"{low / 1e9:.2f}-{high / 1e9:.2f} GB",
+            f"{high / capacity:.0%}" if low == high else f"{low / capacity:.0%}-{high / capacity:.0%}",
         )
     return stages
 
@@ -356,7 +379,7 @@ def _runners_up_table(plan: Plan) -> Table:
     """The "runners-up" table of `explain`: each losing candidate and why it lost."""
     from rich.table import Table
 
-    runners = Table(title="runners-up")
+    runners = Table(title="why this plan: the runners-up and what each loses by")
     for column in ("mesh", "mbs", "schedule", "ZeRO", "recompute", "SP", "step", "memory", "why it lost"):
         runners.add_column(column)
     for c in plan.runners_up:
@@ -374,23 +397,23 @@ def _runners_up_table(plan: Plan) -> Table:
     return runners
 
 
-def explain(plan: Plan) -> str:
-    """The full report `autoplan show` prints: mesh, stages, per-layer choices (and whether
-    each layer's time was measured or estimated), cost sources, time and memory breakdown,
-    runners-up and why they lost.
+def explain(plan: Plan, all_layers: bool = False) -> str:
+    """The full report `autoplan show` prints: the batch and where it came from, the mesh,
+    stages (runs of equal stages grouped), per-layer choices folded over repeated blocks
+    (`all_layers`: one row per run of layers on a stage), cost sources, the time and memory
+    breakdown of the worst rank, why this plan beat the runners-up, the solver's statistics.
 
     >>> print(explain(Plan.from_json("plan.json")))    # doctest: +SKIP
     """
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(file=io.StringIO(), record=True, width=130, color_system=None)
     predicted, capacity = plan.predicted, plan.cluster.device.memory_bytes
     console.print(f"[bold]{plan.model_name}[/] on {plan.cluster.describe()}")
+    console.print(_batch_line(plan))
     console.print(
         f"mesh pp={plan.mesh['pp']} x dp={plan.mesh['dp']} x tp={plan.mesh['tp']}  "
-        f"micro-batch {plan.micro_batch_size} x {plan.num_micro_batches} per step "
-        f"(global batch {plan.global_batch_size})  schedule {plan.schedule}"
+        f"micro-batch {plan.micro_batch_size} x {plan.num_micro_batches} per step  schedule {plan.schedule}"
         f"{f' v={plan.virtual_stages}' if plan.virtual_stages > 1 else ''}  ZeRO-{plan.zero_stage}  "
         f"sequence-parallel {plan.sequence_parallel}  params {plan.param_dtype}, "
         f"grad reduce {plan.grad_reduce_dtype}"
@@ -402,28 +425,91 @@ def explain(plan: Plan) -> str:
         f"{predicted.peak_memory_bytes / 1e9:.2f} GB of {capacity / 1e9:.0f} GB per device"
     )
     console.print(_stages_table(plan))
-    layers = Table(title="per-layer choices")
-    for column in ("layers", "recompute", "stage", "layer time"):
-        layers.add_column(column)
-    for run_names, recompute, run_stage, source in _compress_runs(plan):
-        layers.add_row(run_names, recompute, str(run_stage), source)
-    console.print(layers)
+    console.print(_layers_table(plan, all_layers))
     if plan.measured_sources:
         console.print("cost sources:")
         for name, source in plan.measured_sources.items():
             console.print(f"  {name.replace('_', ' ')}: {source}", soft_wrap=True)
-    breakdown = Table(title="breakdown (worst rank)")
-    breakdown.add_column("term")
-    breakdown.add_column("value", justify="right")
-    for name, value in predicted.breakdown.items():
-        shown = f"{value:.4g} s" if name.endswith("_s") else f"{value / 1e9:.3f} GB"
-        breakdown.add_row(name, shown)
-    console.print(breakdown)
+    for table in _breakdown_tables(plan):
+        console.print(table)
     if plan.runners_up:
         console.print(_runners_up_table(plan))
     if plan.solver:
-        console.print(
-            "solver: "
-            + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in plan.solver.items())
-        )
+        console.print(_solver_line(plan), soft_wrap=True)
     return console.export_text()
+
+
+def _batch_line(plan: Plan) -> str:
+    """Global batch, sequence length and tokens per step, with where each came from."""
+    sources = plan.input_sources
+    line = f"global batch {plan.global_batch_size} sequences" + (
+        f" ({sources['global_batch_size']})" if "global_batch_size" in sources else ""
+    )
+    if plan.seq_len:
+        line += f" x {plan.seq_len} tokens" + (f" ({sources['seq_len']})" if "seq_len" in sources else "")
+        line += f" = {plan.global_batch_size * plan.seq_len:,} tokens per step"
+    return line
+
+
+def _layers_table(plan: Plan, all_layers: bool) -> Table:
+    """Per-layer choices: folded over the stages (repeated blocks with the same choices are one
+    row, with the stages they span), or with `all_layers` one row per run on a stage."""
+    from rich.table import Table
+
+    table = Table(title="per-layer choices" + ("" if all_layers else " (autoplan show --layers: per stage)"))
+    for column in ("layers", "recompute", "stage" if all_layers else "stages", "layer time"):
+        table.add_column(column)
+    if all_layers:
+        for run_names, recompute, run_stage, source in _compress_runs(plan):
+            table.add_row(run_names, recompute, str(run_stage), source)
+        return table
+    rows: list[list] = []
+    for layer in plan.layers:
+        source = layer.time_source or "-"
+        if rows and rows[-1][1:3] == [layer.recompute, source]:
+            rows[-1][3], rows[-1][4], rows[-1][5] = layer.name, rows[-1][4] + 1, layer.stage
+        else:
+            rows.append([layer.name, layer.recompute, source, layer.name, 1, layer.stage, layer.stage])
+    for first, recompute, source, last, count, last_stage, first_stage in rows:
+        names = f"{first} .. {last} ({count})" if count > 1 else first
+        stages = str(first_stage) if first_stage == last_stage else f"{first_stage}..{last_stage}"
+        table.add_row(names, recompute, stages, source)
+    return table
+
+
+def _breakdown_tables(plan: Plan) -> list[Table]:
+    """The worst rank's time terms (ms) and memory terms (GB), as two labelled tables."""
+    from rich.table import Table
+
+    time_table = Table(title="time per step, worst rank")
+    memory_table = Table(title="memory, worst rank")
+    for table, unit in ((time_table, "ms"), (memory_table, "GB")):
+        table.add_column("term")
+        table.add_column(unit, justify="right")
+    for name, value in plan.predicted.breakdown.items():
+        if name.endswith("_s"):
+            time_table.add_row(name.removesuffix("_s").replace("_", " "), f"{value * 1e3:,.2f}")
+        elif name.endswith("_bytes"):
+            memory_table.add_row(name.removesuffix("_bytes").replace("_", " "), f"{value / 1e9:,.3f}")
+        else:
+            time_table.add_row(name.replace("_", " "), f"{value:.4g}")
+    return [time_table, memory_table]
+
+
+def _solver_line(plan: Plan) -> str:
+    """The solver's statistics in words; says when a MILP hit its time limit (the plan is
+    the best found, not proven optimal)."""
+    stats = dict(plan.solver)
+    parts = [f"solver {stats.pop('solver', '?')}"]
+    if "wall_time_s" in stats:
+        parts.append(f"{float(stats.pop('wall_time_s')):.2f} s")
+    for key, label in (("milps_solved", "MILPs solved"), ("candidates", "candidates considered")):
+        if key in stats:
+            parts.append(f"{float(stats.pop(key)):.0f} {label}")
+    limited = float(stats.pop("milps_time_limited", 0) or 0)
+    if limited:
+        parts.append(
+            f"{limited:.0f} MILP(s) stopped at their time limit: the plan is the best found, not proven optimal"
+        )
+    parts += [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()]
+    return "; ".join(parts)

@@ -56,7 +56,14 @@ def test_plan_zoo_model_and_explain(tmp_path):
     assert any(name.endswith("_bytes") for name in result.predicted.breakdown)
     result.to_json(tmp_path / "plan.json")
     report = explain(Plan.from_json(tmp_path / "plan.json"))
-    for heading in ("stages", "per-layer choices", "breakdown", "runners-up", "why it lost"):
+    for heading in (
+        "stages",
+        "per-layer choices",
+        "time per step, worst rank",
+        "memory, worst rank",
+        "runners-up",
+        "why it lost",
+    ):
         assert heading in report
 
 
