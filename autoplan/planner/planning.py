@@ -397,6 +397,13 @@ def _runners_up_table(plan: Plan) -> Table:
     return runners
 
 
+ZERO_NOTES = {
+    1: " (FSDP2 keeping parameters gathered: optimizer states and gradients sharded, the memory of ZeRO-2)",
+    2: " (FSDP2 keeping parameters gathered: optimizer states and gradients sharded)",
+}
+"""What ZeRO-1/2 are when they run: FSDP2 reduce-scatters gradients, so both shard them."""
+
+
 def explain(plan: Plan, all_layers: bool = False) -> str:
     """The full report `autoplan show` prints: the batch and where it came from, the mesh,
     stages (runs of equal stages grouped), per-layer choices folded over repeated blocks
@@ -414,7 +421,8 @@ def explain(plan: Plan, all_layers: bool = False) -> str:
     console.print(
         f"mesh pp={plan.mesh['pp']} x dp={plan.mesh['dp']} x tp={plan.mesh['tp']}  "
         f"micro-batch {plan.micro_batch_size} x {plan.num_micro_batches} per step  schedule {plan.schedule}"
-        f"{f' v={plan.virtual_stages}' if plan.virtual_stages > 1 else ''}  ZeRO-{plan.zero_stage}  "
+        f"{f' v={plan.virtual_stages}' if plan.virtual_stages > 1 else ''}  ZeRO-{plan.zero_stage}"
+        f"{ZERO_NOTES.get(plan.zero_stage, '')}  "
         f"sequence-parallel {plan.sequence_parallel}  params {plan.param_dtype}, "
         f"grad reduce {plan.grad_reduce_dtype}"
     )
