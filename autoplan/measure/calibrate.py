@@ -72,6 +72,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -258,6 +259,10 @@ def _rank_main(
     )
     import torch.distributed as dist
 
+    # The probes build DTensors on a CPU mesh only to time their dispatch; torch's notice that
+    # DTensor random ops may be incomplete there is about what the probes never use. This is
+    # a spawned probe process: its filters end with it.
+    warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
     try:
         if device == "cuda":
             torch.cuda.set_device(rank)
