@@ -135,6 +135,13 @@ def enumerate_meshes(
         raise AutoplanError(
             f"no mesh dp * pp * tp = world_size({world}) satisfies the pins { {k: v for k, v in pins.items() if v} }"
         )
+    if constraints.zero_stage and all(dp == 1 for dp, _, _ in meshes):
+        dp, pp, tp = meshes[0]
+        raise AutoplanError(
+            f"zero_stage={constraints.zero_stage} shards model states over dp, but the pins leave dp = "
+            f"world_size({world}) / (pp({pp}) * tp({tp})) = 1: nothing to shard; "
+            "pin zero_stage=0, or a smaller pp or tp"
+        )
     for _dp, pp, _tp in meshes:
         if pp > num_blocks:
             raise AutoplanError(
