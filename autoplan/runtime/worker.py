@@ -117,11 +117,17 @@ def main(argv: list[str] | None = None) -> int:
             from autoplan.schema.cluster import write_atomically
 
             write_atomically(Path(args.out), json.dumps(result, indent=2) + "\n")
-        # Leave together: a rank tearing gloo down while its peer still holds the pair
-        # connections made rank 0 abort (SIGABRT) now and then after the last collective.
+        # Leave together, and without tearing gloo down: a rank destroying its process group
+        # while its peer still holds the pair connections made rank 0 abort (SIGABRT) now and
+        # then after the last collective, with the barrier too (seen on a loaded 2-core CI
+        # machine). Past the barrier every rank has written what it had to; the operating
+        # system closes the sockets when the process ends.
         import torch.distributed as dist
 
         dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     except Exception as error:  # one line per failing rank; the launcher stops the others
         import torch
 
