@@ -133,6 +133,27 @@ class LayerCost:
         return self.compute_s + self.recompute_s + self.tp_comm_s
 
 
+def config_layer_cost(
+    layer: LayerProfile,
+    recompute: str,
+    cluster: ClusterSpec,
+    config: ParallelConfig,
+    sequence_parallel: bool | None = None,
+) -> LayerCost:
+    """`estimate_layer_cost` under `config` (its sequence parallelism unless `sequence_parallel` is given)."""
+    return estimate_layer_cost(
+        layer,
+        recompute,
+        cluster,
+        dp=config.dp,
+        tp=config.tp,
+        micro_batch_size=config.micro_batch_size,
+        sequence_parallel=config.sequence_parallel if sequence_parallel is None else sequence_parallel,
+        param_dtype=config.param_dtype,
+        grad_reduce_dtype=config.grad_reduce_dtype,
+    )
+
+
 def estimate_layer_cost(
     layer: LayerProfile,
     recompute: str,
@@ -405,20 +426,7 @@ def _rank_estimate(
     """One pipeline rank of `estimate_step`: its time for one micro-batch (incl. exposed ZeRO-3
     comm), its (exposed DP sync, optimizer step) seconds, its tp/recompute/ZeRO-3 terms and its
     memory terms."""
-    costs = [
-        estimate_layer_cost(
-            profile.layers[index],
-            option,
-            cluster,
-            dp=config.dp,
-            tp=config.tp,
-            micro_batch_size=config.micro_batch_size,
-            sequence_parallel=config.sequence_parallel,
-            param_dtype=config.param_dtype,
-            grad_reduce_dtype=config.grad_reduce_dtype,
-        )
-        for index, option in entries
-    ]
+    costs = [config_layer_cost(profile.layers[index], option, cluster, config) for index, option in entries]
     busy_s = sum(cost.time_s for cost in costs)
     zero3_s = exposed_s(sum(c.zero3_comm_s for c in costs), busy_s, penalty) if config.zero_stage == 3 else 0.0
     local_params = sum(cost.local_params for cost in costs)

@@ -20,9 +20,9 @@ from autoplan.costmodels.memory import model_state_bytes_per_param
 from autoplan.costmodels.pipeline import (
     LayerCost,
     ParallelConfig,
+    config_layer_cost,
     dp_sync_coefficients,
     dtensor_step_s_per_tensor,
-    estimate_layer_cost,
     overlap_penalty,
     p2p_time_s,
     step_collectives_s,
@@ -114,17 +114,7 @@ def build_instance(
     costs = {}
     representatives = list(split.prefix) + [split.blocks[0]] + list(split.suffix)
     for index, option, sp in itertools.product(representatives, options, sps):
-        costs[index, option, sp] = estimate_layer_cost(
-            profile.layers[index],
-            option,
-            cluster,
-            dp=dp,
-            tp=tp,
-            micro_batch_size=micro_batch_size,
-            sequence_parallel=sp,
-            param_dtype=param_dtype,
-            grad_reduce_dtype=grad_reduce_dtype,
-        )
+        costs[index, option, sp] = config_layer_cost(profile.layers[index], option, cluster, base, sp)
     return Instance(
         profile,
         cluster,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from autoplan.costmodels.pipeline import estimate_layer_cost
+from autoplan.costmodels.pipeline import config_layer_cost
 from autoplan.errors import AutoplanError
 from autoplan.planner.placement import Solution
 from autoplan.planner.search_space import split_layers
@@ -169,17 +169,7 @@ def _plan_stages(
         stage_time = 0.0
         for layer_index, option in entries:
             layer = profile.layers[layer_index]
-            stage_time += estimate_layer_cost(
-                layer,
-                option,
-                cluster,
-                dp=config.dp,
-                tp=config.tp,
-                micro_batch_size=config.micro_batch_size,
-                sequence_parallel=config.sequence_parallel,
-                param_dtype=config.param_dtype,
-                grad_reduce_dtype=config.grad_reduce_dtype,
-            ).time_s
+            stage_time += config_layer_cost(layer, option, cluster, config).time_s
             layer_choices[layer_index] = LayerChoice(
                 name=layer.name, recompute=cast(Recompute, option), stage=index, time_source=sources[layer_index]
             )
