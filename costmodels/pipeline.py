@@ -75,6 +75,7 @@ from autoplan.costmodels.memory import (
     local_param_count,
 )
 from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.plan import INPUT_STYLES
 from autoplan.schema.profile import LayerProfile, ModelProfile
 
@@ -86,27 +87,6 @@ OVERLAP_PENALTY = 0.3
 
 DDP_BUCKET_BYTES = 25 * 1024**2
 """DistributedDataParallel's default bucket_cap_mb (25 MiB)."""
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """Everything of a plan but the layer placement."""
-
-    dp: int
-    tp: int
-    pp: int
-    micro_batch_size: int
-    num_micro_batches: int
-    schedule: str = "1f1b"
-    virtual_stages: int = 1
-    zero_stage: int = 0
-    sequence_parallel: bool = False
-    param_dtype: str = "float32"
-    grad_reduce_dtype: str = "float32"
-
-    @property
-    def mesh(self) -> dict[str, int]:
-        return {"dp": self.dp, "pp": self.pp, "tp": self.tp}
 
 
 @dataclass(frozen=True)

@@ -335,12 +335,7 @@ def _predicted(plan: Plan, job) -> dict:
         "predicted_tokens_per_s": plan.predicted.tokens_per_s or tokens_per_step / plan.predicted.step_time_s,
         "predicted_mfu": plan.predicted.mfu,
         "plan": {
-            "micro_batch_size": plan.micro_batch_size,
-            "num_micro_batches": plan.num_micro_batches,
-            "schedule": plan.schedule,
-            "virtual_stages": plan.virtual_stages,
-            "zero_stage": plan.zero_stage,
-            "sequence_parallel": plan.sequence_parallel,
+            **plan.parallel_config().model_dump(exclude={"mesh"}),
             "recompute": sorted(set(plan.recompute_of().values())),
             "stages": [
                 {

@@ -19,7 +19,6 @@ from autoplan.costmodels.compute import estimate_optimizer_step_s
 from autoplan.costmodels.memory import model_state_bytes_per_param
 from autoplan.costmodels.pipeline import (
     LayerCost,
-    ParallelConfig,
     config_layer_cost,
     dp_sync_coefficients,
     dtensor_step_s_per_tensor,
@@ -31,6 +30,7 @@ from autoplan.errors import AutoplanError
 from autoplan.planner.search_space import LayerSplit, can_sequence_parallel, schedule_options
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import RECOMPUTE_OPTIONS, Constraints
+from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.profile import ModelProfile
 
 ZERO_OPTIONS = (0, 1, 3)  # ZeRO-2 costs what ZeRO-1 does (memory.py); planned only when pinned
@@ -67,14 +67,8 @@ class Instance:
         return [self.block_option] if self.block_option else self.options
 
     def config(self, schedule: tuple[str, int], zero: int, sp: bool) -> ParallelConfig:
-        return ParallelConfig(
-            **{
-                **self.base.__dict__,
-                "schedule": schedule[0],
-                "virtual_stages": schedule[1],
-                "zero_stage": zero,
-                "sequence_parallel": sp,
-            }
+        return self.base.replace(
+            schedule=schedule[0], virtual_stages=schedule[1], zero_stage=zero, sequence_parallel=sp
         )
 
 
@@ -103,9 +97,7 @@ def build_instance(
     if constraints.recompute and constraints.recompute not in options:
         raise AutoplanError(f"recompute={constraints.recompute!r} is not available; the profile offers {options}")
     base = ParallelConfig(
-        dp=dp,
-        tp=tp,
-        pp=pp,
+        mesh={"dp": dp, "pp": pp, "tp": tp},
         micro_batch_size=micro_batch_size,
         num_micro_batches=m,
         param_dtype=param_dtype,

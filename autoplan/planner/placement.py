@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autoplan.costmodels.pipeline import ParallelConfig, StepEstimate, estimate_step
+from autoplan.costmodels.pipeline import StepEstimate, estimate_step
 from autoplan.planner.instance import Combo, Instance
+from autoplan.schema.parallel import ParallelConfig
 
 
 @dataclass

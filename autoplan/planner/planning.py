@@ -25,7 +25,8 @@ from autoplan.planner.placement import Solution
 from autoplan.planner.search_space import split_layers
 from autoplan.planner.solver import SolveResult, default_dtypes, solve
 from autoplan.schema.cluster import ClusterSpec
-from autoplan.schema.constraints import Constraints, Recompute, Schedule
+from autoplan.schema.constraints import Constraints, Recompute
+from autoplan.schema.parallel import layout_stages
 from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES, Candidate, LayerChoice, Plan, Prediction, StagePlan, TPSite
 from autoplan.schema.profile import ModelProfile
 
@@ -133,29 +134,21 @@ def plan_from_profile(profile: ModelProfile, cluster: ClusterSpec, constraints: 
 
 
 def stage_layout(profile: ModelProfile, solution: Solution) -> list[list[tuple[int, str]]]:
-    """pp * v stages in model order: stage s runs on rank s % pp; each rank's blocks are
-    split into v chunks as evenly as possible, the prefix opens stage 0 and the suffix
-    closes the last stage. Recompute options follow each rank's counts."""
+    """`solution`'s (layer index, recompute option) per stage (`layout_stages`): each rank's
+    blocks take its recompute options in order, the prefix and suffix keep theirs."""
     config = solution.config
     split = split_layers(profile)
     fixed = set(split.prefix) | set(split.suffix)
     rank_options = [[option for index, option in entries if index not in fixed] for entries in solution.rank_layers]
     fixed_option = {index: option for entries in solution.rank_layers for index, option in entries if index in fixed}
-    v, pp = config.virtual_stages, config.pp
-    chunks = [[len(options) // v + (1 if c < len(options) % v else 0) for c in range(v)] for options in rank_options]
-    blocks = iter(split.blocks)
-    taken = [0] * pp
-    stages = []
-    for stage in range(pp * v):
-        rank, chunk = stage % pp, stage // pp
-        entries = [(j, fixed_option[j]) for j in split.prefix] if stage == 0 else []
-        for _ in range(chunks[rank][chunk]):
-            entries.append((next(blocks), rank_options[rank][taken[rank]]))
-            taken[rank] += 1
-        if stage == pp * v - 1:
-            entries += [(j, fixed_option[j]) for j in split.suffix]
-        stages.append(entries)
-    return stages
+    options_of_rank = [iter(options) for options in rank_options]
+    stages = layout_stages(
+        split.blocks, [len(options) for options in rank_options], config.virtual_stages, split.prefix, split.suffix
+    )
+    return [
+        [(j, fixed_option[j] if j in fixed else next(options_of_rank[s % config.pp])) for j in stage]
+        for s, stage in enumerate(stages)
+    ]
 
 
 def _plan_stages(
@@ -219,16 +212,11 @@ def _plan_prediction(profile: ModelProfile, cluster: ClusterSpec, best: Solution
 
 
 def _plan_runners_up(result: SolveResult) -> list[Candidate]:
-    """The solver's runners-up as Candidates (schedule "-" for those that got no step time)."""
+    """The solver's runners-up as Candidates."""
     return [
         Candidate(
-            mesh=r.config.mesh,
-            micro_batch_size=r.config.micro_batch_size,
-            schedule=r.config.schedule if r.step_time_s is not None else "-",
-            virtual_stages=r.config.virtual_stages,
-            zero_stage=r.config.zero_stage,
+            **r.config.parallel_fields(),
             recompute=r.recompute,
-            sequence_parallel=r.config.sequence_parallel,
             step_time_s=r.step_time_s,
             peak_memory_bytes=r.peak_memory_bytes,
             why=r.why,
@@ -246,16 +234,8 @@ def build_plan(profile: ModelProfile, cluster: ClusterSpec, result: SolveResult)
     tp_styles, tp_divide_attrs = _plan_tp_sites(profile, config.tp, config.sequence_parallel)
     return Plan(
         model_name=profile.model_name,
-        mesh=config.mesh,
+        **config.parallel_fields(),
         global_batch_size=profile.global_batch_size,
-        micro_batch_size=config.micro_batch_size,
-        num_micro_batches=config.num_micro_batches,
-        schedule=cast(Schedule, config.schedule),
-        virtual_stages=config.virtual_stages,
-        zero_stage=config.zero_stage,
-        sequence_parallel=config.sequence_parallel,
-        param_dtype=config.param_dtype,
-        grad_reduce_dtype=config.grad_reduce_dtype,
         activation_dtype=config.param_dtype,
         stages=stages,
         layers=[layer_choices[i] for i in range(len(profile.layers))],
@@ -376,7 +356,7 @@ def _runners_up_table(plan: Plan) -> Table:
         runners.add_row(
             f"dp{c.mesh['dp']} pp{c.mesh['pp']} tp{c.mesh['tp']}",
             str(c.micro_batch_size),
-            c.schedule + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else ""),
+            "-" if c.step_time_s is None else c.schedule + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else ""),
             str(c.zero_stage),
             c.recompute,
             str(c.sequence_parallel),

@@ -67,7 +67,6 @@ import pulp
 from autoplan.costmodels.compute import estimate_optimizer_step_s
 from autoplan.costmodels.memory import in_flight_micro_batches, model_state_bytes_per_param
 from autoplan.costmodels.pipeline import (
-    ParallelConfig,
     dp_sync_coefficients,
     dtensor_step_s_per_tensor,
     fixed_memory_bytes,
@@ -87,6 +86,7 @@ from autoplan.planner.search_space import (
 )
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints
+from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.profile import ModelProfile
 
 GB = 1e9

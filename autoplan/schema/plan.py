@@ -18,7 +18,8 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autoplan.schema.cluster import ClusterSpec, condensed, write_atomically
-from autoplan.schema.constraints import Recompute, Schedule
+from autoplan.schema.constraints import Recompute
+from autoplan.schema.parallel import ParallelConfig
 
 PLAN_VERSION = 1
 Model = TypeVar("Model", bound=BaseModel)
@@ -110,27 +111,22 @@ class Prediction(BaseModel):
     """Model FLOPs utilisation: model FLOPs / (step time * world size * peak)."""
 
 
-class Candidate(BaseModel):
+class Candidate(ParallelConfig):
     """A runner-up plan in short form, and why it lost."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    mesh: dict[str, int]
-    micro_batch_size: int
-    schedule: str
-    virtual_stages: int = 1
-    zero_stage: int
     recompute: str
-    sequence_parallel: bool
+    """The repeated blocks' recompute options, e.g. "none" or "selective+full"."""
     step_time_s: float | None
+    """None: no schedule or placement of this configuration fits (see `why`)."""
     peak_memory_bytes: float | None
     why: str = ""
 
 
-class Plan(BaseModel):
-    """A complete, runnable parallel training configuration."""
+class Plan(ParallelConfig):
+    """A complete, runnable parallel training configuration: a ParallelConfig (mesh, batch
+    split, schedule, ZeRO, sequence parallelism, dtypes) and where every layer runs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
     version: int = PLAN_VERSION
     model_name: str = "model"
@@ -139,19 +135,8 @@ class Plan(BaseModel):
     """Tokens per sequence the plan was made for (None: not recorded, or not a sequence model)."""
     input_sources: dict[str, str] = Field(default_factory=dict)
     """Where global_batch_size and seq_len came from: a flag, a default (which), the example inputs."""
-    mesh: dict[str, int]
-    """{"dp": .., "pp": .., "tp": ..}; the product is the world size."""
     global_batch_size: int
-    micro_batch_size: int
-    """Sequences per micro-batch per data-parallel rank."""
-    num_micro_batches: int
-    """global_batch_size / (dp * micro_batch_size)."""
-    schedule: Schedule = "1f1b"
-    virtual_stages: int = 1
-    zero_stage: int = 0
-    sequence_parallel: bool = False
-    param_dtype: str = "float32"
-    grad_reduce_dtype: str = "float32"
+    """micro_batch_size * num_micro_batches * dp sequences per step."""
     activation_dtype: str = "float32"
     stages: list[StagePlan]
     """pp * virtual_stages stages; stage i runs on pipeline rank i % pp."""
@@ -183,10 +168,6 @@ class Plan(BaseModel):
         if problem:
             raise ValueError(problem)
         return self
-
-    @property
-    def world_size(self) -> int:
-        return self.mesh["dp"] * self.mesh["pp"] * self.mesh["tp"]
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON, whole or not at all."""

@@ -163,8 +163,10 @@ def hand_plan(
     virtual_stages: int = 1,
     micro_batch_size: int | None = None,
 ) -> Plan:
-    """A Plan written by hand: repeated blocks split evenly over pp * virtual_stages stages,
-    the layers before the blocks on the first stage and after them on the last."""
+    """A Plan written by hand: repeated blocks split evenly over the pp ranks and each rank's
+    over its virtual stages (`layout_stages`), the layers before the blocks on the first stage
+    and after them on the last."""
+    from autoplan.schema.parallel import even_counts, layout_stages
     from autoplan.schema.plan import LayerChoice, Prediction, StagePlan, TPSite
 
     assert dp * tp * pp == world_size
@@ -172,14 +174,8 @@ def hand_plan(
     blocks = [name for name in layers if name.startswith(("blocks.", "layers."))]
     head = layers[: layers.index(blocks[0])]
     tail = layers[layers.index(blocks[-1]) + 1 :]
-    num_stages = pp * virtual_stages
-    per_stage = [len(blocks) // num_stages + (1 if i < len(blocks) % num_stages else 0) for i in range(num_stages)]
-    stages, start = [], 0
-    for index, count in enumerate(per_stage):
-        names = blocks[start : start + count]
-        start += count
-        names = (head if index == 0 else []) + names + (tail if index == num_stages - 1 else [])
-        stages.append(StagePlan(index=index, pp_rank=index % pp, layers=names))
+    layout = layout_stages(blocks, even_counts(len(blocks), pp), virtual_stages, head, tail)
+    stages = [StagePlan(index=index, pp_rank=index % pp, layers=names) for index, names in enumerate(layout)]
     stage_of = {name: stage.index for stage in stages for name in stage.layers}
     micro_batch_size = micro_batch_size or max(1, GLOBAL_BATCH // (dp * max(pp, 1) * 2))
     if not sequence_parallel:

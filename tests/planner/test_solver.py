@@ -7,10 +7,11 @@ import itertools
 
 import pytest
 
-from autoplan.costmodels.pipeline import ParallelConfig, estimate_step
+from autoplan.costmodels.pipeline import estimate_step
 from autoplan.planner.solver import solve
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints
+from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.plan import TPSite
 from autoplan.schema.profile import LayerProfile, ModelProfile
 
@@ -143,9 +144,7 @@ def brute_force(profile: ModelProfile, cluster: ClusterSpec, pins: dict | None =
                     ):
                         continue
                     config = ParallelConfig(
-                        dp=dp,
-                        tp=tp,
-                        pp=pp,
+                        mesh={"dp": dp, "pp": pp, "tp": tp},
                         micro_batch_size=mbs,
                         num_micro_batches=m,
                         schedule=schedule,

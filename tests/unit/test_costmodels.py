@@ -17,8 +17,9 @@ from autoplan.costmodels.communication import (
     group_levels,
 )
 from autoplan.costmodels.compute import estimate_layer_time, matmul_efficiency
-from autoplan.costmodels.pipeline import OVERLAP_PENALTY, ParallelConfig, exposed_s, pipeline_time_s
+from autoplan.costmodels.pipeline import OVERLAP_PENALTY, exposed_s, pipeline_time_s
 from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.profile import LayerProfile
 
 A100 = ClusterSpec.preset("dgx-a100-80gb", num_nodes=4)
@@ -133,11 +134,15 @@ def test_measured_times_replace_the_roofline():
 
 
 def test_pipeline_formula():
-    config = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=1, num_micro_batches=8)
+    config = ParallelConfig(mesh={"dp": 1, "pp": 4, "tp": 1}, micro_batch_size=1, num_micro_batches=8)
     # (m - 1) * max + sum for 1F1B, plus 2 p2p per micro-batch and boundary
     assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.0) == pytest.approx(7 * 2 + 5)
     interleaved = ParallelConfig(
-        dp=1, tp=1, pp=4, micro_batch_size=1, num_micro_batches=8, schedule="interleaved_1f1b", virtual_stages=2
+        mesh={"dp": 1, "pp": 4, "tp": 1},
+        micro_batch_size=1,
+        num_micro_batches=8,
+        schedule="interleaved_1f1b",
+        virtual_stages=2,
     )
     assert pipeline_time_s([1.0] * 4, interleaved, 0.1) == pytest.approx(8 + 3 / 2 + 2 * 0.1 * (16 + 3))
 
@@ -179,13 +184,13 @@ def _local(**device) -> ClusterSpec:
 
 
 def test_shared_cores_pipeline_is_bound_by_work_or_critical_path():
-    config = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=1, num_micro_batches=8)
+    config = ParallelConfig(mesh={"dp": 1, "pp": 4, "tp": 1}, micro_batch_size=1, num_micro_batches=8)
     # all-busy stage times 1, 2, 1, 1 on cores shared two ranks to a core (s = 2): the cores
     # do 8 * (1 + 2 + 1 + 1) all-busy seconds over 4 ranks = 10 s; the slowest stage alone
     # (2 / 2 = 1 s a micro-batch) plus the others' bubble at alone speed is 8 + 3 / 2 = 9.5 s
     assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.0, shared_core_slowdown=2.0) == pytest.approx(10.0)
     # a few micro-batches over many stages: the critical path binds, (2 * 2 + 3) / 2 = 3.5 s
-    short = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=1, num_micro_batches=2)
+    short = ParallelConfig(mesh={"dp": 1, "pp": 4, "tp": 1}, micro_batch_size=1, num_micro_batches=2)
     assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], short, 0.0, shared_core_slowdown=2.0) == pytest.approx(3.5)
     # on a GPU (s = 1) the critical path always binds: (m - 1) * max + sum
     assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.0) == pytest.approx(7 * 2 + 5)
@@ -214,14 +219,14 @@ def test_ddp_buckets_replace_per_layer_latency():
     from autoplan.costmodels.pipeline import DDP_BUCKET_BYTES, dp_sync_coefficients
 
     cluster = _local()
-    ddp = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=1, num_micro_batches=1)
+    ddp = ParallelConfig(mesh={"dp": 4, "pp": 1, "tp": 1}, micro_batch_size=1, num_micro_batches=1)
     per_param, per_layer = dp_sync_coefficients(cluster, ddp, 0)
     ring_byte = 2 * 3 / 4 / (1e9 * LINK_EFFICIENCY)
     call = 6 * 100e-6 + 2e-3
     assert per_layer == 0.0
     assert per_param == pytest.approx(4 * (ring_byte + call / DDP_BUCKET_BYTES))
     # with a pipeline the stage modules sync per layer (replicate_with_fsdp)
-    staged = ParallelConfig(dp=2, tp=1, pp=2, micro_batch_size=1, num_micro_batches=2)
+    staged = ParallelConfig(mesh={"dp": 2, "pp": 2, "tp": 1}, micro_batch_size=1, num_micro_batches=2)
     per_param, per_layer = dp_sync_coefficients(cluster, staged, 0)
     assert per_layer == pytest.approx(2 * 100e-6 + 2e-3)
 
@@ -299,13 +304,17 @@ def test_optimizer_pays_dtensor_host_time_per_parameter_tensor_where_params_are_
     from autoplan.costmodels.pipeline import estimate_step, params_are_dtensors
     from autoplan.schema.profile import ModelProfile
 
-    ddp = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=2, num_micro_batches=1)
+    ddp = ParallelConfig(mesh={"dp": 4, "pp": 1, "tp": 1}, micro_batch_size=2, num_micro_batches=1)
     assert not params_are_dtensors(ddp, 0)  # DDP's reducer keeps plain tensors
     assert params_are_dtensors(ddp, 1) and params_are_dtensors(ddp, 3)  # FSDP2 shards
-    staged = ParallelConfig(dp=2, tp=1, pp=2, micro_batch_size=2, num_micro_batches=2)
+    staged = ParallelConfig(mesh={"dp": 2, "pp": 2, "tp": 1}, micro_batch_size=2, num_micro_batches=2)
     assert params_are_dtensors(staged, 0)  # replicate_with_fsdp beside a pipeline
-    assert params_are_dtensors(ParallelConfig(dp=1, tp=4, pp=1, micro_batch_size=2, num_micro_batches=1), 0)
-    assert not params_are_dtensors(ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=2, num_micro_batches=4), 0)
+    assert params_are_dtensors(
+        ParallelConfig(mesh={"dp": 1, "pp": 1, "tp": 4}, micro_batch_size=2, num_micro_batches=1), 0
+    )
+    assert not params_are_dtensors(
+        ParallelConfig(mesh={"dp": 1, "pp": 4, "tp": 1}, micro_batch_size=2, num_micro_batches=4), 0
+    )
 
     blocks = [layer(fwd_flops=1e6, param_tensors=5) for _ in range(3)]
     profile = ModelProfile(
@@ -321,7 +330,9 @@ def test_optimizer_pays_dtensor_host_time_per_parameter_tensor_where_params_are_
     rank_layers = [[(i, "none") for i in range(3)]]
 
     def optimizer_s(cluster: ClusterSpec, zero: int) -> float:
-        config = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=2, num_micro_batches=1, zero_stage=zero)
+        config = ParallelConfig(
+            mesh={"dp": 4, "pp": 1, "tp": 1}, micro_batch_size=2, num_micro_batches=1, zero_stage=zero
+        )
         return estimate_step(profile, cluster, config, rank_layers).breakdown["optimizer_s"]
 
     base, charged = _local(dtensor_param_step_us=0.0), _local(dtensor_param_step_us=400.0)
@@ -349,12 +360,12 @@ def test_step_collectives_loss_first_ddp_bucket_and_tied_gradients():
     )
     bandwidth = 1e9 * LINK_EFFICIENCY
     call_4 = 6 * 100e-6 + 2e-3  # all-reduce on 4 ranks: 6 ring steps + the call
-    ddp = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=2, num_micro_batches=1)
+    ddp = ParallelConfig(mesh={"dp": 4, "pp": 1, "tp": 1}, micro_batch_size=2, num_micro_batches=1)
     loss = 2 * 3 / 4 * 4 / bandwidth + call_4
     assert step_collectives_s(profile, cluster, ddp) == pytest.approx(loss + call_4)  # + DDP's first bucket
-    fsdp = ParallelConfig(dp=4, tp=1, pp=1, micro_batch_size=2, num_micro_batches=1, zero_stage=3)
+    fsdp = ParallelConfig(mesh={"dp": 4, "pp": 1, "tp": 1}, micro_batch_size=2, num_micro_batches=1, zero_stage=3)
     assert step_collectives_s(profile, cluster, fsdp) == pytest.approx(loss)
-    pipeline = ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=2, num_micro_batches=4)
+    pipeline = ParallelConfig(mesh={"dp": 1, "pp": 4, "tp": 1}, micro_batch_size=2, num_micro_batches=4)
     broadcast = 3 / 4 * 4 / bandwidth + 3 * 100e-6 + 2e-3
     tied = 2 * 1 / 2 * 4e6 / bandwidth + 2 * 100e-6 + 2e-3  # 1 M fp32 gradients between two stages
     assert step_collectives_s(profile, cluster, pipeline) == pytest.approx(broadcast + tied)

@@ -10,8 +10,9 @@ from autoplan.costmodels.memory import (
     estimate_zero3_gathered_bytes,
     in_flight_micro_batches,
 )
-from autoplan.costmodels.pipeline import ParallelConfig, estimate_step
+from autoplan.costmodels.pipeline import estimate_step
 from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.profile import LayerProfile, ModelProfile
 
 S, H, A = 2048, 4096, 32  # sequence, hidden, heads
@@ -121,9 +122,7 @@ def test_rank_memory_by_hand():
         model_flops_per_sequence=0.0,
     )
     config = ParallelConfig(
-        dp=2,
-        tp=1,
-        pp=1,
+        mesh={"dp": 2, "pp": 1, "tp": 1},
         micro_batch_size=1,
         num_micro_batches=2,
         zero_stage=1,
