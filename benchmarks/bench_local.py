@@ -20,9 +20,8 @@ from pathlib import Path
 from autoplan import ClusterSpec
 from autoplan.bench.compare import run_bench, summarize
 from autoplan.measure.calibrate import calibrate
-from autoplan.measure.profile_store import default_micro_batch_sizes, measure_profile
+from autoplan.measure.profile_store import default_micro_batch_sizes, measure_zoo_profile
 from autoplan.planner.planning import planning_with_profile
-from autoplan.zoo import build
 
 MODELS = ("gpt-small-demo", str(Path(__file__).resolve().parent.parent / "examples" / "custom_model.py") + ":factory")
 OUT = Path(__file__).resolve().parent / "out"
@@ -53,15 +52,10 @@ def main() -> None:
         label = Path(model.split(":")[0]).stem if ":" in model else model
         profile_path = None if args.no_profile else str(OUT / f"profile_{label}.json")
         if profile_path:
-            job = build(model, batch_size=args.global_batch_size, device="meta")
-            measure_profile(
-                job.module,
-                job.example_inputs,
-                job.loss_fn,
-                job.targets,
-                device="cpu",
-                micro_batch_sizes=default_micro_batch_sizes(args.global_batch_size),
-                model_name=model,
+            measure_zoo_profile(
+                model,
+                default_micro_batch_sizes(args.global_batch_size),
+                batch_size=args.global_batch_size,
                 busy_peers=cluster.devices_per_node - 1,
                 peer_model=model,
             ).to_json(profile_path)

@@ -18,9 +18,8 @@ from pathlib import Path
 from autoplan import ClusterSpec
 from autoplan.bench.compare import run_bench, summarize
 from autoplan.measure.calibrate import calibrate
-from autoplan.measure.profile_store import default_micro_batch_sizes, measure_profile
+from autoplan.measure.profile_store import default_micro_batch_sizes, measure_zoo_profile
 from autoplan.planner.planning import planning_with_profile
-from autoplan.zoo import build
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -40,15 +39,10 @@ def main() -> None:
     runs = [("preset", preset, None), ("calibrated", calibrated, None)]
     if not args.no_profile:
         profile_path = OUT / "calibration_effect_profile.json"
-        job = build(args.model, batch_size=args.global_batch_size, device="meta")
-        measure_profile(
-            job.module,
-            job.example_inputs,
-            job.loss_fn,
-            job.targets,
-            device="cpu",
-            micro_batch_sizes=default_micro_batch_sizes(args.global_batch_size),
-            model_name=args.model,
+        measure_zoo_profile(
+            args.model,
+            default_micro_batch_sizes(args.global_batch_size),
+            batch_size=args.global_batch_size,
             busy_peers=calibrated.devices_per_node - 1,
             peer_model=args.model,
         ).to_json(profile_path)

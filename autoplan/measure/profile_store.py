@@ -166,6 +166,36 @@ def _measure_entry(
     return MicroBatchMeasurement(fwd_s=result.forward_s, bwd_s=result.backward_s, saved_bytes=result.saved_bytes)
 
 
+def measure_zoo_profile(
+    model: str,
+    micro_batch_sizes: list[int] | tuple[int, ...],
+    *,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    device: str | torch.device | None = "cpu",
+    **options,
+) -> ProfileFile:
+    """`measure_profile` of the zoo (or `file.py:factory`, `hf:`) model `model`, built on meta
+    with `batch_size` sequences (default: the largest micro-batch) and recorded under its name;
+    `options` are measure_profile's keywords (dtype, repeats, progress, busy_peers, peer_model).
+
+        >>> measure_zoo_profile("gpt-tiny", [1, 2]).to_json("gpt-tiny.cpu.json")  # doctest: +SKIP
+    """
+    from autoplan.zoo import build
+
+    job = build(model, batch_size=batch_size or max(micro_batch_sizes), seq_len=seq_len, device="meta")
+    return measure_profile(
+        job.module,
+        job.example_inputs,
+        job.loss_fn,
+        job.targets,
+        device=device,
+        micro_batch_sizes=micro_batch_sizes,
+        model_name=model,
+        **options,
+    )
+
+
 def measure_profile(
     module: nn.Module,
     example_inputs: tuple,
@@ -278,23 +308,10 @@ def _busy_loop(stop, ready, model: str | None, sizes: list[int] | None, seq_len:
 
         step = _probe_mlp(*SHARING_MLP)
     else:
-        from autoplan.zoo import build
-
         assert sizes is not None  # given with a model
-        job = build(model, batch_size=max(sizes), seq_len=seq_len, device="meta")
 
         def step() -> None:
-            measure_profile(
-                job.module,
-                job.example_inputs,
-                job.loss_fn,
-                job.targets,
-                device="cpu",
-                micro_batch_sizes=sizes,
-                model_name=model,
-                repeats=1,
-                progress=False,
-            )
+            measure_zoo_profile(model, sizes, seq_len=seq_len, repeats=1, progress=False)
 
     ready.put(os.getpid())
     while not stop.is_set():

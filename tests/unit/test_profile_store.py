@@ -13,7 +13,7 @@ from autoplan import zoo
 from autoplan.analysis.profile import profile_model
 from autoplan.cli import main
 from autoplan.costmodels.compute import estimate_layer_time
-from autoplan.measure.profile_store import default_micro_batch_sizes, measure_profile
+from autoplan.measure.profile_store import default_micro_batch_sizes, measure_profile, measure_zoo_profile
 from autoplan.planner.measured import apply_profile
 from autoplan.planner.planning import explain, plan, planning_with_profile
 from autoplan.schema.cluster import ClusterSpec
@@ -35,16 +35,7 @@ def job():
 def written(job, tmp_path_factory):
     """(path, the file's JSON as plain dicts) of a profile measured for micro-batches 1 and 2."""
     path = tmp_path_factory.mktemp("profile") / "gpt-tiny.cpu.json"
-    measure_profile(
-        job.module,
-        job.example_inputs,
-        job.loss_fn,
-        job.targets,
-        device="cpu",
-        micro_batch_sizes=[1, 2],
-        model_name="gpt-tiny",
-        progress=False,
-    ).to_json(path)
+    measure_zoo_profile("gpt-tiny", [1, 2], progress=False).to_json(path)
     return path, json.loads(path.read_text())
 
 
