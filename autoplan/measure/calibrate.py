@@ -249,14 +249,9 @@ def _rank_main(
     message_bytes: tuple[int, ...],
     queue,
 ) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(nproc),
-        LOCAL_RANK=str(rank),
-        OMP_NUM_THREADS="1",
-    )
+    from autoplan.runtime.launch import loopback_rank_env
+
+    os.environ.update(loopback_rank_env(rank, nproc, port))
     import torch.distributed as dist
 
     # The probes build DTensors on a CPU mesh only to time their dispatch; torch's notice that

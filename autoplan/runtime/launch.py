@@ -125,6 +125,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def loopback_rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The environment torchrun gives rank `rank` of a one-machine job rendezvousing on `port`
+    (one intra-op thread: the ranks share the cores)."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
 def _default_rendezvous(launcher_args: list[str]) -> list[str]:
     """A free local port unless the user gave rendezvous flags (so two local jobs never collide)."""
     if any(arg.startswith(("--rdzv", "--master", "--standalone")) for arg in launcher_args):

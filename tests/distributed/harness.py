@@ -13,29 +13,16 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import traceback
 from datetime import timedelta
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from autoplan.runtime.launch import free_port, loopback_rank_env
 
 
 def _rank_main(rank, world_size, port, fn, args, init, queue):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-        OMP_NUM_THREADS="1",
-    )
+    os.environ.update(loopback_rank_env(rank, world_size, port))
     import torch
     import torch.distributed as dist
 
