@@ -32,7 +32,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from autoplan.analysis.profile import profile_model
     from autoplan.measure.profile_store import (
         default_micro_batch_sizes,
-        measure_profile,
+        measure_zoo_profile,
         profile_table,
     )
     from autoplan.zoo import build
@@ -43,19 +43,18 @@ def cmd_profile(args: argparse.Namespace) -> None:
         if args.micro_batch_sizes
         else default_micro_batch_sizes(args.global_batch_size)
     )
-    job = build(args.model, batch_size=max(args.global_batch_size, *sizes), seq_len=args.seq_len, device="meta")
+    batch_size = max(args.global_batch_size, *sizes)
+    job = build(args.model, batch_size=batch_size, seq_len=args.seq_len, device="meta")
     cluster = ClusterSpec.parse(args.cluster) if args.cluster else None
     # a local:N cluster's ranks share the cores: measure while N - 1 peers compute too
     peers = cluster.devices_per_node - 1 if cluster and cluster.device.kind == "cpu" and device == "cpu" else 0
-    measured = measure_profile(
-        job.module,
-        job.example_inputs,
-        job.loss_fn,
-        job.targets,
+    measured = measure_zoo_profile(
+        args.model,
+        sizes,
+        batch_size=batch_size,
+        seq_len=args.seq_len,
         device=device,
-        micro_batch_sizes=sizes,
         dtype=args.dtype,
-        model_name=args.model,
         busy_peers=peers,
         peer_model=args.model,
     )

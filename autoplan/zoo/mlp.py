@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MLPConfig:
     num_layers: int = 8
     in_features: int = 64

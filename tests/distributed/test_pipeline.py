@@ -114,12 +114,10 @@ def _two_input_net_on_rank(rank: int, world_size: int):
     from autoplan.schema.plan import LayerChoice, Prediction, StagePlan
 
     stages = [["emb"], ["a"], ["b", "pos", "c"]]  # tokens, scale, positions travel through stage 1
+    batch = {"global_batch_size": 6, "micro_batch_size": 2, "num_micro_batches": 3}
     plan = Plan(
         mesh={"dp": 1, "pp": 3, "tp": 1},
-        global_batch_size=6,
-        micro_batch_size=2,
-        num_micro_batches=3,
-        schedule="1f1b",
+        **batch,
         stages=[StagePlan(index=i, pp_rank=i, layers=names) for i, names in enumerate(stages)],
         layers=[LayerChoice(name=name, stage=i) for i, names in enumerate(stages) for name in names],
         predicted=Prediction(step_time_s=0.0, peak_memory_bytes=0.0),

@@ -4,6 +4,8 @@ a region for it, tensor parallelism only where something is split."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,15 +57,7 @@ def test_a_decoder_as_users_build_it_plans_with_its_cache_left_on():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = LlamaConfig.from_json_file(Path(__file__).parent / "configs" / "llama.json")  # 32 positions
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     plan = autoplan.plan(

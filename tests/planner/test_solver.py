@@ -61,12 +61,11 @@ def tiny_profile(global_batch: int = 8, heads: int = 4) -> ModelProfile:
         )
         for i in range(NUM_BLOCKS)
     ]
+    embed_params = dict(param_count=20_000_000, tp_param_count=20_000_000, param_tensors=1)
     embed = LayerProfile(
         name="embed",
         signature="embed",
-        param_count=20_000_000,
-        tp_param_count=20_000_000,
-        param_tensors=1,
+        **embed_params,
         fwd_flops=0.0,
         bwd_flops=0.0,
         saved_bytes={o: 1e7 for o in OPTIONS},
@@ -137,25 +136,17 @@ def brute_force(profile: ModelProfile, cluster: ClusterSpec, pins: dict | None =
                 for (schedule, v), zero, sp in itertools.product(
                     schedules, (0, 1, 3) if dp > 1 else (0,), (False, True) if tp > 1 else (False,)
                 ):
-                    if (
-                        pins.get("schedule", schedule) != schedule
-                        or pins.get("zero_stage", zero) != zero
-                        or pins.get("sequence_parallel", sp) != sp
-                    ):
+                    choice = {"schedule": schedule, "zero_stage": zero, "sequence_parallel": sp}
+                    if any(pins.get(name, value) != value for name, value in choice.items()):
                         continue
                     config = ParallelConfig(
-                        mesh={"dp": dp, "pp": pp, "tp": tp},
-                        micro_batch_size=mbs,
-                        num_micro_batches=m,
-                        schedule=schedule,
-                        virtual_stages=v,
-                        zero_stage=zero,
-                        sequence_parallel=sp,
-                        param_dtype="bfloat16",
-                        grad_reduce_dtype="bfloat16",
+                        mesh=mesh, micro_batch_size=mbs, num_micro_batches=m, virtual_stages=v, **choice, **BF16
                     )
                     best = min(best, best_placement(profile, cluster, config, cap, pins.get("recompute")))
     return best
+
+
+BF16 = {"param_dtype": "bfloat16", "grad_reduce_dtype": "bfloat16"}
 
 
 def best_placement(profile, cluster, config, cap, block_option) -> float:

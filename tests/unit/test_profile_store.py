@@ -86,14 +86,9 @@ def test_applied_profile_gives_the_measured_times(written, estimated):
 
 
 def test_between_measured_sizes_the_per_sequence_time_is_interpolated():
+    shape = dict(name="l", signature="s", param_count=0, fwd_flops=1e9, bwd_flops=2e9, saved_bytes={}, output_bytes=0)
     layer = LayerProfile(
-        name="l",
-        signature="s",
-        param_count=0,
-        fwd_flops=1e9,
-        bwd_flops=2e9,
-        saved_bytes={},
-        output_bytes=0,
+        **shape,
         measured_fwd_s=0.010,
         measured_device="cpu",
         measured_by_mbs={2: (0.020, 0.040), 6: (0.036, 0.060)},
@@ -115,15 +110,7 @@ def test_a_cuda_profile_applies_to_cuda_presets_only(written, estimated):
     block = next(layer for layer in applied.layers if layer.name == "blocks.0")
     assert block.measured_source == "NVIDIA H100 80GB HBM3 (h100.json)"
     expected = on_gpu.entries[block.signature].micro_batches[1]
-    time = estimate_layer_time(
-        block,
-        H100.device,
-        micro_batch_size=1,
-        tp=1,
-        sequence_parallel=False,
-        recompute="none",
-        compute_dtype="bfloat16",
-    )
+    time = estimate_layer_time(block, H100.device, micro_batch_size=1, **{**TIME_KWARGS, "compute_dtype": "bfloat16"})
     assert (time.forward_s, time.backward_s) == pytest.approx((expected.fwd_s, expected.bwd_s))
     # measured in bfloat16, planned in float32: not used, and the summary says how to fix it
     _, summary = apply_profile(estimated, on_gpu, H100.device, compute_dtype="float32", source="h100.json")
