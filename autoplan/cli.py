@@ -99,6 +99,43 @@ def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> N
     )
 
 
+def _add_profile_parser(commands) -> None:
+    """`autoplan profile`: measure layers and write a profile file."""
+    profile = commands.add_parser(
+        "profile", help="measure each distinct layer on this machine's device and write a profile file for --profile"
+    )
+    profile.add_argument("--model", required=True, help=MODEL_HELP)
+    profile.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where to measure (default: cuda when available, else cpu)",
+    )
+    profile.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
+    profile.add_argument(
+        "--global-batch-size", type=int, default=8, help="the batch the micro-batch sizes divide (default 8)"
+    )
+    profile.add_argument(
+        "--micro-batch-sizes",
+        default=None,
+        help="comma-separated, e.g. 1,2,4 (default: powers of two up to 8 dividing the batch)",
+    )
+    profile.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="compute dtype (default: bfloat16 on cuda, float32 on cpu, as the planner's)",
+    )
+    profile.add_argument(
+        "--cluster",
+        default=None,
+        help="the cluster the profile is for: local:N measures while N-1 peers keep the other "
+        "cores busy, as its ranks do; its device is the roofline columns' (default: local:1 "
+        "on cpu, the matching DGX preset on cuda)",
+    )
+    profile.add_argument("-o", "--output", default="profile.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoplan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"autoplan {_version()}")
@@ -146,39 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--device", choices=("cpu", "cuda"), default=None)
     calibrate.add_argument("-o", "--output", default="cluster.calibrated.toml")
 
-    profile = commands.add_parser(
-        "profile", help="measure each distinct layer on this machine's device and write a profile file for --profile"
-    )
-    profile.add_argument("--model", required=True, help=MODEL_HELP)
-    profile.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        default=None,
-        help="where to measure (default: cuda when available, else cpu)",
-    )
-    profile.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
-    profile.add_argument(
-        "--global-batch-size", type=int, default=8, help="the batch the micro-batch sizes divide (default 8)"
-    )
-    profile.add_argument(
-        "--micro-batch-sizes",
-        default=None,
-        help="comma-separated, e.g. 1,2,4 (default: powers of two up to 8 dividing the batch)",
-    )
-    profile.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default=None,
-        help="compute dtype (default: bfloat16 on cuda, float32 on cpu, as the planner's)",
-    )
-    profile.add_argument(
-        "--cluster",
-        default=None,
-        help="the cluster the profile is for: local:N measures while N-1 peers keep the other "
-        "cores busy, as its ranks do; its device is the roofline columns' (default: local:1 "
-        "on cpu, the matching DGX preset on cuda)",
-    )
-    profile.add_argument("-o", "--output", default="profile.json")
+    _add_profile_parser(commands)
 
     demo = commands.add_parser("demo", help="plan a small GPT for local:4, run it, print predicted vs measured")
     demo.add_argument("--steps", type=int, default=5)
