@@ -18,6 +18,7 @@ import argparse
 import atexit
 import gc
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one row per run of layers on each stage (default: folded over repeated blocks)",
     )
+    show.add_argument("--json", action="store_true", help="print the same report as JSON")
 
     run = commands.add_parser(
         "run",
@@ -253,10 +255,16 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from autoplan.planner.planning import explain
+    from autoplan.planner.report import explain
     from autoplan.schema.plan import Plan
 
-    sys.stdout.write(explain(Plan.from_json(args.plan_file), all_layers=args.layers))
+    plan = Plan.from_json(args.plan_file)
+    if args.json:
+        from autoplan.planner.report import report
+
+        sys.stdout.write(json.dumps(report(plan, all_layers=args.layers), indent=2) + "\n")
+    else:
+        sys.stdout.write(explain(plan, all_layers=args.layers))
 
 
 def _check_saved_plan(plan, args: argparse.Namespace) -> None:

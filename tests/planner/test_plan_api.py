@@ -12,7 +12,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from autoplan import zoo
-from autoplan.planner.planning import build_plan, explain, plan
+from autoplan.planner.planning import build_plan, plan
+from autoplan.planner.report import explain
 from autoplan.planner.solver import solve
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints

@@ -4,6 +4,7 @@ solver's statistics in words."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -42,4 +43,37 @@ def test_show_groups_stages_and_folds_layers(big_plan, capsys):
     assert "time per step, worst rank" in text and "memory, worst rank" in text
     assert re.search(r"┃\s+ms ┃", text) and re.search(r"┃\s+GB ┃", text)  # the unit heads each table
     assert "why this plan" in text
-    assert text.splitlines()[-1].startswith("solver ")
+    assert any(line.startswith("solver ") for line in text.splitlines()[-2:])
+
+
+@pytest.fixture(scope="module")
+def llama_405b_plan(tmp_path_factory):
+    """llama3-405b on 16,384 H100s (2048 nodes), the default global batch."""
+    path = tmp_path_factory.mktemp("show") / "llama3-405b.json"
+    argv = ["plan", "--model", "llama3-405b", "--cluster", "dgx-h100:2048", "-o", str(path)]
+    assert main([*argv, "--fix", "pp=8,tp=8,schedule=interleaved_1f1b,virtual_stages=4"]) == 0
+    return path
+
+
+@pytest.mark.parametrize("plan_fixture", ["big_plan", "llama_405b_plan"])
+def test_show_of_a_real_plan_fits_one_100_by_60_screen(plan_fixture, request, capsys):
+    path = request.getfixturevalue(plan_fixture)
+    capsys.readouterr()
+    assert main(["show", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 60, f"{len(lines)} lines"
+    assert max(len(line) for line in lines) <= 100
+    assert any(line.startswith("solver ") for line in lines[-2:])
+
+
+def test_show_json_is_the_same_report(big_plan, capsys):
+    capsys.readouterr()
+    assert main(["show", str(big_plan)]) == 0
+    text = capsys.readouterr().out
+    assert main(["show", str(big_plan), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["lines"][0] in text and report["solver"].split(";")[0] in text
+    for table in report["tables"]:
+        assert table["title"] in text
+        for row in table["rows"]:
+            assert row[0] in text and row[-1].split()[0] in text
