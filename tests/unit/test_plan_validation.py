@@ -52,8 +52,9 @@ def _set(data: dict, path: str, value: int) -> None:
     data[int(last) if isinstance(data, list) else last] = value
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(mutations=st.lists(st.tuples(st.sampled_from(FIELDS), st.integers(-3, 2048)), min_size=1, max_size=3))
+# 250 examples x 2-3 mutations each: at least 500 mutations per CI run (issue 11)
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=st.lists(st.tuples(st.sampled_from(FIELDS), st.integers(-3, 2048)), min_size=2, max_size=3))
 def test_a_mutated_plan_is_valid_or_refused_in_one_line_naming_the_field(valid, mutations):
     data = json.loads(json.dumps(valid))
     for path, value in mutations:
