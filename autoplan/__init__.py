@@ -67,10 +67,12 @@ def explain(plan: Plan) -> str:
     return planning.explain(plan)
 
 
-def parallelize(model, cluster, example_inputs=None, loss_fn=None, plan=None, model_name=None):
+def parallelize(model, cluster, example_inputs=None, loss_fn=None, plan=None, model_name=None, *, seed=0):
     from autoplan.runtime import parallelize as runtime
 
-    return runtime.parallelize(model, cluster, example_inputs, loss_fn=loss_fn, plan=plan, model_name=model_name)
+    return runtime.parallelize(
+        model, cluster, example_inputs, loss_fn=loss_fn, plan=plan, model_name=model_name, seed=seed
+    )
 
 
 plan.__doc__ = "Plan `model` on `cluster`; see autoplan.planner.planning.plan."

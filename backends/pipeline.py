@@ -52,6 +52,7 @@ from torch.distributed.tensor import DTensor
 
 from autoplan.analysis.trace import as_exported
 from autoplan.backends.compose import apply_techniques
+from autoplan.backends.materialize import InitRecipe, full_tensors, materialize
 from autoplan.backends.pipeline_split import ModelSplit, original_fqn, split_model
 from autoplan.backends.tensor_parallel import gather_full_state_dict
 from autoplan.schema.plan import Plan
@@ -188,12 +189,18 @@ class PipelineEngine:
 
 
 def build_pipeline(
-    model: nn.Module, plan: Plan, mesh: DeviceMesh, loss_fn: Callable, example_inputs: tuple[torch.Tensor, ...] | None
+    model: nn.Module,
+    plan: Plan,
+    mesh: DeviceMesh,
+    loss_fn: Callable,
+    example_inputs: tuple[torch.Tensor, ...] | None,
+    init: InitRecipe | None = None,
 ) -> PipelineEngine:
     """Cut `model` into the plan's stages, parallelise this rank's stages and wrap them in
     the plan's schedule. `mesh` has dims ("pp", "dp", "tp"); `example_inputs` is one
     global batch (real, fake or meta tensors), from which each stage's input and output
-    shapes are known before the first step (see `_stage_io_examples`)."""
+    shapes are known before the first step (see `_stage_io_examples`). `init`: the recipe
+    of a model on meta; each stage is materialised on this rank after it is parallelised."""
     validate_pipeline_plan(plan)
     pp_mesh = mesh["pp"]
     pp_rank, pp_group = pp_mesh.get_local_rank(), pp_mesh.get_group()
@@ -204,8 +211,10 @@ def build_pipeline(
     local_indices = [stage.index for stage in plan.stages_of_rank(pp_rank)]
     stage_modules, stages = [], []
     for index in local_indices:
-        module = split.local_copy(index, device)
+        module = split.local_copy(index, None if init is not None else device)
         _parallelize_stage(module, plan, plan.stages[index].layers, mesh)
+        if init is not None:
+            materialize(module, init, device)
         stage_modules.append(module)
         inputs, outputs = shapes[index] if shapes else (None, None)
         stages.append(
@@ -225,6 +234,8 @@ def build_pipeline(
     )
     tied = _tied_gradient_groups(split, stage_modules, local_indices, mesh, plan.mesh["pp"])
     unreached = split.unreached_state if pp_rank == 0 else {}
+    if init is not None and unreached:
+        unreached = {name: value.cpu() for name, value in full_tensors(init, list(unreached), device)}
     return PipelineEngine(schedule, stages, stage_modules, pp_group, plan.num_micro_batches, tied, unreached)
 
 

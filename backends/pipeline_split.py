@@ -71,9 +71,11 @@ class ModelSplit:
             if any(name in dict(module.named_parameters(remove_duplicate=False)) for name in names)
         ]
 
-    def local_copy(self, stage_index: int, device: torch.device) -> nn.Module:
-        """A private copy of one stage on `device` (tied parameters get their own copy)."""
-        return copy.deepcopy(self.stage_modules[stage_index]).to(device)
+    def local_copy(self, stage_index: int, device: torch.device | None) -> nn.Module:
+        """A private copy of one stage on `device` (tied parameters get their own copy);
+        None leaves it where it is (on meta, for `materialize` once it is parallelised)."""
+        stage = copy.deepcopy(self.stage_modules[stage_index])
+        return stage if device is None else stage.to(device)
 
     def model_output(self, stage_output: Any) -> Any:
         """What the model's forward returns, from what the last stage returned: the value a

@@ -96,15 +96,18 @@ class LazyParallelModel:
         loss_fn: Callable | None,
         plan: Plan | Constraints | None,
         model_name: str | None,
+        seed: int = 0,
     ):
-        self._pending = (model, cluster, loss_fn, plan, model_name)
+        self._pending = (model, cluster, loss_fn, plan, model_name, seed)
         self._model: ParallelModel | None = None
 
     def train_step(self, inputs, targets=None) -> float:
         if self._model is None:
-            model, cluster, loss_fn, plan, model_name = self._pending
+            model, cluster, loss_fn, plan, model_name, seed = self._pending
             example_inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-            self._model = parallelize(model, cluster, example_inputs, loss_fn=loss_fn, plan=plan, model_name=model_name)
+            self._model = parallelize(
+                model, cluster, example_inputs, loss_fn=loss_fn, plan=plan, model_name=model_name, seed=seed
+            )
         return self._model.train_step(inputs, targets)
 
     def __getattr__(self, name: str):
@@ -126,6 +129,7 @@ def parallelize(
     loss_fn: Callable | None = None,
     plan: Plan | Constraints | None = None,
     model_name: str | None = None,
+    seed: int = 0,
 ):
     """Plan (unless given a Plan) and apply it to `model` on this rank.
 
@@ -133,6 +137,10 @@ def parallelize(
     after checking it matches this model and world size. Returns a ParallelModel
     (`train_step`, `parameters`, `state_dict`, `plan`). Without `example_inputs` it returns
     a LazyParallelModel, which plans at its first `train_step` from that batch.
+
+    A model built under `with torch.device("meta"):` is split before anything is
+    allocated; each rank then allocates its own shard and initialises it from `seed` with
+    the model's own initialisation, the same full values whatever the plan (docs/meta_start.md).
 
     >>> pm = parallelize(model, ClusterSpec.local(world_size=4), (tokens,), loss_fn)  # doctest: +SKIP
     >>> pm = parallelize(model, ClusterSpec.local(world_size=4))                      # doctest: +SKIP
@@ -151,7 +159,7 @@ def parallelize(
             f"{cluster.devices_per_node} devices) != launched world size {world_size}"
         )
     if example_inputs is None:
-        return LazyParallelModel(model, cluster, loss_fn, plan, model_name)
+        return LazyParallelModel(model, cluster, loss_fn, plan, model_name, seed)
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if isinstance(plan, Plan):
         plan = Plan.model_validate(plan.model_dump())  # a model_copy(update=...) skipped the checks
@@ -173,4 +181,4 @@ def parallelize(
                 model_name=model_name,
             )
         )
-    return apply_plan(model, plan, loss_fn, example_inputs=example_inputs)
+    return apply_plan(model, plan, loss_fn, example_inputs=example_inputs, seed=seed)

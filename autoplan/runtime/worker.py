@@ -3,10 +3,14 @@
     python -m torch.distributed.run --nproc-per-node 4 -m autoplan.worker \\
         --model gpt-small-demo --plan plan.json --steps 5 --out result.json
 
-Each rank builds the model (a zoo name or `file.py:factory`) on CPU, or on its GPU when
-the plan's cluster is CUDA, applies the plan through `autoplan.parallelize`, trains
-`--steps` timed steps after warm-up with `measure_training`, and sends its step times and
-peak memory to rank 0, which writes the JSON result whole (temp file + rename).
+Each rank builds the model (a zoo name, `hf:PATH` or `file.py:factory`) and one global
+batch on CPU, or on its GPU when the plan's cluster is CUDA. Zoo and `hf:` modules are
+built on the meta device: `autoplan.parallelize` splits them, then each rank allocates
+and initialises only its own shard (`autoplan.backends.materialize`); a factory's module
+is used where the factory built it (on meta too, if it builds it under
+`with torch.device("meta"):`). The rank then trains `--steps` timed steps after warm-up
+with `measure_training`, and sends its step times and peak memory (of the start and of
+training) to rank 0, which writes the JSON result whole (temp file + rename).
 
 CPU ranks run one thread each (`torch.set_num_threads(1)`): local plans assume one
 core per rank. A failure exits non-zero with one line on stderr,
@@ -16,6 +20,7 @@ core per rank. A failure exits non-zero with one line on stderr,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -43,7 +48,7 @@ def run(args: argparse.Namespace) -> dict | None:
     import torch.distributed as dist
 
     from autoplan.runtime.parallelize import init_process_group_from_env, parallelize
-    from autoplan.runtime.timing import measure_training
+    from autoplan.runtime.timing import AllocationTracker, measure_training
     from autoplan.schema.plan import Plan
     from autoplan.zoo import build
 
@@ -55,25 +60,30 @@ def run(args: argparse.Namespace) -> dict | None:
     else:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     init_process_group_from_env(device_kind)
-    job = build(args.model, batch_size=plan.global_batch_size, seq_len=args.seq_len, device=device, seed=0)
+    job = build(
+        args.model, batch_size=plan.global_batch_size, seq_len=args.seq_len, device=device, seed=0, module_device="meta"
+    )
     batch_size = job.example_inputs[0].shape[0]
     if batch_size != plan.global_batch_size:
         raise ValueError(
             f"the model's inputs hold a global batch of {batch_size} but the plan was made for "
             f"global_batch_size={plan.global_batch_size}"
         )
-    model = parallelize(
-        job.module,
-        plan.cluster,
-        example_inputs=job.example_inputs,
-        loss_fn=job.loss_fn,
-        plan=plan,
-        model_name=plan.model_name,
-    )
+    with AllocationTracker() if device_kind == "cpu" else contextlib.nullcontext() as start_tracker:
+        model = parallelize(
+            job.module,
+            plan.cluster,
+            example_inputs=job.example_inputs,
+            loss_fn=job.loss_fn,
+            plan=plan,
+            model_name=plan.model_name,
+        )
+    start_peak = start_tracker.peak_bytes if start_tracker is not None else torch.cuda.max_memory_allocated()
     measurement = measure_training(model, [(job.example_inputs, job.targets)], steps=args.steps, warmup=args.warmup)
     mine = {
         "step_times_s": measurement.step_times_s,
         "peak_memory_bytes": measurement.peak_memory_bytes,
+        "start_peak_memory_bytes": start_peak,
         "losses": measurement.losses,
     }
     gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
@@ -102,6 +112,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "tokens_per_s": tokens_per_step / median_step_s,
         "peak_memory_bytes": peaks,
         "max_peak_memory_bytes": max(peaks),
+        "start_peak_memory_bytes": [rank["start_peak_memory_bytes"] for rank in gathered],
         "predicted_step_s": plan.predicted.step_time_s,
         "predicted_peak_memory_bytes": plan.predicted.peak_memory_bytes,
         "losses": gathered[0]["losses"],

@@ -161,12 +161,25 @@ def skip_init_on(device: torch.device):
 
 
 def build(
-    name: str, *, batch_size: int = 8, seq_len: int | None = None, device: str | torch.device = "meta", seed: int = 0
+    name: str,
+    *,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    device: str | torch.device = "meta",
+    seed: int = 0,
+    module_device: str | torch.device | None = None,
 ) -> Job:
     """Build a zoo model (or load `file.py:factory`) with one global batch of inputs.
 
     `batch_size` is the global batch size in sequences; `seq_len` overrides the model's
     context length. On a real device the weights are initialised from `seed`.
+    `module_device` (default: `device`) builds the module elsewhere than the inputs:
+    "meta" for a run that materialises only each rank's shard (`autoplan.backends.materialize`).
+    A factory builds its module and inputs where it chooses.
+
+    >>> job = build("gpt-tiny", batch_size=2, device="cpu", module_device="meta")
+    >>> job.module.lm_head.weight.device.type, job.example_inputs[0].device.type
+    ('meta', 'cpu')
     """
     if ":" in name and name.split(":", 1)[0].endswith(".py"):
         return load_factory(name)
@@ -181,13 +194,16 @@ def build(
     if name.startswith("hf:"):
         from autoplan.zoo.hf import build_hf
 
-        return build_hf(name, batch_size=batch_size, seq_len=seq_len, device=device, seed=seed)
+        return build_hf(
+            name, batch_size=batch_size, seq_len=seq_len, device=device, seed=seed, module_device=module_device
+        )
     device = torch.device(device)
-    if device.type != "meta":
+    module_device = device if module_device is None else torch.device(module_device)
+    if module_device.type != "meta":
         torch.manual_seed(seed)
     if name in MLP_CONFIGS:
         mlp_config = MLP_CONFIGS[name]
-        with device, skip_init_on(device):
+        with module_device, skip_init_on(module_device):
             mlp = ResidualMLP(mlp_config)
         inputs = torch.randn(batch_size, mlp_config.in_features, device=device)
         targets = torch.randn(batch_size, mlp_config.out_features, device=device)
@@ -201,7 +217,7 @@ def build(
         config = LLAMA_CONFIGS[name]
         config = replace(config, seq_len=seq_len or config.seq_len)
         model_cls = Llama
-    with device, skip_init_on(device):
+    with module_device, skip_init_on(module_device):
         module = model_cls(config)
     generator = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed + 1)
     tokens = torch.randint(0, config.vocab_size, (batch_size, config.seq_len + 1), device=device, generator=generator)

@@ -90,6 +90,10 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """tokens (B, T) int64 -> logits (B, T, vocab)."""
 
+    _init_weights = staticmethod(init_weights)
+    """Per-module initialisation (Hugging Face's hook name): what a model started on meta runs
+    (autoplan.backends.materialize)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config

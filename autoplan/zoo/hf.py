@@ -173,9 +173,16 @@ def _dtype_keyword() -> str:
 
 
 def build_hf(
-    spec: str, *, batch_size: int, seq_len: int | None = None, device: str | torch.device = "meta", seed: int = 0
+    spec: str,
+    *,
+    batch_size: int,
+    seq_len: int | None = None,
+    device: str | torch.device = "meta",
+    seed: int = 0,
+    module_device: str | torch.device | None = None,
 ):
-    """A zoo Job for `hf:PATH` (see the module docstring)."""
+    """A zoo Job for `hf:PATH` (see the module docstring); the module on `module_device`
+    (default: `device`), the inputs on `device`."""
     from autoplan.zoo import Job, skip_init_on
 
     path_text = spec[len("hf:") :]
@@ -190,10 +197,11 @@ def build_hf(
     vocab_size = getattr(config, "vocab_size", None)
     if not isinstance(vocab_size, int) or vocab_size < 1:
         raise AutoplanError(f"{file}: field 'vocab_size' is {vocab_size!r}; token inputs need a positive vocabulary")
-    if device.type != "meta":
+    module_device = device if module_device is None else torch.device(module_device)
+    if module_device.type != "meta":
         torch.manual_seed(seed)
     try:
-        with device, skip_init_on(device):
+        with module_device, skip_init_on(module_device):
             module = cls._from_config(config, **{_dtype_keyword(): torch.float32})
     except _config_errors() + (AttributeError, KeyError, IndexError, ZeroDivisionError) as error:
         # a field combination the config class accepted but the model cannot be built from
