@@ -24,6 +24,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPO
 from torch.distributed.device_mesh import DeviceMesh
 
 from autoplan.backends.compose import apply_techniques
+from autoplan.backends.materialize import InitRecipe, is_on_meta, materialize
 from autoplan.backends.mesh import build_device_mesh
 from autoplan.backends.tensor_parallel import gather_full_state_dict
 from autoplan.schema.plan import Plan
@@ -141,9 +142,45 @@ class ParallelModel:
             return self.engine.full_state_dict()
         return gather_full_state_dict(self.module) if full else self.module.state_dict()
 
+    def save(self, path, optimizer: torch.optim.Optimizer | None = None, step: int = 0):
+        """Checkpoint the model (and `optimizer`) to the folder `path` with torch.distributed.checkpoint,
+        atomically, loadable into any plan (`autoplan.backends.checkpoint`); every rank calls it.
 
-def apply_plan(model: nn.Module, plan: Plan, loss_fn: LossFn, example_inputs: tuple | None = None) -> ParallelModel:
+        >>> pm.save(checkpoint_path("ckpt", 10), optimizer=opt, step=10)   # doctest: +SKIP
+        """
+        from autoplan.backends.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, path, optimizer, step)
+
+    def load(self, path, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Load a checkpoint `save` wrote under any plan and world size, or a Hugging Face
+        `save_pretrained` folder; returns the checkpoint's step (0 for a Hugging Face folder).
+
+        >>> step = pm.load(latest_checkpoint("ckpt"), optimizer=opt)   # doctest: +SKIP
+        """
+        from autoplan.backends.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, path, optimizer)
+
+    def load_pretrained(self, folder) -> None:
+        """Load a Hugging Face `save_pretrained` folder's safetensors weights, each rank its shards.
+
+        >>> pm.load_pretrained("llama-tiny/")   # doctest: +SKIP
+        """
+        from autoplan.backends.checkpoint import load_pretrained
+
+        load_pretrained(self, folder)
+
+
+def apply_plan(
+    model: nn.Module, plan: Plan, loss_fn: LossFn, example_inputs: tuple | None = None, seed: int = 0
+) -> ParallelModel:
     """Apply `plan` to `model` on this rank (the process group must be initialised).
+
+    A model on the meta device (built under `with torch.device("meta"):`) is split first,
+    then each rank allocates only its shard and initialises it from `seed` with the model's
+    own initialisation, the same full values whatever the plan (`autoplan.backends.materialize`).
+    A model on a real device keeps its values (`seed` unused).
 
     >>> pm = apply_plan(model, plan, loss_fn)     # doctest: +SKIP
     """
@@ -151,12 +188,16 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn: LossFn, example_inputs: tu
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "use_cache", False):
         config.use_cache = False  # a Hugging Face model: training keeps no key/value cache (as its Trainer)
-    if _device_type() == "cuda":
-        model.to(torch.device("cuda", torch.cuda.current_device()))
+    device = torch.device("cuda", torch.cuda.current_device()) if _device_type() == "cuda" else torch.device("cpu")
+    init = InitRecipe.of(model, seed) if is_on_meta(model) else None  # before the techniques change the model
+    if init is None and device.type == "cuda":
+        model.to(device)
     if plan.mesh.get("pp", 1) > 1:
         from autoplan.backends.pipeline import build_pipeline
 
-        engine = build_pipeline(model, plan, mesh, loss_fn, example_inputs)
+        engine = build_pipeline(model, plan, mesh, loss_fn, example_inputs, init)
         return ParallelModel(model, plan, mesh, loss_fn, engine=engine)
     apply_techniques(model, plan, mesh)  # tensor parallel, recompute, data parallel: in that order
+    if init is not None:
+        materialize(model, init, device)  # after them: each rank allocates its shards only
     return ParallelModel(model, plan, mesh, loss_fn)
