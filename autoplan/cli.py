@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
-import importlib.util
 import json
 import os
 import sys
@@ -28,15 +27,13 @@ from pathlib import Path
 
 from rich.console import Console
 
+from autoplan.bench.commands import cmd_bench, cmd_demo
 from autoplan.measure.commands import cmd_calibrate, cmd_profile
 from autoplan.schema.cluster import ClusterSpec, condensed
 from autoplan.schema.constraints import Constraints
 
 console = Console(stderr=False, highlight=False)
 
-DEMO_MODEL = "gpt-small-demo"
-DEMO_CLUSTER = "local:4"
-DEMO_BATCH = 16
 LAUNCHER_FLAG_PREFIXES = (
     "--nnodes",
     "--node-rank",
@@ -167,6 +164,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc", type=int, default=None, help="processes on this node (default: the plan's devices per node)"
     )
     run.add_argument("--steps", type=int, default=5)
+    run.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="resume from the newest complete checkpoint here and save into it (another world size: re-plan)",
+    )
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="with --checkpoint-dir: save every N steps (default: at the end)",
+    )
+    run.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart every rank when one dies, up to this many times (torch's elastic agent); "
+        "the ranks resume from --checkpoint-dir",
+    )
 
     bench = commands.add_parser("bench", help="the chosen plan against hand-tuned baselines, predicted vs measured")
     _add_model_args(bench)
@@ -310,6 +325,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise ValueError("give a plan file, or --model and --cluster to plan now")
     nproc = args.nproc or plan.cluster.devices_per_node
     check_devices(plan.cluster.device.kind, nproc)  # before any rank starts
+    if args.max_restarts and not args.checkpoint_dir:
+        raise ValueError("--max-restarts without --checkpoint-dir would restart from step 0: give --checkpoint-dir")
     console.print(f"launching {plan.model_name} on {nproc} process(es): {_summary(plan)}")
     try:
         result = launch(
@@ -317,75 +334,28 @@ def cmd_run(args: argparse.Namespace) -> None:
             nproc=nproc,
             steps=args.steps,
             out_path=None,
-            launcher_args=args.launcher_args,
+            launcher_args=[
+                *args.launcher_args,
+                *(["--max-restarts", str(args.max_restarts)] if args.max_restarts else []),
+            ],
             seq_len=plan.seq_len,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
         )
     finally:
         if scratch is not None:
             scratch.cleanup()
+    if args.checkpoint_dir:
+        console.print(
+            f"trained steps {result['resumed_from'] + 1}..{result['steps']} on {result['world_size']} rank(s), mesh "
+            f"{result['mesh']} (resumed from step {result['resumed_from']}, restarts {result['restart_count']}); "
+            f"last checkpoint {result['checkpoints'][-1] if result['checkpoints'] else '-'}"
+        )
+        return
     console.print(
         f"measured median step {result['median_step_s']:.4g} s "
         f"(predicted {plan.predicted.step_time_s:.4g} s); peak memory per rank "
         f"{[round(b / 1e6, 1) for b in result['peak_memory_bytes']]} MB"
-    )
-
-
-def cmd_bench(args: argparse.Namespace) -> None:
-    from autoplan.bench.compare import run_bench
-    from autoplan.planner.planning import planning_with_profile
-    from autoplan.schema.profile_file import ProfileFile
-
-    fixes = [Constraints.parse_fix(args.fix)] if args.fix else []
-    if args.plot_path and importlib.util.find_spec("matplotlib") is None:  # before the benchmark, not after
-        raise ValueError("--plot needs matplotlib: pip install matplotlib (or autoplan[plot])")
-    if args.profile:
-        ProfileFile.from_json(args.profile)  # a bad file is one error, not one failed candidate each
-    with planning_with_profile(args.profile):
-        run_bench(
-            args.model,
-            ClusterSpec.parse(args.cluster),
-            steps=args.steps,
-            fixes=fixes,
-            global_batch_size=args.global_batch_size,
-            seq_len=args.seq_len,
-            json_path=args.json_path,
-            plot_path=args.plot_path,
-            launcher_args=args.launcher_args,
-            rounds=args.rounds,
-        )
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    from autoplan.bench.compare import run_bench
-
-    console.print(
-        f"[bold]autoplan demo[/]: plan {DEMO_MODEL} (global batch {DEMO_BATCH}) for {DEMO_CLUSTER}, "
-        f"run it with torch's launcher, compare predicted with measured"
-    )
-    report = run_bench(
-        DEMO_MODEL, ClusterSpec.parse(DEMO_CLUSTER), steps=args.steps, global_batch_size=DEMO_BATCH, baselines=False
-    )
-    chosen = next(c for c in report["candidates"] if c["chosen"])
-    if chosen.get("status") != "ok":
-        raise RuntimeError(f"the demo plan did not run: {chosen.get('status')}")
-    per_rank = chosen["measured_peak_memory_bytes_per_rank"]
-    shown = ("micro_batch_size", "num_micro_batches", "schedule", "zero_stage", "sequence_parallel")
-    console.print(
-        f"plan: mesh {chosen['mesh']}, " + ", ".join(f"{k} {chosen['plan'][k]}" for k in shown if k in chosen["plan"])
-    )
-    console.print(
-        f"step time: predicted {chosen['predicted_step_s']:.3f} s, "
-        f"measured {chosen['measured_step_s']:.3f} s (median of {args.steps})"
-    )
-    console.print(
-        f"peak memory per rank: predicted {chosen['predicted_peak_memory_bytes'] / 1e6:.1f} MB (worst rank), "
-        f"measured " + ", ".join(f"rank {r}: {b / 1e6:.1f} MB" for r, b in enumerate(per_rank))
-    )
-    console.print(
-        "The prediction used the `local` preset's guessed figures. For this machine's: "
-        f"`autoplan calibrate --cluster local:4 -o local4.toml`, `autoplan profile --model {DEMO_MODEL} "
-        f"--cluster local4.toml --global-batch-size {DEMO_BATCH} -o demo.json`, then `autoplan bench "
-        f"--model {DEMO_MODEL} --cluster local4.toml --global-batch-size {DEMO_BATCH} --profile demo.json`."
     )
 
 

@@ -41,6 +41,8 @@ def launch(
     warmup: int = 1,
     seq_len: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
 ) -> dict:
     """Launch `nproc` ranks of `autoplan.runtime.worker` on the plan; return the parsed result JSON.
 
@@ -48,6 +50,8 @@ def launch(
     to the plan's world size (divided by `--nnodes` when given). A missing or corrupt plan
     raises ValueError before anything starts; a failed or timed-out job raises
     RuntimeError with the ranks' one-line errors (or the tail of the launcher's stderr).
+    With `checkpoint_dir` the ranks resume from and save into it (`autoplan.runtime.resume`),
+    and a world size other than the plan's is re-planned for on the ranks instead of refused.
 
     >>> launch("plan.json", nproc=2, steps=3)["median_step_s"]   # doctest: +SKIP
     0.12
@@ -57,15 +61,7 @@ def launch(
     launcher_args = [str(arg) for arg in launcher_args]
     num_nodes = _num_nodes(launcher_args) or 1
     nproc = nproc or plan.world_size // num_nodes
-    if nproc < 1:
-        raise ValueError(f"nproc must be >= 1, got {nproc}")
-    if nproc * num_nodes != plan.world_size:
-        raise ValueError(
-            f"nproc({nproc}) * nnodes({num_nodes}) = {nproc * num_nodes} != the plan's world size "
-            f"dp({plan.mesh['dp']}) * pp({plan.mesh['pp']}) * tp({plan.mesh['tp']}) = {plan.world_size}"
-        )
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    _check_launch(plan, nproc, num_nodes, steps, resharding=checkpoint_dir is not None)
     with tempfile.TemporaryDirectory(prefix="autoplan-launch-") as scratch:
         out = Path(out_path) if out_path is not None else Path(scratch) / "result.json"
         out = out.resolve()
@@ -77,7 +73,7 @@ def launch(
             "torch.distributed.run",
             "--nproc-per-node",
             str(nproc),
-            *_default_rendezvous(launcher_args),
+            *_default_rendezvous(launcher_args, elastic=checkpoint_dir is not None),
             *launcher_args,
             "-m",
             "autoplan.runtime.worker",
@@ -92,6 +88,11 @@ def launch(
             "--out",
             str(out),
             *(["--seq-len", str(seq_len)] if seq_len else []),
+            *(
+                ["--checkpoint-dir", str(Path(checkpoint_dir).resolve()), "--checkpoint-every", str(checkpoint_every)]
+                if checkpoint_dir is not None
+                else []
+            ),
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if plan.cluster.device.kind == "cpu":
@@ -104,6 +105,21 @@ def launch(
                 return {}  # rank 0 lives on another node
             raise RuntimeError(f"the job exited cleanly but wrote no result to {out}")
         return json.loads(out.read_text())
+
+
+def _check_launch(plan: Plan, nproc: int, num_nodes: int, steps: int, resharding: bool) -> None:
+    """Refuse, before anything starts, a job of no processes or steps, or of another world size
+    than the plan's unless it reshards a checkpoint into a new plan."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if nproc * num_nodes != plan.world_size and not resharding:
+        raise ValueError(
+            f"nproc({nproc}) * nnodes({num_nodes}) = {nproc * num_nodes} != the plan's world size "
+            f"dp({plan.mesh['dp']}) * pp({plan.mesh['pp']}) * tp({plan.mesh['tp']}) = {plan.world_size}; "
+            f"launch {plan.world_size} processes, or give a checkpoint folder to re-plan for {nproc * num_nodes}"
+        )
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
 
 
 def _num_nodes(launcher_args: list[str]) -> int | None:
@@ -139,10 +155,15 @@ def loopback_rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     }
 
 
-def _default_rendezvous(launcher_args: list[str]) -> list[str]:
-    """A free local port unless the user gave rendezvous flags (so two local jobs never collide)."""
+def _default_rendezvous(launcher_args: list[str], elastic: bool = False) -> list[str]:
+    """A free local port unless the user gave rendezvous flags (so two local jobs never collide).
+    `elastic` (a job that may restart): torch's c10d rendezvous, whose agent hosts the store and
+    makes a fresh one for every restart; under the static one a restarted rank could meet the
+    previous attempt's store and peers (seen: gloo "connection refused" after a restart)."""
     if any(arg.startswith(("--rdzv", "--master", "--standalone")) for arg in launcher_args):
         return []
+    if elastic:
+        return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     return ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
 
 

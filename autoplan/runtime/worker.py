@@ -39,27 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps (memory is measured over these)")
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length the plan was made for")
     parser.add_argument("--out", required=True, help="result JSON (written by rank 0)")
+    parser.add_argument(
+        "--checkpoint-dir", default=None, help="resume from the newest checkpoint here and save into it"
+    )
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: after the last)")
     return parser
 
 
-def run(args: argparse.Namespace) -> dict | None:
-    """Train and measure on this rank; rank 0 returns the gathered result, others None."""
-    import torch
-    import torch.distributed as dist
-
-    from autoplan.runtime.parallelize import init_process_group_from_env, parallelize
-    from autoplan.runtime.timing import AllocationTracker, measure_training
-    from autoplan.schema.plan import Plan
+def _build_job(args: argparse.Namespace, plan, device: str):
+    """The model (on meta: each rank materialises its shard) and the plan's global batch on `device`."""
     from autoplan.zoo import build
 
-    plan = Plan.from_json(args.plan)
-    device_kind = plan.cluster.device.kind
-    if device_kind == "cpu":
-        torch.set_num_threads(1)
-        device = "cpu"
-    else:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    init_process_group_from_env(device_kind)
     job = build(
         args.model, batch_size=plan.global_batch_size, seq_len=args.seq_len, device=device, seed=0, module_device="meta"
     )
@@ -69,16 +59,46 @@ def run(args: argparse.Namespace) -> dict | None:
             f"the model's inputs hold a global batch of {batch_size} but the plan was made for "
             f"global_batch_size={plan.global_batch_size}"
         )
+    return job
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Train and measure on this rank; rank 0 returns the gathered result, others None."""
+    import torch
+    import torch.distributed as dist
+
+    from autoplan.runtime.parallelize import init_process_group_from_env, parallelize
+    from autoplan.runtime.resume import plan_for_world
+    from autoplan.runtime.timing import AllocationTracker, measure_training
+    from autoplan.schema.plan import Plan
+
+    plan = Plan.from_json(args.plan)
+    device_kind = plan.cluster.device.kind
+    if device_kind == "cpu":
+        torch.set_num_threads(1)
+        device = "cpu"
+    else:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    init_process_group_from_env(device_kind)
+    job = _build_job(args, plan, device)
+    plan_to_run, cluster = plan_for_world(plan, dist.get_world_size(), resuming=args.checkpoint_dir is not None)
     with AllocationTracker() if device_kind == "cpu" else contextlib.nullcontext() as start_tracker:
         model = parallelize(
             job.module,
-            plan.cluster,
+            cluster,
             example_inputs=job.example_inputs,
             loss_fn=job.loss_fn,
-            plan=plan,
+            plan=plan_to_run,
             model_name=plan.model_name,
         )
+    if plan_to_run is None and dist.get_rank() == 0:
+        sys.stderr.write(
+            f"{ERROR_PREFIX} the plan was made for {plan.world_size} ranks, the job has {dist.get_world_size()}: "
+            f"re-planned: mesh {model.plan.mesh}; the checkpoint is resharded into it\n"
+        )
     start_peak = start_tracker.peak_bytes if start_tracker is not None else torch.cuda.max_memory_allocated()
+    if args.checkpoint_dir is not None:
+        return _resumable_result(args, model, job, start_peak)
     measurement = measure_training(model, [(job.example_inputs, job.targets)], steps=args.steps, warmup=args.warmup)
     mine = {
         "step_times_s": measurement.step_times_s,
@@ -116,6 +136,35 @@ def run(args: argparse.Namespace) -> dict | None:
         "predicted_step_s": plan.predicted.step_time_s,
         "predicted_peak_memory_bytes": plan.predicted.peak_memory_bytes,
         "losses": gathered[0]["losses"],
+    }
+
+
+def _resumable_result(args: argparse.Namespace, model, job, start_peak: float) -> dict | None:
+    """Train with checkpoints (`autoplan.runtime.resume`); rank 0 returns what the job did."""
+    import torch.distributed as dist
+
+    from autoplan.runtime.resume import train_resumable
+
+    done = train_resumable(
+        model, (job.example_inputs, job.targets), args.steps, args.checkpoint_dir, args.checkpoint_every
+    )
+    gathered: list[list[float]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, done.step_times_s)
+    if dist.get_rank() != 0:
+        return None
+    step_times = [max(times[i] for times in gathered) for i in range(len(done.step_times_s))]
+    return {
+        "model": args.model,
+        "world_size": dist.get_world_size(),
+        "mesh": model.plan.mesh,
+        "steps": args.steps,
+        "resumed_from": done.resumed_from,
+        "losses": done.losses,
+        "step_times_s": step_times,
+        "median_step_s": statistics.median(step_times) if step_times else None,
+        "checkpoints": done.saved,
+        "start_peak_memory_bytes": start_peak,
+        "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
     }
 
 
