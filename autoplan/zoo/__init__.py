@@ -184,9 +184,7 @@ def build(
     if ":" in name and name.split(":", 1)[0].endswith(".py"):
         return load_factory(name)
     if name not in MODEL_NAMES and not name.startswith("hf:"):
-        raise ValueError(
-            f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}, hf:path/to/config.json or path/file.py:factory"
-        )
+        raise ValueError(_unknown_model(name))
     if batch_size < 1:
         raise ValueError(f"global batch size must be >= 1, got {batch_size}")
     if seq_len is not None and seq_len < 1:
@@ -232,6 +230,19 @@ def _user_frame(error: BaseException, path: Path) -> str:
     inside = [frame for frame in frames if Path(frame.filename).resolve() == path.resolve()]
     frame = (inside or frames)[-1]
     return f"{frame.filename}:{frame.lineno}"
+
+
+def _unknown_model(name: str) -> str:
+    """Why `name` names no model, with the spelling that would: a file without its factory, a
+    factory in a file that is not Python, a Hugging Face config without `hf:`."""
+    path, _, factory = name.rpartition(":")
+    if name.endswith(".py"):
+        return f"model {name!r} names a file but no factory: give {name}:make_model (the function that builds it)"
+    if name.endswith(".json"):
+        return f"model {name!r} looks like a Hugging Face config: give hf:{name}"
+    if path and factory and Path(path).exists():
+        return f"model {name!r}: {path!r} is not a Python file (.py); a factory lives in path/file.py:factory"
+    return f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}, hf:path/to/config.json or path/file.py:factory"
 
 
 def load_factory(spec: str) -> Job:

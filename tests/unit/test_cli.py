@@ -1,6 +1,7 @@
 """The `autoplan` command line, run in-process through its entry point."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,10 +60,19 @@ def test_fix_pins_every_axis(tmp_path):
     assert plan.mesh == {"dp": 1, "pp": 2, "tp": 2} and plan.schedule == "gpipe"
 
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["plan", "--model", "nope-1b", "--cluster", "local:2"], "unknown model 'nope-1b'"),
+        (["plan", "--model", "train.py", "--cluster", "local:2"], "give train.py:make_model"),
+        (["plan", "--model", f"{README}:make", "--cluster", "local:2"], "README.md' is not a Python file (.py)"),
+        (
+            ["plan", "--model", "examples/hf/llama3-8b.json", "--cluster", "local:2"],
+            "give hf:examples/hf/llama3-8b.json",
+        ),
         (["plan", "--model", "gpt-tiny", "--cluster", "local:4", "--fix", "tp=3"], "tp=3"),
         (["plan", "--model", "gpt-tiny", "--cluster", "dgx-a100-80gb:0"], "num_nodes"),
         (
