@@ -84,12 +84,7 @@ def run(args: argparse.Namespace) -> dict | None:
     plan_to_run, cluster = plan_for_world(plan, dist.get_world_size(), resuming=args.checkpoint_dir is not None)
     with AllocationTracker() if device_kind == "cpu" else contextlib.nullcontext() as start_tracker:
         model = parallelize(
-            job.module,
-            cluster,
-            example_inputs=job.example_inputs,
-            loss_fn=job.loss_fn,
-            plan=plan_to_run,
-            model_name=plan.model_name,
+            job.module, cluster, job.example_inputs, job.loss_fn, plan=plan_to_run, model_name=plan.model_name
         )
     if plan_to_run is None and dist.get_rank() == 0:
         sys.stderr.write(

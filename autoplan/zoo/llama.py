@@ -92,9 +92,7 @@ class TransformerBlock(nn.Module):
 class Llama(nn.Module):
     """tokens (B, T) int64 -> logits (B, T, vocab)."""
 
-    _init_weights = staticmethod(init_weights)
-    """Per-module initialisation (Hugging Face's hook name): what a model started on meta runs
-    (autoplan.backends.materialize)."""
+    _init_weights = staticmethod(init_weights)  # GPT's per-module initialisation (see autoplan.zoo.gpt.GPT)
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
