@@ -1,14 +1,16 @@
-"""The order the techniques go on a module, in one place: tensor parallel, then recompute,
-then data parallel (torchtitan's order), each logged as it is applied.
+"""The order the techniques go on a module, in one place: tensor parallel, then recompute
+and activation storage, then data parallel (torchtitan's order), each logged as it is applied.
 
     >>> apply_techniques(model, plan, mesh)                       # doctest: +SKIP
     >>> apply_techniques(stage, plan, mesh, layers=stage_layers)  # a pipeline stage: its layers only  # doctest: +SKIP
 
-Tensor parallel first: it swaps parameters for DTensors and adds hooks that the
-checkpointed region must replay. Recompute next, so the checkpoint wraps the TP-split
-layer. Data parallel last, because FSDP2 groups and shards whatever parameters (plain or
-TP DTensors) the layers hold at that point. All three work in place and keep parameter
-names, which the pipeline stage then recognises as an FSDPModule and drives.
+Tensor parallel first: it swaps parameters for DTensors and adds hooks that the checkpointed
+region must replay. Recompute next, so the checkpoint wraps the TP-split layer. Activation
+storage beside it, on the layers that do not recompute (its saved-tensor hooks enclose the
+layer's forward, TP's redistributions included). Data parallel last, because FSDP2 groups
+and shards whatever parameters (plain or TP DTensors) the layers hold at that point. All
+three work in place and keep parameter names, which the pipeline stage then recognises as an
+FSDPModule and drives.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from autoplan.backends.activation_storage import apply_activation_storage
 from autoplan.backends.data_parallel import apply_data_parallel
 from autoplan.backends.recompute import apply_recompute
 from autoplan.backends.tensor_parallel import apply_tensor_parallel
@@ -53,6 +56,10 @@ def apply_techniques(module: nn.Module, plan: Plan, mesh: DeviceMesh, layers: li
         logger.info(
             "recompute %s on %d layers", "/".join(chosen), sum(option != "none" for option in recompute.values())
         )
+    storage = {layer: dtype for layer, dtype in plan.activation_storage_of().items() if in_stage(layer)}
+    if storage:
+        apply_activation_storage(module, storage)
+        logger.info("activations stored in %s on %d layers", "/".join(sorted(set(storage.values()))), len(storage))
     if layers is None or plan.mesh["dp"] > 1:
         apply_data_parallel(
             module,

@@ -14,9 +14,15 @@ and the optimizer keeps float32 master weights.
 from __future__ import annotations
 
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+}
 
 
 def to_dtype(name: str) -> torch.dtype:
@@ -33,3 +39,12 @@ def mixed_precision_policy(param_dtype: str, reduce_dtype: str) -> MixedPrecisio
     if param == reduce == torch.float32:
         return None
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
+
+
+def bfloat16_compress_hook(process_group, bucket):
+    """DDP's `bf16_compress_hook` under another name, for ZeRO-0 with bfloat16 gradient
+    reduction: each bucket is cast to bfloat16, divided by the group size, all-reduced and
+    copied back into the float32 gradients. torch's DDP accepts the original only on NCCL
+    (it checks the hook's name); the same arithmetic runs on gloo too. Unannotated: DDP
+    compares the `bucket` annotation with dist.GradBucket, which a string never equals."""
+    return default_hooks._compress_hook(torch.bfloat16, process_group, bucket)

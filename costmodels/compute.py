@@ -38,7 +38,7 @@ from autoplan.schema.profile import LayerProfile
 # Backward of elementwise ops moves about twice the forward's bytes.
 BACKWARD_ELEMENTWISE_FACTOR = 2.0
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,25 @@ def estimate_layer_time(
     else:
         recompute_s = 0.0
     return LayerTime(forward_s, backward_s, recompute_s)
+
+
+def estimate_storage_cast_s(
+    saved_bytes: float, device: DeviceSpec, storage_dtype: str, compute_dtype: str
+) -> tuple[float, float]:
+    """(forward, backward) seconds to store `saved_bytes` (in `compute_dtype`) of activations
+    as `storage_dtype` and read them back: memory-bound casts of `backends.activation_storage`.
+    Forward reads S and writes r S (r = storage / compute bytes), float8 reads S once more for
+    its per-tensor scale (amax); backward reads r S and writes S.
+
+    >>> from autoplan.schema.cluster import ClusterSpec
+    >>> d = ClusterSpec.preset("dgx-a100-80gb").device
+    >>> [round(t * 1e6, 1) for t in estimate_storage_cast_s(1e9, d, "float8_e4m3fn", "bfloat16")]   # 2.5 GB, 1.5 GB
+    [1532.6, 919.6]
+    """
+    ratio = DTYPE_BYTES[storage_dtype] / DTYPE_BYTES[compute_dtype]
+    scale_pass = 1.0 if storage_dtype == "float8_e4m3fn" else 0.0
+    bandwidth = device.memory_bandwidth_gbps * 1e9 * device.memory_efficiency
+    return saved_bytes * (1 + scale_pass + ratio) / bandwidth, saved_bytes * (1 + ratio) / bandwidth
 
 
 def estimate_optimizer_step_s(num_params: float, device: DeviceSpec, param_dtype: str) -> float:

@@ -16,10 +16,9 @@ import math
 from dataclasses import dataclass, field
 
 from autoplan.costmodels.compute import estimate_optimizer_step_s
+from autoplan.costmodels.layer import LayerCost, config_layer_cost
 from autoplan.costmodels.memory import model_state_bytes_per_param
 from autoplan.costmodels.pipeline import (
-    LayerCost,
-    config_layer_cost,
     dp_sync_coefficients,
     dtensor_step_s_per_tensor,
     overlap_penalty,
@@ -27,9 +26,10 @@ from autoplan.costmodels.pipeline import (
     step_collectives_s,
 )
 from autoplan.errors import AutoplanError
+from autoplan.planner.precision import PrecisionChoices
 from autoplan.planner.search_space import LayerSplit, can_sequence_parallel, schedule_options
 from autoplan.schema.cluster import ClusterSpec
-from autoplan.schema.constraints import RECOMPUTE_OPTIONS, Constraints
+from autoplan.schema.constraints import RECOMPUTE_OPTIONS, Constraints, layer_option
 from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.profile import ModelProfile
 
@@ -51,7 +51,9 @@ class Instance:
     costs: dict[tuple[int, str, bool], LayerCost]
     cap_bytes: float
     block_option: str | None = None
-    """Pinned recompute of the repeated blocks."""
+    """Pinned option of the repeated blocks (a recompute pin, or a pinned activation storage)."""
+    storage_dtypes: tuple[str, ...] = ()
+    """Narrower dtypes the blocks may store activations in, as alternatives to recompute "none"."""
     zero_bounds_s: dict[int, float] = field(default_factory=dict)
     """Lower bound on the step time per ZeRO stage (filled by `lower_bound_s`)."""
 
@@ -64,7 +66,12 @@ class Instance:
         return fixed + (list(self.split.suffix) if rank == self.pp - 1 else [])
 
     def block_options(self) -> list[str]:
-        return [self.block_option] if self.block_option else self.options
+        """The options of a repeated block: the recompute options and, beside "none", storing
+        its activations in each of `storage_dtypes`."""
+        if self.block_option:
+            return [self.block_option]
+        stored = [layer_option("none", dtype) for dtype in self.storage_dtypes] if "none" in self.options else []
+        return self.options + stored
 
     def config(self, schedule: tuple[str, int], zero: int, sp: bool) -> ParallelConfig:
         return self.base.replace(
@@ -79,8 +86,7 @@ def build_instance(
     mesh: tuple[int, int, int],
     micro_batch_size: int,
     constraints: Constraints,
-    param_dtype: str,
-    grad_reduce_dtype: str,
+    precision: PrecisionChoices,
 ) -> Instance | None:
     dp, pp, tp = mesh
     m = profile.global_batch_size // (dp * micro_batch_size)
@@ -100,14 +106,13 @@ def build_instance(
         mesh={"dp": dp, "pp": pp, "tp": tp},
         micro_batch_size=micro_batch_size,
         num_micro_batches=m,
-        param_dtype=param_dtype,
-        grad_reduce_dtype=grad_reduce_dtype,
+        param_dtype=precision.param_dtype,
+        grad_reduce_dtype=precision.grad_reduce_dtype,
     )
-    costs = {}
-    representatives = list(split.prefix) + [split.blocks[0]] + list(split.suffix)
-    for index, option, sp in itertools.product(representatives, options, sps):
-        costs[index, option, sp] = config_layer_cost(profile.layers[index], option, cluster, base, sp)
-    return Instance(
+    block_option: str | None = constraints.recompute
+    if precision.storage_pinned:
+        block_option = layer_option("none", precision.storage_dtypes[0])
+    inst = Instance(
         profile,
         cluster,
         split,
@@ -116,10 +121,16 @@ def build_instance(
         schedules,
         zeros,
         sps,
-        costs,
+        {},
         constraints.max_memory_fraction * cluster.device.memory_bytes,
-        constraints.recompute,
+        block_option,
+        precision.storage_dtypes,
     )
+    for index in list(split.prefix) + [split.blocks[0]] + list(split.suffix):
+        layer_options = list(dict.fromkeys(options + inst.block_options())) if index == split.blocks[0] else options
+        for option, sp in itertools.product(layer_options, sps):
+            inst.costs[index, option, sp] = config_layer_cost(profile.layers[index], option, cluster, base, sp)
+    return inst
 
 
 def lower_bound_s(inst: Instance) -> float:

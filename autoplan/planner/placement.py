@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from autoplan.costmodels.pipeline import StepEstimate, estimate_step
 from autoplan.planner.instance import Combo, Instance
+from autoplan.schema.constraints import split_layer_option
 from autoplan.schema.parallel import ParallelConfig
 
 
@@ -32,12 +33,18 @@ def place_layers(
     rank_layers = []
     for i, per_option in enumerate(counts):
         entries = [(j, fixed_choice[j]) for j in inst.split.prefix] if i == 0 else []
-        for option in ("full", "selective", "none"):
-            entries += [(next(blocks), option) for _ in range(per_option.get(option, 0))]
+        for option in sorted(per_option, key=placement_order):
+            entries += [(next(blocks), option) for _ in range(per_option[option])]
         if i == inst.pp - 1:
             entries += [(j, fixed_choice[j]) for j in inst.split.suffix]
         rank_layers.append(entries)
     return Solution(config, rank_layers, estimate_step(inst.profile, inst.cluster, config, rank_layers))
+
+
+def placement_order(option: str) -> tuple[int, str]:
+    """Fuller recompute first, then "none", then "none" with activations stored narrower."""
+    recompute, storage = split_layer_option(option)
+    return ("full", "selective", "none").index(recompute), storage or ""
 
 
 def balanced_counts(num_blocks: int, pp: int, option: str) -> list[dict[str, int]]:
@@ -58,8 +65,10 @@ def heuristic_solution(inst: Instance, combos: list[Combo]) -> Solution | None:
     for c in combos:
         options = sorted(inst.block_options(), key=lambda o: inst.costs[block, o, c.sp].time_s)
         for option in options:
+            recompute = split_layer_option(option)[0]
             fixed = {
-                j: option if option in inst.options else inst.options[-1] for j in inst.split.prefix + inst.split.suffix
+                j: recompute if recompute in inst.options else inst.options[-1]
+                for j in inst.split.prefix + inst.split.suffix
             }
             solution = place_layers(
                 inst,

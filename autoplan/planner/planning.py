@@ -18,14 +18,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
-from autoplan.costmodels.pipeline import config_layer_cost
+from autoplan.costmodels.layer import config_layer_cost
 from autoplan.errors import AutoplanError
 from autoplan.planner.placement import Solution
+from autoplan.planner.precision import precision_choices
 from autoplan.planner.report import explain  # noqa: F401  (the facade's autoplan.explain)
 from autoplan.planner.search_space import split_layers
-from autoplan.planner.solver import SolveResult, default_dtypes, solve
+from autoplan.planner.solver import SolveResult, solve
 from autoplan.schema.cluster import ClusterSpec
-from autoplan.schema.constraints import Constraints, Recompute
+from autoplan.schema.constraints import Constraints, Recompute, split_layer_option
 from autoplan.schema.parallel import layout_stages
 from autoplan.schema.plan import SEQUENCE_PARALLEL_STYLES, Candidate, LayerChoice, Plan, Prediction, StagePlan, TPSite
 from autoplan.schema.profile import ModelProfile
@@ -78,7 +79,7 @@ def plan(
     if objective not in OBJECTIVES:
         raise AutoplanError(f"objective={objective!r} is not supported; use one of {list(OBJECTIVES)}")
     constraints = constraints or Constraints()
-    param_dtype, _ = default_dtypes(cluster, constraints)  # rejects a pinned activation_dtype before profiling
+    param_dtype = precision_choices(cluster, constraints).param_dtype  # a dtype that cannot run fails before profiling
     from autoplan.analysis.profile import profile_model
     from autoplan.planner.measured import apply_profile, ranks_per_core
     from autoplan.schema.profile_file import ProfileFile
@@ -159,9 +160,19 @@ def _plan_stages(
         stage_time = 0.0
         for layer_index, option in entries:
             layer = profile.layers[layer_index]
-            stage_time += config_layer_cost(layer, option, cluster, config).time_s
+            cost = config_layer_cost(layer, option, cluster, config)
+            stage_time += cost.time_s
+            recompute, storage = split_layer_option(option)
+            exact = config_layer_cost(layer, recompute, cluster, config) if storage else cost
             layer_choices[layer_index] = LayerChoice(
-                name=layer.name, recompute=cast(Recompute, option), stage=index, time_source=sources[layer_index]
+                name=layer.name,
+                recompute=cast(Recompute, recompute),
+                activation_dtype=storage or config.param_dtype,
+                matmul_dtype=config.param_dtype,
+                precision_saved_bytes=exact.activation_bytes - cost.activation_bytes,
+                precision_saved_s=exact.time_s - cost.time_s,
+                stage=index,
+                time_source=sources[layer_index],
             )
         stages.append(
             StagePlan(

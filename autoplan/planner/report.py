@@ -59,6 +59,15 @@ def report(plan: Plan, all_layers: bool = False) -> dict[str, Any]:
         _table("time per step, worst rank", ["term", "ms"], time_rows),
         _table("memory, worst rank", ["term", "GB"], memory_rows),
     ]
+    precision_rows = _precision_rows(plan)
+    if precision_rows:
+        tables.append(
+            _table(
+                "precision: layers computing or storing narrower, what each run saves per micro-batch",
+                ["layers", "activations in", "matmuls in", "memory saved", "time saved"],
+                precision_rows,
+            )
+        )
     if plan.runners_up:
         tables.append(
             _table(
@@ -93,7 +102,7 @@ def explain(plan: Plan, all_layers: bool = False, width: int = WIDTH) -> str:
 
     for line in data["lines"]:
         console.print(line, highlight=False)
-    stages, layers, time_table, memory_table, *runners = data["tables"]
+    stages, layers, time_table, memory_table, *others = data["tables"]
     console.print(rich_table(stages))
     console.print(rich_table(layers))
     if data["cost_sources"]:
@@ -102,7 +111,7 @@ def explain(plan: Plan, all_layers: bool = False, width: int = WIDTH) -> str:
     side_by_side = Table.grid(padding=(0, 2))
     side_by_side.add_row(rich_table(time_table), rich_table(memory_table))
     console.print(side_by_side)
-    for table in runners:
+    for table in others:
         console.print(rich_table(table))
     if data["solver"]:
         console.print(data["solver"])
@@ -187,6 +196,36 @@ def _layer_rows(plan: Plan, all_layers: bool) -> list[list[str]]:
             source,
         ]
         for first, last, count, recompute, source, first_stage, last_stage in runs
+    ]
+
+
+def _precision_rows(plan: Plan) -> list[list[str]]:
+    """Runs of consecutive layers with the same lossy dtypes: activation storage, matmuls, and
+    the activation memory and time they save per micro-batch (negative time: the casts cost)."""
+    runs: list[list] = []  # first, last, count, activation dtype, matmul dtype, bytes, seconds
+    for layer in plan.layers:
+        stored = layer.activation_dtype or plan.activation_dtype
+        matmul = layer.matmul_dtype or plan.param_dtype
+        if stored == plan.activation_dtype and matmul == plan.param_dtype:
+            continue
+        previous = runs[-1] if runs else None
+        if previous and previous[3:5] == [stored, matmul]:
+            previous[1], previous[2] = layer.name, previous[2] + 1
+            previous[5] += layer.precision_saved_bytes
+            previous[6] += layer.precision_saved_s
+        else:
+            runs.append(
+                [layer.name, layer.name, 1, stored, matmul, layer.precision_saved_bytes, layer.precision_saved_s]
+            )
+    return [
+        [
+            f"{first} .. {last} ({count})" if count > 1 else first,
+            stored,
+            matmul,
+            f"{saved_bytes / 1e9:,.3f} GB",
+            f"{saved_s * 1e3:+,.2f} ms",
+        ]
+        for first, last, count, stored, matmul, saved_bytes, saved_s in runs
     ]
 
 

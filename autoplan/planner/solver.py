@@ -26,6 +26,8 @@ Variables (rank i < p, recompute option o, combination c):
     Tmax_c >= 0            slowest rank's time per micro-batch under c
     P_c >= 0               the pipeline's time under c (two bounds, below)
     W >= 0                 worst rank's exposed sync + optimizer step
+    z[i,o,c] in {0,1}      rank i has blocks storing activations narrower with o (float8, ...)
+    D[i,c] >= 0            the dequantized copies rank i's backward holds at once (GB)
 Every per-rank quantity is linear in the counts: time_i,c = sum_o n[i,o,c] t(o, sp_c)
 + sum_j,o r[j,o,c] t_j(o, sp_c), likewise backward, activation bytes, parameters and
 ZeRO-3 traffic, with coefficients from `costmodels.pipeline.estimate_layer_cost`.
@@ -40,14 +42,16 @@ its own copy of the counts holds trivially when u_c = 0, so memory, time and syn
 constraints need no further big-M and the LP relaxation stays tight. Constraint
 families (`Milp.add_*_constraints`, each named): assignment, time (ZeRO-3 exposure,
 slowest rank), sync (dp sync exposure + optimizer), memory (per rank and combination:
-states + in-flight * activations + fixed terms <= cap * u_c).
+states + in-flight * activations + D + fixed terms <= cap * u_c), dequantize (D the largest
+dequantized_o z[i,o,c], n[i,o,c] <= N z[i,o,c]; precision choices: `planner.precision`).
 
 A pinned field restricts the options above; a fully pinned configuration is evaluated by
 the same MILP, which then only places layers (stage boundaries and per-layer recompute
 are not Constraints fields). HiGHS solves each MILP to MIP_GAP, with the incumbent step
 time as objective bound and MILP_TIME_LIMIT_S as a guard (counted in the stats).
 
-This module holds the MILP and the outer loop; the loop's search space (meshes, micro-batch
+This module holds the MILP and the outer loop (runners-up and the infeasible error:
+`planner.outcome`); the loop's search space (meshes, micro-batch
 sizes, schedules, the repeated body) is `planner.search_space`, one candidate's data, its
 combinations and its lower bound `planner.instance`, and plans from block counts (the
 heuristic incumbent, the smallest-memory plan) `planner.placement`.
@@ -74,19 +78,19 @@ from autoplan.costmodels.pipeline import (
     p2p_time_s,
     step_collectives_s,
 )
-from autoplan.errors import AutoplanError, InfeasibleError
+from autoplan.errors import AutoplanError
 from autoplan.planner.instance import Combo, Instance, build_instance, combinations, lower_bound_s
-from autoplan.planner.placement import Solution, heuristic_solution, place_layers, smallest_memory_plan
+from autoplan.planner.outcome import Rejected, infeasible_error, runners_up
+from autoplan.planner.placement import Solution, heuristic_solution, place_layers
+from autoplan.planner.precision import precision_choices
 from autoplan.planner.search_space import (
-    LayerSplit,
     can_sequence_parallel,
     enumerate_meshes,
     micro_batch_sizes,
     split_layers,
 )
 from autoplan.schema.cluster import ClusterSpec
-from autoplan.schema.constraints import Constraints
-from autoplan.schema.parallel import ParallelConfig
+from autoplan.schema.constraints import Constraints, split_layer_option
 from autoplan.schema.profile import ModelProfile
 
 GB = 1e9
@@ -126,19 +130,6 @@ def _silence_highs_banner() -> None:
 
 
 @dataclass
-class Rejected:
-    """A (mesh, micro-batch) pair that lost, and why."""
-
-    config: ParallelConfig
-    step_time_s: float | None
-    peak_memory_bytes: float | None
-    why: str
-    recompute: str = "-"
-    instance: Instance | None = None
-    """Set when memory ruled the pair out (to say how much it would need)."""
-
-
-@dataclass
 class SolveResult:
     best: Solution
     runners_up: list[Rejected]
@@ -173,6 +164,11 @@ class Milp:
         cont = lambda name: var(name, lowBound=0)  # noqa: E731
         self.X = {(i, c): cont(f"X_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero == 3}
         self.E = {(i, c): cont(f"E_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero != 3}
+        stored = [o for o in inst.block_options() if split_layer_option(o)[1]]
+        self.z = {
+            (i, o, c): var(f"z_{i}_{o}_{c.name}", cat="Binary") for i in range(p) for o in stored for c in self.combos
+        }
+        self.D = {(i, c): cont(f"D_{i}_{c.name}") for i in range(p) for c in self.combos} if stored else {}
         self.Tmax = {c: cont(f"Tmax_{c.name}") for c in self.combos}
         self.P = {c: cont(f"P_{c.name}") for c in self.combos}
         self.W = cont("W")
@@ -303,10 +299,21 @@ class Milp:
                     (
                         per_param * self.rank_sum(i, c, "local_params", 1 / GB)
                         + in_flight * self.rank_sum(i, c, "activation_bytes", 1 / GB)
+                        + self.D.get((i, c), 0.0)
                         <= (inst.cap_bytes - fixed) / GB * self.u[c]
                     ),
                     f"memory_{i}_{c.name}",
                 )
+
+    def add_dequantize_constraints(self) -> None:
+        """Blocks storing activations narrower (option o): n[i,o,c] <= N z[i,o,c] and
+        D_i,c >= dequantized_o z[i,o,c] (GB): rank i's backward holds one block's dequantized
+        copies, the largest of the options it uses (`LayerCost.dequantized_bytes`)."""
+        inst, N = self.inst, len(self.inst.split.blocks)
+        for (i, o, c), used in self.z.items():
+            dequantized = inst.costs[inst.split.blocks[0], o, c.sp].dequantized_bytes / GB
+            self.problem += self.n[i, o, c] <= N * used, f"stores_narrower_{i}_{o}_{c.name}"
+            self.problem += self.D[i, c] >= dequantized * used, f"dequantized_{i}_{o}_{c.name}"
 
     def solve(self, time_limit_s: float = MILP_TIME_LIMIT_S[0]) -> bool:
         """Build and solve; True when a plan was found (`self.proven`: optimal within MIP_GAP).
@@ -319,6 +326,7 @@ class Milp:
         self.add_time_constraints()
         self.add_sync_constraints()
         self.add_memory_constraints()
+        self.add_dequantize_constraints()
         self.problem += self.pipeline_expression() + self.W, "step_time_s"
         if highs_available():
             options = {"mip_heuristic_effort": 0.3}
@@ -348,18 +356,6 @@ class Milp:
 
 
 # ----------------------------------------------------------------------- driver
-def default_dtypes(cluster: ClusterSpec, constraints: Constraints) -> tuple[str, str]:
-    """bfloat16 on GPUs (mixed precision), float32 on CPUs, unless pinned."""
-    if constraints.activation_dtype is not None:
-        raise AutoplanError(
-            "activation_dtype (quantized activation storage) is not supported yet; "
-            "activations are stored in param_dtype — leave activation_dtype unset"
-        )
-    default = "bfloat16" if cluster.device.kind == "cuda" else "float32"
-    param = constraints.param_dtype or default
-    return param, constraints.grad_reduce_dtype or param
-
-
 def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints | None = None) -> SolveResult:
     """The fastest plan that fits, and the runners-up.
 
@@ -372,13 +368,13 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
     if constraints.sequence_parallel and not can_sequence_parallel(profile):
         blocker = profile.sequence_parallel_blocker or "no tensor-parallel region to split along the sequence"
         raise AutoplanError(f"sequence_parallel=True cannot run on {profile.model_name}: {blocker}")
-    param_dtype, grad_dtype = default_dtypes(cluster, constraints)
+    precision = precision_choices(cluster, constraints)
     split = split_layers(profile)
     meshes = enumerate_meshes(profile, cluster, constraints, split.num_cuttable_blocks, split.cut_blocker)
     instances = []
     for mesh in meshes:
         for b in micro_batch_sizes(profile.global_batch_size, mesh[0], constraints.micro_batch_size):
-            inst = build_instance(profile, cluster, split, mesh, b, constraints, param_dtype, grad_dtype)
+            inst = build_instance(profile, cluster, split, mesh, b, constraints, precision)
             if inst is not None:
                 instances.append((lower_bound_s(inst), inst))
     if not instances:
@@ -437,61 +433,3 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
         "wall_time_s": time.perf_counter() - started,
     }
     return SolveResult(best, runners_up(best, solved, rejected, constraints, cluster), stats)
-
-
-def summary_recompute(solution: Solution) -> str:
-    options = sorted({option for entries in solution.rank_layers for _, option in entries})
-    return options[0] if len(options) == 1 else "mixed(" + ",".join(options) + ")"
-
-
-def runners_up(
-    best: Solution,
-    solved: list[Solution],
-    rejected: list[Rejected],
-    constraints: Constraints,
-    cluster: ClusterSpec,
-    limit: int = 5,
-) -> list[Rejected]:
-    """The next fastest distinct configurations, then the memory-infeasible ones."""
-    cap = constraints.max_memory_fraction * cluster.device.memory_bytes
-    out, seen = [], {(best.config.mesh["dp"], best.config.mesh["pp"], best.config.micro_batch_size)}
-    for solution in sorted(solved, key=lambda s: s.estimate.step_time_s):
-        key = (solution.config.mesh["dp"], solution.config.mesh["pp"], solution.config.micro_batch_size)
-        if solution is best or key in seen:
-            continue
-        seen.add(key)
-        slower = solution.estimate.step_time_s / best.estimate.step_time_s - 1
-        out.append(
-            Rejected(
-                solution.config,
-                solution.estimate.step_time_s,
-                solution.estimate.peak_memory_bytes,
-                f"slower by {slower:.1%}",
-                summary_recompute(solution),
-            )
-        )
-    for item in rejected:
-        if item.instance is not None and len(out) < limit:
-            need = smallest_memory_plan(item.instance).estimate.peak_memory_bytes
-            item.why = f"needs {need / GB:.1f} GB > {cap / GB:.1f} GB" if need > cap else item.why
-            item.peak_memory_bytes = need
-            out.append(item)
-    pruned = [item for item in rejected if item.why.startswith("lower bound")]
-    return (out + pruned)[:limit]
-
-
-def infeasible_error(
-    profile: ModelProfile, cluster: ClusterSpec, split: LayerSplit, instances, constraints: Constraints
-) -> InfeasibleError:
-    smallest = min((smallest_memory_plan(inst) for _, inst in instances), key=lambda s: s.estimate.peak_memory_bytes)
-    est = smallest.estimate
-    cap = constraints.max_memory_fraction * cluster.device.memory_bytes
-    rank = max(range(len(est.rank_memory)), key=lambda i: est.rank_memory_bytes[i])
-    terms = ", ".join(f"{k.removesuffix('_bytes')} {v / GB:.2f} GB" for k, v in est.rank_memory[rank].items() if v)
-    c = smallest.config
-    return InfeasibleError(
-        f"no plan fits in memory: the smallest plan needs {est.peak_memory_bytes / GB:.2f} GB per device > "
-        f"{cap / GB:.2f} GB (max_memory_fraction {constraints.max_memory_fraction} x "
-        f"{cluster.device.memory_bytes / GB:.0f} GB); that plan is dp={c.dp} pp={c.pp} tp={c.tp} "
-        f"micro_batch_size={c.micro_batch_size} ZeRO-{c.zero_stage} recompute=full; its worst rank holds {terms}"
-    )

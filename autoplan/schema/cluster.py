@@ -20,7 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
+"""Dtypes `peak_flops` may list; float8_e4m3fn only on devices with float8 tensor cores."""
 
 
 class DeviceSpec(BaseModel):
@@ -37,7 +38,8 @@ class DeviceSpec(BaseModel):
     memory_bandwidth_gbps: float = Field(gt=0)
     """Device memory bandwidth, GB/s."""
     peak_flops: dict[str, float]
-    """Dense peak FLOP/s per dtype name ("float32", "bfloat16", "float16")."""
+    """Dense peak FLOP/s per dtype name ("float32", "bfloat16", "float16", and "float8_e4m3fn"
+    where the device has float8 tensor cores: the planner offers float8 matmuls only there)."""
     matmul_efficiency: float = Field(default=0.7, gt=0, le=1)
     """Share of peak a large matmul achieves (calibration replaces it)."""
     matmul_half_efficiency_flops: float = Field(default=2e9, gt=0)

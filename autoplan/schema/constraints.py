@@ -4,6 +4,14 @@
 8
 >>> Constraints(param_dtype=torch.bfloat16).param_dtype
 'bfloat16'
+>>> Constraints(allow_lossy=True).allow_lossy, Constraints(activation_dtype="fp8").activation_dtype
+(True, 'float8_e4m3fn')
+
+A layer's option in the planner is its recompute choice, with the dtype its saved activations
+are stored in when that is lossier than the compute dtype (`layer_option`):
+
+>>> layer_option("none", "float8_e4m3fn"), split_layer_option("none@float8_e4m3fn")
+('none@float8_e4m3fn', ('none', 'float8_e4m3fn'))
 """
 
 from __future__ import annotations
@@ -18,19 +26,43 @@ Recompute = Literal["none", "selective", "full"]
 SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved_1f1b")
 RECOMPUTE_OPTIONS: tuple[str, ...] = ("none", "selective", "full")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+"""Dtypes parameters compute in and gradients are reduced in."""
+FLOAT8 = "float8_e4m3fn"
+"""The float8 format activations are stored in and matmuls run in (with a per-tensor scale)."""
+LOSSY_DTYPES: tuple[str, ...] = (*DTYPES, FLOAT8)
+"""Dtypes activations may be stored in and matmuls may run in."""
+STORAGE_SEPARATOR = "@"
 
 
-def dtype_name(value: object) -> str:
-    """'bfloat16' from torch.bfloat16, 'torch.bfloat16' or 'bf16'."""
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    if isinstance(value, torch.dtype):
-        name = str(value).removeprefix("torch.")
-    else:
-        name = str(value).removeprefix("torch.")
+def dtype_name(value: object, allowed: tuple[str, ...] = DTYPES) -> str:
+    """'bfloat16' from torch.bfloat16, 'torch.bfloat16' or 'bf16'; one of `allowed`."""
+    aliases = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "half": "float16",
+        "fp32": "float32",
+        "float": "float32",
+        "fp8": FLOAT8,
+        "float8": FLOAT8,
+    }
+    name = str(value).removeprefix("torch.")
+    if not isinstance(value, torch.dtype):
         name = aliases.get(name, name)
-    if name not in DTYPES:
-        raise ValueError(f"dtype {value!r} is not supported; use one of {list(DTYPES)}")
+    if name not in allowed:
+        raise ValueError(f"dtype {value!r} is not supported; use one of {list(allowed)}")
     return name
+
+
+def layer_option(recompute: str, activation_dtype: str | None = None) -> str:
+    """The planner's name for a layer's choice: "none", or "none@float8_e4m3fn" (activations
+    stored in float8 for backward)."""
+    return recompute if activation_dtype is None else f"{recompute}{STORAGE_SEPARATOR}{activation_dtype}"
+
+
+def split_layer_option(option: str) -> tuple[str, str | None]:
+    """(recompute, storage dtype or None: the compute dtype) of a `layer_option`."""
+    recompute, _, dtype = option.partition(STORAGE_SEPARATOR)
+    return recompute, dtype or None
 
 
 class Constraints(BaseModel):
@@ -61,14 +93,28 @@ class Constraints(BaseModel):
     grad_reduce_dtype: str | None = None
     """Dtype gradients are reduced in across data-parallel ranks."""
     activation_dtype: str | None = None
-    """Dtype activations are stored in for backward (quantized storage: a later release)."""
+    """Dtype the repeated blocks store their saved activations in for backward (quantized on
+    save, dequantized on unpack; float8_e4m3fn with a per-tensor scale). Narrower than
+    param_dtype, it pins every block to recompute "none" with that storage."""
+    matmul_dtype: str | None = None
+    """Dtype the repeated blocks' Linear layers multiply in: param_dtype, or float8_e4m3fn
+    (torchao float8 training; devices whose peak_flops list float8_e4m3fn, run on CUDA sm89+)."""
+    allow_lossy: bool = False
+    """Whether the planner may choose what is lossier than param_dtype: bfloat16 gradient
+    reduction under float32 parameters, bfloat16/float8 activation storage, float8 matmuls.
+    A pinned dtype is used whatever this says."""
     max_memory_fraction: float = Field(default=0.9, gt=0, le=1)
     """Share of device memory a plan may use."""
 
-    @field_validator("param_dtype", "grad_reduce_dtype", "activation_dtype", mode="before")
+    @field_validator("param_dtype", "grad_reduce_dtype", mode="before")
     @classmethod
     def _dtype(cls, value: object) -> str | None:
         return None if value is None else dtype_name(value)
+
+    @field_validator("activation_dtype", "matmul_dtype", mode="before")
+    @classmethod
+    def _lossy_dtype(cls, value: object) -> str | None:
+        return None if value is None else dtype_name(value, LOSSY_DTYPES)
 
     @classmethod
     def parse_fix(cls, text: str) -> Constraints:
@@ -101,4 +147,8 @@ class Constraints(BaseModel):
 
     def pinned(self) -> dict[str, object]:
         """The fields that are set, e.g. {"tp": 8}."""
-        return {k: v for k, v in self.model_dump().items() if v is not None and k != "max_memory_fraction"}
+        return {
+            k: v
+            for k, v in self.model_dump().items()
+            if v is not None and k != "max_memory_fraction" and (k != "allow_lossy" or v)
+        }

@@ -18,7 +18,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autoplan.schema.cluster import ClusterSpec, condensed, write_atomically
-from autoplan.schema.constraints import Recompute
+from autoplan.schema.constraints import FLOAT8, LOSSY_DTYPES, Recompute
 from autoplan.schema.parallel import ParallelConfig
 
 PLAN_VERSION = 1
@@ -89,6 +89,17 @@ class LayerChoice(BaseModel):
 
     name: str
     recompute: Recompute = "none"
+    activation_dtype: str | None = None
+    """Dtype the layer stores its saved activations in for backward (quantized on save,
+    dequantized on unpack; float8_e4m3fn with a per-tensor scale); None or the plan's
+    `activation_dtype`: as computed, exact."""
+    matmul_dtype: str | None = None
+    """Dtype the layer's Linear layers multiply in (float8_e4m3fn: torchao float8 training);
+    None or the plan's `param_dtype`: as computed."""
+    precision_saved_bytes: float = 0.0
+    """Activation bytes per micro-batch these dtypes save against the exact ones (same recompute)."""
+    precision_saved_s: float = 0.0
+    """Seconds per micro-batch these dtypes save against the exact ones (negative: the casts cost more)."""
     stage: int = 0
     time_source: str | None = None
     """Where the layer's time comes from: "measured on <device> (<profile file>)" or
@@ -138,6 +149,7 @@ class Plan(ParallelConfig):
     global_batch_size: int
     """micro_batch_size * num_micro_batches * dp sequences per step."""
     activation_dtype: str = "float32"
+    """Dtype activations are computed in (param_dtype); a layer may store them narrower."""
     stages: list[StagePlan]
     """pp * virtual_stages stages; stage i runs on pipeline rank i % pp."""
     layers: list[LayerChoice]
@@ -186,6 +198,22 @@ class Plan(ParallelConfig):
         """Layer name -> recompute option."""
         return {layer.name: layer.recompute for layer in self.layers}
 
+    def activation_storage_of(self) -> dict[str, str]:
+        """Layer name -> storage dtype, for the layers that store activations narrower than computed."""
+        return {
+            layer.name: layer.activation_dtype
+            for layer in self.layers
+            if layer.activation_dtype not in (None, self.activation_dtype)
+        }
+
+    def matmul_dtype_of(self) -> dict[str, str]:
+        """Layer name -> matmul dtype, for the layers that multiply in another dtype than param_dtype."""
+        return {
+            layer.name: layer.matmul_dtype
+            for layer in self.layers
+            if layer.matmul_dtype not in (None, self.param_dtype)
+        }
+
 
 def plan_problem(plan: Plan) -> str | None:
     """What makes `plan` inconsistent (None: nothing): the mesh against the cluster, the batch
@@ -216,7 +244,7 @@ def plan_problem(plan: Plan) -> str | None:
         )
     if not 0 <= plan.zero_stage <= 3:
         return f"zero_stage must be 0, 1, 2 or 3, got {plan.zero_stage}"
-    return _stage_problem(plan, pp) or _tp_problem(plan, tp)
+    return _stage_problem(plan, pp) or _tp_problem(plan, tp) or _precision_problem(plan)
 
 
 def _stage_problem(plan: Plan, pp: int) -> str | None:
@@ -247,6 +275,23 @@ def _tp_problem(plan: Plan, tp: int) -> str | None:
     for key, value in plan.tp_divide_attrs.items():
         if value % tp:
             return f"tp({tp}) does not divide {key} = {value}"
+    return None
+
+
+def _precision_problem(plan: Plan) -> str | None:
+    """A layer storing activations in a dtype no backend runs, or narrower while recomputing."""
+    for name, dtype in plan.activation_storage_of().items():
+        layer = next(layer for layer in plan.layers if layer.name == name)
+        if dtype not in LOSSY_DTYPES:
+            return f"layers: {name!r} activation_dtype {dtype!r} is not one of {list(LOSSY_DTYPES)}"
+        if layer.recompute != "none":
+            return (
+                f"layers: {name!r} stores activations in {dtype} and recomputes ({layer.recompute!r}): "
+                f"narrower storage runs only with recompute 'none'"
+            )
+    for name, dtype in plan.matmul_dtype_of().items():
+        if dtype != FLOAT8:
+            return f"layers: {name!r} matmul_dtype {dtype!r}: matmuls run in param_dtype or {FLOAT8}"
     return None
 
 

@@ -68,14 +68,14 @@ def test_plan_zoo_model_and_explain(tmp_path):
         assert heading in report
 
 
-def test_plan_rejects_activation_dtype_before_profiling():
+def test_plan_rejects_a_dtype_the_device_cannot_run_before_profiling():
     job = zoo.build("gpt-tiny", batch_size=8, device="meta")
-    with pytest.raises(ValueError, match="activation_dtype"):
+    with pytest.raises(ValueError, match=r"matmul_dtype=float8_e4m3fn needs float8 tensor cores .* device cpu \(cpu\)"):
         plan(
             job.module,
             ClusterSpec.local(world_size=2),
             job.example_inputs,
-            constraints=Constraints(activation_dtype="bfloat16"),
+            constraints=Constraints(matmul_dtype="float8_e4m3fn"),
         )
 
 

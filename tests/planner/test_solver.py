@@ -19,7 +19,9 @@ OPTIONS = ("none", "selective", "full")
 NUM_BLOCKS = 4
 
 
-def tiny_cluster(memory_bytes: int = 2_000_000_000) -> ClusterSpec:
+def tiny_cluster(
+    memory_bytes: int = 2_000_000_000, memory_bandwidth_gbps: float = 100.0, bfloat16_flops: float = 4e12
+) -> ClusterSpec:
     """2 nodes x 2 devices, small and slow so that memory binds and links matter."""
     return ClusterSpec.model_validate(
         {
@@ -29,8 +31,8 @@ def tiny_cluster(memory_bytes: int = 2_000_000_000) -> ClusterSpec:
             "device": {
                 "name": "tiny",
                 "memory_bytes": memory_bytes,
-                "memory_bandwidth_gbps": 100.0,
-                "peak_flops": {"float32": 1e12, "bfloat16": 4e12},
+                "memory_bandwidth_gbps": memory_bandwidth_gbps,
+                "peak_flops": {"float32": 1e12, "bfloat16": bfloat16_flops},
             },
             "intra_node": {"bandwidth_gbps": 50.0, "latency_us": 2.0},
             "inter_node": {"bandwidth_gbps": 5.0, "latency_us": 10.0},
@@ -38,7 +40,7 @@ def tiny_cluster(memory_bytes: int = 2_000_000_000) -> ClusterSpec:
     )
 
 
-def tiny_profile(global_batch: int = 8, heads: int = 4) -> ModelProfile:
+def tiny_profile(global_batch: int = 8, heads: int = 4, selective_bytes: float = 1.5e8) -> ModelProfile:
     blocks = [
         LayerProfile(
             name=f"blocks.{i}",
@@ -50,8 +52,8 @@ def tiny_profile(global_batch: int = 8, heads: int = 4) -> ModelProfile:
             bwd_flops=2e11,
             tp_flops_fraction=0.95,
             elementwise_bytes=2e8,
-            saved_bytes={"none": 4e8, "selective": 1.5e8, "full": 2e7},
-            tp_saved_bytes={"none": 3e8, "selective": 1e8, "full": 0.0},
+            saved_bytes={"none": 4e8, "selective": selective_bytes, "full": 2e7},
+            tp_saved_bytes={"none": 3e8, "selective": selective_bytes * 2 / 3, "full": 0.0},
             output_bytes=1e7,
             tp_allreduce_bytes_fwd=2e7,
             tp_allreduce_bytes_bwd=2e7,
@@ -108,10 +110,16 @@ def compositions(total: int, parts: int, minimum: int):
             yield (first, *rest)
 
 
-def brute_force(profile: ModelProfile, cluster: ClusterSpec, pins: dict | None = None) -> float:
+def brute_force(
+    profile: ModelProfile,
+    cluster: ClusterSpec,
+    pins: dict | None = None,
+    block_options: tuple = OPTIONS,
+    dtypes: dict | None = None,
+) -> float:
     """min step time over every mesh, micro-batch, schedule, ZeRO, SP, block split and
-    recompute choice (blocks between the embedding on the first and the head on the last
-    rank), written from the rules, not from the solver."""
+    choice per block among `block_options` (blocks between the embedding on the first and
+    the head on the last rank), written from the rules, not from the solver."""
     pins = pins or {}
     world, cap = cluster.world_size, 0.9 * cluster.device.memory_bytes
     best = float("inf")
@@ -140,18 +148,23 @@ def brute_force(profile: ModelProfile, cluster: ClusterSpec, pins: dict | None =
                     if any(pins.get(name, value) != value for name, value in choice.items()):
                         continue
                     config = ParallelConfig(
-                        mesh=mesh, micro_batch_size=mbs, num_micro_batches=m, virtual_stages=v, **choice, **BF16
+                        mesh=mesh,
+                        micro_batch_size=mbs,
+                        num_micro_batches=m,
+                        virtual_stages=v,
+                        **choice,
+                        **(dtypes or BF16),
                     )
-                    best = min(best, best_placement(profile, cluster, config, cap, pins.get("recompute")))
+                    options = (pins["recompute"],) if "recompute" in pins else block_options
+                    best = min(best, best_placement(profile, cluster, config, cap, options))
     return best
 
 
 BF16 = {"param_dtype": "bfloat16", "grad_reduce_dtype": "bfloat16"}
 
 
-def best_placement(profile, cluster, config, cap, block_option) -> float:
+def best_placement(profile, cluster, config, cap, block_options) -> float:
     best = float("inf")
-    block_options = (block_option,) if block_option else OPTIONS
     for counts in compositions(NUM_BLOCKS, config.pp, config.virtual_stages):
         per_rank = [list(itertools.combinations_with_replacement(block_options, c)) for c in counts]
         for choice in itertools.product(*per_rank):
@@ -250,9 +263,70 @@ def test_mesh_must_match_world_size():
         solve(tiny_profile(heads=6), tiny_cluster(), Constraints(dp=2, tp=3, pp=1))
 
 
-def test_activation_dtype_is_not_supported_yet():
-    with pytest.raises(ValueError, match=r"activation_dtype \(quantized activation storage\) is not supported yet"):
-        solve(tiny_profile(), tiny_cluster(), Constraints(activation_dtype="bfloat16"))
+FLOAT8_STORED = "none@float8_e4m3fn"
+
+
+def test_lossy_storage_optimum_equals_brute_force_and_beats_exact():
+    """With allow_lossy a block may store its activations in float8 instead of recomputing:
+    where memory binds, selective recompute keeps most of the bytes, recomputing is slow and
+    the casts are cheap (fast memory), the MILP takes it and still equals brute force over
+    every per-block choice (the exact options and float8 storage)."""
+    profile = tiny_profile(selective_bytes=3.5e8)
+    cluster = tiny_cluster(memory_bytes=2_500_000_000, memory_bandwidth_gbps=2000.0, bfloat16_flops=1e12)
+    result = solve(profile, cluster, Constraints(allow_lossy=True))
+    exact = solve(profile, cluster).best.estimate.step_time_s
+    chosen = {option for rank in result.best.rank_layers for _, option in rank}
+    assert FLOAT8_STORED in chosen
+    assert result.best.config.grad_reduce_dtype == "bfloat16"  # the parameters' dtype: nothing to narrow
+    assert result.best.estimate.step_time_s < exact
+    brute = brute_force(profile, cluster, block_options=(*OPTIONS, FLOAT8_STORED))
+    assert result.best.estimate.step_time_s == pytest.approx(brute, rel=2e-4)
+
+
+def test_float32_lossy_options_equal_brute_force():
+    """Under float32 parameters the blocks may store bfloat16 or float8, and gradients are
+    reduced in bfloat16 (which dominates float32 reduction: the solver does not search it)."""
+    profile = tiny_profile(selective_bytes=3.5e8)
+    cluster = tiny_cluster(memory_bytes=2_500_000_000, memory_bandwidth_gbps=2000.0)
+    pins = {"dp": 2, "tp": 1, "pp": 2}
+    result = solve(profile, cluster, Constraints(allow_lossy=True, param_dtype="float32", **pins))
+    config = result.best.config
+    assert (config.param_dtype, config.grad_reduce_dtype) == ("float32", "bfloat16")
+    options = (*OPTIONS, "none@bfloat16", FLOAT8_STORED)
+    dtypes = {"param_dtype": "float32", "grad_reduce_dtype": "bfloat16"}
+    brute = brute_force(profile, cluster, pins, options, dtypes)
+    assert result.best.estimate.step_time_s == pytest.approx(brute, rel=2e-4)
+
+
+def test_pinned_activation_storage_is_every_block():
+    profile, cluster = tiny_profile(), tiny_cluster()
+    result = solve(profile, cluster, Constraints(activation_dtype="float8_e4m3fn"))
+    block_options = {option for rank in result.best.rank_layers for index, option in rank if 1 <= index <= NUM_BLOCKS}
+    assert block_options == {FLOAT8_STORED}
+    pins = {"recompute": FLOAT8_STORED}
+    assert result.best.estimate.step_time_s == pytest.approx(brute_force(profile, cluster, pins), rel=2e-4)
+
+
+@pytest.mark.parametrize(
+    "pins, message",
+    [
+        (
+            {"activation_dtype": "float32"},
+            r"activation_dtype=float32 cannot store activations computed in "
+            r"param_dtype=bfloat16",
+        ),
+        ({"activation_dtype": "fp8", "recompute": "full"}, r"it needs recompute='none', not recompute='full'"),
+        (
+            {"matmul_dtype": "float8_e4m3fn"},
+            r"needs float8 tensor cores .* device tiny \(cuda\) multiplies in "
+            r"bfloat16, float32",
+        ),
+        ({"matmul_dtype": "float16"}, r"matmul_dtype=float16: matmuls run in param_dtype=bfloat16 or in float8"),
+    ],
+)
+def test_precision_pins_the_backend_cannot_run_are_refused(pins, message):
+    with pytest.raises(ValueError, match=message):
+        solve(tiny_profile(), tiny_cluster(), Constraints(**pins))
 
 
 def test_infeasible_memory_names_the_smallest_need():

@@ -265,7 +265,7 @@ def _tp_block() -> LayerProfile:
 
 
 def _tp_comm_s(cluster: ClusterSpec, sequence_parallel: bool, recompute: str = "none") -> float:
-    from autoplan.costmodels.pipeline import estimate_layer_cost
+    from autoplan.costmodels.layer import estimate_layer_cost
 
     return estimate_layer_cost(
         _tp_block(),

@@ -77,3 +77,16 @@ def test_show_json_is_the_same_report(big_plan, capsys):
         assert table["title"] in text
         for row in table["rows"]:
             assert row[0] in text and row[-1].split()[0] in text
+
+
+def test_show_lists_precision_choices_with_what_they_save():
+    from autoplan import explain
+    from tests.distributed.equivalence import plan_for
+
+    exact, lossy = plan_for("gpt-tiny", 1), plan_for("gpt-tiny", 1, activation_dtype="float8_e4m3fn")
+    assert "precision:" not in explain(exact)
+    rows = _section(explain(lossy), "precision:")
+    assert len(rows) == 1 and "blocks.0 .. blocks.3 (4)" in rows[0] and "float8_e4m3fn" in rows[0]
+    saved_gb = sum(layer.precision_saved_bytes for layer in lossy.layers) / 1e9
+    assert f"{saved_gb:,.3f} GB" in rows[0] and " ms" in rows[0]
+    assert {layer.activation_dtype for layer in lossy.layers} == {"float32", "float8_e4m3fn"}

@@ -1,0 +1,93 @@
+"""What a solve reports besides its best plan: the runners-up and why each lost, and, when no
+plan fits, the error naming the smallest memory per device any plan would need.
+
+    >>> result = solve(profile, cluster)                         # doctest: +SKIP
+    >>> [r.why for r in result.runners_up]                       # doctest: +SKIP
+    ['slower by 3.1%', 'needs 93.2 GB > 72.0 GB']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autoplan.errors import InfeasibleError
+from autoplan.planner.instance import Instance
+from autoplan.planner.placement import Solution, smallest_memory_plan
+from autoplan.planner.search_space import LayerSplit
+from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.constraints import Constraints
+from autoplan.schema.parallel import ParallelConfig
+from autoplan.schema.profile import ModelProfile
+
+GB = 1e9
+
+
+@dataclass
+class Rejected:
+    """A (mesh, micro-batch) pair that lost, and why."""
+
+    config: ParallelConfig
+    step_time_s: float | None
+    peak_memory_bytes: float | None
+    why: str
+    recompute: str = "-"
+    instance: Instance | None = None
+    """Set when memory ruled the pair out (to say how much it would need)."""
+
+
+def summary_recompute(solution: Solution) -> str:
+    options = sorted({option for entries in solution.rank_layers for _, option in entries})
+    return options[0] if len(options) == 1 else "mixed(" + ",".join(options) + ")"
+
+
+def runners_up(
+    best: Solution,
+    solved: list[Solution],
+    rejected: list[Rejected],
+    constraints: Constraints,
+    cluster: ClusterSpec,
+    limit: int = 5,
+) -> list[Rejected]:
+    """The next fastest distinct configurations, then the memory-infeasible ones."""
+    cap = constraints.max_memory_fraction * cluster.device.memory_bytes
+    out, seen = [], {(best.config.mesh["dp"], best.config.mesh["pp"], best.config.micro_batch_size)}
+    for solution in sorted(solved, key=lambda s: s.estimate.step_time_s):
+        key = (solution.config.mesh["dp"], solution.config.mesh["pp"], solution.config.micro_batch_size)
+        if solution is best or key in seen:
+            continue
+        seen.add(key)
+        slower = solution.estimate.step_time_s / best.estimate.step_time_s - 1
+        out.append(
+            Rejected(
+                solution.config,
+                solution.estimate.step_time_s,
+                solution.estimate.peak_memory_bytes,
+                f"slower by {slower:.1%}",
+                summary_recompute(solution),
+            )
+        )
+    for item in rejected:
+        if item.instance is not None and len(out) < limit:
+            need = smallest_memory_plan(item.instance).estimate.peak_memory_bytes
+            item.why = f"needs {need / GB:.1f} GB > {cap / GB:.1f} GB" if need > cap else item.why
+            item.peak_memory_bytes = need
+            out.append(item)
+    pruned = [item for item in rejected if item.why.startswith("lower bound")]
+    return (out + pruned)[:limit]
+
+
+def infeasible_error(
+    profile: ModelProfile, cluster: ClusterSpec, split: LayerSplit, instances, constraints: Constraints
+) -> InfeasibleError:
+    smallest = min((smallest_memory_plan(inst) for _, inst in instances), key=lambda s: s.estimate.peak_memory_bytes)
+    est = smallest.estimate
+    cap = constraints.max_memory_fraction * cluster.device.memory_bytes
+    rank = max(range(len(est.rank_memory)), key=lambda i: est.rank_memory_bytes[i])
+    terms = ", ".join(f"{k.removesuffix('_bytes')} {v / GB:.2f} GB" for k, v in est.rank_memory[rank].items() if v)
+    c = smallest.config
+    return InfeasibleError(
+        f"no plan fits in memory: the smallest plan needs {est.peak_memory_bytes / GB:.2f} GB per device > "
+        f"{cap / GB:.2f} GB (max_memory_fraction {constraints.max_memory_fraction} x "
+        f"{cluster.device.memory_bytes / GB:.0f} GB); that plan is dp={c.dp} pp={c.pp} tp={c.tp} "
+        f"micro_batch_size={c.micro_batch_size} ZeRO-{c.zero_stage} recompute=full; its worst rank holds {terms}"
+    )
