@@ -1,16 +1,18 @@
-"""The order the techniques go on a module, in one place: tensor parallel, then recompute
-and activation storage, then data parallel (torchtitan's order), each logged as it is applied.
+"""The order the techniques go on a module, in one place: float8 matmuls, tensor parallel,
+then recompute and activation storage, then data parallel (torchtitan's order), each logged
+as it is applied.
 
     >>> apply_techniques(model, plan, mesh)                       # doctest: +SKIP
     >>> apply_techniques(stage, plan, mesh, layers=stage_layers)  # a pipeline stage: its layers only  # doctest: +SKIP
 
-Tensor parallel first: it swaps parameters for DTensors and adds hooks that the checkpointed
-region must replay. Recompute next, so the checkpoint wraps the TP-split layer. Activation
-storage beside it, on the layers that do not recompute (its saved-tensor hooks enclose the
-layer's forward, TP's redistributions included). Data parallel last, because FSDP2 groups
-and shards whatever parameters (plain or TP DTensors) the layers hold at that point. All
-three work in place and keep parameter names, which the pipeline stage then recognises as an
-FSDPModule and drives.
+Float8 first: it swaps Linear modules (torchtitan's converters run before parallelizing),
+and tensor parallelism splits a Float8Linear as any Linear. Tensor parallel next: it swaps
+parameters for DTensors and adds hooks that the checkpointed region must replay. Recompute
+next, so the checkpoint wraps the TP-split layer. Activation storage beside it, on the
+layers that do not recompute (its saved-tensor hooks enclose the layer's forward, TP's
+redistributions included). Data parallel last, because FSDP2 groups and shards whatever
+parameters (plain or TP DTensors) the layers hold at that point. All work in place and keep
+parameter names, which the pipeline stage then recognises as an FSDPModule and drives.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from autoplan.backends.activation_storage import apply_activation_storage
 from autoplan.backends.data_parallel import apply_data_parallel
+from autoplan.backends.float8 import apply_float8_matmuls
 from autoplan.backends.recompute import apply_recompute
 from autoplan.backends.tensor_parallel import apply_tensor_parallel
 from autoplan.schema.plan import Plan
@@ -38,6 +41,9 @@ def apply_techniques(module: nn.Module, plan: Plan, mesh: DeviceMesh, layers: li
     def in_stage(path: str) -> bool:
         return layers is None or any(path == layer or path.startswith(layer + ".") for layer in layers)
 
+    float8 = [layer for layer in plan.matmul_dtype_of() if in_stage(layer)]
+    if float8:
+        logger.info("float8 matmuls on %d Linears of %d layers", len(apply_float8_matmuls(module, float8)), len(float8))
     if plan.mesh["tp"] > 1 or layers is None:
         styles = {path: site for path, site in plan.tp_styles.items() if in_stage(path)}
         divide = {path: value for path, value in plan.tp_divide_attrs.items() if in_stage(path)}

@@ -40,6 +40,13 @@ BACKWARD_ELEMENTWISE_FACTOR = 2.0
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 
+FLOAT8_MATMUL_EFFICIENCY = 0.85
+"""Share of the float8 peak a float8 Linear reaches relative to what a bfloat16 one reaches of
+its peak, the scaling casts (amax and cast of input, weight and output gradient; tensorwise
+dynamic scaling, torchao) included. Fitted to torchtitan's Llama-3-8B FSDP 8xH100 rows
+(6,667 -> 8,532 tokens/s/GPU, tests/data/torchtitan_float8.json) and checked on its 128-GPU
+rows (tests/unit/test_float8.py)."""
+
 
 @dataclass(frozen=True)
 class LayerTime:
@@ -74,6 +81,7 @@ def estimate_layer_time(
     sequence_parallel: bool,
     recompute: str,
     compute_dtype: str,
+    float8_flops_fraction: float = 0.0,
 ) -> LayerTime:
     """Forward, backward and recompute seconds of `layer` for one micro-batch.
 
@@ -97,13 +105,17 @@ def estimate_layer_time(
         fwd_flops = layer.fwd_flops * micro_batch_size * tp_scale
         bwd_flops = layer.bwd_flops * micro_batch_size * tp_scale
         efficiency = matmul_efficiency(max(fwd_flops, 1.0), device)
+        seconds_per_flop = (1 - float8_flops_fraction) / (peak * efficiency)
+        if float8_flops_fraction:
+            float8_peak = device.peak_flops_for("float8_e4m3fn") * FLOAT8_MATMUL_EFFICIENCY
+            seconds_per_flop += float8_flops_fraction / (float8_peak * efficiency)
         share = tp_elementwise_share(layer)
         split = share / tp + (1.0 - share) / (tp if sequence_parallel else 1)
         elementwise_bytes = layer.elementwise_bytes * micro_batch_size * split * DTYPE_BYTES[compute_dtype] / 4
         bandwidth = device.memory_bandwidth_gbps * 1e9 * device.memory_efficiency
         elementwise_fwd_s = elementwise_bytes / bandwidth
-        forward_s = fwd_flops / (peak * efficiency) + elementwise_fwd_s
-        backward_s = bwd_flops / (peak * efficiency) + BACKWARD_ELEMENTWISE_FACTOR * elementwise_fwd_s
+        forward_s = fwd_flops * seconds_per_flop + elementwise_fwd_s
+        backward_s = bwd_flops * seconds_per_flop + BACKWARD_ELEMENTWISE_FACTOR * elementwise_fwd_s
     if recompute == "full":
         recompute_s = forward_s
     elif recompute == "selective":
@@ -111,6 +123,19 @@ def estimate_layer_time(
     else:
         recompute_s = 0.0
     return LayerTime(forward_s, backward_s, recompute_s)
+
+
+def linear_flops_fraction(layer: LayerProfile, seq_len: int) -> float:
+    """Share of `layer`'s forward FLOPs in its Linear layers: 2 per weight and token (a
+    repeated block's parameters are its Linears' weights, but for norms and biases); the rest
+    (attention's score and value products) stays in the compute dtype under float8 training.
+
+    >>> layer = LayerProfile(name="b", signature="s", param_count=1000, fwd_flops=4e6, bwd_flops=8e6,
+    ...                      saved_bytes={}, output_bytes=0)
+    >>> linear_flops_fraction(layer, seq_len=1000)    # 2 * 1000 * 1000 / 4e6
+    0.5
+    """
+    return min(1.0, 2 * seq_len * layer.param_count / layer.fwd_flops) if layer.fwd_flops else 0.0
 
 
 def estimate_storage_cast_s(

@@ -25,10 +25,15 @@ from autoplan.costmodels.communication import (
     flat_levels,
     group_levels,
 )
-from autoplan.costmodels.compute import DTYPE_BYTES, estimate_layer_time, estimate_storage_cast_s
+from autoplan.costmodels.compute import (
+    DTYPE_BYTES,
+    estimate_layer_time,
+    estimate_storage_cast_s,
+    linear_flops_fraction,
+)
 from autoplan.costmodels.memory import estimate_activation_bytes, local_param_count
 from autoplan.schema.cluster import ClusterSpec
-from autoplan.schema.constraints import split_layer_option
+from autoplan.schema.constraints import FLOAT8, split_layer_option
 from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.plan import INPUT_STYLES
 from autoplan.schema.profile import LayerProfile
@@ -68,8 +73,11 @@ def config_layer_cost(
     cluster: ClusterSpec,
     config: ParallelConfig,
     sequence_parallel: bool | None = None,
+    *,
+    seq_len: int,
 ) -> LayerCost:
-    """`estimate_layer_cost` under `config` (its sequence parallelism unless `sequence_parallel` is given)."""
+    """`estimate_layer_cost` under `config` (its sequence parallelism unless `sequence_parallel`
+    is given) for sequences of `seq_len` tokens (the profile's)."""
     return estimate_layer_cost(
         layer,
         recompute,
@@ -80,6 +88,7 @@ def config_layer_cost(
         sequence_parallel=config.sequence_parallel if sequence_parallel is None else sequence_parallel,
         param_dtype=config.param_dtype,
         grad_reduce_dtype=config.grad_reduce_dtype,
+        seq_len=seq_len,
     )
 
 
@@ -94,11 +103,14 @@ def estimate_layer_cost(
     sequence_parallel: bool,
     param_dtype: str,
     grad_reduce_dtype: str,
+    seq_len: int = 0,
 ) -> LayerCost:
     """Per-micro-batch cost terms of `layer` (see module docstring) under `recompute`, a
     `layer_option`: with activations stored narrower than `param_dtype`, they take that
-    share of the bytes and pay the casts (`estimate_storage_cast_s`)."""
-    recompute, storage = split_layer_option(recompute)
+    share of the bytes and pay the casts (`estimate_storage_cast_s`); with float8 matmuls its
+    Linears' share of the FLOPs (`linear_flops_fraction`, sequences of `seq_len` tokens) runs
+    at the float8 rate."""
+    recompute, storage, matmul = split_layer_option(recompute)
     times = estimate_layer_time(
         layer,
         cluster.device,
@@ -107,6 +119,7 @@ def estimate_layer_cost(
         sequence_parallel=sequence_parallel,
         recompute=recompute,
         compute_dtype=param_dtype,
+        float8_flops_fraction=linear_flops_fraction(layer, seq_len) if matmul == FLOAT8 else 0.0,
     )
     act_scale = micro_batch_size * DTYPE_BYTES[param_dtype] / 4
     tp_levels = group_levels(cluster, tp, 1)

@@ -247,7 +247,10 @@ def _rank_estimate(
     """One pipeline rank of `estimate_step`: its time for one micro-batch (incl. exposed ZeRO-3
     comm), its (exposed DP sync, optimizer step) seconds, its tp/recompute/ZeRO-3 terms and its
     memory terms."""
-    costs = [config_layer_cost(profile.layers[index], option, cluster, config) for index, option in entries]
+    costs = [
+        config_layer_cost(profile.layers[index], option, cluster, config, seq_len=profile.seq_len)
+        for index, option in entries
+    ]
     busy_s = sum(cost.time_s for cost in costs)
     zero3_s = exposed_s(sum(c.zero3_comm_s for c in costs), busy_s, penalty) if config.zero_stage == 3 else 0.0
     local_params = sum(cost.local_params for cost in costs)

@@ -29,7 +29,7 @@ from autoplan.errors import AutoplanError
 from autoplan.planner.precision import PrecisionChoices
 from autoplan.planner.search_space import LayerSplit, can_sequence_parallel, schedule_options
 from autoplan.schema.cluster import ClusterSpec
-from autoplan.schema.constraints import RECOMPUTE_OPTIONS, Constraints, layer_option
+from autoplan.schema.constraints import FLOAT8, RECOMPUTE_OPTIONS, Constraints, layer_option, split_layer_option
 from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.profile import ModelProfile
 
@@ -54,6 +54,8 @@ class Instance:
     """Pinned option of the repeated blocks (a recompute pin, or a pinned activation storage)."""
     storage_dtypes: tuple[str, ...] = ()
     """Narrower dtypes the blocks may store activations in, as alternatives to recompute "none"."""
+    matmul_dtype: str | None = None
+    """The blocks' Linears multiply in this dtype (float8_e4m3fn) rather than param_dtype."""
     zero_bounds_s: dict[int, float] = field(default_factory=dict)
     """Lower bound on the step time per ZeRO stage (filled by `lower_bound_s`)."""
 
@@ -68,10 +70,12 @@ class Instance:
     def block_options(self) -> list[str]:
         """The options of a repeated block: the recompute options and, beside "none", storing
         its activations in each of `storage_dtypes`."""
-        if self.block_option:
-            return [self.block_option]
-        stored = [layer_option("none", dtype) for dtype in self.storage_dtypes] if "none" in self.options else []
-        return self.options + stored
+        options = [self.block_option] if self.block_option else list(self.options)
+        if "none" in options:  # a recompute pin "none" leaves the storage choice free
+            options += [layer_option("none", dtype) for dtype in self.storage_dtypes]
+        if self.matmul_dtype is None:
+            return options
+        return [layer_option(*split_layer_option(option)[:2], self.matmul_dtype) for option in options]
 
     def config(self, schedule: tuple[str, int], zero: int, sp: bool) -> ParallelConfig:
         return self.base.replace(
@@ -126,11 +130,26 @@ def build_instance(
         block_option,
         precision.storage_dtypes,
     )
+    if precision.matmul_dtypes and (precision.matmul_pinned or _float8_is_faster(profile, cluster, split, base)):
+        inst.matmul_dtype = precision.matmul_dtypes[0]
     for index in list(split.prefix) + [split.blocks[0]] + list(split.suffix):
         layer_options = list(dict.fromkeys(options + inst.block_options())) if index == split.blocks[0] else options
         for option, sp in itertools.product(layer_options, sps):
-            inst.costs[index, option, sp] = config_layer_cost(profile.layers[index], option, cluster, base, sp)
+            inst.costs[index, option, sp] = config_layer_cost(
+                profile.layers[index], option, cluster, base, sp, seq_len=profile.seq_len
+            )
     return inst
+
+
+def _float8_is_faster(profile: ModelProfile, cluster: ClusterSpec, split: LayerSplit, base: ParallelConfig) -> bool:
+    """Whether a block runs faster with float8 matmuls (their casts included). They change no
+    memory term, so where they are faster they dominate and the MILP need not offer both."""
+    block = profile.layers[split.blocks[0]]
+    float8, exact = (
+        config_layer_cost(block, option, cluster, base, seq_len=profile.seq_len).time_s
+        for option in (layer_option("none", None, FLOAT8), "none")
+    )
+    return float8 < exact
 
 
 def lower_bound_s(inst: Instance) -> float:

@@ -43,7 +43,7 @@ def place_layers(
 
 def placement_order(option: str) -> tuple[int, str]:
     """Fuller recompute first, then "none", then "none" with activations stored narrower."""
-    recompute, storage = split_layer_option(option)
+    recompute, storage, _ = split_layer_option(option)
     return ("full", "selective", "none").index(recompute), storage or ""
 
 
@@ -65,7 +65,7 @@ def heuristic_solution(inst: Instance, combos: list[Combo]) -> Solution | None:
     for c in combos:
         options = sorted(inst.block_options(), key=lambda o: inst.costs[block, o, c.sp].time_s)
         for option in options:
-            recompute = split_layer_option(option)[0]
+            recompute = split_layer_option(option).recompute
             fixed = {
                 j: recompute if recompute in inst.options else inst.options[-1]
                 for j in inst.split.prefix + inst.split.suffix

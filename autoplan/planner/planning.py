@@ -160,15 +160,19 @@ def _plan_stages(
         stage_time = 0.0
         for layer_index, option in entries:
             layer = profile.layers[layer_index]
-            cost = config_layer_cost(layer, option, cluster, config)
+            cost = config_layer_cost(layer, option, cluster, config, seq_len=profile.seq_len)
             stage_time += cost.time_s
-            recompute, storage = split_layer_option(option)
-            exact = config_layer_cost(layer, recompute, cluster, config) if storage else cost
+            recompute, storage, matmul = split_layer_option(option)
+            exact = (
+                config_layer_cost(layer, recompute, cluster, config, seq_len=profile.seq_len)
+                if storage or matmul
+                else cost
+            )
             layer_choices[layer_index] = LayerChoice(
                 name=layer.name,
                 recompute=cast(Recompute, recompute),
                 activation_dtype=storage or config.param_dtype,
-                matmul_dtype=config.param_dtype,
+                matmul_dtype=matmul or config.param_dtype,
                 precision_saved_bytes=exact.activation_bytes - cost.activation_bytes,
                 precision_saved_s=exact.time_s - cost.time_s,
                 stage=index,

@@ -164,7 +164,7 @@ class Milp:
         cont = lambda name: var(name, lowBound=0)  # noqa: E731
         self.X = {(i, c): cont(f"X_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero == 3}
         self.E = {(i, c): cont(f"E_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero != 3}
-        stored = [o for o in inst.block_options() if split_layer_option(o)[1]]
+        stored = [o for o in inst.block_options() if split_layer_option(o).storage]
         self.z = {
             (i, o, c): var(f"z_{i}_{o}_{c.name}", cat="Binary") for i in range(p) for o in stored for c in self.combos
         }

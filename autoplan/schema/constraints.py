@@ -10,13 +10,15 @@
 A layer's option in the planner is its recompute choice, with the dtype its saved activations
 are stored in when that is lossier than the compute dtype (`layer_option`):
 
->>> layer_option("none", "float8_e4m3fn"), split_layer_option("none@float8_e4m3fn")
-('none@float8_e4m3fn', ('none', 'float8_e4m3fn'))
+>>> layer_option("none", "float8_e4m3fn"), split_layer_option("none@float8_e4m3fn").storage
+('none@float8_e4m3fn', 'float8_e4m3fn')
+>>> split_layer_option(layer_option("full", matmul_dtype="float8_e4m3fn"))
+LayerOption(recompute='full', storage=None, matmul='float8_e4m3fn')
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -32,6 +34,7 @@ FLOAT8 = "float8_e4m3fn"
 LOSSY_DTYPES: tuple[str, ...] = (*DTYPES, FLOAT8)
 """Dtypes activations may be stored in and matmuls may run in."""
 STORAGE_SEPARATOR = "@"
+MATMUL_SEPARATOR = "/"
 
 
 def dtype_name(value: object, allowed: tuple[str, ...] = DTYPES) -> str:
@@ -53,16 +56,27 @@ def dtype_name(value: object, allowed: tuple[str, ...] = DTYPES) -> str:
     return name
 
 
-def layer_option(recompute: str, activation_dtype: str | None = None) -> str:
-    """The planner's name for a layer's choice: "none", or "none@float8_e4m3fn" (activations
-    stored in float8 for backward)."""
-    return recompute if activation_dtype is None else f"{recompute}{STORAGE_SEPARATOR}{activation_dtype}"
+class LayerOption(NamedTuple):
+    """A layer's choice in the planner: recompute, and the dtypes it stores activations and
+    multiplies in where they differ from the compute dtype (None: the compute dtype)."""
+
+    recompute: str
+    storage: str | None = None
+    matmul: str | None = None
 
 
-def split_layer_option(option: str) -> tuple[str, str | None]:
-    """(recompute, storage dtype or None: the compute dtype) of a `layer_option`."""
-    recompute, _, dtype = option.partition(STORAGE_SEPARATOR)
-    return recompute, dtype or None
+def layer_option(recompute: str, activation_dtype: str | None = None, matmul_dtype: str | None = None) -> str:
+    """The planner's name for a layer's choice: "none", "none@float8_e4m3fn" (activations
+    stored in float8 for backward), "full/float8_e4m3fn" (Linears multiply in float8)."""
+    stored = recompute if activation_dtype is None else f"{recompute}{STORAGE_SEPARATOR}{activation_dtype}"
+    return stored if matmul_dtype is None else f"{stored}{MATMUL_SEPARATOR}{matmul_dtype}"
+
+
+def split_layer_option(option: str) -> LayerOption:
+    """The LayerOption a `layer_option` name stands for."""
+    stored, _, matmul = option.partition(MATMUL_SEPARATOR)
+    recompute, _, dtype = stored.partition(STORAGE_SEPARATOR)
+    return LayerOption(recompute, dtype or None, matmul or None)
 
 
 class Constraints(BaseModel):

@@ -333,3 +333,21 @@ def test_infeasible_memory_names_the_smallest_need():
     with pytest.raises(ValueError, match=r"smallest plan needs [0-9.]+ GB per device > 0.09 GB") as error:
         solve(tiny_profile(), tiny_cluster(memory_bytes=100_000_000))
     assert "optimizer_states" in str(error.value)
+
+
+def test_float8_matmuls_equal_brute_force_where_the_device_has_them():
+    """On a device with float8 tensor cores the blocks' Linears multiply in float8 when that is
+    faster (it changes no memory, so it dominates); the optimum equals brute force over the
+    float8 variants of every block option and beats brute force over the exact ones."""
+    data = tiny_cluster(memory_bytes=2_500_000_000, memory_bandwidth_gbps=2000.0).model_dump()
+    data["device"]["peak_flops"]["float8_e4m3fn"] = 8e12
+    profile, cluster = tiny_profile(selective_bytes=3.5e8), ClusterSpec.model_validate(data)
+    result = solve(profile, cluster, Constraints(allow_lossy=True))
+    blocks = {option for rank in result.best.rank_layers for index, option in rank if 1 <= index <= NUM_BLOCKS}
+    assert all(option.endswith("/float8_e4m3fn") for option in blocks)
+    ends = {option for rank in result.best.rank_layers for index, option in rank if index in (0, NUM_BLOCKS + 1)}
+    assert not any("float8" in option for option in ends)
+    options = (*OPTIONS, FLOAT8_STORED)
+    brute = brute_force(profile, cluster, block_options=tuple(f"{o}/float8_e4m3fn" for o in options))
+    assert result.best.estimate.step_time_s == pytest.approx(brute, rel=2e-4)
+    assert brute < brute_force(profile, cluster, block_options=options)
