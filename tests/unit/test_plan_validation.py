@@ -134,3 +134,21 @@ def test_zero_with_one_data_parallel_rank_is_refused_not_renamed():
         job.module, autoplan.ClusterSpec.local(4), job.example_inputs, constraints=autoplan.Constraints(zero_stage=3)
     )
     assert plan.mesh["dp"] > 1
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"activation_dtype": "int8"}, "activation_dtype 'int8' is not one of"),
+        (
+            {"activation_dtype": "float8_e4m3fn", "recompute": "full"},
+            "narrower storage runs only with recompute 'none'",
+        ),
+        ({"matmul_dtype": "float16"}, "matmul_dtype 'float16': matmuls run in param_dtype or float8_e4m3fn"),
+    ],
+)
+def test_a_layer_dtype_no_backend_runs_is_refused(valid, changes, words):
+    data = json.loads(json.dumps(valid))
+    data["layers"][4].update(changes)
+    with pytest.raises(ValueError, match=words):
+        Plan.model_validate(data)
