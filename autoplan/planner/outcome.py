@@ -72,7 +72,12 @@ def runners_up(
             item.why = f"needs {need / GB:.1f} GB > {cap / GB:.1f} GB" if need > cap else item.why
             item.peak_memory_bytes = need
             out.append(item)
-    pruned = [item for item in rejected if item.why.startswith("lower bound")]
+    pruned = []  # one per (dp, pp, micro-batch) not shown yet: the other parameter dtype's is no news
+    for item in rejected:
+        key = (item.config.mesh["dp"], item.config.mesh["pp"], item.config.micro_batch_size)
+        if item.why.startswith("lower bound") and key not in seen:
+            seen.add(key)
+            pruned.append(item)
     return (out + pruned)[:limit]
 
 

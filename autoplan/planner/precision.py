@@ -6,8 +6,9 @@ activations and multiplies in, from the cluster and the Constraints.
     >>> choices.param_dtype, choices.storage_dtypes, choices.matmul_dtypes
     ('bfloat16', ('float8_e4m3fn',), ('float8_e4m3fn',))
 
-Exact by default (`Constraints.allow_lossy=False`): parameters compute in bfloat16 on GPUs
-and float32 on CPUs, gradients are reduced in the parameters' dtype, activations are stored
+Exact by default (`Constraints.allow_lossy=False`): parameters compute in bfloat16 (float32
+master weights) or float32 on GPUs, searched (`param_dtype_options`), float32 on CPUs (and
+bfloat16 with `allow_lossy`), gradients are reduced in the parameters' dtype, activations are stored
 in it and matmuls run in it. With `allow_lossy=True`:
   - gradients are reduced in bfloat16: the same plan moves half the bytes and holds smaller
     buffers, so it dominates float32 reduction and is chosen without a search;
@@ -60,9 +61,27 @@ def has_float8(cluster: ClusterSpec) -> bool:
     return cluster.device.kind == "cuda" and FLOAT8 in cluster.device.peak_flops
 
 
-def precision_choices(cluster: ClusterSpec, constraints: Constraints) -> PrecisionChoices:
-    """The dtypes of a solve (module docstring); a pinned dtype no backend can run raises."""
-    param = constraints.param_dtype or ("bfloat16" if cluster.device.kind == "cuda" else "float32")
+def param_dtype_options(cluster: ClusterSpec, constraints: Constraints, measured: bool = False) -> list[str]:
+    """The parameter dtypes a solve searches, the default first: a pin; else on GPUs bfloat16
+    (mixed precision) and float32 (exact, 16 bytes of states a parameter instead of 18, but
+    float32 matmuls and activations); on CPUs float32, and bfloat16 with `allow_lossy`.
+    A profile with measured layer times (`measured`: taken in one dtype) keeps the default.
+
+    >>> from autoplan.schema.cluster import ClusterSpec
+    >>> param_dtype_options(ClusterSpec.local(2), Constraints(allow_lossy=True))
+    ['float32', 'bfloat16']
+    """
+    if constraints.param_dtype is not None:
+        return [constraints.param_dtype]
+    if cluster.device.kind == "cuda":
+        return ["bfloat16"] if measured else ["bfloat16", "float32"]
+    return ["float32", "bfloat16"] if constraints.allow_lossy and not measured else ["float32"]
+
+
+def precision_choices(cluster: ClusterSpec, constraints: Constraints, param: str | None = None) -> PrecisionChoices:
+    """The dtypes of a solve with parameters in `param` (default: the first of
+    `param_dtype_options`; module docstring); a pinned dtype no backend can run raises."""
+    param = param or param_dtype_options(cluster, constraints)[0]
     lossy = constraints.allow_lossy
     grad = constraints.grad_reduce_dtype or ("bfloat16" if lossy and param == "float32" else param)
     storage, storage_pinned = _storage_choices(constraints, param)

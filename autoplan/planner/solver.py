@@ -82,7 +82,7 @@ from autoplan.errors import AutoplanError
 from autoplan.planner.instance import Combo, Instance, build_instance, combinations, lower_bound_s
 from autoplan.planner.outcome import Rejected, infeasible_error, runners_up
 from autoplan.planner.placement import Solution, heuristic_solution, place_layers
-from autoplan.planner.precision import precision_choices
+from autoplan.planner.precision import param_dtype_options, precision_choices
 from autoplan.planner.search_space import (
     can_sequence_parallel,
     enumerate_meshes,
@@ -368,15 +368,18 @@ def solve(profile: ModelProfile, cluster: ClusterSpec, constraints: Constraints 
     if constraints.sequence_parallel and not can_sequence_parallel(profile):
         blocker = profile.sequence_parallel_blocker or "no tensor-parallel region to split along the sequence"
         raise AutoplanError(f"sequence_parallel=True cannot run on {profile.model_name}: {blocker}")
-    precision = precision_choices(cluster, constraints)
+    measured = any(layer.measured_fwd_s is not None for layer in profile.layers)
+    dtypes = param_dtype_options(cluster, constraints, measured)
+    precisions = [precision_choices(cluster, constraints, dtype) for dtype in dtypes]
     split = split_layers(profile)
     meshes = enumerate_meshes(profile, cluster, constraints, split.num_cuttable_blocks, split.cut_blocker)
     instances = []
     for mesh in meshes:
         for b in micro_batch_sizes(profile.global_batch_size, mesh[0], constraints.micro_batch_size):
-            inst = build_instance(profile, cluster, split, mesh, b, constraints, precision)
-            if inst is not None:
-                instances.append((lower_bound_s(inst), inst))
+            for precision in precisions:
+                inst = build_instance(profile, cluster, split, mesh, b, constraints, precision)
+                if inst is not None:
+                    instances.append((lower_bound_s(inst), inst))
     if not instances:
         raise AutoplanError(
             f"no (mesh, micro-batch size) divides global batch {profile.global_batch_size} "
