@@ -61,7 +61,18 @@ def init_process_group_from_env(device_kind: str) -> None:
         check_devices(device_kind, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
-    dist.init_process_group(backend, timeout=timeout)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    # A restarted job (torch's elastic agent): the launcher's store can still hold the previous
+    # attempt's keys, and a rank reading a dead peer's address fails ("connection refused", seen
+    # on a loaded machine). Each attempt keeps its keys under a prefix of its own.
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"autoplan/attempt_{restart}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def _agree_on_plan(make_plan: Callable[[], Plan]) -> Plan:
