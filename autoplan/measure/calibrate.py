@@ -15,10 +15,11 @@ What is measured, and how it becomes cost-model constants:
 
 * Matmul throughput per dtype, `C = A @ B` of square n x n matrices for growing n (F = 2 n^3
   FLOP each). The cost model prices F FLOPs at `peak_flops[dtype] * matmul_efficiency *
-  F / (F + device.matmul_half_efficiency_flops)` (costmodels/compute.py). Calibration takes the
-  large-matmul point (n, achieved) (the largest size measured) and solves for
-  the saturated rate `R[dtype] = achieved / (F / (F + device.matmul_half_efficiency_flops))` through
-  that same function, so the cost model reproduces the measured rate at that size; then
+  F / (F + device.matmul_half_efficiency_flops)` (costmodels/compute.py). Calibration solves
+  each measured point (n, achieved) for the saturated rate
+  `R[dtype] = achieved / (F / (F + device.matmul_half_efficiency_flops))` through that same
+  function and keeps the median over the sizes on CPU ranks (one size slowed by another
+  process or past the caches moves it by nothing), the largest size's on a GPU; then
   `matmul_efficiency = min(1, R[float32] / preset peak_flops[float32])` and
   `peak_flops[dtype] = R[dtype] / matmul_efficiency` for every measured dtype. The float32
   peak keeps its datasheet value unless the machine beats it, so MFU stays relative to
@@ -58,6 +59,15 @@ What is measured, and how it becomes cost-model constants:
   `device.tp_dispatch_overhead_us`, the host time DTensor adds per tensor-parallel site.
   Then an AdamW step over 32 parameters sharded as DTensors against one over plain tensors
   of their local size: the difference per tensor is `device.dtensor_param_step_us`.
+
+Sanity bounds (`autoplan.measure.calibration.RELATIVE_BOUNDS`): a measured quantity far
+outside what its preset could plausibly be off by (4x for a rate, a slowdown below N / C or
+above 1.5 N / C for N ranks on C cores, a per-call overhead longer than the probe's compute
+between two calls) says more about whatever else ran than about the machine: `apply` keeps
+the preset's value for it and `Calibration.kept_preset` (the table, `autoplan calibrate`'s
+warnings) says which and why. The CPU time other processes used meanwhile is measured from
+/proc/stat (`Calibration.background_cores`); more than BUSY_MACHINE_CORES warns that the
+result describes a loaded machine.
 
 The links measured are the ones between the `nproc` ranks of this machine: `intra_node`.
 For the `local` preset (one machine) `inter_node` gets the same figures; for a multi-node
@@ -149,8 +159,9 @@ def measure(
     if not matmul_sizes or not message_bytes:
         raise ValueError("matmul_sizes and message_bytes must not be empty")
     dtypes = ["float32", *sorted(set(cluster.device.peak_flops) - {"float32"})]
-    started = time.perf_counter()
+    started, busy_before, parent_before = time.perf_counter(), _busy_cpu_s(), time.process_time()
     per_rank = _run_on_ranks(nproc, device, dtypes, tuple(matmul_sizes), tuple(message_bytes), progress)
+    busy_after, wall_s = _busy_cpu_s(), time.perf_counter() - started
     alone = device == "cpu" and nproc > 1
     result = Calibration(device=device, nproc=nproc, matmul_flops={}, elementwise_gbps=0.0, rates_alone=alone)
     timed = per_rank[:1] if alone else per_rank
@@ -163,17 +174,34 @@ def measure(
     result.elementwise_gbps = statistics.median(rank["elementwise_gbps"] for rank in timed)
     result.adam_seconds_per_param = statistics.median(rank["adam_s_per_param"] for rank in per_rank)
     if per_rank[0].get("sharing") is not None:
-        alone_s, busy_s, extra_s = per_rank[0]["sharing"]
+        alone_s, busy_s, extra_s, round_s = per_rank[0]["sharing"]
         result.shared_core_slowdown = busy_s / alone_s
         result.loaded_extra_us = extra_s * 1e6
+        result.loaded_round_us = round_s * 1e6
         result.tp_dispatch_s, result.dtensor_param_step_s = per_rank[0]["dtensor_s"]
         result.loaded_p2p_extra_us = per_rank[0]["p2p_extra_s"] * 1e6
     if nproc > 1:
         timings = per_rank[0]["collectives"]  # already the max over ranks
         result.collectives = {name: fit_collectives({name: points}, nproc, name) for name, points in timings.items()}
         result.link = fit_collectives(timings, nproc, "link (all collectives)")
-    result.wall_s = time.perf_counter() - started
+    result.wall_s = wall_s
+    if busy_before is not None and busy_after is not None:
+        ours = sum(rank["cpu_s"] for rank in per_rank) + time.process_time() - parent_before
+        result.background_cores = max(0.0, (busy_after - busy_before - ours) / wall_s)
     return result
+
+
+def _busy_cpu_s() -> float | None:
+    """Seconds of CPU time this machine's cores have spent busy since boot (/proc/stat), None
+    where it cannot be read."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [float(x) for x in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return (sum(fields[:8]) - idle) / ticks
 
 
 # ------------------------------------------------------------------ the spawned ranks
@@ -293,6 +321,7 @@ def _rank_main(
                 for size in message_bytes:
                     result["collectives"][name].append(_time_collective(timer, name, size, nproc, rank))
                     report(f"{name} {size} B")
+        result["cpu_s"] = time.process_time()
         queue.put((rank, "ok", result))
     except BaseException as error:  # reported to the parent as one line
         queue.put((rank, "error", f"{type(error).__name__}: {error}"))

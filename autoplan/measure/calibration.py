@@ -11,6 +11,7 @@ Kept apart from the measuring: a Calibration is plain data plus arithmetic, so t
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,49 @@ import torch
 from autoplan.schema.cluster import ClusterSpec
 
 COLLECTIVES: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+
+CONSTANT_GROUPS: dict[str, tuple[str, ...]] = {
+    "matmul rate": ("device.peak_flops", "device.matmul_efficiency"),
+    "elementwise bandwidth": ("device.memory_bandwidth_gbps", "device.memory_efficiency"),
+    "AdamW traffic": ("device.adam_bytes_per_param",),
+    "shared-core slowdown": ("device.shared_core_slowdown",),
+    "DTensor dispatch": ("device.tp_dispatch_overhead_us",),
+    "DTensor optimizer step": ("device.dtensor_param_step_us",),
+    "link bandwidth": ("intra_node.bandwidth_gbps", "inter_node.bandwidth_gbps"),
+    "link latency": ("intra_node.latency_us", "inter_node.latency_us"),
+    "collective overhead": ("intra_node.collective_overhead_us", "inter_node.collective_overhead_us"),
+    "pipeline send overhead": ("intra_node.p2p_overhead_us", "inter_node.p2p_overhead_us"),
+}
+"""The physical quantities calibration measures, each with the ClusterSpec fields it writes
+(`costmodels.devices.CALIBRATED_CONSTANTS` lists the fields with their preset sources). A
+quantity is kept or reset as a whole: peak FLOP/s and matmul efficiency only mean something
+as their product, the rate a matmul reaches."""
+
+RELATIVE_BOUNDS: dict[str, tuple[float, float]] = {
+    "matmul rate": (0.25, 4.0),
+    "elementwise bandwidth": (0.25, 8.0),
+    "AdamW traffic": (0.25, 4.0),
+    "shared-core slowdown": (0.9, 1.5),
+    "DTensor dispatch": (0.25, 4.0),
+    "DTensor optimizer step": (0.25, 4.0),
+    "link bandwidth": (0.1, 10.0),
+    "link latency": (0.0, 40.0),
+}
+"""Sanity bounds of a measured quantity (`quantity_value`) as multiples of the preset's:
+outside them the measurement says more about what else ran on the machine than about the
+machine, and `Calibration.apply` keeps the preset's value (saying so). They are wide on
+purpose, far beyond the scatter of repeated calibrations, so they catch only a broken
+measurement: a datasheet or core-count guess is rarely off by 4x, and the shared-core
+slowdown of N ranks on C cores cannot be below N / C (every rank computing) nor, with
+nothing else running, much above it (1.5x: the ranks also share the caches and memory
+bus). A preset value of 0 (GPU presets: no host overheads) bounds nothing. The per-call
+overheads under load have no preset to compare with; they are bounded by the probe's
+compute between two calls (`Calibration.loaded_round_us`): a rank cannot wait longer for
+its peers than their work between the calls takes, unless other processes hold the cores."""
+
+BUSY_MACHINE_CORES = 0.25
+"""Cores other processes may use while calibrating before the result warns that it describes
+a loaded machine (`Calibration.background_cores`)."""
 
 
 @dataclass
@@ -61,11 +105,32 @@ class Calibration:
     """Host seconds DTensor adds per tensor-parallel site and micro-batch (CPU, several ranks)."""
     dtensor_param_step_s: float | None = None
     """Host seconds an AdamW step adds per DTensor parameter (CPU, several ranks)."""
+    loaded_round_us: float | None = None
+    """One round of the loaded-overhead probes without their collective: the compute between
+    two calls, all ranks busy (bounds the per-call overheads, RELATIVE_BOUNDS)."""
+    background_cores: float | None = None
+    """Cores other processes kept busy while this ran (None where /proc/stat is unreadable)."""
     wall_s: float = 0.0
+    kept_preset: dict[str, str] = field(default_factory=dict)
+    """Quantity (CONSTANT_GROUPS) -> why its measurement was implausible and the preset kept;
+    filled by `apply`."""
 
     def large_matmul_flops(self, dtype: str) -> tuple[int, float]:
         """(n, FLOP/s) of the largest size measured for `dtype`."""
         return self.matmul_flops[dtype][-1]
+
+    def saturated_flops(self, dtype: str, device) -> float:
+        """The saturated rate of the cost model's curve `A * F / (F + H)` (H: `device`'s
+        matmul_half_efficiency_flops) that reproduces the measurements. On a GPU: solved at
+        the largest size (CUDA events time the device alone). On CPU ranks, whose timings a
+        scheduler interrupts: solved at each size measured, the median of those, so one
+        size's timing disturbed by another process (or a size past the caches) moves it by
+        nothing."""
+        from autoplan.costmodels.compute import matmul_efficiency
+
+        unit = device.model_copy(update={"matmul_efficiency": 1.0})
+        points = self.matmul_flops[dtype] if self.device == "cpu" else self.matmul_flops[dtype][-1:]
+        return statistics.median(achieved / matmul_efficiency(2 * n**3, unit) for n, achieved in points)
 
     def half_efficiency_flops(self, dtype: str = "float32") -> float:
         """FLOPs per matmul at which this device reaches half its large-matmul rate, fitted
@@ -80,23 +145,34 @@ class Calibration:
 
     def apply(self, cluster: ClusterSpec) -> ClusterSpec:
         """A copy of `cluster` carrying these measurements, `calibrated=True` (the rules are in
-        `autoplan.measure.calibrate`'s docstring)."""
+        `autoplan.measure.calibrate`'s docstring). A quantity whose measurement falls outside
+        its sanity bounds (RELATIVE_BOUNDS) keeps `cluster`'s value; `kept_preset` says which and why."""
+        # the slowdown first: the rates timed alone are divided by it
+        slowdown, reasons = max(1.0, self.shared_core_slowdown), {}
+        low, high = RELATIVE_BOUNDS["shared-core slowdown"]
+        reference = cluster.device.shared_core_slowdown
+        if not low * reference <= slowdown <= high * reference:
+            reasons["shared-core slowdown"] = (
+                f"measured {slowdown:.3g}, outside {low:g}-{high:g} x the preset's {reference:.3g}"
+            )
+            slowdown = reference
+        measured = self._measured(cluster, slowdown)
+        self.kept_preset = {**reasons, **implausible(measured, cluster, self.loaded_round_us)}
+        return reset_quantities(measured, cluster, self.kept_preset)
+
+    def _measured(self, cluster: ClusterSpec, slowdown: float) -> ClusterSpec:
+        """`cluster` with every measured figure written (`slowdown` for shared_core_slowdown),
+        before the sanity bounds."""
         from autoplan.costmodels.communication import LINK_EFFICIENCY
-        from autoplan.costmodels.compute import matmul_efficiency
 
         data = cluster.model_dump()
         device = data["device"]
         # The cost model's rate for an F-FLOP matmul is peak * matmul_efficiency(F), a curve
         # that saturates at device.matmul_efficiency; solve for the saturated rate that
-        # gives the measured rate at the measured size.
-        saturated = {}
-        share = self.shared_core_slowdown if self.rates_alone else 1.0
+        # gives the measured rates at the measured sizes.
+        share = slowdown if self.rates_alone else 1.0
         elementwise_gbps = self.elementwise_gbps / share
-        for dtype in self.matmul_flops:
-            n, achieved = self.large_matmul_flops(dtype)
-            achieved /= share
-            unit = cluster.device.model_copy(update={"matmul_efficiency": 1.0})
-            saturated[dtype] = achieved / matmul_efficiency(2 * n**3, unit)
+        saturated = {dtype: self.saturated_flops(dtype, cluster.device) / share for dtype in self.matmul_flops}
         efficiency = min(1.0, saturated["float32"] / device["peak_flops"]["float32"])
         device["matmul_efficiency"] = efficiency
         device["peak_flops"] = {
@@ -123,7 +199,7 @@ class Calibration:
             device["tp_dispatch_overhead_us"] = self.tp_dispatch_s * 1e6
         if self.dtensor_param_step_s is not None:
             device["dtensor_param_step_us"] = self.dtensor_param_step_s * 1e6
-        device["shared_core_slowdown"] = max(1.0, self.shared_core_slowdown)
+        device["shared_core_slowdown"] = slowdown
         data["calibrated"] = True
         return ClusterSpec.model_validate(data)
 
@@ -172,7 +248,22 @@ class Calibration:
             table.add_row(
                 f"{fit.name}: latency us / bandwidth GB/s", f"{fit.latency_us:.3g} / {fit.bandwidth_gbps:.3g}"
             )
+        if self.background_cores is not None:
+            table.add_row("cores other processes kept busy meanwhile", f"{self.background_cores:.2f}")
+        for quantity, why in self.kept_preset.items():
+            table.add_row(f"{quantity}: preset kept", why)
         return table
+
+    def warnings(self) -> list[str]:
+        """What the person calibrating should know: a loaded machine, preset values kept."""
+        lines = []
+        if self.background_cores is not None and self.background_cores > BUSY_MACHINE_CORES:
+            lines.append(
+                f"other processes kept {self.background_cores:.2f} cores busy while calibrating: the "
+                "rates and per-call costs describe a loaded machine; calibrate again when it is idle"
+            )
+        lines += [f"{quantity}: {why}; the preset's value is kept" for quantity, why in self.kept_preset.items()]
+        return lines
 
 
 def ring_terms(name: str, nproc: int) -> tuple[int, float]:
@@ -223,3 +314,49 @@ def fit_collectives(timings: dict[str, list[tuple[int, float]]], nproc: int, lab
     return CollectiveFit(
         name=label, latency_us=latency_s * 1e6, bandwidth_gbps=moved / spent / 1e9, points=sorted(points)
     )
+
+
+def quantity_value(cluster: ClusterSpec, quantity: str) -> float:
+    """The number a quantity of CONSTANT_GROUPS comes to in `cluster`: the float32 matmul rate
+    (peak x efficiency), the elementwise bandwidth (GB/s x efficiency), else its first field.
+
+    >>> round(quantity_value(ClusterSpec.preset("dgx-a100-80gb"), "matmul rate") / 1e12, 2)   # 19.5 x 0.7
+    13.65
+    """
+    device = cluster.device
+    if quantity == "matmul rate":
+        return device.peak_flops["float32"] * device.matmul_efficiency
+    if quantity == "elementwise bandwidth":
+        return device.memory_bandwidth_gbps * device.memory_efficiency
+    section, name = CONSTANT_GROUPS[quantity][0].split(".")
+    return float(cluster.model_dump()[section][name])
+
+
+def implausible(measured: ClusterSpec, preset: ClusterSpec, loaded_round_us: float | None) -> dict[str, str]:
+    """Quantity -> why, for each measured quantity outside its sanity bounds (RELATIVE_BOUNDS)."""
+    reasons = {}
+    for quantity, (low, high) in RELATIVE_BOUNDS.items():
+        value, reference = quantity_value(measured, quantity), quantity_value(preset, quantity)
+        if reference > 0 and not low * reference <= value <= high * reference:
+            reasons[quantity] = f"measured {value:.3g}, outside {low:g}-{high:g} x the preset's {reference:.3g}"
+    if loaded_round_us:
+        for quantity in ("collective overhead", "pipeline send overhead"):
+            value = quantity_value(measured, quantity)
+            if value > loaded_round_us:
+                reasons[quantity] = (
+                    f"measured {value:.3g} us, longer than the probe's compute between two calls "
+                    f"({loaded_round_us:.3g} us): other processes held the cores"
+                )
+    return reasons
+
+
+def reset_quantities(cluster: ClusterSpec, preset: ClusterSpec, quantities) -> ClusterSpec:
+    """`cluster` with the fields of each quantity of CONSTANT_GROUPS in `quantities` set back to
+    `preset`'s (what `apply` does with an implausible one, and the ablation of
+    benchmarks/calibration_repeat.py with each in turn)."""
+    data, reference = cluster.model_dump(), preset.model_dump()
+    for quantity in quantities:
+        for path in CONSTANT_GROUPS[quantity]:
+            section, name = path.split(".")
+            data[section][name] = reference[section][name]
+    return ClusterSpec.model_validate(data)

@@ -20,8 +20,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     cluster = ClusterSpec.parse(args.cluster)
     device = args.device or cluster.device.kind
     measurement = measure(cluster, device=device)
+    calibrated = measurement.apply(cluster)  # first: the table says which preset values it kept
     Console(highlight=False, width=None if sys.stdout.isatty() else 140).print(measurement.table())
-    calibrated = measurement.apply(cluster)
+    for line in measurement.warnings():
+        console.print(f"[yellow]warning[/]: {line}")
     calibrated.to_file(args.output)
     console.print(f"wrote {args.output}: use it with --cluster {args.output}")
 

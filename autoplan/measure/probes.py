@@ -143,9 +143,10 @@ def _slowest(seconds: float) -> float:
     return value.item()
 
 
-def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float]:
+def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float, float]:
     """(seconds of one probe-MLP step on rank 0 alone, on every rank at once (the slowest, at the
-    median ratio), extra seconds per round of a 1 KiB all-reduce issued between smaller steps)."""
+    median ratio), extra seconds per round of a 1 KiB all-reduce issued between smaller steps,
+    seconds of one of those rounds without the all-reduce)."""
     import torch.distributed as dist
 
     step = _probe_mlp(*SHARING_MLP)
@@ -163,8 +164,8 @@ def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float]:
         small_step()
         dist.all_reduce(small)
 
-    extra = _median_extra_s(synced, small_step, LOADED_ROUNDS, LOADED_REPEATS)
-    return alone, busy, extra
+    extra, base = _median_extra_s(synced, small_step, LOADED_ROUNDS, LOADED_REPEATS, with_base=True)
+    return alone, busy, extra, base
 
 
 def _time_loaded_p2p(rank: int, nproc: int) -> float:
@@ -195,12 +196,14 @@ def _per_round_s(fn, rounds: int) -> float:
     return _slowest(time.perf_counter() - start) / rounds
 
 
-def _median_extra_s(with_fn, without_fn, rounds: int, repeats: int) -> float:
+def _median_extra_s(with_fn, without_fn, rounds: int, repeats: int, with_base: bool = False):
     """How much longer a round of `with_fn` takes than one of `without_fn`, >= 0: the median
-    over `repeats` alternations (after one warm-up of each), every rank running them at once."""
+    over `repeats` alternations (after one warm-up of each), every rank running them at once;
+    with `with_base` also the median seconds of a round of `without_fn`."""
     _per_round_s(with_fn, rounds), _per_round_s(without_fn, rounds)
-    extra = statistics.median(_per_round_s(with_fn, rounds) - _per_round_s(without_fn, rounds) for _ in range(repeats))
-    return max(extra, 0.0)
+    pairs = [(_per_round_s(with_fn, rounds), _per_round_s(without_fn, rounds)) for _ in range(repeats)]
+    extra = max(statistics.median(a - b for a, b in pairs), 0.0)
+    return (extra, statistics.median(b for _, b in pairs)) if with_base else extra
 
 
 def _time_tp_dispatch(nproc: int, rank: int) -> tuple[float, float]:

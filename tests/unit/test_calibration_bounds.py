@@ -1,0 +1,106 @@
+"""Calibration's sanity bounds: an implausible measurement keeps the preset's value and says so;
+a plausible one is written; the matmul rate is the median over the sizes on CPU ranks."""
+
+import pytest
+
+from autoplan import ClusterSpec
+from autoplan.measure.calibration import (
+    CONSTANT_GROUPS,
+    RELATIVE_BOUNDS,
+    Calibration,
+    fit_collectives,
+    quantity_value,
+    reset_quantities,
+    ring_terms,
+)
+
+
+def _calibration(**changes) -> Calibration:
+    """A local:4 measurement of a plausible 2-core machine (every field near the preset's)."""
+    timings = {
+        name: [(size, ring_terms(name, 4)[0] * 5e-4 + ring_terms(name, 4)[1] * size / 1e9) for size in (1e3, 1e6)]
+        for name in ("all_reduce", "send_recv")
+    }
+    fields = dict(
+        device="cpu",
+        nproc=4,
+        matmul_flops={"float32": [(256, 90e9), (512, 92e9), (1024, 60e9)]},
+        elementwise_gbps=25.0,
+        link=fit_collectives(timings, 4, "link"),
+        shared_core_slowdown=2.2,
+        rates_alone=True,
+        adam_seconds_per_param=5e-9,
+        loaded_extra_us=6000.0,
+        loaded_p2p_extra_us=1500.0,
+        loaded_round_us=20000.0,
+        tp_dispatch_s=2e-3,
+        dtensor_param_step_s=6e-4,
+    )
+    fields.update(changes)
+    return Calibration(**fields)
+
+
+@pytest.fixture
+def preset() -> ClusterSpec:
+    # 4 ranks on 2 cores whatever this machine has, so the bounds below do not depend on it
+    cluster = ClusterSpec.local(world_size=4)
+    return cluster.model_copy(update={"device": cluster.device.model_copy(update={"shared_core_slowdown": 2.0})})
+
+
+def test_a_plausible_measurement_is_written_whole(preset):
+    calibration = _calibration()
+    cluster = calibration.apply(preset)
+    assert calibration.kept_preset == {}
+    assert cluster.device.shared_core_slowdown == pytest.approx(2.2)
+    assert cluster.intra_node.collective_overhead_us > 0
+    assert cluster.device.tp_dispatch_overhead_us == pytest.approx(2000.0)
+
+
+def test_cpu_matmul_rate_is_the_median_over_sizes_not_the_largest_size(preset):
+    cluster = _calibration().apply(preset)
+    rate = quantity_value(cluster, "matmul rate")
+    # the 1024 point (60 GFLOP/s, past the caches or interrupted) does not set it: ~90 / 2.2
+    assert 38e9 < rate < 43e9
+
+
+def test_a_slowdown_beyond_core_sharing_keeps_the_preset_and_divides_the_rates_by_it(preset):
+    calibration = _calibration(shared_core_slowdown=3.6)  # another process held a core
+    cluster = calibration.apply(preset)
+    assert "shared-core slowdown" in calibration.kept_preset
+    assert cluster.device.shared_core_slowdown == 2.0
+    assert quantity_value(cluster, "elementwise bandwidth") == pytest.approx(25.0 / 2.0)
+    assert calibration.warnings() and "shared-core slowdown" in calibration.warnings()[0]
+
+
+def test_an_overhead_longer_than_the_compute_between_calls_keeps_the_preset(preset):
+    calibration = _calibration(loaded_extra_us=40000.0)
+    cluster = calibration.apply(preset)
+    assert "collective overhead" in calibration.kept_preset
+    assert cluster.intra_node.collective_overhead_us == preset.intra_node.collective_overhead_us
+    assert cluster.inter_node.collective_overhead_us == preset.inter_node.collective_overhead_us
+    assert cluster.intra_node.p2p_overhead_us > 0  # the other one stands
+
+
+def test_a_rate_off_by_more_than_the_bounds_keeps_the_preset(preset):
+    low, _ = RELATIVE_BOUNDS["matmul rate"]
+    tiny = quantity_value(preset, "matmul rate") * low / 10 * 2.2
+    calibration = _calibration(matmul_flops={"float32": [(512, tiny)]})
+    cluster = calibration.apply(preset)
+    assert "matmul rate" in calibration.kept_preset
+    assert quantity_value(cluster, "matmul rate") == pytest.approx(quantity_value(preset, "matmul rate"))
+    assert cluster.calibrated
+
+
+def test_a_loaded_machine_warns():
+    calibration = _calibration(background_cores=1.1)
+    assert any("loaded machine" in line for line in calibration.warnings())
+    assert not _calibration(background_cores=0.05).warnings()
+
+
+def test_reset_quantities_restores_every_field_of_each_quantity(preset):
+    calibrated = _calibration().apply(preset)
+    for quantity in CONSTANT_GROUPS:
+        reset = reset_quantities(calibrated, preset, [quantity])
+        assert quantity_value(reset, quantity) == pytest.approx(quantity_value(preset, quantity)), quantity
+    everything = reset_quantities(calibrated, preset, CONSTANT_GROUPS)
+    assert everything.model_dump(exclude={"calibrated"}) == preset.model_dump(exclude={"calibrated"})
