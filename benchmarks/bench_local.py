@@ -19,7 +19,7 @@ from pathlib import Path
 
 from autoplan import ClusterSpec
 from autoplan.bench.compare import run_bench, summarize
-from autoplan.measure.calibrate import calibrate
+from autoplan.measure.calibrate import measure
 from autoplan.measure.profile_store import default_micro_batch_sizes, measure_zoo_profile
 from autoplan.planner.planning import planning_with_profile
 
@@ -44,12 +44,16 @@ def main() -> None:
     if args.cluster:
         cluster = ClusterSpec.from_file(args.cluster)
     else:
-        cluster = calibrate(ClusterSpec.local(world_size=4))
+        preset = ClusterSpec.local(world_size=4)
+        measurement = measure(preset)
+        cluster = measurement.apply(preset)
         cluster.to_file(OUT / "local4.calibrated.toml")
+        for line in measurement.warnings():
+            print(f"calibration warning: {line}")
         print(f"calibrated: {OUT / 'local4.calibrated.toml'}")
     lines = []
     for model in MODELS:
-        label = Path(model.split(":")[0]).stem if ":" in model else model
+        label = label_of(model)
         profile_path = None if args.no_profile else str(OUT / f"profile_{label}.json")
         if profile_path:
             measure_zoo_profile(
@@ -71,6 +75,11 @@ def main() -> None:
             )
         lines.append(describe(label, summarize(report)))
     print("\n".join(lines))
+
+
+def label_of(model: str) -> str:
+    """The name a model's reports and profiles are written under: a zoo name, or the file's stem."""
+    return Path(model.split(":")[0]).stem if ":" in model else model
 
 
 def describe(label: str, summary: dict) -> str:

@@ -87,8 +87,11 @@ def run_bench(
     launcher_args: Sequence[str] = (),
     timeout_s: float = 600.0,
     rounds: int = 1,
+    planner_choice: bool = True,
 ) -> dict:
     """Plan, launch and measure every candidate; print a table; write JSON and a figure if asked.
+
+    `planner_choice` False leaves out the "autoplan" candidate (only the baselines and fixes run).
 
     Returns the report: {"model", "cluster", "steps", "global_batch_size", "seq_len",
     "candidates": [...]} (SPEC.md's schema; each candidate also carries "status",
@@ -106,7 +109,7 @@ def run_bench(
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     job = build(model_name, batch_size=global_batch_size or DEFAULT_GLOBAL_BATCH_SIZE, seq_len=seq_len, device="meta")
-    named = _named_candidates(cluster, fixes, baselines)
+    named = _named_candidates(cluster, fixes, baselines)[0 if planner_choice else 1 :]
     console = Console(quiet=not progress, width=None if sys.stdout.isatty() else 160)  # a log file gets the whole table
     runnable = _why_not_runnable(cluster, launcher_args)
     candidates: list[dict] = []

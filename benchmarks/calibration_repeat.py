@@ -1,0 +1,148 @@
+"""Is `autoplan calibrate` reproducible, and which of its constants matter? Planning only:
+nothing trains here.
+
+    python benchmarks/calibration_repeat.py                  # calibrates local:4 twice (~2 x 1 min)
+    python benchmarks/calibration_repeat.py --clusters a.toml b.toml
+    python benchmarks/calibration_repeat.py --ablate         # after benchmarks/bench_local.py
+
+Repeat (the default): calibrates local:4 twice in a row (or reads two calibrated files) and
+prints, for the candidates of benchmarks/bench_local.py (the planner's choice and the
+baselines, each planned once on the first calibration), the predicted step time under
+each calibration and their relative difference. The roofline is used (no profile): it is
+the prediction that depends on every calibrated constant.
+
+Ablation (--ablate): reads the reports and profiles benchmarks/bench_local.py wrote to
+benchmarks/out/ and the calibrated file it used, pins each measured candidate to the
+configuration that ran, and prices it with the calibration as measured, with the preset,
+and with each calibrated quantity (`autoplan.measure.calibration.CONSTANT_GROUPS`) set back
+to its preset value in turn: the median and worst |predicted - measured| / measured over
+the candidates, with the measured layer times (as the bench planned) and with the roofline.
+docs/cost_model.md quotes this table ("Which constants matter").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from bench_local import MODELS, OUT, label_of
+
+from autoplan import ClusterSpec
+from autoplan.bench.predict import measured_constraints, measured_step_s, plan_candidates, step_s
+from autoplan.measure.calibrate import measure
+from autoplan.measure.calibration import CONSTANT_GROUPS, reset_quantities
+
+GLOBAL_BATCH_SIZE = 8
+
+
+def calibrated_twice(paths: list[str] | None) -> list[ClusterSpec]:
+    """Two calibrated local:4 specs: read from `paths`, or measured now one after the other."""
+    if paths:
+        return [ClusterSpec.from_file(path) for path in paths]
+    preset, specs = ClusterSpec.local(world_size=4), []
+    OUT.mkdir(exist_ok=True)
+    for index in (1, 2):
+        measurement = measure(preset, progress=False)
+        specs.append(measurement.apply(preset))
+        specs[-1].to_file(OUT / f"local4.repeat{index}.toml")
+        for line in measurement.warnings():
+            print(f"calibration {index}: warning: {line}")
+        print(f"calibration {index}: {measurement.wall_s:.0f} s, written to {OUT / f'local4.repeat{index}.toml'}")
+    return specs
+
+
+def repeat(paths: list[str] | None) -> None:
+    first, second = calibrated_twice(paths)
+    print(f"\npredicted step time (roofline, global batch {GLOBAL_BATCH_SIZE}), same plan under both calibrations")
+    print(f"{'model':<16} {'candidate':<10} {'mesh dp/pp/tp':>13} {'calib. 1 ms':>12} {'calib. 2 ms':>12} {'diff':>7}")
+    differences = []
+    for model in MODELS:
+        plans = plan_candidates(model, first, GLOBAL_BATCH_SIZE)
+        for name, solution in plans.solutions.items():
+            a, b = step_s(plans, name, first), step_s(plans, name, second)
+            differences.append(abs(b - a) / a)
+            mesh = solution.config.mesh
+            shape = f"{mesh['dp']}/{mesh['pp']}/{mesh['tp']}"
+            print(
+                f"{label_of(model):<16} {name:<10} {shape:>13} {a * 1e3:>12.1f} {b * 1e3:>12.1f} {(b - a) / a:>+7.1%}"
+            )
+        for name, why in plans.failed.items():
+            print(f"{label_of(model):<16} {name:<10} not planned: {why}")
+    print(
+        f"relative difference over {len(differences)} candidates: median {statistics.median(differences):.1%}, "
+        f"largest {max(differences):.1%} (target <= 10%)"
+    )
+
+
+def _errors(plans_by_model: list, measured: list[dict[str, float]], cluster: ClusterSpec) -> list[float]:
+    """|predicted - measured| / measured of every measured candidate under `cluster`."""
+    return [
+        abs(step_s(plans, name, cluster) - seconds) / seconds
+        for plans, times in zip(plans_by_model, measured)
+        for name, seconds in times.items()
+        if name in plans.solutions
+    ]
+
+
+def ablate(cluster_path: str) -> None:
+    preset = ClusterSpec.local(world_size=4)
+    calibrated = ClusterSpec.from_file(cluster_path)
+    reports = []
+    for model in MODELS:
+        path = OUT / f"bench_{label_of(model)}.json"
+        if not path.exists():
+            sys.exit(f"{path} is missing: run benchmarks/bench_local.py first")
+        reports.append((model, json.loads(path.read_text())))
+    variants = {"calibrated (as measured)": calibrated, "preset (every quantity)": preset}
+    variants.update({f"- {quantity}": reset_quantities(calibrated, preset, [quantity]) for quantity in CONSTANT_GROUPS})
+    columns = {}
+    for source in ("profile", "roofline"):
+        plans_by_model, measured = [], []
+        for model, report in reports:
+            profile = OUT / f"profile_{label_of(model)}.json"
+            use = str(profile) if source == "profile" and profile.exists() else None
+            if source == "profile" and use is None:
+                print(f"{profile} is missing: the 'profile' columns use the roofline for {label_of(model)}")
+            plans_by_model.append(
+                plan_candidates(model, calibrated, GLOBAL_BATCH_SIZE, use, pinned=measured_constraints(report))
+            )
+            measured.append(measured_step_s(report))
+        columns[source] = {label: _errors(plans_by_model, measured, spec) for label, spec in variants.items()}
+    count = len(columns["profile"]["calibrated (as measured)"])
+    print(
+        f"\nprediction error of the {count} measured candidates of benchmarks/bench_local.py "
+        f"(median / worst |pred - meas| / meas), each quantity set back to its preset value in turn"
+    )
+    print(f"{'cluster spec':<34} {'with profile':>16} {'change':>8} {'roofline':>16} {'change':>8}")
+    base = {source: statistics.median(columns[source]["calibrated (as measured)"]) for source in columns}
+    for label in variants:
+        cells = []
+        for source in ("profile", "roofline"):
+            errors = columns[source][label]
+            median = statistics.median(errors)
+            cells.append(f"{median:>7.0%} / {max(errors):>5.0%} {median - base[source]:>+8.0%}")
+        print(f"{label:<34} {cells[0]} {cells[1]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--clusters", nargs=2, default=None, help="two calibrated local:4 files (default: calibrate twice now)"
+    )
+    parser.add_argument("--ablate", action="store_true", help="the constant-by-constant ablation (module docstring)")
+    parser.add_argument(
+        "--cluster",
+        default=str(OUT / "local4.calibrated.toml"),
+        help="with --ablate: the calibrated file the bench used",
+    )
+    args = parser.parse_args()
+    if args.ablate:
+        ablate(args.cluster)
+    else:
+        repeat(args.clusters)
+
+
+if __name__ == "__main__":
+    main()
