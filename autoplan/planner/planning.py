@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
+from autoplan.costmodels import uncertainty
 from autoplan.costmodels.layer import config_layer_cost
 from autoplan.errors import AutoplanError
 from autoplan.planner.placement import Solution
@@ -209,17 +210,21 @@ def _plan_tp_sites(profile: ModelProfile, tp: int, sequence_parallel: bool) -> t
 
 
 def _plan_prediction(profile: ModelProfile, cluster: ClusterSpec, best: Solution) -> Prediction:
-    """The predicted step time, peak memory, breakdown, tokens/s and MFU of `best`."""
+    """The predicted step time, peak memory, breakdown, tokens/s and MFU of `best`, with the
+    interval and the memory bound the device kind's calibration residuals give."""
     config, estimate = best.config, best.estimate
     tokens = profile.global_batch_size * profile.seq_len
     peak = cluster.device.peak_flops_for(config.param_dtype)
-    step_s = estimate.step_time_s
+    step_s, kind = estimate.step_time_s, cluster.device.kind
     return Prediction(
         step_time_s=step_s,
         peak_memory_bytes=estimate.peak_memory_bytes,
         breakdown=dict(estimate.breakdown),
         tokens_per_s=tokens / step_s,
         mfu=profile.model_flops_per_sequence * profile.global_batch_size / (step_s * cluster.world_size * peak),
+        step_time_interval_s=uncertainty.step_time_interval_s(step_s, kind),
+        peak_memory_upper_bytes=uncertainty.peak_memory_upper_bytes(estimate.peak_memory_bytes, kind),
+        uncertainty_source=f"{kind}: {uncertainty.residuals_of(kind).source}",
     )
 
 

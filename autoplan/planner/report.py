@@ -5,10 +5,11 @@
     >>> report(Plan.from_json("plan.json"))["tables"][0]["title"]    # doctest: +SKIP
     'stages'
 
-The batch and where it came from, the mesh, the stages (runs of equal stages grouped), the
-per-layer choices folded over repeated blocks (`all_layers`: one row per run of layers on a
-stage), the cost sources, the worst rank's time and memory, why this plan beat the
-runners-up, and the solver's statistics in words.
+The batch and where it came from, the mesh, the prediction with the interval the calibration
+residuals put around its step time and the upper bound on its peak memory (`interval` in the
+JSON: the numbers), the stages (runs of equal stages grouped), the per-layer choices folded over
+repeated blocks (`all_layers`: one row per run of layers on a stage), the cost sources, the worst
+rank's time and memory, why this plan beat the runners-up, and the solver's statistics in words.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from autoplan.schema.plan import Plan, StagePlan
+from autoplan.schema.plan import Plan, Prediction, StagePlan
 
 WIDTH = 100
 """Columns `explain` renders for: a real plan's report fits one 100 x 60 screen."""
@@ -33,7 +34,8 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> dict[str, A
 
 
 def report(plan: Plan, all_layers: bool = False) -> dict[str, Any]:
-    """The report as data: header lines, titled tables of strings, cost sources, solver line."""
+    """The report as data: header lines, titled tables of strings, cost sources, the interval's
+    numbers, solver line."""
     predicted, capacity = plan.predicted, plan.cluster.device.memory_bytes
     mfu = f"  MFU {predicted.mfu:.1%}" if predicted.mfu is not None else ""
     tokens = f"  {predicted.tokens_per_s:,.0f} tokens/s" if predicted.tokens_per_s else ""
@@ -47,6 +49,7 @@ def report(plan: Plan, all_layers: bool = False) -> dict[str, Any]:
         f"params {plan.param_dtype}, grad reduce {plan.grad_reduce_dtype}",
         f"predicted step {predicted.step_time_s:.4g} s{tokens}{mfu}; peak memory "
         f"{predicted.peak_memory_bytes / 1e9:.2f} GB of {capacity / 1e9:.0f} GB per device",
+        *_interval_lines(predicted),
     ]
     time_rows, memory_rows = _breakdown_rows(plan)
     tables = [
@@ -80,6 +83,13 @@ def report(plan: Plan, all_layers: bool = False) -> dict[str, Any]:
         "lines": lines,
         "tables": tables,
         "cost_sources": dict(plan.measured_sources),
+        "interval": {
+            "step_time_interval_s": predicted.step_time_interval_s,
+            "peak_memory_upper_bytes": predicted.peak_memory_upper_bytes,
+            "source": predicted.uncertainty_source,
+        }
+        if predicted.step_time_interval_s is not None
+        else None,
         "solver": _solver_line(plan) if plan.solver else "",
     }
 
@@ -116,6 +126,21 @@ def explain(plan: Plan, all_layers: bool = False, width: int = WIDTH) -> str:
     if data["solver"]:
         console.print(data["solver"])
     return console.export_text()
+
+
+def _interval_lines(predicted: Prediction) -> list[str]:
+    """The step-time interval and the memory upper bound, one line (none in older plans); which
+    rows the residuals come from is the JSON's `interval.source`."""
+    if predicted.step_time_interval_s is None or predicted.peak_memory_upper_bytes is None:
+        return []
+    low, high = predicted.step_time_interval_s
+    upper = predicted.peak_memory_upper_bytes
+    margin = upper / predicted.peak_memory_bytes - 1 if predicted.peak_memory_bytes else 0.0
+    kind = predicted.uncertainty_source.split(":")[0]
+    return [
+        f"interval ({kind} calibration residuals): step {low:.4g}-{high:.4g} s, "
+        f"peak memory at most {upper / 1e9:.2f} GB (+{margin:.0%})"
+    ]
 
 
 def _batch_line(plan: Plan) -> str:

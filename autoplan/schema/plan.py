@@ -120,6 +120,14 @@ class Prediction(BaseModel):
     tokens_per_s: float | None = None
     mfu: float | None = None
     """Model FLOPs utilisation: model FLOPs / (step time * world size * peak)."""
+    step_time_interval_s: tuple[float, float] | None = None
+    """(low, high) seconds where the true step time lies given the calibration residuals of the
+    device kind (autoplan.costmodels.uncertainty); None in plans written before intervals."""
+    peak_memory_upper_bytes: float | None = None
+    """Upper bound on the worst rank's true peak, bytes: peak_memory_bytes * (1 + the residuals'
+    memory margin). The planner calls a plan feasible only when this fits the memory cap."""
+    uncertainty_source: str = ""
+    """Which residuals the interval and the bound come from."""
 
 
 class Candidate(ParallelConfig):
