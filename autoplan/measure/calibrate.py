@@ -24,6 +24,16 @@ What is measured, and how it becomes cost-model constants:
   `peak_flops[dtype] = R[dtype] / matmul_efficiency` for every measured dtype. The float32
   peak keeps its datasheet value unless the machine beats it, so MFU stays relative to
   the datasheet. The fitted half-rate FLOPs of this device is reported beside it.
+* The rate a layer's matmuls reach (CPU ranks): a bare square matmul is the best case; a
+  training layer's matmuls run inside autograd (transposed operands in backward) beside
+  attention's small per-head products, and measured here a transformer block of
+  gpt-small-demo's width ran ~1.3x slower than its roofline at the bare-matmul rate. So a
+  GPT transformer block (probes.BLOCK_PROBE: two widths, neither a bench model's) is timed
+  forward + backward on rank 0 alone, and the matmul rate written is the one with which the
+  cost model's own roofline (`estimate_layer_time`, at the measured elementwise bandwidth)
+  reproduces those times (the median over the widths; `Calibration.layer_flops`). The other
+  dtypes keep their measured ratio to float32. One constant, the same one, measured where the
+  cost model uses it; the bare-matmul rates are still printed.
 * Elementwise bandwidth: `c = a + b` over large float32 tensors moves 3 x 4 bytes per
   element. The same rule: `memory_efficiency = min(1, measured / preset bandwidth)`,
   `memory_bandwidth_gbps = measured / memory_efficiency`.
@@ -91,6 +101,7 @@ import torch
 from autoplan.measure.calibration import COLLECTIVES, Calibration, fit_collectives
 from autoplan.measure.probes import (
     _time_adam,
+    _time_blocks,
     _time_collective,
     _time_elementwise,
     _time_loaded_p2p,
@@ -172,6 +183,10 @@ def measure(
             for i in range(sizes)
         ]
     result.elementwise_gbps = statistics.median(rank["elementwise_gbps"] for rank in timed)
+    result.block_s = [
+        (timed[0]["blocks"][i][0], statistics.median(rank["blocks"][i][1] for rank in timed))
+        for i in range(len(timed[0]["blocks"]))
+    ]
     result.adam_seconds_per_param = statistics.median(rank["adam_s_per_param"] for rank in per_rank)
     if per_rank[0].get("sharing") is not None:
         alone_s, busy_s, extra_s, round_s = per_rank[0]["sharing"]
@@ -224,7 +239,7 @@ def _run_on_ranks(
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    total = len(dtypes) + 2 + (len(COLLECTIVES) * len(message_bytes) + 2 if nproc > 1 else 0)
+    total = len(dtypes) + 3 + (len(COLLECTIVES) * len(message_bytes) + 2 if nproc > 1 else 0)
     processes = [
         context.Process(
             target=_rank_main, daemon=True, args=(rank, nproc, port, device, dtypes, matmul_sizes, message_bytes, queue)
@@ -307,6 +322,8 @@ def _rank_main(
         dist.barrier()
         result["elementwise_gbps"] = _time_elementwise(timer) if active else 0.0
         report("elementwise bandwidth")
+        result["blocks"] = _time_blocks(timer, active) if device == "cpu" else []
+        report("transformer block")
         dist.barrier()
         result["adam_s_per_param"] = _time_adam(timer)
         report("AdamW step")

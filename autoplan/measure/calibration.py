@@ -11,6 +11,7 @@ Kept apart from the measuring: a Calibration is plain data plus arithmetic, so t
 
 from __future__ import annotations
 
+import functools
 import statistics
 from dataclasses import dataclass, field
 
@@ -105,6 +106,9 @@ class Calibration:
     """Host seconds DTensor adds per tensor-parallel site and micro-batch (CPU, several ranks)."""
     dtensor_param_step_s: float | None = None
     """Host seconds an AdamW step adds per DTensor parameter (CPU, several ranks)."""
+    block_s: list[tuple[int, float]] = field(default_factory=list)
+    """(width, seconds) of the layer probe's transformer block forward + backward (probes.BLOCK_PROBE),
+    timed like matmul_flops; empty on a GPU."""
     loaded_round_us: float | None = None
     """One round of the loaded-overhead probes without their collective: the compute between
     two calls, all ranks busy (bounds the per-call overheads, RELATIVE_BOUNDS)."""
@@ -143,6 +147,37 @@ class Calibration:
         inverse_a, h_over_a = torch.linalg.lstsq(rows, values).solution.squeeze(1).tolist()
         return max(h_over_a / inverse_a, 0.0) if inverse_a > 0 else 0.0
 
+    def layer_flops(self, device) -> float | None:
+        """The saturated matmul rate with which the cost model's roofline (`estimate_layer_time`
+        on `device`, at the measured elementwise bandwidth) reproduces the layer probe's times:
+        solved per width, the median; None without a probe or where elementwise work alone
+        would take longer than measured."""
+        from autoplan.costmodels.compute import estimate_layer_time
+        from autoplan.measure.probes import BLOCK_PROBE
+
+        if not self.block_s or not self.elementwise_gbps:
+            return None
+        rates = []
+        for width, seconds in self.block_s:
+            layer = _probe_layer(width)
+            unit = device.model_copy(
+                update={"peak_flops": {"float32": 1e12}, "matmul_efficiency": 1.0, "memory_efficiency": 1.0}
+            )
+            options = dict(micro_batch_size=BLOCK_PROBE[0], tp=1, sequence_parallel=False, recompute="none")
+            matmul_s = estimate_layer_time(
+                layer, unit.model_copy(update={"memory_bandwidth_gbps": 1e12}), compute_dtype="float32", **options
+            ).total_s
+            memory_only = {"peak_flops": {"float32": 1e30}, "memory_bandwidth_gbps": self.elementwise_gbps}
+            elementwise_s = estimate_layer_time(
+                layer,
+                unit.model_copy(update=memory_only),
+                compute_dtype="float32",
+                **options,
+            ).total_s
+            if seconds > elementwise_s:
+                rates.append(1e12 * matmul_s / (seconds - elementwise_s))
+        return statistics.median(rates) if rates else None
+
     def apply(self, cluster: ClusterSpec) -> ClusterSpec:
         """A copy of `cluster` carrying these measurements, `calibrated=True` (the rules are in
         `autoplan.measure.calibrate`'s docstring). A quantity whose measurement falls outside
@@ -173,6 +208,10 @@ class Calibration:
         share = slowdown if self.rates_alone else 1.0
         elementwise_gbps = self.elementwise_gbps / share
         saturated = {dtype: self.saturated_flops(dtype, cluster.device) / share for dtype in self.matmul_flops}
+        layer_rate = self.layer_flops(cluster.device)
+        if layer_rate is not None:  # a layer's matmuls run inside autograd, beside attention's small ones
+            scale = layer_rate / share / saturated["float32"]
+            saturated = {dtype: rate * scale for dtype, rate in saturated.items()}
         efficiency = min(1.0, saturated["float32"] / device["peak_flops"]["float32"])
         device["matmul_efficiency"] = efficiency
         device["peak_flops"] = {
@@ -229,6 +268,9 @@ class Calibration:
             curve = ", ".join(f"{n}: {flops / 1e9:.3g}" for n, flops in points)
             table.add_row(f"matmul {dtype} GFLOP/s, {who} (n: value)", curve)
         table.add_row("matmul FLOPs at half rate (float32 fit)", f"{self.half_efficiency_flops():.3g}")
+        if self.block_s:
+            blocks = ", ".join(f"{width}: {seconds * 1e3:.3g}" for width, seconds in self.block_s)
+            table.add_row(f"transformer block forward + backward ms, {who} (width: value)", blocks)
         table.add_row(f"elementwise GB/s, {who}", f"{self.elementwise_gbps:.3g}")
         if self.adam_seconds_per_param:
             table.add_row(
@@ -360,3 +402,19 @@ def reset_quantities(cluster: ClusterSpec, preset: ClusterSpec, quantities) -> C
             section, name = path.split(".")
             data[section][name] = reference[section][name]
     return ClusterSpec.model_validate(data)
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_layer(width: int):
+    """The planner's LayerProfile of the layer probe's block at `width` (one sequence), profiled on meta."""
+    from autoplan.analysis.profile import profile_model
+    from autoplan.measure.probes import BLOCK_PROBE, probe_block
+    from autoplan.zoo import language_model_loss
+    from autoplan.zoo.gpt import GPT
+
+    _, config = probe_block(width)
+    with torch.device("meta"):
+        model = GPT(config)
+    tokens = torch.zeros(1, BLOCK_PROBE[1], dtype=torch.long, device="meta")
+    profile = profile_model(model, (tokens,), model_name=f"probe-block-{width}", loss_fn=language_model_loss)
+    return next(layer for layer in profile.layers if layer.name.endswith("blocks.0"))

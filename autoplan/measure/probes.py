@@ -30,14 +30,14 @@ COLLECTIVE_REPEATS = 5
 SHARING_MLP = (256, 512, 2)
 """The shared-core probe: tokens, width, blocks of (Linear(w, 4w), GELU, Linear(4w, w)), forward +
 backward: 4 M parameters, ~0.1 s per step alone, so the cores' caches are shared as a model's are."""
-SHARING_REPEATS = 3
+SHARING_REPEATS = 5
 """Alone / all-busy alternations of the shared-core probe (the median ratio is kept: a shared
 machine's scheduler makes single timings scatter by +-30%)."""
 LOADED_MLP = (256, 256, 1)
 """The collective-overhead probe's compute between two all-reduces (~10 ms alone)."""
 LOADED_ROUNDS = 20
 """MLP step + small all-reduce (or ring exchange) rounds of the loaded-overhead probes (CPU)."""
-LOADED_REPEATS = 7
+LOADED_REPEATS = 9
 """With / without alternations of the loaded-overhead probes (the median difference is kept:
 single differences scatter by a factor of two on a shared 2-core VM)."""
 DISPATCH_MLP = (16, 64)
@@ -49,6 +49,12 @@ DISPATCH_ROUNDS = 20
 """Forward + backward steps per timing of the DTensor-dispatch probe."""
 DISPATCH_REPEATS = 5
 """DTensor / by-hand alternations of the dispatch probe (the median difference is kept)."""
+BLOCK_PROBE = (2, 128, 8, (256, 512))
+"""The layer probe (CPU): sequences, tokens each, heads and the widths of a GPT transformer block
+(`autoplan.zoo.gpt.Block`: attention and a 4h MLP) whose forward + backward is timed on rank 0
+alone; the matmul rate written is the one that makes the roofline reproduce these times."""
+BLOCK_REPEATS = 5
+"""Timings of each block probe (each the median of several steps); the median is kept."""
 ADAM_PARAMS = (32, 1 << 18)
 """The Adam probe's parameters, tensors x elements: 8 M, so its states (4 x 32 MiB) overflow the
 caches as a model's do."""
@@ -100,6 +106,36 @@ def _time_matmuls(
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         if slowest.item() > MAX_SINGLE_OP_S:
             break
+    return points
+
+
+def probe_block(width: int):
+    """The layer probe's transformer block at `width` (BLOCK_PROBE) and its config."""
+    from autoplan.zoo.gpt import Block, GPTConfig
+
+    sequences, tokens, heads, _ = BLOCK_PROBE
+    config = GPTConfig(num_layers=1, num_heads=heads, hidden=width, vocab_size=64, seq_len=tokens)
+    return Block(config), config
+
+
+def _time_blocks(timer: _Timer, active: bool = True) -> list[tuple[int, float]]:
+    """(width, seconds of one forward + backward) of the layer probe at each width of BLOCK_PROBE:
+    the median of BLOCK_REPEATS timings (an inactive rank waits in the barriers and reports 0)."""
+    import torch.distributed as dist
+
+    sequences, tokens, _, widths = BLOCK_PROBE
+    points = []
+    for width in widths:
+        block, _ = probe_block(width)
+        x = torch.randn(sequences, tokens, width, device=timer.device, requires_grad=True)
+        block = block.to(timer.device)
+
+        def step(block=block, x=x) -> None:
+            block(x).sum().backward()
+
+        dist.barrier()
+        seconds = statistics.median(timer.repeated(step) for _ in range(BLOCK_REPEATS)) if active else 0.0
+        points.append((width, seconds))
     return points
 
 

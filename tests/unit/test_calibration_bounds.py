@@ -104,3 +104,26 @@ def test_reset_quantities_restores_every_field_of_each_quantity(preset):
         assert quantity_value(reset, quantity) == pytest.approx(quantity_value(preset, quantity)), quantity
     everything = reset_quantities(calibrated, preset, CONSTANT_GROUPS)
     assert everything.model_dump(exclude={"calibrated"}) == preset.model_dump(exclude={"calibrated"})
+
+
+def test_the_layer_probe_sets_the_matmul_rate_through_the_roofline(preset):
+    from autoplan.costmodels.compute import estimate_layer_time
+    from autoplan.measure.calibration import _probe_layer
+    from autoplan.measure.probes import BLOCK_PROBE
+
+    # times the roofline gives at 60 GFLOP/s alone and the measured bandwidth: solved back to 60
+    device = preset.device.model_copy(
+        update={"peak_flops": {"float32": 60e9}, "matmul_efficiency": 1.0, "memory_bandwidth_gbps": 25.0}
+    )
+    device = device.model_copy(update={"memory_efficiency": 1.0})
+    options = dict(micro_batch_size=BLOCK_PROBE[0], tp=1, sequence_parallel=False, recompute="none")
+    block_s = [
+        (w, estimate_layer_time(_probe_layer(w), device, compute_dtype="float32", **options).total_s)
+        for w in BLOCK_PROBE[3]
+    ]
+    calibration = _calibration(block_s=block_s)
+    assert calibration.layer_flops(preset.device) == pytest.approx(60e9, rel=1e-6)
+    cluster = calibration.apply(preset)
+    # all-busy: alone / slowdown; the GEMM probe's 90 GFLOP/s is not what a layer reaches
+    assert quantity_value(cluster, "matmul rate") == pytest.approx(60e9 / 2.2, rel=1e-6)
+    assert _calibration(block_s=[(256, 1e-9)]).layer_flops(preset.device) is None  # faster than its memory traffic
