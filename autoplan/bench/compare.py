@@ -23,8 +23,7 @@ With `rounds` > 1 every candidate is launched once per round, the rounds interle
 steps: a shared machine's speed drifts by tens of percent over minutes, and interleaving
 spreads that drift over the candidates instead of onto whichever ran in a slow spell.
 Candidates whose plans are identical (the planner often picks a baseline's configuration)
-are one plan run more often: their steps are pooled and they report the same median
-(`pooled_with` names the others).
+are launched once per round and report the same measurements (`pooled_with` names the others).
 A candidate that is infeasible, runs out of memory or fails is reported as
 "failed: <one line>" and the bench goes on; one that cannot run on this machine (a GPU
 cluster without GPUs, several nodes) keeps its prediction and says "not run: <why>".
@@ -115,6 +114,7 @@ def run_bench(
     candidates: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="autoplan-bench-") as scratch:
         for round_index in range(rounds):
+            ran: dict[str, dict] = {}  # this round's launches by plan: an identical plan runs once
             for index, (name, constraints) in enumerate(named):
                 label = f"round {round_index + 1}/{rounds}, " if rounds > 1 else ""
                 with console.status(f"[{label}{index + 1}/{len(named)}] {name}: planning and running {steps} step(s)"):
@@ -130,6 +130,7 @@ def run_bench(
                         runnable,
                         launcher_args,
                         timeout_s,
+                        ran,
                     )
                 if round_index == 0:
                     candidates.append(entry)
@@ -252,8 +253,11 @@ def _run_candidate(
     not_runnable: str | None,
     launcher_args: Sequence[str],
     timeout_s: float,
+    ran: dict[str, dict] | None = None,
 ) -> dict:
-    """Plan one candidate and (when possible) launch it; failures become its status."""
+    """Plan one candidate and (when possible) launch it; failures become its status. A plan
+    identical to one in `ran` (plan key -> its entry) is not launched again: it takes that
+    run's measurements (the planner often picks a baseline's configuration)."""
     from autoplan.planner.planning import plan as make_plan
     from autoplan.runtime.launch import launch
 
@@ -275,6 +279,11 @@ def _run_candidate(
     entry.update(_predicted(plan, job))
     if not_runnable:
         entry["status"] = f"not run: {not_runnable}"
+        return entry
+    key = json.dumps([entry["mesh"], entry["plan"]], sort_keys=True)
+    if ran is not None and key in ran:
+        for field in ("status", *(field for field in entry if field.startswith("measured_"))):
+            entry[field] = ran[key][field]
         return entry
     plan.to_json(plan_path)
     try:
@@ -303,6 +312,8 @@ def _run_candidate(
     )
     if entry["predicted_mfu"] is not None:  # same model FLOPs and peak: MFU scales with 1 / step time
         entry["measured_mfu"] = entry["predicted_mfu"] * plan.predicted.step_time_s / measured_s
+    if ran is not None:
+        ran[key] = entry
     return entry
 
 
