@@ -7,18 +7,21 @@ For a small zoo GPT and the custom model of examples/custom_model.py, the planne
 and the hand-tuned baselines (DDP, FSDP, Megatron-style, pipeline) each run for `--steps`
 timed steps through torch's launcher, `--rounds` times interleaved (this VM's speed drifts by
 tens of percent over minutes; the median is over every round's steps). Prints, per model: the
-chosen plan's measured step time against the best measured candidate, and the median |predicted - measured| /
-measured over the candidates of step time and of peak memory (worst rank). Reports are
-written to benchmarks/out/.
+chosen plan's measured step time against the best measured candidate, the median |predicted - measured| /
+measured over the candidates of step time and of peak memory (worst rank), the worst
+candidate's step-time error, and the errors the uncalibrated `local` preset predicts for the
+same measured plans. Reports are written to benchmarks/out/.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 from autoplan import ClusterSpec
 from autoplan.bench.compare import run_bench, summarize
+from autoplan.bench.predict import measured_constraints, measured_step_s, plan_candidates, step_s
 from autoplan.measure.calibrate import measure
 from autoplan.measure.profile_store import default_micro_batch_sizes, measure_zoo_profile
 from autoplan.planner.planning import planning_with_profile
@@ -73,8 +76,29 @@ def main() -> None:
                 json_path=str(OUT / f"bench_{label}.json"),
                 plot_path=str(OUT / f"bench_{label}.png"),
             )
-        lines.append(describe(label, summarize(report)))
+        lines.append(describe(label, summarize(report)) + "; " + against_preset(model, report, args.global_batch_size))
     print("\n".join(lines))
+
+
+def against_preset(model: str, report: dict, global_batch_size: int) -> str:
+    """The worst candidate's signed step-time error, and the median error the uncalibrated
+    `local` preset (roofline) predicts for the same measured plans: what calibrating bought."""
+    errors = {
+        c["name"]: (c["predicted_step_s"] - c["measured_step_s"]) / c["measured_step_s"]
+        for c in report["candidates"]
+        if c["measured_step_s"]
+    }
+    if not errors:
+        return "nothing measured"
+    worst = max(errors, key=lambda name: abs(errors[name]))
+    preset = ClusterSpec.local(world_size=4)
+    plans = plan_candidates(model, preset, global_batch_size, pinned=measured_constraints(report))
+    measured = measured_step_s(report)
+    preset_errors = [abs(step_s(plans, n, preset) - t) / t for n, t in measured.items() if n in plans.solutions]
+    return (
+        f"worst candidate {worst} {errors[worst]:+.0%}; the uncalibrated preset on the same plans: "
+        f"median {statistics.median(preset_errors):.0%}, worst {max(preset_errors):.0%}"
+    )
 
 
 def label_of(model: str) -> str:

@@ -32,7 +32,7 @@ from bench_local import MODELS, OUT, label_of
 from autoplan import ClusterSpec
 from autoplan.bench.predict import measured_constraints, measured_step_s, plan_candidates, step_s
 from autoplan.measure.calibrate import measure
-from autoplan.measure.calibration import CONSTANT_GROUPS, reset_quantities
+from autoplan.measure.calibration import CONSTANT_GROUPS, quantity_value, reset_quantities
 
 GLOBAL_BATCH_SIZE = 8
 
@@ -55,6 +55,10 @@ def calibrated_twice(paths: list[str] | None) -> list[ClusterSpec]:
 
 def repeat(paths: list[str] | None) -> None:
     first, second = calibrated_twice(paths)
+    print(f"\n{'calibrated quantity':<24} {'calib. 1':>10} {'calib. 2':>10} {'diff':>7}")
+    for quantity in CONSTANT_GROUPS:
+        a, b = quantity_value(first, quantity), quantity_value(second, quantity)
+        print(f"{quantity:<24} {a:>10.4g} {b:>10.4g} {(b - a) / a if a else 0.0:>+7.0%}")
     print(f"\npredicted step time (roofline, global batch {GLOBAL_BATCH_SIZE}), same plan under both calibrations")
     print(f"{'model':<16} {'candidate':<10} {'mesh dp/pp/tp':>13} {'calib. 1 ms':>12} {'calib. 2 ms':>12} {'diff':>7}")
     differences = []
