@@ -15,11 +15,26 @@ and views of them (a Linear saves its weight) stay as they are, and so do smalle
 statistics (a norm's mean and rstd, attention's logsumexp), which backward needs exact and
 which hold little memory. Hooks on the layer's forward (pre-hook enters, forward hook leaves,
 also when forward raises) keep its parameter names; tensor-parallel DTensors are stored
-as their local shard. The hooks do not nest inside activation checkpointing, whose own
+as their local shard.
+
+Each storage is stored once, however many tensors over it autograd saves: ops save their own
+views (each Linear of q/k/v or gate/up saves `x.view(-1, h)` of the one normed input; attention
+saves its output and the projection after it saves `transpose(1, 2).reshape(...)` of it), and a
+copy per view would keep more than the original. A tensor that is its whole storage in some
+order of dimensions is stored as that storage, flat, and each view is rebuilt over one
+dequantized copy (`as_strided`); a partial view (q, k, v as chunks of the fused q|k|v) is stored
+on its own. The originals are not held: each is freed when the forward drops it, so the layer's
+peak holds its stored copies, not its full-precision activations beside them. Backward
+dequantizes per node (what the node reads, freed when it ends): the peak adds one node's saved
+tensors in the compute dtype (`LayerProfile.largest_node_saved_bytes` in the cost model).
+
+The hooks do not nest inside activation checkpointing, whose own
 hooks decide what is saved: the planner offers narrower storage with recompute "none" only.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn as nn
@@ -51,44 +66,69 @@ class ActivationStorage:
         self.dtype = dtype
         self.min_numel = 0
         """Smallest tensor stored narrower: the layer's input size, set at each forward."""
-        self.packed: dict[int, tuple] = {}
-        """This forward's stored copies by tensor: one copy of a tensor several ops save (a
-        norm's input is also the residual), emptied when the forward ends."""
+        self.packed: dict[tuple, tuple] = {}
+        """This forward's stored copies by storage (and, for a partial view, its offset, shape
+        and strides): one copy of what several ops save (a norm's input is also the residual,
+        a Linear input is a view of the norm's output). An entry leaves when its storage is
+        freed (a weakref finalizer: its key is not reused meanwhile) or the forward ends."""
 
     def pack(self, tensor: torch.Tensor):
         if (
             not tensor.is_floating_point()
             or tensor.dtype.itemsize <= self.dtype.itemsize
-            or tensor.numel() < self.min_numel
+            or tensor.numel() < max(self.min_numel, 1)
             or _is_parameter(tensor)
         ):
             return tensor
-        if id(tensor) not in self.packed:  # the entry holds the tensor: its id is not reused meanwhile
-            packed: tuple[str, tuple | None, tuple]
-            if isinstance(tensor, DTensor):
-                spec = (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride())
-                packed = ("dtensor", spec, self._quantize(tensor.detach().to_local()))  # type: ignore[attr-defined]
-            else:
-                packed = ("local", None, self._quantize(tensor))
-            self.packed[id(tensor)] = (tensor, packed)
-        return self.packed[id(tensor)][1]
+        spec = None
+        local = tensor.detach()
+        if isinstance(tensor, DTensor):
+            spec = (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride())
+            local = local.to_local()  # type: ignore[attr-defined]
+        whole = _covers_storage(local)
+        storage = local.untyped_storage()
+        key = (storage._cdata, local.dtype)
+        if not whole:
+            key += (local.storage_offset(), tuple(local.shape), local.stride())
+        if key not in self.packed:
+            flat = local.as_strided((local.numel(),), (1,)) if whole else local
+            self.packed[key] = self._quantize(flat)
+            # The original is not held: it is freed when the forward drops it, and its entry then.
+            weakref.finalize(storage, self.packed.pop, key, None)
+        view = (tuple(local.shape), local.stride()) if whole else None
+        return ("dtensor" if spec else "local", spec, self.packed[key], view)
 
     def _quantize(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype]:
-        detached = tensor.detach()
         if self.dtype != torch.float8_e4m3fn:
-            return detached.to(self.dtype), None, tensor.dtype
-        scale = FLOAT8_MAX / detached.abs().amax().float().clamp(min=1e-12)
-        return (detached.float() * scale).to(self.dtype), scale, tensor.dtype
+            return tensor.to(self.dtype), None, tensor.dtype
+        scale = FLOAT8_MAX / tensor.abs().amax().float().clamp(min=1e-12)
+        return (tensor.float() * scale).to(self.dtype), scale, tensor.dtype
 
     def unpack(self, packed):
         if isinstance(packed, torch.Tensor):
             return packed
-        kind, spec, (stored, scale, dtype) = packed
+        kind, spec, (stored, scale, dtype), view = packed
         local = stored.to(dtype) if scale is None else (stored.float() / scale).to(dtype)
+        if view is not None:
+            local = local.as_strided(*view)
         if kind == "local":
             return local
         mesh, placements, shape, stride = spec
         return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def _covers_storage(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is its whole storage, each element once in some order of dimensions
+    (a reshaped or transposed view of a dense tensor: the Linear input `x.view(-1, h)` beside
+    `x`, attention's output beside its `transpose(1, 2).reshape(...)`)."""
+    if tensor.numel() * tensor.element_size() != tensor.untyped_storage().nbytes():
+        return False
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def apply_activation_storage(module: nn.Module, choices: dict[str, str]) -> None:
