@@ -44,6 +44,22 @@ SHARDED_RING_EFFICIENCY = 0.7
 
 Level = tuple[int, LinkSpec]
 
+# Share of overlapped communication time still charged to the step: NCCL kernels
+# occupy SMs and HBM bandwidth while compute runs (Jangda et al., CoCoNet, ASPLOS 2022,
+# report 10-35% compute slow-down under concurrent collectives). Calibrated against
+# Table 2 of Narayanan et al. SC21 (benchmarks/megatron_sc21.py).
+OVERLAP_PENALTY = 0.3
+
+
+def overlap_penalty(cluster: ClusterSpec) -> float:
+    """OVERLAP_PENALTY where collectives run beside compute, else 1 (all exposed)."""
+    return OVERLAP_PENALTY if cluster.device.overlaps_communication else 1.0
+
+
+def exposed_s(communication_s: float, overlappable_s: float, penalty: float = OVERLAP_PENALTY) -> float:
+    """(1 - penalty) * max(0, c - w) + penalty * c  (penalty: `overlap_penalty`)."""
+    return (1 - penalty) * max(0.0, communication_s - overlappable_s) + penalty * communication_s
+
 
 def group_levels(cluster: ClusterSpec, size: int, stride: int) -> list[Level]:
     """The (members, link) levels of a group, innermost first; empty for size 1.

@@ -4,6 +4,10 @@
     efficiency(F)    = device.matmul_efficiency * F / (F + device.matmul_half_efficiency_flops)
     elementwise time = elementwise_bytes / (memory_bandwidth * memory_efficiency)
 
+Elementwise bytes are the profile's unfused per-op traffic (eager PyTorch runs each op as a
+kernel of its own), in a 16-bit dtype at the share the layer's bfloat16 meta run moved
+(`LayerProfile.elementwise_bytes_scale`: a norm or loss that upcasts moves float32 bytes).
+
 The efficiency curve saturates at `device.matmul_efficiency` for large layers and
 halves at `device.matmul_half_efficiency_flops`: small GEMMs do not fill the device's SMs and pay
 kernel-launch latency. Tensor parallelism divides `tp_flops_fraction` of the FLOPs
@@ -111,7 +115,12 @@ def estimate_layer_time(
             seconds_per_flop += float8_flops_fraction / (float8_peak * efficiency)
         share = tp_elementwise_share(layer)
         split = share / tp + (1.0 - share) / (tp if sequence_parallel else 1)
-        elementwise_bytes = layer.elementwise_bytes * micro_batch_size * split * DTYPE_BYTES[compute_dtype] / 4
+        elementwise_bytes = (
+            layer.elementwise_bytes
+            * micro_batch_size
+            * split
+            * layer.elementwise_bytes_scale(DTYPE_BYTES[compute_dtype])
+        )
         bandwidth = device.memory_bandwidth_gbps * 1e9 * device.memory_efficiency
         elementwise_fwd_s = elementwise_bytes / bandwidth
         forward_s = fwd_flops * seconds_per_flop + elementwise_fwd_s

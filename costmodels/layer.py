@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from autoplan.costmodels.communication import (
     estimate_all_reduce_s,
     estimate_collective_s,
+    exposed_s,
     flat_levels,
     group_levels,
+    overlap_penalty,
 )
 from autoplan.costmodels.compute import (
     DTYPE_BYTES,
@@ -53,6 +55,8 @@ class LayerCost:
     local_params: float
     zero3_comm_s: float
     """ZeRO-3 per micro-batch: all-gather forward + all-gather backward + reduce-scatter."""
+    zero3_exposed_s: float = 0.0
+    """The part of `zero3_comm_s` the layer's own compute does not hide (`fsdp_exposed_s`)."""
     sync_units: float = 0.0
     """1 when the layer holds parameters: the backend syncs its gradients in a collective of its own."""
     param_tensors: float = 0.0
@@ -152,25 +156,45 @@ def estimate_layer_cost(
         dequantized = activation_bytes
         activation_bytes *= DTYPE_BYTES[storage] / DTYPE_BYTES[param_dtype]
     params = local_param_count(layer, tp)
-    zero3_comm = 0.0
+    backward_s = times.backward_s + times.recompute_s + bwd_comm + recompute_comm + cast_bwd
+    zero3_comm = zero3_exposed = 0.0
     if dp > 1:
         dp_levels = flat_levels(cluster, dp, tp)
-        gather_bytes = params * DTYPE_BYTES[param_dtype]
-        zero3_comm = 2 * estimate_collective_s("all_gather", gather_bytes, dp_levels) + estimate_collective_s(
-            "reduce_scatter", params * DTYPE_BYTES[grad_reduce_dtype], dp_levels
+        gather_s = estimate_collective_s("all_gather", params * DTYPE_BYTES[param_dtype], dp_levels)
+        scatter_s = estimate_collective_s("reduce_scatter", params * DTYPE_BYTES[grad_reduce_dtype], dp_levels)
+        zero3_comm = 2 * gather_s + scatter_s
+        zero3_exposed = fsdp_exposed_s(
+            gather_s, scatter_s, times.forward_s + cast_fwd + fwd_comm, backward_s, overlap_penalty(cluster)
         )
     return LayerCost(
         compute_s=times.forward_s + times.backward_s + cast_fwd + cast_bwd,
         recompute_s=times.recompute_s,
         tp_comm_s=fwd_comm + bwd_comm + recompute_comm,
-        backward_s=times.backward_s + times.recompute_s + bwd_comm + recompute_comm + cast_bwd,
+        backward_s=backward_s,
         activation_bytes=activation_bytes,
         local_params=params,
         zero3_comm_s=zero3_comm,
+        zero3_exposed_s=zero3_exposed,
         sync_units=1.0 if params else 0.0,
         param_tensors=float(layer.param_tensors),
         dequantized_bytes=dequantized,
     )
+
+
+def fsdp_exposed_s(gather_s: float, scatter_s: float, forward_s: float, backward_s: float, penalty: float) -> float:
+    """ZeRO-3 traffic of one layer left on the critical path, as FSDP2 schedules it: the layer's
+    all-gather is prefetched while its neighbour's forward runs, and in backward its re-gather
+    (parameters resharded after forward) and its gradients' reduce-scatter run on their own
+    streams beside its backward (recompute included). Each phase exposes
+    `exposed_s(comm, compute, penalty)`: what outlasts the compute, plus the `penalty` share
+    of what overlaps (the collectives' SMs and HBM traffic slow the compute they hide behind).
+
+    >>> round(fsdp_exposed_s(1.0, 2.0, forward_s=2.0, backward_s=4.0, penalty=0.0), 3)   # all hidden
+    0.0
+    >>> round(fsdp_exposed_s(1.0, 2.0, forward_s=0.5, backward_s=4.0, penalty=0.0), 3)   # forward outlasted
+    0.5
+    """
+    return exposed_s(gather_s, forward_s, penalty) + exposed_s(gather_s + scatter_s, backward_s, penalty)
 
 
 def tp_dispatch_s(layer: LayerProfile, cluster: ClusterSpec, sequence_parallel: bool) -> float:

@@ -14,8 +14,10 @@ ZeRO, as the backend implements it with FSDP2:
        all-gathered parameters of the two largest layers (current + prefetched).
 
 Activations kept for backward, per micro-batch on one device:
-    saved_bytes[option] * b * act_bytes / 4, with the tp share divided by t and the
-    rest divided by t only under sequence parallelism (Korthikanti et al. 2022).
+    saved_bytes[option] * b * scale, with the tp share divided by t and the
+    rest divided by t only under sequence parallelism (Korthikanti et al. 2022); scale is 1 in
+float32 and, in a 16-bit dtype, the layer's own measured share (`LayerProfile.saved_bytes_scale`:
+what its bfloat16 meta run keeps, float32 logits of the loss and norm statistics included).
 In-flight micro-batches on pipeline rank i of p with m micro-batches:
     GPipe: m;  1F1B: min(p - i, m);
     interleaved 1F1B with v chunks: min(m, (p - i) * (1 + (p - 1) / (p * v))) rank-worths
@@ -91,7 +93,7 @@ def estimate_activation_bytes(
     saved = layer.saved_bytes[recompute]
     tp_part = min(layer.tp_saved_bytes.get(recompute, 0.0), saved)
     per_sequence = tp_part / tp + (saved - tp_part) / (tp if sequence_parallel else 1)
-    return per_sequence * micro_batch_size * DTYPE_BYTES[activation_dtype] / 4
+    return per_sequence * micro_batch_size * layer.saved_bytes_scale(recompute, DTYPE_BYTES[activation_dtype])
 
 
 def in_flight_micro_batches(

@@ -6,8 +6,10 @@ Per pipeline rank i and micro-batch (b sequences per data-parallel rank):
           recompute repeats the forward all-reduce; sequence parallelism moves the same
           volume as reduce-scatter + all-gather, so the same time)
     ZeRO-3 adds, per micro-batch, all-gather of the rank's parameters in forward and
-    again in backward plus a reduce-scatter of its gradients: c_i, overlapped with T_i:
-          X_i = exposed(c_i, T_i)
+    again in backward plus a reduce-scatter of its gradients, overlapped layer by layer
+    as FSDP2 prefetches (`layer.fsdp_exposed_s`):
+          X_i = sum over its layers of exposed(all-gather, forward)
+                                     + exposed(all-gather + reduce-scatter, backward)
 Pipeline with m micro-batches, p ranks, v chunks per rank (v = 1 except interleaved),
 B_i = T_i + X_i:
     pipeline = max((m * max_i B_i + (sum_i B_i - max_i B_i) / v) / s,  m * sum_i B_i / p)
@@ -60,8 +62,10 @@ from autoplan.costmodels.communication import (
     estimate_all_reduce_s,
     estimate_collective_s,
     estimate_p2p_s,
+    exposed_s,
     flat_levels,
     group_levels,
+    overlap_penalty,
     pipeline_link,
 )
 from autoplan.costmodels.compute import DTYPE_BYTES, estimate_optimizer_step_s
@@ -78,19 +82,8 @@ from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.profile import LayerProfile, ModelProfile
 
-# Share of overlapped communication time still charged to the step: NCCL kernels
-# occupy SMs and HBM bandwidth while compute runs (Jangda et al., CoCoNet, ASPLOS 2022,
-# report 10-35% compute slow-down under concurrent collectives). Calibrated against
-# Table 2 of Narayanan et al. SC21 (benchmarks/megatron_sc21.py).
-OVERLAP_PENALTY = 0.3
-
 DDP_BUCKET_BYTES = 25 * 1024**2
 """DistributedDataParallel's default bucket_cap_mb (25 MiB)."""
-
-
-def overlap_penalty(cluster: ClusterSpec) -> float:
-    """OVERLAP_PENALTY where collectives run beside compute, else 1 (all exposed)."""
-    return OVERLAP_PENALTY if cluster.device.overlaps_communication else 1.0
 
 
 def uses_ddp_buckets(config: ParallelConfig, zero_stage: int) -> bool:
@@ -134,11 +127,6 @@ def dp_sync_coefficients(cluster: ClusterSpec, config: ParallelConfig, zero_stag
     rs_byte, rs_latency = collective_coefficients("reduce_scatter", levels)
     ag_byte, ag_latency = collective_coefficients("all_gather", levels)
     return rs_byte * grad_bytes + ag_byte * DTYPE_BYTES[config.param_dtype], rs_latency + ag_latency
-
-
-def exposed_s(communication_s: float, overlappable_s: float, penalty: float = OVERLAP_PENALTY) -> float:
-    """(1 - penalty) * max(0, c - w) + penalty * c  (penalty: `overlap_penalty`)."""
-    return (1 - penalty) * max(0.0, communication_s - overlappable_s) + penalty * communication_s
 
 
 def p2p_time_s(profile: ModelProfile, cluster: ClusterSpec, config: ParallelConfig) -> float:
@@ -252,7 +240,7 @@ def _rank_estimate(
         for index, option in entries
     ]
     busy_s = sum(cost.time_s for cost in costs)
-    zero3_s = exposed_s(sum(c.zero3_comm_s for c in costs), busy_s, penalty) if config.zero_stage == 3 else 0.0
+    zero3_s = sum(c.zero3_exposed_s for c in costs) if config.zero_stage == 3 else 0.0
     local_params = sum(cost.local_params for cost in costs)
     per_param_s, latency_s = dp_sync_coefficients(cluster, config, config.zero_stage)
     sync_s = per_param_s * local_params + latency_s * sum(c.sync_units for c in costs) if per_param_s else 0.0

@@ -46,11 +46,14 @@ def _element_bytes(tensor: torch.Tensor) -> int:
     return 4 if tensor.is_floating_point() or tensor.is_complex() else tensor.element_size()
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * _element_bytes(tensor)
+def _tensor_bytes(tensor: torch.Tensor, real_sizes: bool = False) -> int:
+    """Bytes of `tensor` counted at float32 (or, with `real_sizes`, at its own element size)."""
+    return tensor.numel() * (tensor.element_size() if real_sizes else _element_bytes(tensor))
 
 
-def _storage_bytes(tensor: torch.Tensor) -> int:
+def _storage_bytes(tensor: torch.Tensor, real_sizes: bool = False) -> int:
+    if real_sizes:
+        return tensor.untyped_storage().nbytes()
     return tensor.untyped_storage().nbytes() // tensor.element_size() * _element_bytes(tensor)
 
 
@@ -113,6 +116,8 @@ class _Accounting(TorchDispatchMode):
     """Storages written by the ops selective recomputation keeps."""
     keep: list = field(default_factory=list)
     """Every tensor seen, kept alive so a storage key is never reused within the run."""
+    real_sizes: bool = False
+    """Count elementwise traffic at each tensor's own element size, not at float32."""
 
     def __post_init__(self):
         super().__init__()
@@ -138,7 +143,7 @@ class _Accounting(TorchDispatchMode):
             out_split = role == "colwise" or (role is None and in_split)
             if formula is None:  # parameters excluded: an embedding reads rows, not its table
                 self.elementwise_bytes += sum(
-                    _tensor_bytes(t) for t in (*inputs, *outputs) if _storage_key(t) not in self.state
+                    _tensor_bytes(t, self.real_sizes) for t in (*inputs, *outputs) if _storage_key(t) not in self.state
                 )
             if func in self.selective_ops:
                 self.selective.update(_storage_key(t) for t in outputs)
@@ -197,12 +202,73 @@ def _tp_roles(
 
 def profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> dict[str, Any]:
     """Run one layer forward and backward on meta tensors; return LayerProfile's cost fields."""
+    run = _run_layer(traced, layer, loss)
+    accounting, fwd, bwd = run.accounting, run.forward_flops, run.backward_flops
+    saved_bytes, tp_saved_bytes = _saved_bytes(run.saved, accounting, run.inputs)
+    return dict(
+        fwd_flops=fwd,
+        bwd_flops=bwd,
+        tp_flops_fraction=min(1.0, run.tp_flops / (fwd + bwd)) if fwd + bwd else 0.0,
+        elementwise_bytes=accounting.elementwise_bytes,
+        saved_bytes=saved_bytes,
+        tp_saved_bytes=tp_saved_bytes,
+        output_bytes=float(sum(_tensor_bytes(t) for t in _tensors(run.output))),
+        **_allreduce_bytes(traced, layer),
+        **_half_precision_ratios(traced, layer, loss, saved_bytes, accounting.elementwise_bytes),
+    )
+
+
+def _half_precision_ratios(
+    traced: TracedModel, layer: str, loss: Callable | None, saved_bytes: dict[str, float], elementwise_bytes: float
+) -> dict[str, Any]:
+    """The layer run again in bfloat16, bytes counted at their real sizes, over the float32
+    count: what a 16-bit compute dtype keeps and moves, tensors the layer upcasts (a loss's
+    float32 logits, a norm's statistics) included. A float32 run cannot see them: `.float()`
+    of a float32 tensor dispatches nothing. A layer that cannot run in bfloat16 on meta keeps
+    the even half (no ratio recorded)."""
+    try:
+        run = _run_layer(traced, layer, loss, dtype=torch.bfloat16)
+    except Exception:  # noqa: BLE001 - the float32 profile stands; only the 16-bit refinement is lost
+        return {}
+    half, _ = _saved_bytes(run.saved, run.accounting, run.inputs, real_sizes=True)
+    return dict(
+        half_saved_ratio={option: half[option] / full for option, full in saved_bytes.items() if full > 0},
+        half_elementwise_ratio=run.accounting.elementwise_bytes / elementwise_bytes if elementwise_bytes else None,
+    )
+
+
+@dataclass
+class _LayerRun:
+    """What one forward + backward of a layer on meta tensors recorded."""
+
+    accounting: _Accounting
+    saved: list[torch.Tensor]
+    inputs: Any
+    output: Any
+    forward_flops: float
+    backward_flops: float
+    tp_flops: float
+
+
+def _run_layer(traced: TracedModel, layer: str, loss: Callable | None, dtype: torch.dtype | None = None) -> _LayerRun:
+    """One forward and backward of `layer` (and `loss` after the last one) on meta tensors,
+    its floating state and inputs cast to `dtype` when given."""
     module = traced.module.get_submodule(layer)
     state = _layer_state(traced, layer)
     args, kwargs = _layer_inputs(traced, layer)
     split_params, colwise_weights, roles = _tp_roles(traced, layer, state)
+    if dtype is not None:
+        cast = {id(t): _cast(t, dtype) for t in state.values()}
+        renamed = {_storage_key(t): _storage_key(cast[id(t)]) for t in state.values()}
+        split_params = {renamed[key] for key in split_params}
+        colwise_weights = {renamed[key] for key in colwise_weights}
+        state = {name: cast[id(tensor)] for name, tensor in state.items()}
+        args, kwargs = tree_map_only(torch.Tensor, lambda t: _cast(t, dtype), (args, kwargs))
     accounting = _Accounting(
-        split=split_params, state={_storage_key(t) for t in state.values()}, colwise_weights=colwise_weights
+        split=split_params,
+        state={_storage_key(t) for t in state.values()},
+        colwise_weights=colwise_weights,
+        real_sizes=dtype is not None,
     )
     saved: list[torch.Tensor] = []
 
@@ -238,32 +304,37 @@ def profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> dic
     with FlopCounterMode(display=False) as backward_flops, accounting:
         if roots:
             torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
-
-    fwd, bwd = float(forward_flops.get_total_flops()), float(backward_flops.get_total_flops())
-    saved_bytes, tp_saved_bytes = _saved_bytes(saved, accounting, (args, kwargs))
-    return dict(
-        fwd_flops=fwd,
-        bwd_flops=bwd,
-        tp_flops_fraction=min(1.0, (tp_forward + accounting.tp_flops) / (fwd + bwd)) if fwd + bwd else 0.0,
-        elementwise_bytes=accounting.elementwise_bytes,
-        saved_bytes=saved_bytes,
-        tp_saved_bytes=tp_saved_bytes,
-        output_bytes=float(sum(_tensor_bytes(t) for t in _tensors(output))),
-        **_allreduce_bytes(traced, layer),
+    return _LayerRun(
+        accounting=accounting,
+        saved=saved,
+        inputs=(args, kwargs),
+        output=output,
+        forward_flops=float(forward_flops.get_total_flops()),
+        backward_flops=float(backward_flops.get_total_flops()),
+        tp_flops=tp_forward + accounting.tp_flops,
     )
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A floating tensor as a fresh leaf of `dtype` (requiring grad as before); others unchanged."""
+    if not tensor.is_floating_point():
+        return tensor
+    return tensor.detach().to(dtype).requires_grad_(tensor.requires_grad)
+
+
 def _saved_bytes(
-    saved: list[torch.Tensor], accounting: _Accounting, inputs: Any
+    saved: list[torch.Tensor], accounting: _Accounting, inputs: Any, real_sizes: bool = False
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Bytes kept for backward per recompute option, and the tp-split part of each.
 
     none: every storage autograd saved; selective: the layer input plus saved outputs of
     `selective_save_ops()`; full: the layer input (what non-reentrant checkpointing keeps)."""
     kept = {
-        _storage_key(t): _storage_bytes(t) for t in saved if t.dim() > 0 and _storage_key(t) not in accounting.state
+        _storage_key(t): _storage_bytes(t, real_sizes)
+        for t in saved
+        if t.dim() > 0 and _storage_key(t) not in accounting.state
     }
-    given = {_storage_key(t): _storage_bytes(t) for t in _tensors(inputs)}
+    given = {_storage_key(t): _storage_bytes(t, real_sizes) for t in _tensors(inputs)}
     chosen = {
         "none": kept,
         "selective": {**given, **{k: b for k, b in kept.items() if k in accounting.selective}},

@@ -169,7 +169,10 @@ def lower_bound_s(inst: Instance) -> float:
     total_s = len(split.blocks) * cheapest(block, "time_s", inst.block_options()) + sum(
         cheapest(i, "time_s") for i in fixed
     )
-    params, zero3_s = total_local_params(inst), total_over_layers(inst, "zero3_comm_s")
+    zero3_exposed_s = len(split.blocks) * cheapest(block, "zero3_exposed_s", inst.block_options()) + sum(
+        cheapest(i, "zero3_exposed_s") for i in fixed
+    )
+    params = total_local_params(inst)
     sync_units, penalty = total_over_layers(inst, "sync_units"), overlap_penalty(inst.cluster)
     slowdown = inst.cluster.device.shared_core_slowdown
     v = max(s[1] for s in inst.schedules)
@@ -181,8 +184,7 @@ def lower_bound_s(inst: Instance) -> float:
     bounds = []
     for zero in inst.zeros:
         config = inst.config(("1f1b", 1), zero, False)
-        zero3_share = penalty * zero3_s if zero == 3 else 0.0
-        busy = total_s + zero3_share
+        busy = total_s + (zero3_exposed_s if zero == 3 else 0.0)
         slowest = max(busy / pp, slowest_s)
         pipeline = max(((m - 1 / v) * slowest + busy / v) / slowdown, m * busy / pp) + (
             2 * p2p * (m + pp - 1) if pp > 1 else 0.0

@@ -21,7 +21,6 @@ Variables (rank i < p, recompute option o, combination c):
     u_c in {0,1}           the configuration
     n[i,o,c] in Z+         blocks of rank i recomputed with o, under c (0 unless u_c = 1)
     r[j,o,c] in {0,1}      recompute option o of pinned prefix/suffix layer j, under c
-    X[i,c] >= 0            ZeRO-3 traffic of rank i not hidden behind its compute
     E[i,c] >= 0            dp gradient sync of rank i not hidden behind its backward
     Tmax_c >= 0            slowest rank's time per micro-batch under c
     P_c >= 0               the pipeline's time under c (two bounds, below)
@@ -30,7 +29,8 @@ Variables (rank i < p, recompute option o, combination c):
     D[i,c] >= 0            the dequantized copies rank i's backward holds at once (GB)
 Every per-rank quantity is linear in the counts: time_i,c = sum_o n[i,o,c] t(o, sp_c)
 + sum_j,o r[j,o,c] t_j(o, sp_c), likewise backward, activation bytes, parameters and
-ZeRO-3 traffic, with coefficients from `costmodels.pipeline.estimate_layer_cost`.
+exposed ZeRO-3 traffic X_i,c (FSDP2 overlaps it layer by layer, so each layer's exposed share is
+a coefficient), with coefficients from `costmodels.layer.estimate_layer_cost`.
 Objective (= `costmodels.pipeline.estimate_step`, checked by the planner tests):
     min sum_c [P_c + (2 p2p_c (m v_c + p - 1) + step collectives_c) u_c]  +  W
     P_c >= ((m - 1/v_c) Tmax_c + (1/v_c) B_c) / s,   B_c = sum_i (time_i,c + X_i,c)
@@ -40,8 +40,8 @@ Linearisation: the configuration binary enters by big-M on the counts
 the disjunction over configurations (Balas 1979): every constraint written per c with
 its own copy of the counts holds trivially when u_c = 0, so memory, time and sync
 constraints need no further big-M and the LP relaxation stays tight. Constraint
-families (`Milp.add_*_constraints`, each named): assignment, time (ZeRO-3 exposure,
-slowest rank), sync (dp sync exposure + optimizer), memory (per rank and combination:
+families (`Milp.add_*_constraints`, each named): assignment, time (slowest rank), sync
+(dp sync exposure + optimizer), memory (per rank and combination:
 states + in-flight * activations + D + fixed terms <= cap * u_c), dequantize (D the largest
 dequantized_o z[i,o,c], n[i,o,c] <= N z[i,o,c]; precision choices: `planner.precision`).
 
@@ -162,7 +162,6 @@ class Milp:
             for c in self.combos
         }
         cont = lambda name: var(name, lowBound=0)  # noqa: E731
-        self.X = {(i, c): cont(f"X_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero == 3}
         self.E = {(i, c): cont(f"E_{i}_{c.name}") for i in range(p) for c in self.combos if c.zero != 3}
         stored = [o for o in inst.block_options() if split_layer_option(o).storage]
         self.z = {
@@ -187,9 +186,10 @@ class Milp:
         return pulp.LpAffineExpression([(var, coef * scale) for var, coef in self._sums[key]])
 
     def busy(self, i: int, c: Combo) -> pulp.LpAffineExpression:
-        """T_i,c + X_i,c: rank i's time per micro-batch with exposed ZeRO-3 traffic."""
+        """T_i,c (+ X_i,c with ZeRO-3): rank i's time per micro-batch with its exposed ZeRO-3 traffic,
+        a per-layer coefficient (`LayerCost.zero3_exposed_s`: FSDP2 overlaps layer by layer)."""
         time_s = self.rank_sum(i, c, "time_s")
-        return time_s + self.X[i, c] if c.zero == 3 else time_s
+        return time_s + self.rank_sum(i, c, "zero3_exposed_s") if c.zero == 3 else time_s
 
     def add_assignment_constraints(self) -> None:
         """sum_c u_c = 1;  sum_{i,o} n[i,o,c] = N u_c;  n[i,o,c] <= N u_c;
@@ -212,19 +212,9 @@ class Milp:
                 prob += pulp.lpSum(self.r[j, o, c] for o in inst.options) == self.u[c], f"recompute_once_{j}_{c.name}"
 
     def add_time_constraints(self) -> None:
-        """ZeRO-3: X_i,c >= (1 - pen)(comm_i,c - T_i,c) + pen comm_i,c,  X_i,c >= pen comm_i,c;
-        Tmax_c >= T_i,c + X_i,c for every rank i."""
-        penalty = overlap_penalty(self.inst.cluster)
+        """Tmax_c >= T_i,c + X_i,c for every rank i."""
         for c in self.combos:
             for i in range(self.inst.pp):
-                if c.zero == 3:
-                    comm = self.rank_sum(i, c, "zero3_comm_s")
-                    time_s = self.rank_sum(i, c, "time_s")
-                    self.problem += (
-                        self.X[i, c] >= (1 - penalty) * (comm - time_s) + penalty * comm,
-                        f"zero3_exposed_{i}_{c.name}",
-                    )
-                    self.problem += self.X[i, c] >= penalty * comm, f"zero3_hidden_share_{i}_{c.name}"
                 self.problem += self.Tmax[c] >= self.busy(i, c), f"slowest_rank_{i}_{c.name}"
 
     def pipeline_expression(self) -> pulp.LpAffineExpression:

@@ -47,6 +47,12 @@ class LayerProfile(BaseModel):
     tp_saved_bytes: dict[str, float] = Field(default_factory=dict)
     """Of `saved_bytes`, the part that tensor parallelism divides by t; the remainder is
     divided by t only with sequence parallelism."""
+    half_saved_ratio: dict[str, float] = Field(default_factory=dict)
+    """Recompute option -> bytes kept when the layer runs in bfloat16 over `saved_bytes` (0.5
+    when every saved tensor follows the compute dtype; more for tensors the layer upcasts, a
+    loss's float32 logits). Empty in profiles written before this field: 0.5 is assumed."""
+    half_elementwise_ratio: float | None = None
+    """`elementwise_bytes` in bfloat16 over the float32 count, likewise (None: 0.5)."""
     output_bytes: float
     """Bytes of the activation leaving the layer (crosses a stage boundary cut after it)."""
     tp_allreduce_bytes_fwd: float = 0.0
@@ -70,6 +76,20 @@ class LayerProfile(BaseModel):
     sequences (`autoplan profile`); see `measured_micro_batch_s`."""
     measured_source: str | None = None
     """Where the measured times come from, e.g. "NVIDIA H100 80GB HBM3 (h100.json)"."""
+
+    def saved_bytes_scale(self, recompute: str, dtype_bytes: int) -> float:
+        """Factor from `saved_bytes[recompute]` (float32 count) to bytes in a compute dtype of
+        `dtype_bytes` bytes: 1 for float32, `half_saved_ratio` (default 0.5) for 16-bit dtypes."""
+        if dtype_bytes >= 4:
+            return 1.0
+        return self.half_saved_ratio.get(recompute, 0.5) * dtype_bytes / 2
+
+    def elementwise_bytes_scale(self, dtype_bytes: int) -> float:
+        """Factor from `elementwise_bytes` to bytes moved in a compute dtype of `dtype_bytes` bytes."""
+        if dtype_bytes >= 4:
+            return 1.0
+        ratio = self.half_elementwise_ratio if self.half_elementwise_ratio is not None else 0.5
+        return ratio * dtype_bytes / 2
 
     def measured_micro_batch_s(self, micro_batch_size: int) -> tuple[float, float]:
         """Measured (forward, backward) seconds of one micro-batch of `micro_batch_size` sequences.

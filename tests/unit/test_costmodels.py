@@ -10,14 +10,16 @@ from hypothesis import strategies as st
 
 from autoplan.costmodels.communication import (
     LINK_EFFICIENCY,
+    OVERLAP_PENALTY,
     estimate_all_gather_s,
     estimate_all_reduce_s,
     estimate_p2p_s,
     estimate_reduce_scatter_s,
+    exposed_s,
     group_levels,
 )
 from autoplan.costmodels.compute import estimate_layer_time, matmul_efficiency
-from autoplan.costmodels.pipeline import OVERLAP_PENALTY, exposed_s, pipeline_time_s
+from autoplan.costmodels.pipeline import pipeline_time_s
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.profile import LayerProfile
