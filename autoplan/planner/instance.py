@@ -25,6 +25,7 @@ from autoplan.costmodels.pipeline import (
     p2p_time_s,
     step_collectives_s,
 )
+from autoplan.costmodels.uncertainty import usable_memory_bytes
 from autoplan.errors import AutoplanError
 from autoplan.planner.precision import PrecisionChoices
 from autoplan.planner.search_space import LayerSplit, can_sequence_parallel, schedule_options
@@ -126,7 +127,8 @@ def build_instance(
         zeros,
         sps,
         {},
-        constraints.max_memory_fraction * cluster.device.memory_bytes,
+        # the plan's memory upper bound must fit, not its point estimate
+        usable_memory_bytes(constraints.max_memory_fraction * cluster.device.memory_bytes, cluster.device.kind),
         block_option,
         precision.storage_dtypes,
     )
