@@ -87,7 +87,7 @@ class ActivationStorage:
             local = local.to_local()  # type: ignore[attr-defined]
         whole = _covers_storage(local)
         storage = local.untyped_storage()
-        key = (storage._cdata, local.dtype)
+        key: tuple = (storage._cdata, local.dtype)
         if not whole:
             key += (local.storage_offset(), tuple(local.shape), local.stride())
         if key not in self.packed:

@@ -12,7 +12,7 @@ DTensor's host time per micro-batch (`tp_dispatch_s`).
 
 A layer storing its activations narrower than it computes (`layer_option` "none@float8_e4m3fn")
 keeps that share of the bytes and pays the casts (`compute.estimate_storage_cast_s`); while its
-backward runs, the dequantized copies are live beside the stored ones (`dequantized_bytes`).
+backward runs, one node's dequantized copies are live beside the stored ones (`dequantized_bytes`).
 """
 
 from __future__ import annotations
@@ -62,9 +62,11 @@ class LayerCost:
     param_tensors: float = 0.0
     """Parameter tensors the layer holds (the optimizer's per-tensor host time with DTensors)."""
     dequantized_bytes: float = 0.0
-    """With activations stored narrower: what its backward adds, its saved tensors dequantized
-    back to the compute dtype beside their stored copies (a whole layer's at once: the peak
-    measured in tests/unit/test_activation_storage.py falls by the stored saving less this)."""
+    """With activations stored narrower: what its backward adds, the saved tensors of one
+    backward node dequantized back to the compute dtype beside their stored copies (each node
+    unpacks its own, freed when it ends: `LayerProfile.largest_node_saved_bytes`, the whole
+    layer's for profiles without it). The peak measured in tests/unit/test_activation_storage.py
+    falls by the stored saving less this."""
 
     @property
     def time_s(self) -> float:
@@ -153,7 +155,8 @@ def estimate_layer_cost(
     cast_fwd = cast_bwd = dequantized = 0.0
     if storage is not None:
         cast_fwd, cast_bwd = estimate_storage_cast_s(activation_bytes, cluster.device, storage, param_dtype)
-        dequantized = activation_bytes
+        largest, none_bytes = layer.largest_node_saved_bytes, layer.saved_bytes.get("none", 0.0)
+        dequantized = activation_bytes * (min(1.0, largest / none_bytes) if largest and none_bytes else 1.0)
         activation_bytes *= DTYPE_BYTES[storage] / DTYPE_BYTES[param_dtype]
     params = local_param_count(layer, tp)
     backward_s = times.backward_s + times.recompute_s + bwd_comm + recompute_comm + cast_bwd

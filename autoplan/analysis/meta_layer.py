@@ -212,6 +212,7 @@ def profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> dic
         elementwise_bytes=accounting.elementwise_bytes,
         saved_bytes=saved_bytes,
         tp_saved_bytes=tp_saved_bytes,
+        largest_node_saved_bytes=run.largest_node_saved_bytes,
         output_bytes=float(sum(_tensor_bytes(t) for t in _tensors(run.output))),
         **_allreduce_bytes(traced, layer),
         **_half_precision_ratios(traced, layer, loss, saved_bytes, accounting.elementwise_bytes),
@@ -248,6 +249,7 @@ class _LayerRun:
     forward_flops: float
     backward_flops: float
     tp_flops: float
+    largest_node_saved_bytes: float
 
 
 def _run_layer(traced: TracedModel, layer: str, loss: Callable | None, dtype: torch.dtype | None = None) -> _LayerRun:
@@ -301,6 +303,7 @@ def _run_layer(traced: TracedModel, layer: str, loss: Callable | None, dtype: to
     tp_forward = accounting.tp_flops
     accounting.tp_flops, accounting.backward = 0.0, True
     roots = [t for t in _tensors(final) if t.requires_grad]
+    largest_node_saved = _largest_node_saved_bytes(roots, accounting.state)
     with FlopCounterMode(display=False) as backward_flops, accounting:
         if roots:
             torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
@@ -312,6 +315,7 @@ def _run_layer(traced: TracedModel, layer: str, loss: Callable | None, dtype: to
         forward_flops=float(forward_flops.get_total_flops()),
         backward_flops=float(backward_flops.get_total_flops()),
         tp_flops=tp_forward + accounting.tp_flops,
+        largest_node_saved_bytes=largest_node_saved,
     )
 
 
@@ -320,6 +324,28 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if not tensor.is_floating_point():
         return tensor
     return tensor.detach().to(dtype).requires_grad_(tensor.requires_grad)
+
+
+def _largest_node_saved_bytes(roots: list[torch.Tensor], state: set[int]) -> float:
+    """The most saved activation bytes one backward node of the graph under `roots` reads
+    (its saved tensors' storages, parameters and 0-d tensors left out as in `_saved_bytes`)."""
+    largest, seen, stack = 0, set(), [t.grad_fn for t in roots]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        storages: dict[int, int] = {}
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            value = getattr(node, name)
+            for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and _storage_key(tensor) not in state:
+                    storages[_storage_key(tensor)] = _storage_bytes(tensor)
+        largest = max(largest, sum(storages.values()))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return float(largest)
 
 
 def _saved_bytes(

@@ -47,6 +47,11 @@ class LayerProfile(BaseModel):
     tp_saved_bytes: dict[str, float] = Field(default_factory=dict)
     """Of `saved_bytes`, the part that tensor parallelism divides by t; the remainder is
     divided by t only with sequence parallelism."""
+    largest_node_saved_bytes: float = 0.0
+    """Of `saved_bytes["none"]`, the most one backward node reads at once (the MLP's hidden for
+    its activation's backward, attention's q, k, v and output for its kernel), per sequence:
+    what a layer storing its activations narrower holds dequantized beside the stored copies
+    while its backward runs. 0: not profiled (profiles written before it)."""
     half_saved_ratio: dict[str, float] = Field(default_factory=dict)
     """Recompute option -> bytes kept when the layer runs in bfloat16 over `saved_bytes` (0.5
     when every saved tensor follows the compute dtype; more for tensors the layer upcasts, a
