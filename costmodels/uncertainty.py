@@ -10,8 +10,8 @@ for some e in [low, high], so
     peak memory:  t <= p / (1 + low) = p * (1 + margin),   margin = 1 / (1 + low) - 1
                   (`memory_margin`; 0 where the model never under-predicted)
 
-A plan's memory upper bound fits a cap exactly when its predicted peak fits
-`usable_memory_bytes(cap)` = cap / (1 + margin).
+The planner calls a plan feasible only when its memory upper bound fits the cap: the MILP's
+cap is `usable_memory_bytes(cap)` = cap / (1 + margin) (autoplan.planner.instance).
 
 Regenerating: the GPU cost model is being changed (issue 14, item 2), so the "cuda" figures
 move with it. `python benchmarks/residuals.py` re-evaluates the rows of
@@ -47,11 +47,12 @@ class Residuals:
 
 RESIDUALS: dict[str, Residuals] = {
     "cuda": Residuals(
-        # python benchmarks/residuals.py (2026-12-03): 28 step-time, 4 memory rows
-        step_time_low=-0.1943,  # torchtitan_h100.py h100_2506_asynctp_8b_64gpu_bf16_vanillatp
-        step_time_high=+0.1605,  # megatron_sc21.py Table 2 zero3 529.6B 1120 GPUs
-        memory_low=-0.2941,  # torchtitan_h100.py h100_2412_T3_8b_128gpu_fsdp
-        memory_high=-0.1809,  # torchtitan_h100.py h100_2412_T1_8b_8gpu_fsdp_compile
+        # python benchmarks/residuals.py (2026-12-03, after item 2's FSDP2 overlap, 923b50d):
+        # 28 step-time, 4 memory rows
+        step_time_low=-0.1201,  # torchtitan_h100.py h100_2506_asynctp_8b_64gpu_bf16_vanillatp
+        step_time_high=+0.2596,  # torchtitan_h100.py h100_2412_T3_8b_128gpu_fsdp_compile
+        memory_low=-0.1735,  # torchtitan_h100.py h100_2412_T3_8b_128gpu_fsdp
+        memory_high=-0.0760,  # torchtitan_h100.py h100_2412_T1_8b_8gpu_fsdp_compile
         source="Megatron SC21 and torchtitan H100 rows (benchmarks/residuals.py)",
     ),
     "cpu": Residuals(

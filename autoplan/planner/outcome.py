@@ -1,15 +1,18 @@
 """What a solve reports besides its best plan: the runners-up and why each lost, and, when no
-plan fits, the error naming the smallest memory per device any plan would need.
+plan fits, the error naming the smallest memory per device any plan would need. Memory is
+judged by its upper bound, the predicted peak x (1 + the device kind's memory margin,
+`autoplan.costmodels.uncertainty`), as the MILP's cap is.
 
     >>> result = solve(profile, cluster)                         # doctest: +SKIP
     >>> [r.why for r in result.runners_up]                       # doctest: +SKIP
-    ['slower by 3.1%', 'needs 93.2 GB > 72.0 GB']
+    ['slower by 3.1%', 'needs 93.2 GB (+42%) > 72.0 GB']
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autoplan.costmodels import uncertainty
 from autoplan.errors import InfeasibleError
 from autoplan.planner.instance import Instance
 from autoplan.planner.placement import Solution, smallest_memory_plan
@@ -49,7 +52,7 @@ def runners_up(
     limit: int = 5,
 ) -> list[Rejected]:
     """The next fastest distinct configurations, then the memory-infeasible ones."""
-    cap = constraints.max_memory_fraction * cluster.device.memory_bytes
+    cap, kind = constraints.max_memory_fraction * cluster.device.memory_bytes, cluster.device.kind
     out, seen = [], {(best.config.mesh["dp"], best.config.mesh["pp"], best.config.micro_batch_size)}
     for solution in sorted(solved, key=lambda s: s.estimate.step_time_s):
         key = (solution.config.mesh["dp"], solution.config.mesh["pp"], solution.config.micro_batch_size)
@@ -69,7 +72,9 @@ def runners_up(
     for item in rejected:
         if item.instance is not None and len(out) < limit:
             need = smallest_memory_plan(item.instance).estimate.peak_memory_bytes
-            item.why = f"needs {need / GB:.1f} GB > {cap / GB:.1f} GB" if need > cap else item.why
+            upper = uncertainty.peak_memory_upper_bytes(need, kind)
+            if upper > cap:
+                item.why = f"needs {upper / GB:.1f} GB (+{uncertainty.memory_margin(kind):.0%}) > {cap / GB:.1f} GB"
             item.peak_memory_bytes = need
             out.append(item)
     pruned = []  # one per (dp, pp, micro-batch) not shown yet: the other parameter dtype's is no news
@@ -84,15 +89,23 @@ def runners_up(
 def infeasible_error(
     profile: ModelProfile, cluster: ClusterSpec, split: LayerSplit, instances, constraints: Constraints
 ) -> InfeasibleError:
+    """No plan's memory upper bound fits the cap: the smallest plan's bound, its arithmetic (the
+    point estimate times 1 + the device kind's memory margin, against max_memory_fraction x the
+    device's memory), what its worst rank holds, and the device memory that would fit it."""
     smallest = min((smallest_memory_plan(inst) for _, inst in instances), key=lambda s: s.estimate.peak_memory_bytes)
-    est = smallest.estimate
-    cap = constraints.max_memory_fraction * cluster.device.memory_bytes
+    est, kind, fraction = smallest.estimate, cluster.device.kind, constraints.max_memory_fraction
+    cap, margin = fraction * cluster.device.memory_bytes, uncertainty.memory_margin(kind)
+    upper = uncertainty.peak_memory_upper_bytes(est.peak_memory_bytes, kind)
     rank = max(range(len(est.rank_memory)), key=lambda i: est.rank_memory_bytes[i])
     terms = ", ".join(f"{k.removesuffix('_bytes')} {v / GB:.2f} GB" for k, v in est.rank_memory[rank].items() if v)
-    c = smallest.config
+    c, memory_bytes = smallest.config, cluster.device.memory_bytes
+    fix = f"it fits devices of memory_bytes >= {upper / fraction / GB:.2f} GB" + (
+        f", or max_memory_fraction >= {upper / memory_bytes:.3f}" if upper <= memory_bytes else ""
+    )
     return InfeasibleError(
-        f"no plan fits in memory: the smallest plan needs {est.peak_memory_bytes / GB:.2f} GB per device > "
-        f"{cap / GB:.2f} GB (max_memory_fraction {constraints.max_memory_fraction} x "
-        f"{cluster.device.memory_bytes / GB:.0f} GB); that plan is dp={c.dp} pp={c.pp} tp={c.tp} "
-        f"micro_batch_size={c.micro_batch_size} ZeRO-{c.zero_stage} recompute=full; its worst rank holds {terms}"
+        f"no plan fits in memory: the smallest plan needs {upper / GB:.2f} GB per device > "
+        f"{cap / GB:.2f} GB (max_memory_fraction {fraction} x {memory_bytes / GB:.0f} GB): its "
+        f"predicted peak {est.peak_memory_bytes / GB:.2f} GB x (1 + memory margin {margin:.1%} from the {kind} "
+        f"calibration residuals, autoplan.costmodels.uncertainty); that plan is dp={c.dp} pp={c.pp} tp={c.tp} "
+        f"micro_batch_size={c.micro_batch_size} ZeRO-{c.zero_stage} recompute=full; its worst rank holds {terms}; {fix}"
     )

@@ -8,6 +8,7 @@ import itertools
 import pytest
 
 from autoplan.costmodels.pipeline import estimate_step
+from autoplan.costmodels.uncertainty import memory_margin, usable_memory_bytes
 from autoplan.planner.solver import solve
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.constraints import Constraints
@@ -22,7 +23,9 @@ NUM_BLOCKS = 4
 def tiny_cluster(
     memory_bytes: int = 2_000_000_000, memory_bandwidth_gbps: float = 100.0, bfloat16_flops: float = 4e12
 ) -> ClusterSpec:
-    """2 nodes x 2 devices, small and slow so that memory binds and links matter."""
+    """2 nodes x 2 devices, small and slow so that memory binds and links matter. The device holds
+    `memory_bytes` x (1 + the cuda memory margin): the planner fits a plan's upper bound, so its
+    predicted peak may reach 0.9 x `memory_bytes`, whatever the residuals of the day."""
     return ClusterSpec.model_validate(
         {
             "name": "tiny",
@@ -30,7 +33,7 @@ def tiny_cluster(
             "devices_per_node": 2,
             "device": {
                 "name": "tiny",
-                "memory_bytes": memory_bytes,
+                "memory_bytes": round(memory_bytes * (1 + memory_margin("cuda"))),
                 "memory_bandwidth_gbps": memory_bandwidth_gbps,
                 "peak_flops": {"float32": 1e12, "bfloat16": bfloat16_flops},
             },
@@ -121,7 +124,7 @@ def brute_force(
     choice per block among `block_options` (blocks between the embedding on the first and
     the head on the last rank), written from the rules, not from the solver."""
     pins = pins or {}
-    world, cap = cluster.world_size, 0.9 * cluster.device.memory_bytes
+    world, cap = cluster.world_size, usable_memory_bytes(0.9 * cluster.device.memory_bytes, cluster.device.kind)
     best = float("inf")
     for tp in (1, 2):
         for pp in (1, 2, 4):
@@ -329,8 +332,10 @@ def test_precision_pins_the_backend_cannot_run_are_refused(pins, message):
 
 
 def test_infeasible_memory_names_the_smallest_need():
-    with pytest.raises(ValueError, match=r"smallest plan needs [0-9.]+ GB per device > 0.09 GB") as error:
-        solve(tiny_profile(), tiny_cluster(memory_bytes=100_000_000))
+    cluster = tiny_cluster(memory_bytes=100_000_000)
+    cap_gb = 0.9 * cluster.device.memory_bytes / 1e9
+    with pytest.raises(ValueError, match=rf"smallest plan needs [0-9.]+ GB per device > {cap_gb:.2f} GB") as error:
+        solve(tiny_profile(), cluster)
     assert "optimizer_states" in str(error.value)
 
 

@@ -38,7 +38,7 @@ def test_the_interval_is_on_the_true_value_given_the_prediction():
 
 @pytest.fixture(scope="module")
 def tiny_plan() -> Plan:
-    return plan_from_profile(tiny_profile(), tiny_cluster(4_000_000_000))
+    return plan_from_profile(tiny_profile(), tiny_cluster())
 
 
 def test_the_plan_carries_the_interval_and_round_trips(tiny_plan, tmp_path):
