@@ -84,8 +84,13 @@ def heuristic_solution(inst: Instance, combos: list[Combo]) -> Solution | None:
 
 
 def smallest_memory_plan(inst: Instance) -> Solution:
-    """Maximal sharding and recomputation, balanced: what the mesh needs at least."""
+    """Maximal sharding and recomputation, balanced, on the schedule of the instance's (pinned
+    or offered) that holds the least in flight: what the mesh needs at least."""
     option = "full" if "full" in inst.options else inst.options[-1]
-    config = inst.config(("1f1b", 1) if inst.pp > 1 else inst.schedules[0], max(inst.zeros), inst.sps[-1])
     counts = balanced_counts(len(inst.split.blocks), inst.pp, inst.block_option or option)
-    return place_layers(inst, config, counts, {j: option for j in inst.split.prefix + inst.split.suffix})
+    fixed = {j: option for j in inst.split.prefix + inst.split.suffix}
+    plans = [
+        place_layers(inst, inst.config(schedule, max(inst.zeros), inst.sps[-1]), counts, fixed)
+        for schedule in inst.schedules
+    ]
+    return min(plans, key=lambda plan: plan.estimate.peak_memory_bytes)

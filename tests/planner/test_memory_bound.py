@@ -66,3 +66,26 @@ def test_the_free_plan_upper_bound_fits_the_cap(memory_bytes):
     for runner in result.runners_up:
         if runner.why.startswith("needs "):  # ruled out by memory: the bound with its margin
             assert f"(+{memory_margin('cuda'):.0%}) > {0.9 * memory_bytes / GB:.1f} GB" in runner.why
+
+
+def test_the_error_names_the_smallest_plan_under_the_pinned_schedule():
+    """Interleaving holds more micro-batches in flight than 1F1B: with the schedule pinned the
+    smallest plan is an interleaved one, and the error must not name a 1F1B plan that fits."""
+    profile, cluster, margin = tiny_profile(), tiny_cluster(), memory_margin("cuda")
+    pins = {"dp": 1, "pp": 2, "tp": 2, "micro_batch_size": 1, "zero_stage": 0, "recompute": "full"}
+    uppers = {}
+    for schedule, v in (("1f1b", 1), ("interleaved_1f1b", 2)):
+        constraints = Constraints(**pins, schedule=schedule, virtual_stages=v, param_dtype="bfloat16")
+        inst = build_instance(
+            profile, cluster, split_layers(profile), (1, 2, 2), 1, constraints, precision_choices(cluster, constraints)
+        )
+        assert inst is not None and inst.schedules == [(schedule, v)]
+        uppers[schedule] = smallest_memory_plan(inst).estimate.peak_memory_bytes * (1 + margin)
+    assert uppers["1f1b"] < uppers["interleaved_1f1b"]
+    memory_bytes = (uppers["1f1b"] + uppers["interleaved_1f1b"]) / 2 / 0.9
+    interleaved = Constraints(**pins, schedule="interleaved_1f1b", virtual_stages=2, param_dtype="bfloat16")
+    with pytest.raises(InfeasibleError) as error:
+        solve(profile, cluster_of(memory_bytes), interleaved)
+    assert f"needs {uppers['interleaved_1f1b'] / GB:.2f} GB per device > {0.9 * memory_bytes / GB:.2f} GB" in str(
+        error.value
+    )
