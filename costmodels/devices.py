@@ -30,6 +30,10 @@ _NDR_IB = {"bandwidth_gbps": 50.0, "latency_us": 5.0}
 # fragmentation, estimated at 2 GiB for every GPU; not yet measured (no GPU lent so far:
 # benchmarks/gpu_validation.py checks it, docs/validation.md).
 _CUDA_OVERHEAD_BYTES = 2 * GiB
+# The CUDA caching allocator's reserve beyond allocated tensors (max_memory_reserved over
+# max_memory_allocated, less 1): 8%, the one constant fitted to torchtitan's four published
+# 8B FSDP peaks (max_reserved; benchmarks/torchtitan_h100.py), eager and compiled rows alike.
+_CUDA_ALLOCATOR_RESERVE = 0.08
 
 
 def _dgx(name: str, memory_gb: float, bandwidth: float, peaks: dict, intra: dict, inter: dict) -> dict:
@@ -42,6 +46,7 @@ def _dgx(name: str, memory_gb: float, bandwidth: float, peaks: dict, intra: dict
             "memory_bandwidth_gbps": bandwidth,
             "peak_flops": dict(peaks),
             "framework_overhead_bytes": _CUDA_OVERHEAD_BYTES,
+            "allocator_reserve_fraction": _CUDA_ALLOCATOR_RESERVE,
         },
         "intra_node": dict(intra),
         "inter_node": dict(inter),

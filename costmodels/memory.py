@@ -25,7 +25,9 @@ In-flight micro-batches on pipeline rank i of p with m micro-batches:
     micro-batches of its layers; we scale the same factor for later ranks).
 Plus, once per device: framework overhead, the largest communication buffer, and the
 transient working memory of the largest layer's backward (its "none" saved bytes for
-one micro-batch, tp-split, as the recomputed/temporary tensors of that layer).
+one micro-batch, tp-split, as the recomputed/temporary tensors of that layer, and its
+output's gradient). On CUDA the caching allocator reserves `allocator_reserve_fraction`
+more than all of these but the framework overhead (`allocator_reserve_bytes`).
 """
 
 from __future__ import annotations
@@ -115,10 +117,19 @@ def in_flight_micro_batches(
 
 
 def estimate_transient_bytes(
-    layers: list[LayerProfile], *, micro_batch_size: int, tp: int, activation_dtype: str
+    layers: list[LayerProfile],
+    *,
+    micro_batch_size: int,
+    tp: int,
+    activation_dtype: str,
+    sequence_parallel: bool = False,
 ) -> float:
-    """Working memory of the largest layer's backward: its "none" saved bytes once
-    (tp share split, no sequence-parallel split: the gathered tensors are full)."""
+    """Working memory of the largest layer's backward: its "none" saved bytes once (tp share
+    split, no sequence-parallel split: the gathered tensors are full) and the gradient of its
+    output arriving from the layer after it (split over tp with sequence parallelism or a
+    vocabulary-split output head). For the last layer that output is the loss's input: its
+    logits' gradient, beside the loss's float32 working copies (saved bytes)."""
+    scale = micro_batch_size * DTYPE_BYTES[activation_dtype] / 4
     return max(
         (
             estimate_activation_bytes(
@@ -129,10 +140,25 @@ def estimate_transient_bytes(
                 sequence_parallel=False,
                 activation_dtype=activation_dtype,
             )
+            + layer.output_bytes * scale / (tp if sequence_parallel or _splits_output(layer) else 1)
             for layer in layers
         ),
         default=0.0,
     )
+
+
+def _splits_output(layer: LayerProfile) -> bool:
+    return any(site.style == "vocab_output" for site in layer.tp_sites.values())
+
+
+def allocator_reserve_bytes(terms: dict[str, float], fraction: float) -> float:
+    """What the caching allocator holds beyond the tensors of `terms` (all but the framework's
+    own overhead).
+
+    >>> allocator_reserve_bytes({"params_bytes": 100.0, "framework_overhead_bytes": 50.0}, 0.08)
+    8.0
+    """
+    return fraction * sum(v for name, v in terms.items() if name != "framework_overhead_bytes")
 
 
 def estimate_zero3_gathered_bytes(layers: list[LayerProfile], *, tp: int, param_dtype: str) -> float:

@@ -71,6 +71,7 @@ from autoplan.costmodels.communication import (
 from autoplan.costmodels.compute import DTYPE_BYTES, estimate_optimizer_step_s
 from autoplan.costmodels.layer import config_layer_cost
 from autoplan.costmodels.memory import (
+    allocator_reserve_bytes,
     estimate_comm_buffer_bytes,
     estimate_model_state_bytes,
     estimate_transient_bytes,
@@ -190,7 +191,11 @@ def fixed_memory_bytes(
     mbs, tp = config.micro_batch_size, config.tp
     terms = {
         "transient_bytes": estimate_transient_bytes(
-            rank_layers, micro_batch_size=mbs, tp=tp, activation_dtype=config.param_dtype
+            rank_layers,
+            micro_batch_size=mbs,
+            tp=tp,
+            activation_dtype=config.param_dtype,
+            sequence_parallel=config.sequence_parallel,
         ),
         "comm_buffer_bytes": estimate_comm_buffer_bytes(
             profile.layers,
@@ -265,6 +270,7 @@ def _rank_estimate(
     memory.update(
         fixed_memory_bytes(profile, cluster, config, [profile.layers[i] for i, _ in entries], config.zero_stage)
     )
+    memory["allocator_reserve_bytes"] = allocator_reserve_bytes(memory, cluster.device.allocator_reserve_fraction)
     return busy_s + zero3_s, extra, terms, memory
 
 

@@ -276,21 +276,31 @@ class Milp:
         for i in range(inst.pp):
             layers = [inst.profile.layers[j] for j in inst.rank_fixed_layers(i) + [inst.split.blocks[0]]]
             fixed_of = {
-                z: sum(fixed_memory_bytes(inst.profile, inst.cluster, base, layers, z).values()) for z in inst.zeros
+                (z, sp): sum(
+                    fixed_memory_bytes(
+                        inst.profile, inst.cluster, base.replace(sequence_parallel=sp), layers, z
+                    ).values()
+                )
+                for z in inst.zeros
+                for sp in inst.sps
             }
             for c in self.combos:
                 per_param = sum(
                     v if (c.zero == 0 or (c.zero < 3 and name == "params_bytes")) else v / base.dp
                     for name, v in terms.items()
                 )
-                fixed = fixed_of[c.zero]
+                fixed = fixed_of[c.zero, c.sp]
+                # (1 + reserve)(states + activations + D + fixed - overhead) + overhead <= cap
+                reserve = inst.cluster.device.allocator_reserve_fraction
+                overhead = inst.cluster.device.framework_overhead_bytes
+                room = inst.cap_bytes - overhead
                 in_flight = in_flight_micro_batches(c.schedule, i, inst.pp, base.num_micro_batches, c.v)
                 self.problem += (
                     (
                         per_param * self.rank_sum(i, c, "local_params", 1 / GB)
                         + in_flight * self.rank_sum(i, c, "activation_bytes", 1 / GB)
                         + self.D.get((i, c), 0.0)
-                        <= (inst.cap_bytes - fixed) / GB * self.u[c]
+                        <= (room / (1 + reserve) - (fixed - overhead)) / GB * self.u[c]
                     ),
                     f"memory_{i}_{c.name}",
                 )

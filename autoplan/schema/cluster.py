@@ -50,7 +50,12 @@ class DeviceSpec(BaseModel):
     memory_efficiency: float = Field(default=0.8, gt=0, le=1)
     """Share of memory bandwidth an elementwise kernel achieves (calibrated)."""
     framework_overhead_bytes: int = Field(default=0, ge=0)
-    """Memory the framework keeps per device whatever the model (CUDA context, allocator slack)."""
+    """Memory the framework keeps per device whatever the model (CUDA context, cuBLAS workspace)."""
+    allocator_reserve_fraction: float = Field(default=0.0, ge=0, le=1)
+    """Memory the caching allocator holds beyond what tensors occupy, as a share of it: blocks
+    cached for reuse and split blocks no request fits (fragmentation). What
+    `torch.cuda.max_memory_reserved` adds to `max_memory_allocated`; 0 where the peak is
+    counted tensor by tensor (CPU ranks, `AllocationTracker`)."""
     adam_bytes_per_param: float = Field(default=28.0, gt=0)
     """Memory traffic of one Adam step per parameter, bytes (plus the compute copy when
     params are not fp32). 28 for a fused kernel (reads master weight, gradient and two

@@ -55,7 +55,9 @@ def test_float8_speed_up_matches_torchtitan(bf16_id, float8_id, model):
     profile = _profile(model, row["gbs"], row["seq"])
     recompute = "full" if row["recompute"].startswith("full") else "selective"
     pins = dict(dp=row["dp"], tp=row["tp"], pp=1, micro_batch_size=row["local_batch_size"], zero_stage=3)
-    cluster = ClusterSpec.preset("dgx-h100", num_nodes=row["gpus"] // 8)
+    # the published runs fit; time is what this checks, so memory does not bind (the layers
+    # outside the blocks keep their activations, as in torchtitan)
+    cluster = ClusterSpec.preset("dgx-h100", num_nodes=row["gpus"] // 8, memory_bytes=10**15)
     bf16, float8 = (
         solve(profile, cluster, Constraints(recompute=recompute, matmul_dtype=dtype, **pins)).best.estimate.step_time_s
         for dtype in (None, "float8_e4m3fn")

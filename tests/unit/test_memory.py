@@ -134,8 +134,12 @@ def test_rank_memory_by_hand():
     assert memory["params_bytes"] == 2 * params
     assert memory["optimizer_states_bytes"] == pytest.approx(8 * params / 2)
     assert memory["activations_bytes"] == pytest.approx(1 * 2 * (2 * S * H))  # in flight 1, 2 blocks x 2sh
-    assert memory["transient_bytes"] == pytest.approx(S * H * (34 + ATTN))  # largest "none", bf16
+    # largest "none" + its output's gradient (s x h), bf16
+    assert memory["transient_bytes"] == pytest.approx(S * H * (34 + ATTN) + 2 * S * H)
     assert memory["framework_overhead_bytes"] == cluster.device.framework_overhead_bytes
+    reserve = cluster.device.allocator_reserve_fraction
+    tensors = sum(memory.values()) - memory["allocator_reserve_bytes"] - memory["framework_overhead_bytes"]
+    assert memory["allocator_reserve_bytes"] == pytest.approx(reserve * tensors)
 
 
 def test_data_parallel_buffer_is_one_fsdp_unit_or_none_with_ddp_bucket_views():
