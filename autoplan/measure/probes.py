@@ -54,7 +54,7 @@ BLOCK_PROBE = (2, 128, 8, (256, 512))
 (`autoplan.zoo.gpt.Block`: attention and a 4h MLP) whose forward + backward is timed on rank 0
 alone; the matmul rate written is the one that makes the roofline reproduce these times."""
 BLOCK_REPEATS = 5
-"""Timings of each block probe (each the median of several steps); the median is kept."""
+"""Timings of each block probe (each the median of several steps); the least is kept (`_Timer.alone`)."""
 ADAM_PARAMS = (32, 1 << 18)
 """The Adam probe's parameters, tensors x elements: 8 M, so its states (4 x 32 MiB) overflow the
 caches as a model's do."""
@@ -87,6 +87,11 @@ class _Timer:
             times.append(self.once(fn))
         return statistics.median(times)
 
+    def alone(self, fn, repeats: int = 3) -> float:
+        """The least of `repeats` `repeated` timings of `fn`, for a rank timing alone: another
+        process taking the core can only add time, so the least is the machine's own."""
+        return min(self.repeated(fn) for _ in range(repeats))
+
 
 def _time_matmuls(
     timer: _Timer, dtype: torch.dtype, sizes: tuple[int, ...], active: bool = True
@@ -100,7 +105,7 @@ def _time_matmuls(
         a = torch.randn(n, n, device=timer.device).to(dtype)
         b = torch.randn(n, n, device=timer.device).to(dtype)
         dist.barrier()
-        seconds = timer.repeated(lambda a=a, b=b: torch.mm(a, b)) if active else 0.0
+        seconds = timer.alone(lambda a=a, b=b: torch.mm(a, b)) if active else 0.0
         points.append((n, 2 * n**3 / seconds if active else 0.0))
         slowest = torch.tensor([seconds], device=timer.device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -134,14 +139,14 @@ def _time_blocks(timer: _Timer, active: bool = True) -> list[tuple[int, float]]:
             block(x).sum().backward()
 
         dist.barrier()
-        seconds = statistics.median(timer.repeated(step) for _ in range(BLOCK_REPEATS)) if active else 0.0
+        seconds = timer.alone(step, BLOCK_REPEATS) if active else 0.0
         points.append((width, seconds))
     return points
 
 
 def _time_elementwise(timer: _Timer) -> float:
     a, b, c = (torch.randn(ELEMENTWISE_NUMEL[timer.device.type], device=timer.device) for _ in range(3))
-    seconds = timer.repeated(lambda: torch.add(a, b, out=c))
+    seconds = timer.alone(lambda: torch.add(a, b, out=c))
     return 3 * a.numel() * a.element_size() / seconds / 1e9
 
 
@@ -180,9 +185,10 @@ def _slowest(seconds: float) -> float:
 
 
 def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float, float]:
-    """(seconds of one probe-MLP step on rank 0 alone, on every rank at once (the slowest, at the
-    median ratio), extra seconds per round of a 1 KiB all-reduce issued between smaller steps,
-    seconds of one of those rounds without the all-reduce)."""
+    """(seconds of one probe-MLP step on rank 0 alone, on every rank at once (the slowest), each
+    the least over SHARING_REPEATS alternations (our own ranks share the cores in every busy
+    one; another process only adds time), extra seconds per round of a 1 KiB all-reduce
+    issued between smaller steps, seconds of one of those rounds without the all-reduce)."""
     import torch.distributed as dist
 
     step = _probe_mlp(*SHARING_MLP)
@@ -192,7 +198,7 @@ def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float, float]
         alone = timer.repeated(step) if rank == 0 else 0.0  # the others wait in the barrier
         dist.barrier()
         pairs.append((_slowest(alone), _slowest(timer.repeated(step))))
-    alone, busy = sorted(pairs, key=lambda pair: pair[1] / pair[0])[len(pairs) // 2]
+    alone, busy = min(pair[0] for pair in pairs), min(pair[1] for pair in pairs)
 
     small_step, small = _probe_mlp(*LOADED_MLP), torch.zeros(256)
 
@@ -233,13 +239,17 @@ def _per_round_s(fn, rounds: int) -> float:
 
 
 def _median_extra_s(with_fn, without_fn, rounds: int, repeats: int, with_base: bool = False):
-    """How much longer a round of `with_fn` takes than one of `without_fn`, >= 0: the median
-    over `repeats` alternations (after one warm-up of each), every rank running them at once;
-    with `with_base` also the median seconds of a round of `without_fn`."""
+    """How much longer a round of `with_fn` takes than one of `without_fn`, >= 0, every rank
+    running them at once: the least round of each over `repeats` alternations (after one
+    warm-up of each), then their difference. Our own ranks' waits are in every alternation;
+    another process's load only adds time, and a difference of medians carried its scatter
+    (a factor of two between calibrations on a shared 2-core VM). With `with_base` also the
+    least seconds of a round of `without_fn`."""
     _per_round_s(with_fn, rounds), _per_round_s(without_fn, rounds)
     pairs = [(_per_round_s(with_fn, rounds), _per_round_s(without_fn, rounds)) for _ in range(repeats)]
-    extra = max(statistics.median(a - b for a, b in pairs), 0.0)
-    return (extra, statistics.median(b for _, b in pairs)) if with_base else extra
+    base = min(b for _, b in pairs)
+    extra = max(min(a for a, _ in pairs) - base, 0.0)
+    return (extra, base) if with_base else extra
 
 
 def _time_tp_dispatch(nproc: int, rank: int) -> tuple[float, float]:
