@@ -47,12 +47,12 @@ class Residuals:
 
 RESIDUALS: dict[str, Residuals] = {
     "cuda": Residuals(
-        # python benchmarks/residuals.py (2026-12-03, after item 2's FSDP2 overlap, 923b50d):
-        # 28 step-time, 4 memory rows
+        # python benchmarks/residuals.py (2026-12-03, after item 2's memory terms, cdab127):
+        # 29 step-time, 4 memory rows
         step_time_low=-0.1201,  # torchtitan_h100.py h100_2506_asynctp_8b_64gpu_bf16_vanillatp
         step_time_high=+0.2596,  # torchtitan_h100.py h100_2412_T3_8b_128gpu_fsdp_compile
-        memory_low=-0.1735,  # torchtitan_h100.py h100_2412_T3_8b_128gpu_fsdp
-        memory_high=-0.0760,  # torchtitan_h100.py h100_2412_T1_8b_8gpu_fsdp_compile
+        memory_low=-0.0467,  # torchtitan_h100.py h100_2412_T3_8b_128gpu_fsdp
+        memory_high=+0.0507,  # torchtitan_h100.py h100_2412_T1_8b_8gpu_fsdp_compile
         source="Megatron SC21 and torchtitan H100 rows (benchmarks/residuals.py)",
     ),
     "cpu": Residuals(
