@@ -213,15 +213,37 @@ def _layer_rows(plan: Plan, all_layers: bool) -> list[list[str]]:
             previous[1], previous[2], previous[6] = layer.name, previous[2] + 1, layer.stage
         else:
             runs.append([layer.name, layer.name, 1, layer.recompute, source, layer.stage, layer.stage])
+    folded = not all_layers and len(runs) > MAX_LAYER_RUNS
+    if folded:
+        runs = _fold_runs(runs)
     return [
         [
-            f"{first} .. {last} ({count})" if count > 1 else first,
+            (f"{count} in {first} .. {last}" if folded else f"{first} .. {last} ({count})") if count > 1 else first,
             recompute,
             str(first_stage) if first_stage == last_stage else f"{first_stage}..{last_stage}",
             source,
         ]
         for first, last, count, recompute, source, first_stage, last_stage in runs
     ]
+
+
+MAX_LAYER_RUNS = 8
+"""More runs of equal choices than this (the MILP may alternate options to fill memory
+exactly) fold into one row per choice: its first and last layer, how many, the stages they span."""
+
+
+def _fold_runs(runs: list[list]) -> list[list]:
+    """One run per (recompute, source): first and last layer with it, the count, the stages.
+
+    >>> _fold_runs([["a", "b", 2, "none", "-", 0, 0], ["c", "c", 1, "full", "-", 1, 1],
+    ...             ["d", "e", 2, "none", "-", 1, 2]])
+    [['a', 'e', 4, 'none', '-', 0, 2], ['c', 'c', 1, 'full', '-', 1, 1]]
+    """
+    folded: dict[tuple, list] = {}
+    for first, last, count, recompute, source, first_stage, last_stage in runs:
+        row = folded.setdefault((recompute, source), [first, last, 0, recompute, source, first_stage, last_stage])
+        row[1], row[2], row[6] = last, row[2] + count, last_stage
+    return list(folded.values())
 
 
 def _precision_rows(plan: Plan) -> list[list[str]]:
