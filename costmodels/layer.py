@@ -160,15 +160,9 @@ def estimate_layer_cost(
         activation_bytes *= DTYPE_BYTES[storage] / DTYPE_BYTES[param_dtype]
     params = local_param_count(layer, tp)
     backward_s = times.backward_s + times.recompute_s + bwd_comm + recompute_comm + cast_bwd
-    zero3_comm = zero3_exposed = 0.0
-    if dp > 1:
-        dp_levels = flat_levels(cluster, dp, tp)
-        gather_s = estimate_collective_s("all_gather", params * DTYPE_BYTES[param_dtype], dp_levels)
-        scatter_s = estimate_collective_s("reduce_scatter", params * DTYPE_BYTES[grad_reduce_dtype], dp_levels)
-        zero3_comm = 2 * gather_s + scatter_s
-        zero3_exposed = fsdp_exposed_s(
-            gather_s, scatter_s, times.forward_s + cast_fwd + fwd_comm, backward_s, overlap_penalty(cluster)
-        )
+    zero3_comm, zero3_exposed = zero3_terms(
+        params, cluster, dp, tp, param_dtype, grad_reduce_dtype, times.forward_s + cast_fwd + fwd_comm, backward_s
+    )
     return LayerCost(
         compute_s=times.forward_s + times.backward_s + cast_fwd + cast_bwd,
         recompute_s=times.recompute_s,
@@ -182,6 +176,28 @@ def estimate_layer_cost(
         param_tensors=float(layer.param_tensors),
         dequantized_bytes=dequantized,
     )
+
+
+def zero3_terms(
+    params: float,
+    cluster: ClusterSpec,
+    dp: int,
+    tp: int,
+    param_dtype: str,
+    grad_reduce_dtype: str,
+    forward_s: float,
+    backward_s: float,
+) -> tuple[float, float]:
+    """(traffic, exposed) seconds of a layer's ZeRO-3 collectives per micro-batch: all-gather of
+    its `params` in forward and again in backward, reduce-scatter of their gradients, over one
+    flat ring of the dp group (`communication.flat_levels`); exposed as `fsdp_exposed_s` says."""
+    if dp == 1:
+        return 0.0, 0.0
+    dp_levels = flat_levels(cluster, dp, tp)
+    gather_s = estimate_collective_s("all_gather", params * DTYPE_BYTES[param_dtype], dp_levels)
+    scatter_s = estimate_collective_s("reduce_scatter", params * DTYPE_BYTES[grad_reduce_dtype], dp_levels)
+    exposed = fsdp_exposed_s(gather_s, scatter_s, forward_s, backward_s, overlap_penalty(cluster))
+    return 2 * gather_s + scatter_s, exposed
 
 
 def fsdp_exposed_s(gather_s: float, scatter_s: float, forward_s: float, backward_s: float, penalty: float) -> float:
