@@ -46,8 +46,10 @@ def replan_cluster(cluster: ClusterSpec, world_size: int) -> ClusterSpec:
     """
     per_node = cluster.devices_per_node
     if world_size % per_node == 0:
-        return cluster.model_copy(update={"num_nodes": world_size // per_node})
-    return cluster.model_copy(update={"num_nodes": 1, "devices_per_node": world_size})
+        update = {"num_nodes": world_size // per_node}
+    else:
+        update = {"num_nodes": 1, "devices_per_node": world_size}
+    return ClusterSpec.model_validate({**cluster.model_dump(), **update})  # validated, unlike model_copy
 
 
 def plan_for_world(plan: Plan, world_size: int, resuming: bool) -> tuple[Plan | None, ClusterSpec]:

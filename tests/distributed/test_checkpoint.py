@@ -73,7 +73,7 @@ def _four_ranks(rank: int, world_size: int, root: str, hf_folder: str, plans: di
     result: dict = {}
     pm, optimizer, _ = _start(plans["save"], seed=0)
     result["saved_losses"] = _train(pm, optimizer, range(0, SAVED_AT))
-    pm.save(checkpoint_path(root, SAVED_AT), optimizer=optimizer, step=SAVED_AT)
+    pm.save(str(checkpoint_path(root, SAVED_AT)), optimizer=optimizer, step=SAVED_AT)  # SPEC: a plain string
 
     real_save = checkpoint.dcp.save
 
