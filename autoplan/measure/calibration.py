@@ -163,17 +163,19 @@ class Calibration:
             unit = device.model_copy(
                 update={"peak_flops": {"float32": 1e12}, "matmul_efficiency": 1.0, "memory_efficiency": 1.0}
             )
-            options = dict(micro_batch_size=BLOCK_PROBE[0], tp=1, sequence_parallel=False, recompute="none")
-            matmul_s = estimate_layer_time(
-                layer, unit.model_copy(update={"memory_bandwidth_gbps": 1e12}), compute_dtype="float32", **options
-            ).total_s
             memory_only = {"peak_flops": {"float32": 1e30}, "memory_bandwidth_gbps": self.elementwise_gbps}
-            elementwise_s = estimate_layer_time(
-                layer,
-                unit.model_copy(update=memory_only),
-                compute_dtype="float32",
-                **options,
-            ).total_s
+            matmul_s, elementwise_s = (
+                estimate_layer_time(
+                    layer,
+                    unit.model_copy(update=update),
+                    micro_batch_size=BLOCK_PROBE[0],
+                    tp=1,
+                    sequence_parallel=False,
+                    recompute="none",
+                    compute_dtype="float32",
+                ).total_s
+                for update in ({"memory_bandwidth_gbps": 1e12}, memory_only)
+            )
             if seconds > elementwise_s:
                 rates.append(1e12 * matmul_s / (seconds - elementwise_s))
         return statistics.median(rates) if rates else None

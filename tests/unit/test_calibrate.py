@@ -111,24 +111,47 @@ def test_bad_arguments_are_value_errors():
         calibrate(ClusterSpec.local(world_size=2), nproc=0, progress=False)
 
 
-def test_rates_timed_alone_are_divided_by_the_shared_core_slowdown():
-    timings = {
-        name: [(size, ring_terms(name, 4)[0] * 1e-3 + ring_terms(name, 4)[1] * size / 1e9) for size in (1e3, 1e6)]
+def ring_timings(latency_s: float, nproc: int = 4) -> dict[str, list[tuple[float, float]]]:
+    """Synthetic all-reduce and send/recv timings of a ring with `latency_s` per step and 1 GB/s."""
+    return {
+        name: [
+            (size, ring_terms(name, nproc)[0] * latency_s + ring_terms(name, nproc)[1] * size / 1e9)
+            for size in (1e3, 1e6)
+        ]
         for name in ("all_reduce", "send_recv")
     }
-    measured = Calibration(
+
+
+def synthetic_calibration(**changes) -> Calibration:
+    """A local:4 measurement of a plausible 2-core machine (every field near the preset's)."""
+    fields = dict(
         device="cpu",
         nproc=4,
-        matmul_flops={"float32": [(1024, 80e9)]},
-        elementwise_gbps=20.0,
-        link=fit_collectives(timings, 4, "link"),
-        shared_core_slowdown=2.0,
+        matmul_flops={"float32": [(256, 90e9), (512, 92e9), (1024, 60e9)]},
+        elementwise_gbps=25.0,
+        link=fit_collectives(ring_timings(5e-4), 4, "link"),
+        shared_core_slowdown=2.2,
         rates_alone=True,
         adam_seconds_per_param=5e-9,
-        loaded_extra_us=9000.0,
-        loaded_p2p_extra_us=3000.0,
+        loaded_extra_us=6000.0,
+        loaded_p2p_extra_us=1500.0,
+        loaded_round_us=20000.0,
         tp_dispatch_s=2e-3,
         dtensor_param_step_s=6e-4,
+    )
+    fields.update(changes)
+    return Calibration(**fields)
+
+
+def test_rates_timed_alone_are_divided_by_the_shared_core_slowdown():
+    measured = synthetic_calibration(
+        matmul_flops={"float32": [(1024, 80e9)]},
+        elementwise_gbps=20.0,
+        link=fit_collectives(ring_timings(1e-3), 4, "link"),
+        shared_core_slowdown=2.0,
+        loaded_extra_us=9000.0,
+        loaded_p2p_extra_us=3000.0,
+        loaded_round_us=None,
     )
     preset = ClusterSpec.local(world_size=4)  # as on 2 cores, whatever this machine has (the sanity bounds)
     preset = preset.model_copy(update={"device": preset.device.model_copy(update={"shared_core_slowdown": 2.0})})

@@ -7,37 +7,10 @@ from autoplan import ClusterSpec
 from autoplan.measure.calibration import (
     CONSTANT_GROUPS,
     RELATIVE_BOUNDS,
-    Calibration,
-    fit_collectives,
     quantity_value,
     reset_quantities,
-    ring_terms,
 )
-
-
-def _calibration(**changes) -> Calibration:
-    """A local:4 measurement of a plausible 2-core machine (every field near the preset's)."""
-    timings = {
-        name: [(size, ring_terms(name, 4)[0] * 5e-4 + ring_terms(name, 4)[1] * size / 1e9) for size in (1e3, 1e6)]
-        for name in ("all_reduce", "send_recv")
-    }
-    fields = dict(
-        device="cpu",
-        nproc=4,
-        matmul_flops={"float32": [(256, 90e9), (512, 92e9), (1024, 60e9)]},
-        elementwise_gbps=25.0,
-        link=fit_collectives(timings, 4, "link"),
-        shared_core_slowdown=2.2,
-        rates_alone=True,
-        adam_seconds_per_param=5e-9,
-        loaded_extra_us=6000.0,
-        loaded_p2p_extra_us=1500.0,
-        loaded_round_us=20000.0,
-        tp_dispatch_s=2e-3,
-        dtensor_param_step_s=6e-4,
-    )
-    fields.update(changes)
-    return Calibration(**fields)
+from tests.unit.test_calibrate import synthetic_calibration as _calibration
 
 
 @pytest.fixture
