@@ -37,9 +37,12 @@ What is measured, and how it becomes cost-model constants:
 * Elementwise bandwidth: `c = a + b` over large float32 tensors moves 3 x 4 bytes per
   element. The same rule: `memory_efficiency = min(1, measured / preset bandwidth)`,
   `memory_bandwidth_gbps = measured / memory_efficiency`.
-* Adam: one `torch.optim.AdamW` step over ADAM_PARAMS float32 parameters on every rank
-  at once; `adam_bytes_per_param = seconds per parameter * measured elementwise bandwidth`,
-  the traffic the cost model then charges per parameter (28 for a fused GPU kernel).
+* Adam: one `torch.optim.AdamW` step over ADAM_PARAMS float32 parameters, timed as the
+  elementwise bandwidth is (rank 0 alone on CPU ranks, the least of three timings);
+  `adam_bytes_per_param = seconds per parameter * that elementwise bandwidth`, the traffic the
+  cost model then charges per parameter (28 for a fused GPU kernel). The bytes a step moves
+  do not depend on how many ranks share the cores, and timed alone they are steady: timed on
+  every rank at once, two calibrations a minute apart gave 65 and 48.
 * Collectives (all-reduce, all-gather, reduce-scatter, send/recv) over message sizes S
   (the full tensor: all-reduce input, all-gather output, reduce-scatter input). The ring
   algorithm on n ranks sends `steps` messages carrying `factor * S` bytes per rank:
@@ -187,7 +190,7 @@ def measure(
         (timed[0]["blocks"][i][0], statistics.median(rank["blocks"][i][1] for rank in timed))
         for i in range(len(timed[0]["blocks"]))
     ]
-    result.adam_seconds_per_param = statistics.median(rank["adam_s_per_param"] for rank in per_rank)
+    result.adam_seconds_per_param = statistics.median(rank["adam_s_per_param"] for rank in timed)
     if per_rank[0].get("sharing") is not None:
         alone_s, busy_s, extra_s, round_s = per_rank[0]["sharing"]
         result.shared_core_slowdown = busy_s / alone_s
@@ -325,7 +328,7 @@ def _rank_main(
         result["blocks"] = _time_blocks(timer, active) if device == "cpu" else []
         report("transformer block")
         dist.barrier()
-        result["adam_s_per_param"] = _time_adam(timer)
+        result["adam_s_per_param"] = _time_adam(timer) if active else 0.0
         report("AdamW step")
         if nproc > 1:
             result["sharing"] = _time_sharing(timer, rank) if device == "cpu" else None

@@ -99,7 +99,7 @@ class Calibration:
     loaded_extra_us: float | None = None
     """Time a 1 KiB all-reduce issued between MLP steps adds per round (CPU, several ranks)."""
     adam_seconds_per_param: float | None = None
-    """One AdamW step's seconds per float32 parameter, median over ranks."""
+    """One AdamW step's seconds per float32 parameter, timed as `elementwise_gbps` is."""
     loaded_p2p_extra_us: float | None = None
     """Time a ring exchange (receive posted ahead) between MLP steps adds per round (CPU, several ranks)."""
     tp_dispatch_s: float | None = None
@@ -223,8 +223,8 @@ class Calibration:
         memory_efficiency = min(1.0, elementwise_gbps / device["memory_bandwidth_gbps"])
         device["memory_efficiency"] = memory_efficiency
         device["memory_bandwidth_gbps"] = elementwise_gbps / memory_efficiency
-        if self.adam_seconds_per_param:  # timed on every rank at once: the all-busy bandwidth prices it
-            device["adam_bytes_per_param"] = self.adam_seconds_per_param * elementwise_gbps * 1e9
+        if self.adam_seconds_per_param:  # timed as the elementwise bandwidth: bytes, whatever the sharing
+            device["adam_bytes_per_param"] = self.adam_seconds_per_param * self.elementwise_gbps * 1e9
         if self.link is not None:
             # the communication model uses bandwidth_gbps * LINK_EFFICIENCY as the achieved rate
             link = {
@@ -262,7 +262,6 @@ class Calibration:
         from rich.table import Table
 
         table = Table(title=f"calibration: {self.nproc} {self.device} rank(s), {self.wall_s:.1f} s")
-        share = self.shared_core_slowdown if self.rates_alone else 1.0
         who = "rank 0 alone" if self.rates_alone else "per rank"
         table.add_column("measured")
         table.add_column("value", justify="right")
@@ -278,7 +277,7 @@ class Calibration:
             table.add_row(
                 "AdamW ns per parameter (bytes moved per parameter)",
                 f"{self.adam_seconds_per_param * 1e9:.3g} "
-                f"({self.adam_seconds_per_param * self.elementwise_gbps * 1e9 / share:.3g})",
+                f"({self.adam_seconds_per_param * self.elementwise_gbps * 1e9:.3g})",
             )
         if self.nproc > 1 and self.device == "cpu":
             table.add_row("shared-core slowdown (all ranks busy / one alone)", f"{self.shared_core_slowdown:.3g}")

@@ -25,21 +25,29 @@ MIN_TIME_S = 0.05
 """Time each matmul / elementwise measurement runs for (repeating the op)."""
 MAX_SINGLE_OP_S = 0.1
 """A dtype's size ladder stops after a single matmul takes this long (slow CPU bf16)."""
-COLLECTIVE_REPEATS = 5
+COLLECTIVE_REPEATS = 9
 """Timed repetitions per collective and size (after one warm-up); the median is kept."""
 SHARING_MLP = (256, 512, 2)
 """The shared-core probe: tokens, width, blocks of (Linear(w, 4w), GELU, Linear(4w, w)), forward +
 backward: 4 M parameters, ~0.1 s per step alone, so the cores' caches are shared as a model's are."""
-SHARING_REPEATS = 5
-"""Alone / all-busy alternations of the shared-core probe (the median ratio is kept: a shared
-machine's scheduler makes single timings scatter by +-30%)."""
-LOADED_MLP = (256, 256, 1)
-"""The collective-overhead probe's compute between two all-reduces (~10 ms alone)."""
+SHARING_ROUNDS = 4
+"""Steps per timing of the shared-core probe: ~0.35 s alone, ~0.9 s with 4 ranks on 2 cores. Timed
+as the median of ~3 single steps instead, the slowest of 4 ranks scattered from 2.2 to 3.1
+between calibrations (one step all busy is a few scheduler slices)."""
+SHARING_REPEATS = 10
+"""Alone / all-busy alternations of the shared-core probe (the trimmed mean of their ratios is
+kept: a shared machine's scheduler makes single timings scatter by +-30%)."""
+LOADED_MLP = (64, 256, 1)
+"""The collective-overhead probe's compute between two all-reduces (~4 ms alone, ~9 ms with 4
+ranks on 2 cores). The wait it measures hardly depends on it (4 ranks, 2 cores: 9.0 ms per
+all-reduce and 3.1 ms per send with this, 10.7 and 3.5 ms with 256 tokens), but a round's noise
+grows with it: the alternations' differences scattered 1.3 / 0.9 ms (sd) here, 3.6 / 3.7 ms
+with 256 tokens, in 2.4x the time."""
 LOADED_ROUNDS = 20
 """MLP step + small all-reduce (or ring exchange) rounds of the loaded-overhead probes (CPU)."""
-LOADED_REPEATS = 9
-"""With / without alternations of the loaded-overhead probes (the median difference is kept:
-single differences scatter by a factor of two on a shared 2-core VM)."""
+LOADED_REPEATS = 16
+"""With / without alternations of the loaded-overhead probes (`_mean_extra_s`: the trimmed mean
+of the neighbours' differences is kept)."""
 DISPATCH_MLP = (16, 64)
 """The DTensor-dispatch probe: tokens, width of a colwise Linear(w, 4w) + rowwise Linear(4w, w)
 pair, small enough that its matmuls take microseconds and the host work is what is timed."""
@@ -47,8 +55,8 @@ DISPATCH_PARAMS = (32, 4096)
 """The DTensor optimizer probe: parameter tensors x elements, sharded over the probe's pairs."""
 DISPATCH_ROUNDS = 20
 """Forward + backward steps per timing of the DTensor-dispatch probe."""
-DISPATCH_REPEATS = 5
-"""DTensor / by-hand alternations of the dispatch probe (the median difference is kept)."""
+DISPATCH_REPEATS = 10
+"""DTensor / by-hand alternations of the dispatch probe (`_mean_extra_s`)."""
 BLOCK_PROBE = (2, 128, 8, (256, 512))
 """The layer probe (CPU): sequences, tokens each, heads and the widths of a GPT transformer block
 (`autoplan.zoo.gpt.Block`: attention and a 4h MLP) whose forward + backward is timed on rank 0
@@ -151,13 +159,17 @@ def _time_elementwise(timer: _Timer) -> float:
 
 
 def _time_adam(timer: _Timer) -> float:
-    """Seconds per parameter of one AdamW step (after a warm-up step that creates the states)."""
+    """Seconds per parameter of one AdamW step, after a warm-up step that creates the states: the
+    first step allocates and first touches them, ~3x a later step's time, and `repeated` keeps a
+    first call as long as this one (measured here: the warm-up alone made 565 bytes/parameter of a
+    steady step's ~75)."""
     count, numel = ADAM_PARAMS
     params = [torch.nn.Parameter(torch.randn(numel, device=timer.device)) for _ in range(count)]
     for param in params:
         param.grad = torch.randn_like(param)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    return timer.repeated(optimizer.step) / (count * numel)
+    optimizer.step()
+    return timer.alone(optimizer.step) / (count * numel)
 
 
 def _probe_mlp(tokens: int, width: int, blocks: int):
@@ -185,20 +197,27 @@ def _slowest(seconds: float) -> float:
 
 
 def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float, float]:
-    """(seconds of one probe-MLP step on rank 0 alone, on every rank at once (the slowest), each
-    the least over SHARING_REPEATS alternations (our own ranks share the cores in every busy
-    one; another process only adds time), extra seconds per round of a 1 KiB all-reduce
-    issued between smaller steps, seconds of one of those rounds without the all-reduce)."""
+    """(seconds of one probe-MLP step on rank 0 alone (the least over SHARING_REPEATS
+    alternations), on every rank at once (the slowest rank; the alone time times the trimmed
+    mean of each alternation's busy / alone ratio: neighbours share the machine's speed of the
+    moment), extra seconds per round of a 1 KiB all-reduce issued between smaller steps,
+    seconds of one of those rounds without the all-reduce). Each timing runs SHARING_ROUNDS
+    steps: many scheduler slices, so it is the cores' share and not where the slices fell."""
     import torch.distributed as dist
 
     step = _probe_mlp(*SHARING_MLP)
     pairs = []
     for _ in range(SHARING_REPEATS):
         dist.barrier()
-        alone = timer.repeated(step) if rank == 0 else 0.0  # the others wait in the barrier
-        dist.barrier()
-        pairs.append((_slowest(alone), _slowest(timer.repeated(step))))
-    alone, busy = min(pair[0] for pair in pairs), min(pair[1] for pair in pairs)
+        alone = 0.0
+        if rank == 0:  # the others wait in the barrier
+            start = time.perf_counter()
+            for _ in range(SHARING_ROUNDS):
+                step()
+            alone = (time.perf_counter() - start) / SHARING_ROUNDS
+        pairs.append((_slowest(alone), _per_round_s(step, SHARING_ROUNDS)))
+    alone = min(pair[0] for pair in pairs)
+    busy = alone * trimmed_mean([b / a for a, b in pairs])
 
     small_step, small = _probe_mlp(*LOADED_MLP), torch.zeros(256)
 
@@ -206,7 +225,7 @@ def _time_sharing(timer: _Timer, rank: int) -> tuple[float, float, float, float]
         small_step()
         dist.all_reduce(small)
 
-    extra, base = _median_extra_s(synced, small_step, LOADED_ROUNDS, LOADED_REPEATS, with_base=True)
+    extra, base = _mean_extra_s(synced, small_step, LOADED_ROUNDS, LOADED_REPEATS, with_base=True)
     return alone, busy, extra, base
 
 
@@ -224,7 +243,7 @@ def _time_loaded_p2p(rank: int, nproc: int) -> float:
         for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, buffer, (rank + 1) % nproc)]) + pending:
             work.wait()
 
-    return _median_extra_s(exchanged, step, LOADED_ROUNDS, LOADED_REPEATS)
+    return _mean_extra_s(exchanged, step, LOADED_ROUNDS, LOADED_REPEATS)
 
 
 def _per_round_s(fn, rounds: int) -> float:
@@ -238,18 +257,34 @@ def _per_round_s(fn, rounds: int) -> float:
     return _slowest(time.perf_counter() - start) / rounds
 
 
-def _median_extra_s(with_fn, without_fn, rounds: int, repeats: int, with_base: bool = False):
+def _mean_extra_s(with_fn, without_fn, rounds: int, repeats: int, with_base: bool = False):
     """How much longer a round of `with_fn` takes than one of `without_fn`, >= 0, every rank
-    running them at once: the least round of each over `repeats` alternations (after one
-    warm-up of each), then their difference. Our own ranks' waits are in every alternation;
-    another process's load only adds time, and a difference of medians carried its scatter
-    (a factor of two between calibrations on a shared 2-core VM). With `with_base` also the
-    least seconds of a round of `without_fn`."""
+    running them at once: `repeats` alternations (after one warm-up of each), each giving the
+    difference of two neighbouring timings, and the trimmed mean of those differences
+    (`trimmed_mean`). The machine's speed drifts by tens of percent over a minute: neighbours
+    see the same speed, so a difference of neighbours cancels it, where the difference of each
+    side's least timing over the whole probe compared two moments (it scattered by a factor of
+    two between calibrations on a shared 2-core VM; measured here, disjoint windows of 10
+    alternations of the all-reduce probe: 9.0-12.5 ms that way, 9.7-10.6 ms this way). With
+    `with_base` also the least seconds of a round of `without_fn`."""
     _per_round_s(with_fn, rounds), _per_round_s(without_fn, rounds)
     pairs = [(_per_round_s(with_fn, rounds), _per_round_s(without_fn, rounds)) for _ in range(repeats)]
     base = min(b for _, b in pairs)
-    extra = max(min(a for a, _ in pairs) - base, 0.0)
+    extra = max(trimmed_mean([a - b for a, b in pairs]), 0.0)
     return (extra, base) if with_base else extra
+
+
+def trimmed_mean(values: list[float], share: float = 0.2) -> float:
+    """The mean of `values` without the lowest and highest `share` / 2 of them each (one each
+    side of 10): one alternation that another process slowed cannot move it far.
+
+    >>> trimmed_mean([1.0, 2.0, 3.0, 4.0, 100.0, -50.0, 2.5, 3.5, 1.5, 2.0])   # 19.5 / 8 without -50 and 100
+    2.4375
+    """
+    ordered = sorted(values)
+    cut = int(len(ordered) * share / 2)
+    kept = ordered[cut : len(ordered) - cut] if len(ordered) > 2 * cut else ordered
+    return sum(kept) / len(kept)
 
 
 def _time_tp_dispatch(nproc: int, rank: int) -> tuple[float, float]:
@@ -278,14 +313,14 @@ def _time_tp_dispatch(nproc: int, rank: int) -> tuple[float, float]:
         y.sum().backward()
         dist.all_reduce(x.grad, group=group)
 
-    extra = _median_extra_s(tensor_parallel, by_hand, DISPATCH_ROUNDS, DISPATCH_REPEATS)
+    extra = _mean_extra_s(tensor_parallel, by_hand, DISPATCH_ROUNDS, DISPATCH_REPEATS)
 
     count, numel = DISPATCH_PARAMS
     plain = [torch.nn.Parameter(torch.randn(numel // tp)) for _ in range(count)]
     sharded = [torch.nn.Parameter(distribute_tensor(torch.randn(numel), mesh, [Shard(0)])) for _ in range(count)]
     for param in plain + sharded:
         param.grad = torch.randn_like(param)
-    step_extra = _median_extra_s(
+    step_extra = _mean_extra_s(
         torch.optim.AdamW(sharded, lr=1e-4).step,
         torch.optim.AdamW(plain, lr=1e-4).step,
         DISPATCH_ROUNDS,
