@@ -127,9 +127,9 @@ def _add_profile_parser(commands) -> None:
     profile.add_argument(
         "--cluster",
         default=None,
-        help="the cluster the profile is for: local:N measures while N-1 peers keep the other "
-        "cores busy, as its ranks do; its device is the roofline columns' (default: local:1 "
-        "on cpu, the matching DGX preset on cuda)",
+        help="the cluster whose device gives the roofline columns (default: local:1 on cpu, the "
+        "matching DGX preset on cuda); layers are measured alone, and a local:N plan stretches "
+        "them by its calibrated shared-core slowdown",
     )
     profile.add_argument("-o", "--output", default="profile.json")
 

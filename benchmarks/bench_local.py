@@ -63,8 +63,6 @@ def main() -> None:
                 model,
                 default_micro_batch_sizes(args.global_batch_size),
                 batch_size=args.global_batch_size,
-                busy_peers=cluster.devices_per_node - 1,
-                peer_model=model,
             ).to_json(profile_path)
         with planning_with_profile(profile_path):
             report = run_bench(

@@ -61,8 +61,6 @@ def main() -> None:
             args.model,
             default_micro_batch_sizes(args.global_batch_size),
             batch_size=args.global_batch_size,
-            busy_peers=calibrated.devices_per_node - 1,
-            peer_model=args.model,
         ).to_json(profile_path)
         specs["+ profile"] = (calibrated, str(profile_path))
     planned = {

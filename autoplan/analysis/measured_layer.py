@@ -11,7 +11,6 @@ layer state and inputs it makes real, because both start from the same trace.
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,17 +81,14 @@ def measure_layer(
     dtype: torch.dtype | None = None,
     loss: Callable | None = None,
     repeats: int = 3,
-    min_time_s: float = 0.0,
 ) -> LayerMeasurement:
     """Run `layer` of `traced` forward and backward on `device` with random weights and inputs
     of the traced shapes (integer inputs are zeros: valid token ids); floating tensors in `dtype`
     (default: as traced). `loss(output)`, when given, runs after the forward and is timed with it.
 
     The first round warms up and counts what autograd saves (`saved_tensors_hooks`); the
-    times are the medians of `repeats` more rounds. With `min_time_s` the rounds go on until
-    they add up to that long and the times are their means: on cores shared with other
-    processes a short round gets a whole core or half of one as the scheduler's slices fall,
-    and only the average over many slices is the rate a rank sees.
+    times are the least of `repeats` more rounds: the layer alone on its device, whose own
+    time another process or the scheduler can only lengthen.
 
         >>> traced = trace_model(module, (tokens[:2],))                       # doctest: +SKIP
         >>> measure_layer(traced, "blocks.0", torch.device("cpu")).forward_s  # doctest: +SKIP
@@ -122,7 +118,7 @@ def measure_layer(
     forward_s: list[float] = []
     backward_s: list[float] = []
     round_index = 0
-    while round_index <= repeats or sum(forward_s[1:]) + sum(backward_s[1:]) < min_time_s:
+    while round_index <= repeats:
         # round 0 warms up and counts saved tensors
         counting = (
             torch.autograd.graph.saved_tensors_hooks(count_saved, lambda t: t)
@@ -150,7 +146,4 @@ def measure_layer(
         forward_s.append(middle - start)
         backward_s.append(time.perf_counter() - middle)
         round_index += 1
-    average = statistics.mean if min_time_s else statistics.median
-    return LayerMeasurement(
-        forward_s=average(forward_s[1:]), backward_s=average(backward_s[1:]), saved_bytes=saved_bytes
-    )
+    return LayerMeasurement(forward_s=min(forward_s[1:]), backward_s=min(backward_s[1:]), saved_bytes=saved_bytes)

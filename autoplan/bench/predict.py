@@ -52,7 +52,7 @@ def model_profile(model_name: str, cluster: ClusterSpec, global_batch_size: int,
     """The planner's profile of a zoo model (with `profile_file`'s measured layer times applied,
     as `autoplan.planner.planning.plan` does)."""
     from autoplan.analysis.profile import profile_model
-    from autoplan.planner.measured import apply_profile, ranks_per_core
+    from autoplan.planner.measured import apply_profile, profile_stretch
     from autoplan.planner.precision import precision_choices
     from autoplan.schema.profile_file import ProfileFile
     from autoplan.zoo import build
@@ -60,13 +60,14 @@ def model_profile(model_name: str, cluster: ClusterSpec, global_batch_size: int,
     job = build(model_name, batch_size=global_batch_size, device="meta")
     profile = profile_model(job.module, job.example_inputs, model_name=model_name, loss_fn=job.loss_fn)
     if profile_file:
+        measured = ProfileFile.from_json(profile_file)
         profile, _ = apply_profile(
             profile,
-            ProfileFile.from_json(profile_file),
+            measured,
             cluster.device,
             compute_dtype=precision_choices(cluster, Constraints()).param_dtype,
             source=Path(profile_file).name,
-            ranks_per_core=ranks_per_core(cluster),
+            stretch=profile_stretch(measured, cluster),
         )
     return profile
 

@@ -48,8 +48,6 @@ def cmd_profile(args: argparse.Namespace) -> None:
     batch_size = max(args.global_batch_size, *sizes)
     job = build(args.model, batch_size=batch_size, seq_len=args.seq_len, device="meta")
     cluster = ClusterSpec.parse(args.cluster) if args.cluster else None
-    # a local:N cluster's ranks share the cores: measure while N - 1 peers compute too
-    peers = cluster.devices_per_node - 1 if cluster and cluster.device.kind == "cpu" and device == "cpu" else 0
     measured = measure_zoo_profile(
         args.model,
         sizes,
@@ -57,8 +55,6 @@ def cmd_profile(args: argparse.Namespace) -> None:
         seq_len=args.seq_len,
         device=device,
         dtype=args.dtype,
-        busy_peers=peers,
-        peer_model=args.model,
     )
     measured.to_json(args.output)
     estimated = profile_model(

@@ -11,16 +11,17 @@
 What is measured. Each distinct layer (one per `signature`: the hash of its op sequence,
 shapes and dtypes for ONE sequence, so the 4 blocks of gpt-tiny share one entry) runs
 forward and backward on the device present with random weights, once per micro-batch size
-b, on inputs of b sequences (`autoplan.analysis.profile.measure_layer`): median seconds of the whole
-micro-batch and the bytes autograd keeps for backward (recompute "none"). The loss rides on
-the last layer, as in the profiler; its entry key carries `LOSS_SUFFIX`. Floating tensors
-run in `compute_dtype` (default: bfloat16 on CUDA and float32 on CPU, the planner's default
-dtypes), and on CPU in one thread, as each `local` rank runs (`autoplan.runtime.worker`); the
-thread count is restored afterwards. A `local:N` cluster's ranks share this machine's
-cores, so for it the layers are measured while N - 1 peer processes keep their cores busy
-(`busy_peers`, recorded as `concurrent_ranks`): the times are a rank's while every rank
-computes, the rate `costmodels.pipeline` charges (a rank alone in a bubble runs faster by
-`device.shared_core_slowdown`).
+b, on inputs of b sequences (`autoplan.analysis.profile.measure_layer`): the least seconds of
+the whole micro-batch over `repeats` rounds and the bytes autograd keeps for backward (recompute
+"none"). The loss rides on the last layer, as in the profiler; its entry key carries
+`LOSS_SUFFIX`. Floating tensors run in `compute_dtype` (default: bfloat16 on CUDA and float32 on
+CPU, the planner's default dtypes), and on CPU in one thread, as each `local` rank runs
+(`autoplan.runtime.worker`); the thread count is restored afterwards. The layers run alone: a
+`local:N` cluster whose ranks share this machine's cores stretches the times by its calibrated
+`device.shared_core_slowdown` when it plans (`autoplan.planner.measured.profile_stretch`).
+Measured while N - 1 peer processes kept the other cores busy instead, as an earlier version
+did, two profiles of gpt-small-demo on local:4 differed by up to 3x for one layer and size;
+alone they agree within ~10%.
 
 How it is used. `apply_profile` fills `LayerProfile.measured_by_mbs` for every layer whose
 signature has an entry, when the file's device kind matches the cluster's ("cuda" applies
@@ -31,9 +32,7 @@ roofline (`costmodels/compute.py`), and the Plan names per layer which it used.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -49,9 +48,6 @@ from autoplan.schema.profile_file import LOSS_SUFFIX, LayerEntry, MicroBatchMeas
 if TYPE_CHECKING:
     from autoplan.analysis.graph import TracedModel
 
-SHARED_CORE_MIN_TIME_S = 0.4
-"""With busy peers, each layer and size is timed over at least this long and averaged
-(`autoplan.analysis.profile.measure_layer`): single rounds of a few ms scatter 2x with the scheduler."""
 DEFAULT_MICRO_BATCH_CAP = 8
 """`default_micro_batch_sizes` measures powers of two up to this: beyond it the per-sequence
 time is flat (a device is full), and each size costs one more run of every layer."""
@@ -96,18 +92,14 @@ def _check_measure_inputs(
     example_inputs: tuple,
     sizes: list[int],
     micro_batch_sizes: list[int] | tuple[int, ...],
-    device: torch.device,
-    busy_peers: int,
 ) -> torch.Tensor:
     """`example_inputs[0]`, checked to be batched with enough sequences for the largest of
-    the (sorted, distinct) `sizes`; busy peers are checked to be on a CPU."""
+    the (sorted, distinct) `sizes`."""
     first = example_inputs[0] if example_inputs else None
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
         raise ValueError("example_inputs[0] must be a tensor whose dim 0 is the batch")
     if not sizes or sizes[0] < 1:
         raise ValueError(f"micro_batch_sizes must be >= 1, got {list(micro_batch_sizes)}")
-    if busy_peers and device.type != "cpu":
-        raise ValueError(f"busy_peers={busy_peers}: only CPU ranks share cores; a GPU is measured alone")
     if sizes[-1] > first.shape[0]:
         raise ValueError(
             f"micro-batch size {sizes[-1]} > the {first.shape[0]} sequences of example_inputs[0]; "
@@ -141,28 +133,12 @@ def _distinct_layers(
 
 
 def _measure_entry(
-    traced: TracedModel,
-    layer: str,
-    device: torch.device,
-    dtype: str,
-    loss: Callable | None,
-    repeats: int,
-    *,
-    shared_cores: bool,
+    traced: TracedModel, layer: str, device: torch.device, dtype: str, loss: Callable | None, repeats: int
 ) -> MicroBatchMeasurement:
-    """One layer's forward, backward and saved bytes at the traced micro-batch size (timed
-    over at least `SHARED_CORE_MIN_TIME_S` while peers share the cores)."""
+    """One layer's forward, backward and saved bytes at the traced micro-batch size."""
     from autoplan.analysis.measured_layer import measure_layer
 
-    result = measure_layer(
-        traced,
-        layer,
-        device,
-        dtype=getattr(torch, dtype),
-        loss=loss,
-        repeats=repeats,
-        min_time_s=SHARED_CORE_MIN_TIME_S if shared_cores else 0.0,
-    )
+    result = measure_layer(traced, layer, device, dtype=getattr(torch, dtype), loss=loss, repeats=repeats)
     return MicroBatchMeasurement(fwd_s=result.forward_s, bwd_s=result.backward_s, saved_bytes=result.saved_bytes)
 
 
@@ -177,7 +153,7 @@ def measure_zoo_profile(
 ) -> ProfileFile:
     """`measure_profile` of the zoo (or `file.py:factory`, `hf:`) model `model`, built on meta
     with `batch_size` sequences (default: the largest micro-batch) and recorded under its name;
-    `options` are measure_profile's keywords (dtype, repeats, progress, busy_peers, peer_model).
+    `options` are measure_profile's keywords (dtype, repeats, progress).
 
         >>> measure_zoo_profile("gpt-tiny", [1, 2]).to_json("gpt-tiny.cpu.json")  # doctest: +SKIP
     """
@@ -206,10 +182,8 @@ def measure_profile(
     *,
     dtype: str | None = None,
     model_name: str = "model",
-    repeats: int = 3,
+    repeats: int = 5,
     progress: bool = True,
-    busy_peers: int = 0,
-    peer_model: str | None = None,
 ) -> ProfileFile:
     """Measure every distinct layer of `module` at each micro-batch size on `device` (default:
     CUDA when available, else CPU). `example_inputs` need at least max(micro_batch_sizes)
@@ -219,10 +193,6 @@ def measure_profile(
         ...                            device="cpu", micro_batch_sizes=[1, 2])   # doctest: +SKIP
         >>> measured.entries[key].micro_batches[2].fwd_s                         # doctest: +SKIP
 
-    `busy_peers` (CPU only): processes that keep other cores busy meanwhile, as the other
-    ranks of a `local` cluster do (module docstring). Each peer measures `peer_model` (a zoo
-    name or file.py:factory: the same model, so the caches are shared as in training) over
-    and over, or without one steps the calibration's probe MLP.
     """
     from rich.console import Console
     from rich.progress import Progress
@@ -233,26 +203,21 @@ def measure_profile(
     device = _measure_device(device)
     dtype = dtype_name(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     sizes = sorted(set(micro_batch_sizes))
-    first = _check_measure_inputs(example_inputs, sizes, micro_batch_sizes, device, busy_peers)
+    first = _check_measure_inputs(example_inputs, sizes, micro_batch_sizes)
     jobs, entries = _distinct_layers(module, example_inputs, loss_fn is not None)
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # as each `local` rank runs; restored below
     try:
         measured_threads = torch.get_num_threads()
-        with (
-            Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar,
-            _busy_peers(busy_peers, peer_model, sizes, first.shape[1] if first.dim() > 1 else None),
-        ):
+        with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
             task = bar.add_task(f"measuring {model_name} on {device.type}", total=len(sizes) * len(jobs))
             for b in sizes:
                 traced = trace_model(module, tuple(_cut_batch(x, b) for x in example_inputs))
                 for key, layer in jobs.items():
                     bar.update(task, description=f"{layer} at micro-batch {b}")
                     loss = bind_loss(loss_fn, _cut_batch(targets, b), device) if key.endswith(LOSS_SUFFIX) else None
-                    entries[key].micro_batches[b] = _measure_entry(
-                        traced, layer, device, dtype, loss, repeats, shared_cores=bool(busy_peers)
-                    )
+                    entries[key].micro_batches[b] = _measure_entry(traced, layer, device, dtype, loss, repeats)
                     bar.advance(task)
     finally:
         torch.set_num_threads(threads)
@@ -264,58 +229,10 @@ def measure_profile(
         compute_dtype=dtype,
         num_threads=measured_threads,
         repeats=repeats,
-        concurrent_ranks=1 + busy_peers,
         torch_version=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         entries=entries,
     )
-
-
-@contextlib.contextmanager
-def _busy_peers(count: int, model: str | None = None, sizes: list[int] | None = None, seq_len: int | None = None):
-    """`count` spawned processes computing in one thread each until the block ends: measuring
-    `model`'s layers at `sizes` over and over, or stepping the probe MLP."""
-    if count < 1:
-        yield
-        return
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    stop, ready = context.Event(), context.Queue()
-    peers = [
-        context.Process(target=_busy_loop, args=(stop, ready, model, sizes, seq_len), daemon=True) for _ in range(count)
-    ]
-    for peer in peers:
-        peer.start()
-    try:
-        for _ in peers:
-            ready.get(timeout=120)
-        yield
-    finally:
-        stop.set()
-        for peer in peers:
-            peer.join(timeout=10)
-            if peer.is_alive():
-                peer.kill()
-
-
-def _busy_loop(stop, ready, model: str | None, sizes: list[int] | None, seq_len: int | None) -> None:
-    """A peer of `_busy_peers`, computing until `stop`."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    if model is None:
-        from autoplan.measure.probes import SHARING_MLP, _probe_mlp
-
-        step = _probe_mlp(*SHARING_MLP)
-    else:
-        assert sizes is not None  # given with a model
-
-        def step() -> None:
-            measure_zoo_profile(model, sizes, seq_len=seq_len, repeats=1, progress=False)
-
-    ready.put(os.getpid())
-    while not stop.is_set():
-        step()
 
 
 def profile_table(profile_file: ProfileFile, profile: ModelProfile, device: DeviceSpec | None):

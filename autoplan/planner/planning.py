@@ -82,7 +82,7 @@ def plan(
     constraints = constraints or Constraints()
     param_dtype = precision_choices(cluster, constraints).param_dtype  # a dtype that cannot run fails before profiling
     from autoplan.analysis.profile import profile_model
-    from autoplan.planner.measured import apply_profile, ranks_per_core
+    from autoplan.planner.measured import apply_profile, profile_stretch
     from autoplan.schema.profile_file import ProfileFile
 
     profile_file = profile_file or _profile_file_for_callers.get()
@@ -98,7 +98,7 @@ def plan(
             cluster.device,
             compute_dtype=param_dtype,
             source=Path(profile_file).name,
-            ranks_per_core=ranks_per_core(cluster),
+            stretch=profile_stretch(measured, cluster),
         )
     result = plan_from_profile(profile, cluster, constraints)
     if summary:

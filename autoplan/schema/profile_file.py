@@ -62,9 +62,12 @@ class ProfileFile(BaseModel):
     num_threads: int
     """torch.get_num_threads() while measuring (1 on CPU: one thread per local rank)."""
     concurrent_ranks: int = Field(default=1, ge=1)
-    """Processes computing at once while measuring on a CPU: this one and its busy peers."""
+    """Processes computing at once while measuring on a CPU: 1 (alone) since layers are measured
+    alone; more in files of earlier versions, measured beside busy peers
+    (`autoplan.planner.measured.profile_stretch` reads it)."""
     repeats: int
-    """Timed rounds per measurement (after one warm-up); times are their medians."""
+    """Timed rounds per measurement (after one warm-up); times are their least (their medians in
+    files of earlier versions)."""
     torch_version: str
     created: str
     """UTC date and time of the measurement, ISO 8601."""

@@ -79,7 +79,7 @@ def test_applied_profile_gives_the_measured_times(written, estimated):
     time = estimate_layer_time(block, LOCAL.device, micro_batch_size=3, **TIME_KWARGS)
     assert time.forward_s == pytest.approx(stored["2"]["fwd_s"] / 2 * 3)
     # two ranks sharing each core take twice as long as the one thread that was measured
-    shared, summary = apply_profile(estimated, ProfileFile.from_json(path), LOCAL.device, ranks_per_core=2.0)
+    shared, summary = apply_profile(estimated, ProfileFile.from_json(path), LOCAL.device, stretch=2.0)
     block = next(layer for layer in shared.layers if layer.name == "blocks.2")
     time = estimate_layer_time(block, LOCAL.device, micro_batch_size=1, **TIME_KWARGS)
     assert time.forward_s == pytest.approx(2 * stored["1"]["fwd_s"]) and "x2" in summary
