@@ -130,6 +130,7 @@ def local_cluster_fields(world_size: int) -> dict:
             "framework_overhead_bytes": 0,
             "adam_bytes_per_param": LOCAL_ADAM_BYTES_PER_PARAM,
             "shared_core_slowdown": 1.0 / core_share,
+            "ranks_per_core": 1.0 / core_share,
             "tp_dispatch_overhead_us": LOCAL_TP_DISPATCH_US / core_share,
             "dtensor_param_step_us": LOCAL_DTENSOR_STEP_US / core_share,
             "overlaps_communication": False,

@@ -12,19 +12,22 @@ Per pipeline rank i and micro-batch (b sequences per data-parallel rank):
                                      + exposed(all-gather + reduce-scatter, backward)
 Pipeline with m micro-batches, p ranks, v chunks per rank (v = 1 except interleaved),
 B_i = T_i + X_i:
-    pipeline = max((m * max_i B_i + (sum_i B_i - max_i B_i) / v) / s,  m * sum_i B_i / p)
+    pipeline = max((m * max_i B_i + (sum_i B_i - max_i B_i) / v) / r,  m * sum_i B_i / p)
                + 2 * p2p * (m * v + p - 1)                              (p > 1)
-On GPUs s = device.shared_core_slowdown = 1 and the first term, (m - 1) * max + sum for
-GPipe/1F1B (bubble (p-1)/m, Narayanan et al. SC21) and the bubble divided by v for
-interleaved 1F1B, is always the larger; interleaving's point-to-point sends (the boundary
-activation, forward, and its gradient, backward) happen v times as often.
-Ranks that share CPU cores (s > 1) are timed all busy. A rank whose peers wait (the
-bubble, or the stages faster than the slowest) runs up to s times faster, so the schedule's
-critical path is the first term at alone speed; and the cores cannot do more than the
-pipeline's work, m * sum_i B_i of all-busy time spread over its p ranks: the second term.
-A 4-stage pipeline of gpt-small-demo with m = 4 on local:4 (2 cores) measured 0.47 s,
-against 0.86 s from the steady-state formula m * max + bubble / s used before
-(benchmarks/bench_local.py); with this one it is predicted within 10%.
+On GPUs r = 1 and the first term, (m - 1) * max + sum for GPipe/1F1B (bubble (p-1)/m,
+Narayanan et al. SC21) and the bubble divided by v for interleaved 1F1B, is always the
+larger; interleaving's point-to-point sends (the boundary activation, forward, and its
+gradient, backward) happen v times as often.
+Ranks that share CPU cores are timed all busy (`device.shared_core_slowdown` s slower than
+alone). A rank whose peers wait (the bubble, or the stages faster than the slowest) gets a
+core of its own and runs r = `bubble_speedup` = min(s, device.ranks_per_core) times faster,
+so the schedule's critical path is the first term at that speed; and the cores cannot do
+more than the pipeline's work, m * sum_i B_i of all-busy time spread over its p ranks: the
+second term. Not s faster: the ranks still running share the caches and memory with it.
+gpt-small-demo as 4 stages on local:4 (2 cores, s = 2.5 calibrated) measured 0.62 s per step
+with m = 2 and 0.48 s with m = 4; dividing the critical path by s predicted 0.47 and 0.53 s
+(the planner took m = 2, 1.29 x the best), by r = 2 it predicts 0.58 and 0.53 s
+(benchmarks/bench_local.py).
 Then each rank synchronises gradients over dp and steps its optimizer, and the runner
 reports the loss (`step_collectives_s`):
     step = pipeline + max_i (exposed(sync_i, backward_i) + optimizer_i) + step collectives
@@ -79,7 +82,7 @@ from autoplan.costmodels.memory import (
     in_flight_micro_batches,
     local_param_count,
 )
-from autoplan.schema.cluster import ClusterSpec
+from autoplan.schema.cluster import ClusterSpec, DeviceSpec
 from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.profile import LayerProfile, ModelProfile
 
@@ -170,13 +173,25 @@ def step_collectives_s(profile: ModelProfile, cluster: ClusterSpec, config: Para
     return total
 
 
+def bubble_speedup(device: DeviceSpec) -> float:
+    """r: how much faster than all-busy a rank runs while its pipeline peers wait: it gets a core
+    of its own (`ranks_per_core`), but no more than `shared_core_slowdown` (1 on GPUs).
+
+    >>> from autoplan.schema.cluster import ClusterSpec
+    >>> bubble_speedup(ClusterSpec.preset("dgx-h100").device)
+    1.0
+    """
+    return min(device.shared_core_slowdown, device.ranks_per_core)
+
+
 def pipeline_time_s(
-    stage_times_s: list[float], config: ParallelConfig, p2p_s: float, shared_core_slowdown: float = 1.0
+    stage_times_s: list[float], config: ParallelConfig, p2p_s: float, bubble_speedup: float = 1.0
 ) -> float:
-    """max((m max + (sum - max) / v) / s, m sum / p) + 2 p2p (m v + p - 1) (module docstring)."""
+    """max((m max + (sum - max) / v) / r, m sum / p) + 2 p2p (m v + p - 1) (module docstring;
+    r = `bubble_speedup`)."""
     m, v, p = config.num_micro_batches, config.virtual_stages, config.pp
     slowest, total = max(stage_times_s), sum(stage_times_s)
-    time_s = max((m * slowest + (total - slowest) / v) / shared_core_slowdown, m * total / p)
+    time_s = max((m * slowest + (total - slowest) / v) / bubble_speedup, m * total / p)
     return time_s + (2 * p2p_s * (m * v + p - 1) if p > 1 else 0.0)
 
 
@@ -292,7 +307,7 @@ def estimate_step(
             worst = terms
         memories.append(memory)
     p2p_s = p2p_time_s(profile, cluster, config)
-    pipeline_s = pipeline_time_s(times, config, p2p_s, cluster.device.shared_core_slowdown)
+    pipeline_s = pipeline_time_s(times, config, p2p_s, bubble_speedup(cluster.device))
     sync_rank = max(range(len(extras)), key=lambda i: sum(extras[i]))
     m = config.num_micro_batches
     rank_memory_bytes = [sum(memory.values()) for memory in memories]

@@ -19,6 +19,7 @@ from autoplan.costmodels.compute import estimate_optimizer_step_s
 from autoplan.costmodels.layer import LayerCost, config_layer_cost
 from autoplan.costmodels.memory import model_state_bytes_per_param
 from autoplan.costmodels.pipeline import (
+    bubble_speedup,
     dp_sync_coefficients,
     dtensor_step_s_per_tensor,
     overlap_penalty,
@@ -176,7 +177,7 @@ def lower_bound_s(inst: Instance) -> float:
     )
     params = total_local_params(inst)
     sync_units, penalty = total_over_layers(inst, "sync_units"), overlap_penalty(inst.cluster)
-    slowdown = inst.cluster.device.shared_core_slowdown
+    speedup = bubble_speedup(inst.cluster.device)
     v = max(s[1] for s in inst.schedules)
     p2p = p2p_time_s(inst.profile, inst.cluster, inst.config(("1f1b", 1), 0, inst.sps[-1]))
     block_s = cheapest(block, "time_s", inst.block_options())
@@ -188,7 +189,7 @@ def lower_bound_s(inst: Instance) -> float:
         config = inst.config(("1f1b", 1), zero, False)
         busy = total_s + (zero3_exposed_s if zero == 3 else 0.0)
         slowest = max(busy / pp, slowest_s)
-        pipeline = max(((m - 1 / v) * slowest + busy / v) / slowdown, m * busy / pp) + (
+        pipeline = max(((m - 1 / v) * slowest + busy / v) / speedup, m * busy / pp) + (
             2 * p2p * (m + pp - 1) if pp > 1 else 0.0
         )
         per_param, latency = dp_sync_coefficients(inst.cluster, config, zero)

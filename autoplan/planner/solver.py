@@ -71,6 +71,7 @@ import pulp
 from autoplan.costmodels.compute import estimate_optimizer_step_s
 from autoplan.costmodels.memory import in_flight_micro_batches, model_state_bytes_per_param
 from autoplan.costmodels.pipeline import (
+    bubble_speedup,
     dp_sync_coefficients,
     dtensor_step_s_per_tensor,
     fixed_memory_bytes,
@@ -219,12 +220,12 @@ class Milp:
 
     def pipeline_expression(self) -> pulp.LpAffineExpression:
         """sum_c P_c + (2 p2p_c (m v_c + p - 1) + step collectives_c) u_c, with B_c = sum_i (T_i,c + X_i,c) and
-        P_c >= ((m - 1/v_c) Tmax_c + B_c / v_c) / s,  P_c >= m B_c / p
-        (s = device.shared_core_slowdown, 1 on GPUs, where the first bound always binds;
-        costmodels.pipeline)."""
+        P_c >= ((m - 1/v_c) Tmax_c + B_c / v_c) / r,  P_c >= m B_c / p
+        (r = costmodels.pipeline.bubble_speedup, 1 on GPUs, where the first bound always binds;
+        the second only where ranks share cores)."""
         inst = self.inst
         m, p = inst.base.num_micro_batches, inst.pp
-        slowdown = inst.cluster.device.shared_core_slowdown
+        speedup = bubble_speedup(inst.cluster.device)
         terms = []
         for c in self.combos:
             config = inst.config((c.schedule, c.v), c.zero, c.sp)
@@ -235,10 +236,10 @@ class Milp:
             )
             busy = pulp.lpSum(self.busy(i, c) for i in range(p))
             self.problem += (
-                self.P[c] >= ((m - 1 / c.v) * self.Tmax[c] + (1 / c.v) * busy) * (1 / slowdown),
+                self.P[c] >= ((m - 1 / c.v) * self.Tmax[c] + (1 / c.v) * busy) * (1 / speedup),
                 f"pipeline_critical_path_{c.name}",
             )
-            if slowdown > 1:
+            if inst.cluster.device.shared_core_slowdown > 1:
                 self.problem += self.P[c] >= (m / p) * busy, f"pipeline_shared_cores_{c.name}"
             terms.append(self.P[c] + comm * self.u[c])
         return pulp.lpSum(terms)

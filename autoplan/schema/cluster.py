@@ -64,8 +64,13 @@ class DeviceSpec(BaseModel):
     shared_core_slowdown: float = Field(default=1.0, ge=1)
     """How much slower a rank computes when every rank of the node computes than when it
     runs alone: > 1 where ranks share CPU cores (`local` with more ranks than cores), 1 for
-    GPUs. The device's rates are the all-busy ones; a rank whose peers idle (a pipeline
-    bubble) runs up to this much faster (costmodels/pipeline.py)."""
+    GPUs. The device's rates are the all-busy ones (`autoplan calibrate` measures it: the
+    cores' share, `ranks_per_core`, times the ranks' contention for caches and memory)."""
+    ranks_per_core: float = Field(default=1.0, ge=1)
+    """Ranks that share one core (`local` with more ranks than cores; 1 for GPUs): a count, not a
+    measurement. A rank whose peers wait in a pipeline bubble gets a core of its own and runs
+    up to this much faster than all-busy, not `shared_core_slowdown` faster: the ranks still
+    running share the caches and memory with it (costmodels/pipeline.py)."""
     tp_dispatch_overhead_us: float = Field(default=0.0, ge=0)
     """Host time DTensor adds per tensor-parallel site (one split Linear, norm or embedding)
     per micro-batch, forward + backward, microseconds: wrapping, sharding propagation and

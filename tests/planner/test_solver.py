@@ -194,6 +194,7 @@ def shared_core_cluster() -> ClusterSpec:
     data = tiny_cluster().model_dump()
     data["device"].update(
         shared_core_slowdown=2.5,
+        ranks_per_core=2.0,
         overlaps_communication=False,
         adam_bytes_per_param=100.0,
         tp_dispatch_overhead_us=2000.0,

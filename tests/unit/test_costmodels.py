@@ -19,7 +19,7 @@ from autoplan.costmodels.communication import (
     group_levels,
 )
 from autoplan.costmodels.compute import estimate_layer_time, matmul_efficiency
-from autoplan.costmodels.pipeline import pipeline_time_s
+from autoplan.costmodels.pipeline import bubble_speedup, pipeline_time_s
 from autoplan.schema.cluster import ClusterSpec
 from autoplan.schema.parallel import ParallelConfig
 from autoplan.schema.profile import LayerProfile
@@ -190,10 +190,14 @@ def test_shared_cores_pipeline_is_bound_by_work_or_critical_path():
     # all-busy stage times 1, 2, 1, 1 on cores shared two ranks to a core (s = 2): the cores
     # do 8 * (1 + 2 + 1 + 1) all-busy seconds over 4 ranks = 10 s; the slowest stage alone
     # (2 / 2 = 1 s a micro-batch) plus the others' bubble at alone speed is 8 + 3 / 2 = 9.5 s
-    assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.0, shared_core_slowdown=2.0) == pytest.approx(10.0)
+    assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.0, bubble_speedup=2.0) == pytest.approx(10.0)
     # a few micro-batches over many stages: the critical path binds, (2 * 2 + 3) / 2 = 3.5 s
     short = ParallelConfig(mesh={"dp": 1, "pp": 4, "tp": 1}, micro_batch_size=1, num_micro_batches=2)
-    assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], short, 0.0, shared_core_slowdown=2.0) == pytest.approx(3.5)
+    assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], short, 0.0, bubble_speedup=2.0) == pytest.approx(3.5)
+    # a waiting rank's peer gets a core of its own, not the calibrated all-busy slowdown's whole
+    # factor (the ranks still share caches and memory), and never more than that slowdown
+    assert bubble_speedup(_local(shared_core_slowdown=2.5, ranks_per_core=2.0).device) == 2.0
+    assert bubble_speedup(_local(shared_core_slowdown=1.5, ranks_per_core=2.0).device) == 1.5
     # on a GPU (s = 1) the critical path always binds: (m - 1) * max + sum
     assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.0) == pytest.approx(7 * 2 + 5)
 
