@@ -13,6 +13,9 @@ Ring collectives on a level with n members, B bytes, bandwidth bw, latency alpha
 peers to be scheduled, calibrated):
     reduce-scatter / all-gather: (n-1)/n * B / bw + (n-1) * alpha + o
     all-reduce (= reduce-scatter + all-gather):  2 (n-1)/n * B / bw + 2 (n-1) * alpha + o
+Across nodes NCCL's all-reduce runs on double binary trees (`LinkSpec.tree_all_reduce`, the
+GPU presets' inter-node links): the same bandwidth term, latency 2 ceil(log2 n) * alpha, so
+data parallelism over hundreds of nodes pays microseconds per call, not milliseconds.
 Hierarchical (intra first): reduce-scatter inside the node, then the collective
 across nodes on the B / n_intra shard each device holds, then all-gather inside.
 
@@ -27,6 +30,7 @@ Every estimate is affine in the bytes: `collective_coefficients` returns the
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from autoplan.schema.cluster import ClusterSpec, LinkSpec
@@ -114,10 +118,17 @@ def flat_levels(cluster: ClusterSpec, size: int, stride: int) -> list[Level]:
 
 
 def collective_coefficients(kind: Collective, levels: list[Level]) -> tuple[float, float]:
-    """(seconds per byte, latency seconds) of a ring `kind` over hierarchical `levels`.
+    """(seconds per byte, latency seconds) of a ring `kind` over hierarchical `levels` (a tree's
+    latency for an all-reduce over a `tree_all_reduce` link).
 
     `bytes` is the full (unsharded) buffer: the all-reduced tensor, the gathered
     output of all-gather or the input of reduce-scatter.
+
+    >>> from autoplan.schema.cluster import ClusterSpec
+    >>> c = ClusterSpec.preset("dgx-h100", num_nodes=512)
+    >>> levels = group_levels(c, size=512, stride=8)      # one GPU per node, 512 nodes
+    >>> [round(collective_coefficients(kind, levels)[1] * 1e6) for kind in ("all_reduce", "all_gather")]
+    [90, 2555]
     """
     per_byte, latency, shard = 0.0, 0.0, 1.0
     passes = 2 if kind == "all_reduce" else 1
@@ -125,7 +136,8 @@ def collective_coefficients(kind: Collective, levels: list[Level]) -> tuple[floa
         bandwidth = link.bandwidth_gbps * 1e9 * LINK_EFFICIENCY
         # all-reduce: every level reduce-scatters going out and all-gathers coming back
         per_byte += passes * (members - 1) / members / shard / bandwidth
-        latency += passes * (members - 1) * link.latency_us * 1e-6 + link.collective_overhead_us * 1e-6
+        hops = math.ceil(math.log2(members)) if kind == "all_reduce" and link.tree_all_reduce else members - 1
+        latency += passes * hops * link.latency_us * 1e-6 + link.collective_overhead_us * 1e-6
         shard *= members
     return per_byte, latency
 

@@ -18,13 +18,13 @@ GiB = 1024**3
 # DGX A100 user guide: 8x ConnectX-6 200 Gb/s HDR per node = 25 GB/s per GPU one direction.
 _A100_PEAKS = {"float32": 19.5e12, "bfloat16": 312e12, "float16": 312e12}
 _NVLINK3 = {"bandwidth_gbps": 300.0, "latency_us": 3.0}
-_HDR_IB = {"bandwidth_gbps": 25.0, "latency_us": 5.0}
+_HDR_IB = {"bandwidth_gbps": 25.0, "latency_us": 5.0, "tree_all_reduce": True}
 # NVIDIA H100 datasheet (SXM5): FP32 67 TFLOP/s, BF16/FP16 989.5 dense, FP8 1,979 dense
 # (3,958 with sparsity); HBM3 80 GB at 3,350 GB/s. NVLink 4: 900 GB/s total = 450 GB/s one
 # direction. DGX H100: 8x ConnectX-7 400 Gb/s NDR per node = 50 GB/s per GPU one direction.
 _H100_PEAKS = {"float32": 67e12, "bfloat16": 989.5e12, "float16": 989.5e12, "float8_e4m3fn": 1979e12}
 _NVLINK4 = {"bandwidth_gbps": 450.0, "latency_us": 3.0}
-_NDR_IB = {"bandwidth_gbps": 50.0, "latency_us": 5.0}
+_NDR_IB = {"bandwidth_gbps": 50.0, "latency_us": 5.0, "tree_all_reduce": True}
 # Latencies: NCCL tests on DGX systems show ~3 us NVLink and ~5 us IB small-message latency.
 # Framework overhead: CUDA context (~0.5-1 GiB) + cuBLAS workspace + allocator
 # fragmentation, estimated at 2 GiB for every GPU; not yet measured (no GPU lent so far:

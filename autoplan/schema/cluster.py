@@ -120,6 +120,12 @@ class LinkSpec(BaseModel):
     """Fixed cost of each pipeline send beyond its message, microseconds: on CPU ranks that
     outnumber the cores, the receiver's wait to be scheduled once the activation arrives
     (`autoplan calibrate` measures it); 0 on GPUs."""
+    tree_all_reduce: bool = False
+    """Whether an all-reduce over this link pays a tree's latency, 2 ceil(log2 n) messages,
+    instead of a ring's 2 (n - 1): NCCL runs all-reduce across nodes on double binary trees
+    (NCCL 2.4, "Massively Scale Your Deep Learning Training with NCCL 2.4", NVIDIA 2019),
+    whose depth grows as log2 of the nodes, at the ring's bandwidth. True for the GPU
+    presets' inter-node links; gloo's all-reduce on CPU ranks is a ring."""
 
 
 class ClusterSpec(BaseModel):

@@ -42,11 +42,19 @@ def test_all_gather_and_reduce_scatter_are_half_an_all_reduce():
 
 
 def test_hierarchical_all_reduce_across_nodes():
-    # 32 ranks, stride 1: 8 inside each node over NVLink, then 4 nodes over IB on 1/8 of the bytes
+    # 32 ranks, stride 1: 8 inside each node over NVLink (a ring), then 4 nodes over IB on 1/8 of
+    # the bytes, on NCCL's tree: 2 log2(4) latencies, not a ring's 2 * 3
     levels = group_levels(A100, size=32, stride=1)
     assert [(n, link.bandwidth_gbps) for n, link in levels] == [(8, 300.0), (4, 25.0)]
-    expected = 2 * 7 / 8 * 1e9 / NVLINK + 2 * 3 / 4 * (1e9 / 8) / IB + 2 * 7 * 3e-6 + 2 * 3 * 5e-6
+    expected = 2 * 7 / 8 * 1e9 / NVLINK + 2 * 3 / 4 * (1e9 / 8) / IB + 2 * 7 * 3e-6 + 2 * 2 * 5e-6
     assert estimate_all_reduce_s(1e9, levels) == pytest.approx(expected)
+    # all-gather and reduce-scatter stay rings; so does gloo's all-reduce on CPU ranks
+    ring = [(4, levels[1][1].model_copy(update={"tree_all_reduce": False}))]
+    assert estimate_all_reduce_s(0.0, ring) == pytest.approx(2 * 3 * 5e-6)
+    assert estimate_all_gather_s(0.0, levels[1:]) == pytest.approx(3 * 5e-6)
+    # over 1024 nodes a tree all-reduce pays 20 latencies where a ring paid 2046
+    wide = group_levels(ClusterSpec.preset("dgx-a100-80gb", num_nodes=1024), size=1024, stride=8)
+    assert estimate_all_reduce_s(0.0, wide) == pytest.approx(2 * 10 * 5e-6)
 
 
 def test_axis_placement():
