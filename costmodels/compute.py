@@ -105,14 +105,10 @@ def estimate_layer_time(
         backward_s = measured_bwd_s * tp_scale
         elementwise_fwd_s = 0.0
     else:
-        peak = device.peak_flops_for(compute_dtype)
-        fwd_flops = layer.fwd_flops * micro_batch_size * tp_scale
-        bwd_flops = layer.bwd_flops * micro_batch_size * tp_scale
-        efficiency = matmul_efficiency(max(fwd_flops, 1.0), device)
-        seconds_per_flop = (1 - float8_flops_fraction) / (peak * efficiency)
-        if float8_flops_fraction:
-            float8_peak = device.peak_flops_for("float8_e4m3fn") * FLOAT8_MATMUL_EFFICIENCY
-            seconds_per_flop += float8_flops_fraction / (float8_peak * efficiency)
+        scale = micro_batch_size * tp_scale
+        fwd_flops, bwd_flops = layer.fwd_flops * scale, layer.bwd_flops * scale
+        size = max(fwd_flops, 1.0) / (max(fwd_flops, 1.0) + device.matmul_half_efficiency_flops)
+        matmul_s = _matmul_seconds(layer, device, compute_dtype, float8_flops_fraction, size)
         share = tp_elementwise_share(layer)
         split = share / tp + (1.0 - share) / (tp if sequence_parallel else 1)
         elementwise_bytes = (
@@ -123,8 +119,10 @@ def estimate_layer_time(
         )
         bandwidth = device.memory_bandwidth_gbps * 1e9 * device.memory_efficiency
         elementwise_fwd_s = elementwise_bytes / bandwidth
-        forward_s = fwd_flops * seconds_per_flop + elementwise_fwd_s
-        backward_s = bwd_flops * seconds_per_flop + BACKWARD_ELEMENTWISE_FACTOR * elementwise_fwd_s
+        forward_s = matmul_s(fwd_flops, layer.attention_fwd_flops * scale) + elementwise_fwd_s
+        backward_s = (
+            matmul_s(bwd_flops, layer.attention_bwd_flops * scale) + BACKWARD_ELEMENTWISE_FACTOR * elementwise_fwd_s
+        )
     if recompute == "full":
         recompute_s = forward_s
     elif recompute == "selective":
@@ -132,6 +130,35 @@ def estimate_layer_time(
     else:
         recompute_s = 0.0
     return LayerTime(forward_s, backward_s, recompute_s)
+
+
+def _matmul_seconds(layer: LayerProfile, device: DeviceSpec, compute_dtype: str, float8_fraction: float, size: float):
+    """seconds(flops, attention_flops) of one pass: `float8_fraction` of `flops` (the Linears')
+    at the float8 rate, the attention kernels' `attention_run_fraction` of `attention_flops` at
+    `device.attention_efficiency`, the rest at `device.matmul_efficiency`; every rate times the
+    size factor `size` = F / (F + matmul_half_efficiency_flops) of the layer's forward FLOPs."""
+    peak = device.peak_flops_for(compute_dtype)
+    matmul_rate = peak * device.matmul_efficiency * size
+    attention_rate = peak * (device.attention_efficiency or device.matmul_efficiency) * size
+    float8_rate = (
+        device.peak_flops_for("float8_e4m3fn") * FLOAT8_MATMUL_EFFICIENCY * device.matmul_efficiency * size
+        if float8_fraction
+        else 1.0
+    )
+
+    def seconds(flops: float, attention_flops: float) -> float:
+        if flops <= 0:
+            return 0.0
+        attention_flops = min(attention_flops, flops)
+        float8_flops = min(float8_fraction * flops, flops - attention_flops)
+        other = flops - attention_flops - float8_flops
+        return (
+            other / matmul_rate
+            + float8_flops / float8_rate
+            + attention_flops * layer.attention_run_fraction / attention_rate
+        )
+
+    return seconds
 
 
 def linear_flops_fraction(layer: LayerProfile, seq_len: int) -> float:

@@ -30,13 +30,21 @@ _NDR_IB = {"bandwidth_gbps": 50.0, "latency_us": 5.0, "tree_all_reduce": True}
 # fragmentation, estimated at 2 GiB for every GPU; not yet measured (no GPU lent so far:
 # benchmarks/gpu_validation.py checks it, docs/validation.md).
 _CUDA_OVERHEAD_BYTES = 2 * GiB
+# Fused attention (FlashAttention-2, what F.scaled_dot_product_attention runs for training) on the
+# FLOPs it runs: "50-73% of the theoretical maximum FLOPs/s on A100" (Dao, FlashAttention-2,
+# 2023, abstract; 0.6 within that range) and "only 35% utilization on the H100" (Shah et al.,
+# FlashAttention-3, 2024, abstract), against the dense BF16 peak.
+_A100_ATTENTION_EFFICIENCY = 0.6
+_H100_ATTENTION_EFFICIENCY = 0.35
 # The CUDA caching allocator's reserve beyond allocated tensors (max_memory_reserved over
 # max_memory_allocated, less 1): 8%, the one constant fitted to torchtitan's four published
 # 8B FSDP peaks (max_reserved; benchmarks/torchtitan_h100.py), eager and compiled rows alike.
 _CUDA_ALLOCATOR_RESERVE = 0.08
 
 
-def _dgx(name: str, memory_gb: float, bandwidth: float, peaks: dict, intra: dict, inter: dict) -> dict:
+def _dgx(
+    name: str, memory_gb: float, bandwidth: float, peaks: dict, attention: float, intra: dict, inter: dict
+) -> dict:
     return {
         "devices_per_node": 8,
         "device": {
@@ -45,6 +53,7 @@ def _dgx(name: str, memory_gb: float, bandwidth: float, peaks: dict, intra: dict
             "memory_bytes": int(memory_gb * GB),
             "memory_bandwidth_gbps": bandwidth,
             "peak_flops": dict(peaks),
+            "attention_efficiency": attention,
             "framework_overhead_bytes": _CUDA_OVERHEAD_BYTES,
             "allocator_reserve_fraction": _CUDA_ALLOCATOR_RESERVE,
         },
@@ -54,11 +63,11 @@ def _dgx(name: str, memory_gb: float, bandwidth: float, peaks: dict, intra: dict
 
 
 PRESETS: dict[str, dict] = {
-    "dgx-a100-40gb": _dgx("A100-SXM4-40GB", 40, 1555.0, _A100_PEAKS, _NVLINK3, _HDR_IB),
-    "dgx-a100-80gb": _dgx("A100-SXM4-80GB", 80, 2039.0, _A100_PEAKS, _NVLINK3, _HDR_IB),
-    "dgx-h100": _dgx("H100-SXM5-80GB", 80, 3350.0, _H100_PEAKS, _NVLINK4, _NDR_IB),
+    "dgx-a100-40gb": _dgx("A100-SXM4-40GB", 40, 1555.0, _A100_PEAKS, _A100_ATTENTION_EFFICIENCY, _NVLINK3, _HDR_IB),
+    "dgx-a100-80gb": _dgx("A100-SXM4-80GB", 80, 2039.0, _A100_PEAKS, _A100_ATTENTION_EFFICIENCY, _NVLINK3, _HDR_IB),
+    "dgx-h100": _dgx("H100-SXM5-80GB", 80, 3350.0, _H100_PEAKS, _H100_ATTENTION_EFFICIENCY, _NVLINK4, _NDR_IB),
     # NVIDIA H200 datasheet: 141 GB HBM3e at 4,800 GB/s; compute as H100 SXM.
-    "dgx-h200": _dgx("H200-SXM-141GB", 141, 4800.0, _H100_PEAKS, _NVLINK4, _NDR_IB),
+    "dgx-h200": _dgx("H200-SXM-141GB", 141, 4800.0, _H100_PEAKS, _H100_ATTENTION_EFFICIENCY, _NVLINK4, _NDR_IB),
 }
 
 # `local`: CPU processes on this machine over gloo. No datasheet applies; these are

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from autoplan.analysis.trace import TracedModel, _join, _tensors, as_exported
 from autoplan.schema.plan import INPUT_STYLES, SEQUENCE_PARALLEL_STYLES
@@ -64,12 +64,58 @@ def _sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 _SDPA_SIGNATURE = inspect.signature(_sdpa_reference)
 
 
+ATTENTION_TILE = 128
+"""Keys per tile of a fused attention kernel: FlashAttention-2 tiles queries and keys in blocks of
+64-128 (Dao, "FlashAttention-2", 2023, section 3.3; 128 x 128 for head dims up to 128 on A100
+and H100). With a causal mask it skips the tiles above the diagonal and runs the diagonal ones
+whole: (n + 1) / (2 n) of the products for n = ceil(s / ATTENTION_TILE) tiles a side."""
+
+
+def causal_tile_fraction(seq_len: int) -> float:
+    """Share of a causal attention's score and value products a tiled fused kernel runs.
+
+    >>> causal_tile_fraction(128), causal_tile_fraction(8192)   # 1 tile: all of it; 64 tiles a side
+    (1.0, 0.5078125)
+    """
+    tiles = max(1, -(-seq_len // ATTENTION_TILE))
+    return (tiles + 1) / (2 * tiles)
+
+
 class _FusedAttention(TorchFunctionMode):
-    """Runs F.scaled_dot_product_attention on meta tensors as the fused memory-efficient kernel.
+    """Runs F.scaled_dot_product_attention on meta tensors as the fused memory-efficient kernel,
+    and counts its FLOPs: as torch.utils.flop_counter counts them (`fwd_flops`, `bwd_flops`: the
+    whole s x s products, a causal mask or not) and the share of them a fused kernel runs
+    (`run_fraction`: `causal_tile_fraction` under a causal mask, else all).
+
+    An explicit mask counts as causal inside a module whose `is_causal` is True (Hugging Face's
+    decoder attentions, which pass their causal mask explicitly while traced and `is_causal=True`
+    to the kernel when run): `causal_modules` enters and leaves them.
 
     A boolean mask becomes the kernel's additive bias; grouped-query attention repeats k and v
     (the fused kernels read them in place, so this counts (heads - kv_heads) / heads of k and v
     more than a GPU keeps, far less than the s x s scores of the math fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fwd_flops = self.bwd_flops = self.run_flops = 0.0
+        self.causal_depth = 0
+        """How many modules with `is_causal` True the current call is inside."""
+
+    def causal_modules(self, module: nn.Module) -> list:
+        """Hooks on `module`'s submodules whose `is_causal` is True (remove them after the run)."""
+
+        def enter(*_) -> None:
+            self.causal_depth += 1
+
+        def leave(*_) -> None:
+            self.causal_depth -= 1
+
+        return [
+            hook
+            for sub in module.modules()
+            if getattr(sub, "is_causal", None) is True
+            for hook in (sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave))
+        ]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -83,6 +129,7 @@ class _FusedAttention(TorchFunctionMode):
         if call.arguments["enable_gqa"]:
             repeats = query.shape[1] // key.shape[1]
             key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+        self._count(query, key, value, call.arguments["is_causal"] and mask is None or self.causal_depth > 0)
         if mask is not None:
             if mask.dtype == torch.bool:
                 mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
@@ -97,6 +144,19 @@ class _FusedAttention(TorchFunctionMode):
             call.arguments["is_causal"],
             scale=call.arguments["scale"],
         )[0]
+
+    def _count(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool) -> None:
+        fwd = sdpa_flop_count(query.shape, key.shape, value.shape)
+        out_shape = (*query.shape[:-1], value.shape[-1])
+        bwd = sdpa_backward_flop_count(out_shape, query.shape, key.shape, value.shape)
+        self.fwd_flops += fwd
+        self.bwd_flops += bwd
+        self.run_flops += (fwd + bwd) * (causal_tile_fraction(key.shape[2]) if causal else 1.0)
+
+    @property
+    def run_fraction(self) -> float:
+        total = self.fwd_flops + self.bwd_flops
+        return self.run_flops / total if total else 1.0
 
 
 @dataclass(eq=False)
@@ -213,6 +273,9 @@ def profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> dic
         saved_bytes=saved_bytes,
         tp_saved_bytes=tp_saved_bytes,
         largest_node_saved_bytes=run.largest_node_saved_bytes,
+        attention_fwd_flops=run.attention.fwd_flops,
+        attention_bwd_flops=run.attention.bwd_flops,
+        attention_run_fraction=run.attention.run_fraction,
         output_bytes=float(sum(_tensor_bytes(t) for t in _tensors(run.output))),
         **_allreduce_bytes(traced, layer),
         **_half_precision_ratios(traced, layer, loss, saved_bytes, accounting.elementwise_bytes),
@@ -250,6 +313,7 @@ class _LayerRun:
     backward_flops: float
     tp_flops: float
     largest_node_saved_bytes: float
+    attention: _FusedAttention
 
 
 def _run_layer(traced: TracedModel, layer: str, loss: Callable | None, dtype: torch.dtype | None = None) -> _LayerRun:
@@ -287,10 +351,12 @@ def _run_layer(traced: TracedModel, layer: str, loss: Callable | None, dtype: to
     handles = []
     for site_module in roles:
         handles += [site_module.register_forward_pre_hook(enter), site_module.register_forward_hook(leave)]
+    attention = _FusedAttention()
+    handles += attention.causal_modules(module)
     try:
         with (
             FlopCounterMode(display=False) as forward_flops,
-            _FusedAttention(),
+            attention,
             accounting,
             as_exported(),
             torch.autograd.graph.saved_tensors_hooks(count_saved, lambda t: t),
@@ -316,6 +382,7 @@ def _run_layer(traced: TracedModel, layer: str, loss: Callable | None, dtype: to
         backward_flops=float(backward_flops.get_total_flops()),
         tp_flops=tp_forward + accounting.tp_flops,
         largest_node_saved_bytes=largest_node_saved,
+        attention=attention,
     )
 
 

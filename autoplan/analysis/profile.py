@@ -153,7 +153,15 @@ def _repeated(cost: dict[str, Any], num_calls: int) -> dict[str, Any]:
     if num_calls == 1:
         return cost
     scaled = dict(cost)
-    for name in ("fwd_flops", "bwd_flops", "elementwise_bytes", "tp_allreduce_bytes_fwd", "tp_allreduce_bytes_bwd"):
+    for name in (
+        "fwd_flops",
+        "bwd_flops",
+        "attention_fwd_flops",
+        "attention_bwd_flops",
+        "elementwise_bytes",
+        "tp_allreduce_bytes_fwd",
+        "tp_allreduce_bytes_bwd",
+    ):
         scaled[name] = cost[name] * num_calls
     for name in ("saved_bytes", "tp_saved_bytes"):
         scaled[name] = {option: value * num_calls for option, value in cost[name].items()}

@@ -47,6 +47,11 @@ class DeviceSpec(BaseModel):
     value (small GEMMs do not fill the device). 2e9 for GPUs: cuBLAS BF16 GEMMs on A100
     reach ~90% of their asymptotic rate above ~1e10 FLOPs per call and a transformer layer
     issues ~6 GEMMs (calibrated on benchmarks/megatron_sc21.py)."""
+    attention_efficiency: float | None = Field(default=None, gt=0, le=1)
+    """Share of peak a fused attention kernel achieves on the FLOPs it runs (a causal one skips
+    about half, `LayerProfile.attention_run_fraction`): softmax and tiling keep it below a
+    GEMM's. None: `matmul_efficiency` (CPU ranks, whose calibration fits one rate to a whole
+    transformer block)."""
     memory_efficiency: float = Field(default=0.8, gt=0, le=1)
     """Share of memory bandwidth an elementwise kernel achieves (calibrated)."""
     framework_overhead_bytes: int = Field(default=0, ge=0)
@@ -272,7 +277,7 @@ class ClusterSpec(BaseModel):
         if path.suffix == ".toml":
             import tomli_w
 
-            text = tomli_w.dumps(data)
+            text = tomli_w.dumps(self.model_dump(exclude_none=True))  # TOML has no null: a missing key reads as None
         else:
             text = json.dumps(data, indent=2) + "\n"
         write_atomically(path, text)

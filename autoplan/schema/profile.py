@@ -40,6 +40,15 @@ class LayerProfile(BaseModel):
     """Backward FLOPs per sequence."""
     tp_flops_fraction: float = 0.0
     """Share of fwd and bwd FLOPs that tensor parallelism divides."""
+    attention_fwd_flops: float = 0.0
+    """Of fwd_flops, those of fused attention (F.scaled_dot_product_attention): its score and
+    value products, counted whole as torch.utils.flop_counter counts them."""
+    attention_bwd_flops: float = 0.0
+    """Of bwd_flops, those of fused attention's backward."""
+    attention_run_fraction: float = 1.0
+    """Share of the attention FLOPs a fused kernel runs: under a causal mask it skips the tiles
+    above the diagonal (`analysis.meta_layer.causal_tile_fraction`), about half at long
+    sequences. Priced at `DeviceSpec.attention_efficiency` (costmodels/compute.py)."""
     elementwise_bytes: float = 0.0
     """Memory traffic of non-matmul ops (reads + writes), forward, per sequence."""
     saved_bytes: dict[str, float]

@@ -112,6 +112,24 @@ def test_tp_divides_only_its_fraction_and_full_recompute_repeats_forward():
     assert half.recompute_s == pytest.approx(half.forward_s)
 
 
+def test_fused_attention_runs_its_causal_share_at_the_attention_efficiency():
+    # half of a 1 TFLOP forward is causal attention, of which the kernel runs half; on an H100
+    # a GEMM reaches 0.7 of peak, FlashAttention-2 0.35 (costmodels/devices.py)
+    h100 = ClusterSpec.preset("dgx-h100").device
+    attention = layer(attention_fwd_flops=0.5e12, attention_bwd_flops=1e12, attention_run_fraction=0.5)
+    kwargs = dict(micro_batch_size=1, tp=1, sequence_parallel=False, recompute="none", compute_dtype="bfloat16")
+    time = estimate_layer_time(attention, h100, **kwargs)
+    size = matmul_efficiency(1e12, h100) / h100.matmul_efficiency  # the same size curve for both
+    gemm_rate, attention_rate = 989.5e12 * 0.7 * size, 989.5e12 * 0.35 * size
+    assert time.forward_s == pytest.approx(0.5e12 / gemm_rate + 0.5e12 * 0.5 / attention_rate)
+    assert time.backward_s == pytest.approx(1e12 / gemm_rate + 1e12 * 0.5 / attention_rate)
+    # counted whole at the GEMM rate, as before: the same seconds here (half the FLOPs at half the rate)
+    assert estimate_layer_time(layer(), h100, **kwargs).forward_s == pytest.approx(time.forward_s)
+    # a device without its own attention efficiency (CPU ranks) prices the kernel's FLOPs as GEMMs
+    plain = h100.model_copy(update={"attention_efficiency": None})
+    assert estimate_layer_time(attention, plain, **kwargs).forward_s == pytest.approx(0.75e12 / gemm_rate)
+
+
 def test_elementwise_is_memory_bound():
     device = A100.device
     time = estimate_layer_time(

@@ -47,6 +47,27 @@ def test_gpt_block_flops_match_the_formula(gpt):
     assert layer(gpt, "ln_f").fwd_flops == 0
 
 
+def test_fused_attention_flops_and_the_share_a_causal_kernel_runs(gpt):
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+
+    from autoplan.analysis.meta_layer import causal_tile_fraction
+
+    block = layer(gpt, "blocks.0")
+    assert (block.attention_fwd_flops, block.attention_bwd_flops) == (4 * S * S * H, 2.5 * 4 * S * S * H)
+    assert block.attention_run_fraction == 1.0  # 32 tokens: one tile, run whole
+    assert causal_tile_fraction(512) == 5 / 8  # 4 tiles a side: 4 + 3 + 2 + 1 of 16
+    # Hugging Face's decoders pass their causal mask explicitly when traced; BERT attends both ways
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=256)
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(LlamaConfig(**small, num_key_value_heads=2, max_position_embeddings=512))
+        bert = BertForMaskedLM(BertConfig(**small, max_position_embeddings=512))
+    tokens = torch.zeros(1, 512, dtype=torch.long, device="meta")
+    for model, share in ((llama, 5 / 8), (bert, 1.0)):
+        attention = [lay for lay in profile_model(model, (tokens,), model_name="m").layers if lay.attention_fwd_flops]
+        assert [lay.attention_run_fraction for lay in attention] == [share]
+        assert attention[0].attention_fwd_flops == 4 * 512 * 512 * 64
+
+
 def test_gpt_block_saved_bytes_by_hand(gpt):
     block = layer(gpt, "blocks.0")
     sh = S * H
