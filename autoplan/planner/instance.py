@@ -24,6 +24,7 @@ from autoplan.costmodels.pipeline import (
     dtensor_step_s_per_tensor,
     overlap_penalty,
     p2p_time_s,
+    pipeline_sends,
     step_collectives_s,
 )
 from autoplan.costmodels.uncertainty import usable_memory_bytes
@@ -189,9 +190,8 @@ def lower_bound_s(inst: Instance) -> float:
         config = inst.config(("1f1b", 1), zero, False)
         busy = total_s + (zero3_exposed_s if zero == 3 else 0.0)
         slowest = max(busy / pp, slowest_s)
-        pipeline = max(((m - 1 / v) * slowest + busy / v) / speedup, m * busy / pp) + (
-            2 * p2p * (m + pp - 1) if pp > 1 else 0.0
-        )
+        ramp, outright = pipeline_sends(config, inst.cluster.device.shared_core_slowdown > 1)  # v = 1: the fewest
+        pipeline = max(((m - 1 / v) * slowest + busy / v) / speedup + ramp * p2p, m * busy / pp) + outright * p2p
         per_param, latency = dp_sync_coefficients(inst.cluster, config, zero)
         shard = params / pp / (base.dp if zero >= 1 else 1)
         extra = (

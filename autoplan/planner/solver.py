@@ -32,7 +32,7 @@ Every per-rank quantity is linear in the counts: time_i,c = sum_o n[i,o,c] t(o, 
 exposed ZeRO-3 traffic X_i,c (FSDP2 overlaps it layer by layer, so each layer's exposed share is
 a coefficient), with coefficients from `costmodels.layer.estimate_layer_cost`.
 Objective (= `costmodels.pipeline.estimate_step`, checked by the planner tests):
-    min sum_c [P_c + (2 p2p_c (m v_c + p - 1) + step collectives_c) u_c]  +  W
+    min sum_c [P_c + (outright_c p2p_c + step collectives_c) u_c]  +  W
     P_c >= ((m - 1/v_c) Tmax_c + (1/v_c) B_c) / s,   B_c = sum_i (time_i,c + X_i,c)
     P_c >= m B_c / p                                 (only where ranks share cores, s > 1)
 Linearisation: the configuration binary enters by big-M on the counts
@@ -77,6 +77,7 @@ from autoplan.costmodels.pipeline import (
     fixed_memory_bytes,
     overlap_penalty,
     p2p_time_s,
+    pipeline_sends,
     step_collectives_s,
 )
 from autoplan.errors import AutoplanError
@@ -219,27 +220,27 @@ class Milp:
                 self.problem += self.Tmax[c] >= self.busy(i, c), f"slowest_rank_{i}_{c.name}"
 
     def pipeline_expression(self) -> pulp.LpAffineExpression:
-        """sum_c P_c + (2 p2p_c (m v_c + p - 1) + step collectives_c) u_c, with B_c = sum_i (T_i,c + X_i,c) and
-        P_c >= ((m - 1/v_c) Tmax_c + B_c / v_c) / r,  P_c >= m B_c / p
-        (r = costmodels.pipeline.bubble_speedup, 1 on GPUs, where the first bound always binds;
-        the second only where ranks share cores)."""
+        """sum_c P_c + (outright_c p2p_c + step collectives_c) u_c, with B_c = sum_i (T_i,c + X_i,c) and
+        P_c >= ((m - 1/v_c) Tmax_c + B_c / v_c) / r + ramp_c p2p_c u_c,  P_c >= m B_c / p
+        (r = costmodels.pipeline.bubble_speedup and the send counts costmodels.pipeline.pipeline_sends;
+        on GPUs r = 1, ramp = 0 and the first bound always binds; the second only where ranks share cores)."""
         inst = self.inst
         m, p = inst.base.num_micro_batches, inst.pp
         speedup = bubble_speedup(inst.cluster.device)
+        shared = inst.cluster.device.shared_core_slowdown > 1
         terms = []
         for c in self.combos:
             config = inst.config((c.schedule, c.v), c.zero, c.sp)
             p2p = p2p_time_s(inst.profile, inst.cluster, config)
+            ramp, outright = pipeline_sends(config, shared)
             # the per-step collectives depend on the ZeRO stage (DDP's first bucket): per combination
-            comm = (2 * p2p * (m * c.v + p - 1) if p > 1 else 0.0) + step_collectives_s(
-                inst.profile, inst.cluster, config
-            )
+            comm = outright * p2p + step_collectives_s(inst.profile, inst.cluster, config)
             busy = pulp.lpSum(self.busy(i, c) for i in range(p))
             self.problem += (
-                self.P[c] >= ((m - 1 / c.v) * self.Tmax[c] + (1 / c.v) * busy) * (1 / speedup),
+                self.P[c] >= ((m - 1 / c.v) * self.Tmax[c] + (1 / c.v) * busy) * (1 / speedup) + ramp * p2p * self.u[c],
                 f"pipeline_critical_path_{c.name}",
             )
-            if inst.cluster.device.shared_core_slowdown > 1:
+            if shared:
                 self.problem += self.P[c] >= (m / p) * busy, f"pipeline_shared_cores_{c.name}"
             terms.append(self.P[c] + comm * self.u[c])
         return pulp.lpSum(terms)

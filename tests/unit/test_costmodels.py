@@ -220,6 +220,10 @@ def test_shared_cores_pipeline_is_bound_by_work_or_critical_path():
     # a few micro-batches over many stages: the critical path binds, (2 * 2 + 3) / 2 = 3.5 s
     short = ParallelConfig(mesh={"dp": 1, "pp": 4, "tp": 1}, micro_batch_size=1, num_micro_batches=2)
     assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], short, 0.0, bubble_speedup=2.0) == pytest.approx(3.5)
+    # sends: on shared cores only the first micro-batch's trip there and back (2 (p - 1) = 6 sends)
+    # delays the critical path, a waiting rank's core runs the others; on GPUs all 2 (m + p - 1)
+    assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.1, 2.0, shared_cores=True) == pytest.approx(9.5 + 0.6)
+    assert pipeline_time_s([1.0, 2.0, 1.0, 1.0], config, 0.1) == pytest.approx(7 * 2 + 5 + 22 * 0.1)
     # a waiting rank's peer gets a core of its own, not the calibrated all-busy slowdown's whole
     # factor (the ranks still share caches and memory), and never more than that slowdown
     assert bubble_speedup(_local(shared_core_slowdown=2.5, ranks_per_core=2.0).device) == 2.0
