@@ -11,6 +11,7 @@ layer state and inputs it makes real, because both start from the same trace.
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,8 +88,10 @@ def measure_layer(
     (default: as traced). `loss(output)`, when given, runs after the forward and is timed with it.
 
     The first round warms up and counts what autograd saves (`saved_tensors_hooks`); the
-    times are the least of `repeats` more rounds: the layer alone on its device, whose own
-    time another process or the scheduler can only lengthen.
+    times are the medians of `repeats` more rounds: the layer alone on its device at the
+    machine's typical speed of the moment (the least round measured its best: on this 2-core VM
+    every bench candidate came out 5-20% short), robust to a minority of rounds another process
+    lengthened.
 
         >>> traced = trace_model(module, (tokens[:2],))                       # doctest: +SKIP
         >>> measure_layer(traced, "blocks.0", torch.device("cpu")).forward_s  # doctest: +SKIP
@@ -146,4 +149,8 @@ def measure_layer(
         forward_s.append(middle - start)
         backward_s.append(time.perf_counter() - middle)
         round_index += 1
-    return LayerMeasurement(forward_s=min(forward_s[1:]), backward_s=min(backward_s[1:]), saved_bytes=saved_bytes)
+    return LayerMeasurement(
+        forward_s=statistics.median(forward_s[1:]),
+        backward_s=statistics.median(backward_s[1:]),
+        saved_bytes=saved_bytes,
+    )

@@ -11,7 +11,7 @@
 What is measured. Each distinct layer (one per `signature`: the hash of its op sequence,
 shapes and dtypes for ONE sequence, so the 4 blocks of gpt-tiny share one entry) runs
 forward and backward on the device present with random weights, once per micro-batch size
-b, on inputs of b sequences (`autoplan.analysis.profile.measure_layer`): the least seconds of
+b, on inputs of b sequences (`autoplan.analysis.profile.measure_layer`): the median seconds of
 the whole micro-batch over `repeats` rounds and the bytes autograd keeps for backward (recompute
 "none"). The loss rides on the last layer, as in the profiler; its entry key carries
 `LOSS_SUFFIX`. Floating tensors run in `compute_dtype` (default: bfloat16 on CUDA and float32 on

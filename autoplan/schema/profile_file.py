@@ -66,8 +66,7 @@ class ProfileFile(BaseModel):
     alone; more in files of earlier versions, measured beside busy peers
     (`autoplan.planner.measured.profile_stretch` reads it)."""
     repeats: int
-    """Timed rounds per measurement (after one warm-up); times are their least (their medians in
-    files of earlier versions)."""
+    """Timed rounds per measurement (after one warm-up); times are their medians."""
     torch_version: str
     created: str
     """UTC date and time of the measurement, ISO 8601."""
