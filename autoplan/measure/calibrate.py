@@ -38,7 +38,7 @@ What is measured, and how it becomes cost-model constants:
   element. The same rule: `memory_efficiency = min(1, measured / preset bandwidth)`,
   `memory_bandwidth_gbps = measured / memory_efficiency`.
 * Adam: one `torch.optim.AdamW` step over ADAM_PARAMS float32 parameters, timed as the
-  elementwise bandwidth is (rank 0 alone on CPU ranks, the median of three timings);
+  elementwise bandwidth is (rank 0 alone on CPU ranks, the least of three timings);
   `adam_bytes_per_param = seconds per parameter * that elementwise bandwidth`, the traffic the
   cost model then charges per parameter (28 for a fused GPU kernel). The bytes a step moves
   do not depend on how many ranks share the cores, and timed alone they are steady: timed on

@@ -62,7 +62,7 @@ BLOCK_PROBE = (2, 128, 8, (256, 512))
 (`autoplan.zoo.gpt.Block`: attention and a 4h MLP) whose forward + backward is timed on rank 0
 alone; the matmul rate written is the one that makes the roofline reproduce these times."""
 BLOCK_REPEATS = 5
-"""Timings of each block probe (each the median of several steps); their median is kept (`_Timer.alone`)."""
+"""Timings of each block probe (each the median of several steps); the least is kept (`_Timer.alone`)."""
 ADAM_PARAMS = (32, 1 << 18)
 """The Adam probe's parameters, tensors x elements: 8 M, so its states (4 x 32 MiB) overflow the
 caches as a model's do."""
@@ -96,10 +96,12 @@ class _Timer:
         return statistics.median(times)
 
     def alone(self, fn, repeats: int = 3) -> float:
-        """The median of `repeats` `repeated` timings of `fn`, for a rank timing alone: the
-        machine's typical speed of the moment, as a model then runs at (the least measured its
-        best, and predictions came out short), robust to a minority another process lengthened."""
-        return statistics.median(self.repeated(fn) for _ in range(repeats))
+        """The least of `repeats` `repeated` timings of `fn`, for a rank timing alone: the
+        machine's own speed, which another process can only lower. This 2-core VM's speed moves
+        by up to 40% for seconds at a time with its host's load; two calibrations a minute apart
+        kept the median of each probe's timings and predicted 23% apart, the least 3-8%. (A
+        profile's layer times keep their median instead: they predict a run's typical speed.)"""
+        return min(self.repeated(fn) for _ in range(repeats))
 
 
 def _time_matmuls(
