@@ -11,9 +11,16 @@
 What is measured. Each distinct layer (one per `signature`: the hash of its op sequence,
 shapes and dtypes for ONE sequence, so the 4 blocks of gpt-tiny share one entry) runs
 forward and backward on the device present with random weights, once per micro-batch size
-b, on inputs of b sequences (`autoplan.analysis.profile.measure_layer`): the median seconds of
-the whole micro-batch over `repeats` rounds and the bytes autograd keeps for backward (recompute
-"none"). The loss rides on the last layer, as in the profiler; its entry key carries
+b, on inputs of b sequences (`autoplan.analysis.measured_layer.measure_layer`): the median
+seconds of the whole micro-batch over `repeats` sweeps and the bytes autograd keeps for backward
+(recompute "none"). A sweep times every layer at every size once (after a warm-up round), so
+the repeats of one entry lie a whole sweep apart: a slow spell of the machine lengthens one
+sweep, which the median drops. Timed back to back instead, as an earlier version did, one
+spell could lengthen all repeats of an entry: on this 2-core VM one profile of the custom
+model's blocks came out 40-65% slower per sequence than usual at micro-batches 2 and 4 but not
+at 8, and the planner took a pipeline of one micro-batch of 8 (predicted 61 ms per step,
+measured 120 ms; two micro-batches of 4 measured 66-75 ms in the other runs of
+benchmarks/bench_local.py). The loss rides on the last layer, as in the profiler; its entry key carries
 `LOSS_SUFFIX`. Floating tensors run in `compute_dtype` (default: bfloat16 on CUDA and float32 on
 CPU, the planner's default dtypes), and on CPU in one thread, as each `local` rank runs
 (`autoplan.runtime.worker`); the thread count is restored afterwards. The layers run alone: a
@@ -33,6 +40,7 @@ roofline (`costmodels/compute.py`), and the Plan names per layer which it used.
 from __future__ import annotations
 
 import datetime
+import statistics
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -133,13 +141,28 @@ def _distinct_layers(
 
 
 def _measure_entry(
-    traced: TracedModel, layer: str, device: torch.device, dtype: str, loss: Callable | None, repeats: int
+    traced: TracedModel, layer: str, device: torch.device, dtype: str, loss: Callable | None
 ) -> MicroBatchMeasurement:
-    """One layer's forward, backward and saved bytes at the traced micro-batch size."""
+    """One layer's forward, backward and saved bytes at the traced micro-batch size: one timed
+    round after a warm-up (the sweeps of `measure_profile` give the repeats)."""
     from autoplan.analysis.measured_layer import measure_layer
 
-    result = measure_layer(traced, layer, device, dtype=getattr(torch, dtype), loss=loss, repeats=repeats)
+    result = measure_layer(traced, layer, device, dtype=getattr(torch, dtype), loss=loss, repeats=1)
     return MicroBatchMeasurement(fwd_s=result.forward_s, bwd_s=result.backward_s, saved_bytes=result.saved_bytes)
+
+
+def _median_measurement(runs: list[MicroBatchMeasurement]) -> MicroBatchMeasurement:
+    """The median forward and backward seconds of one entry's sweeps (its saved bytes do not vary).
+
+    >>> runs = [MicroBatchMeasurement(fwd_s=f, bwd_s=2 * f, saved_bytes=8.0) for f in (1.0, 9.0, 2.0)]
+    >>> _median_measurement(runs).fwd_s, _median_measurement(runs).bwd_s
+    (2.0, 4.0)
+    """
+    return MicroBatchMeasurement(
+        fwd_s=statistics.median(run.fwd_s for run in runs),
+        bwd_s=statistics.median(run.bwd_s for run in runs),
+        saved_bytes=runs[0].saved_bytes,
+    )
 
 
 def measure_zoo_profile(
@@ -210,15 +233,19 @@ def measure_profile(
         torch.set_num_threads(1)  # as each `local` rank runs; restored below
     try:
         measured_threads = torch.get_num_threads()
+        traced = {b: trace_model(module, tuple(_cut_batch(x, b) for x in example_inputs)) for b in sizes}
+        samples: dict[tuple[str, int], list[MicroBatchMeasurement]] = {(k, b): [] for k in jobs for b in sizes}
         with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
-            task = bar.add_task(f"measuring {model_name} on {device.type}", total=len(sizes) * len(jobs))
-            for b in sizes:
-                traced = trace_model(module, tuple(_cut_batch(x, b) for x in example_inputs))
-                for key, layer in jobs.items():
-                    bar.update(task, description=f"{layer} at micro-batch {b}")
-                    loss = bind_loss(loss_fn, _cut_batch(targets, b), device) if key.endswith(LOSS_SUFFIX) else None
-                    entries[key].micro_batches[b] = _measure_entry(traced, layer, device, dtype, loss, repeats)
-                    bar.advance(task)
+            task = bar.add_task(f"measuring {model_name} on {device.type}", total=repeats * len(sizes) * len(jobs))
+            for sweep in range(repeats):  # whole sweeps: a slow spell lengthens one sweep, not one entry
+                for b in sizes:
+                    for key, layer in jobs.items():
+                        bar.update(task, description=f"{layer} at micro-batch {b} (sweep {sweep + 1}/{repeats})")
+                        loss = bind_loss(loss_fn, _cut_batch(targets, b), device) if key.endswith(LOSS_SUFFIX) else None
+                        samples[key, b].append(_measure_entry(traced[b], layer, device, dtype, loss))
+                        bar.advance(task)
+        for (key, b), runs in samples.items():
+            entries[key].micro_batches[b] = _median_measurement(runs)
     finally:
         torch.set_num_threads(threads)
     return ProfileFile(
