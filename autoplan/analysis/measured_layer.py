@@ -74,6 +74,24 @@ def bind_loss(loss_fn: Callable | None, targets: torch.Tensor | None, device: to
     return loss
 
 
+FLUSH_BYTES = 256 * 2**20
+"""Bytes written before each timed round to evict the layer's weights from the caches, as
+Triton's `do_bench` zeroes a 256 MB buffer before each run: inside a model step the other
+layers' traffic has evicted them. Timed warm, one block of examples/custom_model.py measured
+2.55 ms at micro-batch 1 and 3.7 ms cold on this 2-core VM (32 MiB L3), and bench_local.py
+measured that model's candidates 7-31% slower than the warm profile predicted (16% at the
+median of 35); a gpt-small-demo block (compute-bound) measured the same both ways."""
+
+_FLUSH_BUFFERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _flush_caches(device: torch.device) -> None:
+    """Write FLUSH_BYTES on `device` (one buffer per device, kept), evicting what the caches hold."""
+    if device not in _FLUSH_BUFFERS:
+        _FLUSH_BUFFERS[device] = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+    _FLUSH_BUFFERS[device].zero_()
+
+
 def measure_layer(
     traced: TracedModel,
     layer: str,
@@ -87,11 +105,11 @@ def measure_layer(
     of the traced shapes (integer inputs are zeros: valid token ids); floating tensors in `dtype`
     (default: as traced). `loss(output)`, when given, runs after the forward and is timed with it.
 
-    The first round warms up and counts what autograd saves (`saved_tensors_hooks`); the
-    times are the medians of `repeats` more rounds: the layer alone on its device at the
-    machine's typical speed of the moment (the least round measured its best: on this 2-core VM
-    every bench candidate came out 5-20% short), robust to a minority of rounds another process
-    lengthened.
+    The first round warms up and counts what autograd saves (`saved_tensors_hooks`); each of
+    `repeats` more rounds starts from cold caches (`FLUSH_BYTES`), and the times are their
+    medians: the layer alone on its device at the machine's typical speed of the moment (the
+    least round measured its best: on this 2-core VM every bench candidate came out 5-20%
+    short), robust to a minority of rounds another process lengthened.
 
         >>> traced = trace_model(module, (tokens[:2],))                       # doctest: +SKIP
         >>> measure_layer(traced, "blocks.0", torch.device("cpu")).forward_s  # doctest: +SKIP
@@ -128,6 +146,8 @@ def measure_layer(
             if round_index == 0
             else contextlib.nullcontext()
         )
+        if round_index > 0:
+            _flush_caches(device)  # timed from cold caches, as inside a model step
         synchronize()
         start = time.perf_counter()
         with counting:
