@@ -92,6 +92,20 @@ def _flush_caches(device: torch.device) -> None:
     _FLUSH_BUFFERS[device].zero_()
 
 
+def _real_state(
+    traced: TracedModel, layer: str, device: torch.device, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """`layer`'s parameters and buffers made real on `device`: one tensor per meta tensor, so
+    tied names stay tied."""
+    made: dict[int, torch.Tensor] = {}
+    state = {}
+    for name, t in _layer_state(traced, layer).items():
+        if id(t) not in made:
+            made[id(t)] = _materialize(t, device, dtype)
+        state[name] = made[id(t)]
+    return state
+
+
 def measure_layer(
     traced: TracedModel,
     layer: str,
@@ -116,12 +130,7 @@ def measure_layer(
         0.0012
     """
     module = traced.module.get_submodule(layer)
-    made: dict[int, torch.Tensor] = {}  # one real tensor per meta tensor: tied names stay tied
-    state = {}
-    for name, t in _layer_state(traced, layer).items():
-        if id(t) not in made:
-            made[id(t)] = _materialize(t, device, dtype)
-        state[name] = made[id(t)]
+    state = _real_state(traced, layer, device, dtype)
     args, kwargs = tree_map_only(torch.Tensor, lambda t: _materialize(t, device, dtype), _layer_inputs(traced, layer))
     state_keys = {_storage_key(t) for t in state.values()}
 
