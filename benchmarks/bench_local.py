@@ -1,6 +1,6 @@
 """The local benchmark the README quotes: calibrate this machine, then bench on local:4.
 
-    python benchmarks/bench_local.py                   # calibrates (~30 s), then benches (~20 min)
+    python benchmarks/bench_local.py                   # calibrates (~1 min), profiles, benches (~10 min here)
     python benchmarks/bench_local.py --cluster local4.toml --steps 3 --rounds 1
 
 For a small zoo GPT and the custom model of examples/custom_model.py, the planner's plan
@@ -40,7 +40,7 @@ def main() -> None:
         "--no-profile",
         action="store_true",
         help="plan from the calibrated roofline only (default: also `autoplan profile` each model "
-        "under local:4's load and plan with the measured layer times)",
+        "alone, stretched by the calibrated shared-core slowdown, and plan with the measured layer times)",
     )
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)

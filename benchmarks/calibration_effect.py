@@ -1,7 +1,7 @@
 """How much calibration improves the predictions: the bench's candidates planned with the
 `local` preset's guessed figures, with this machine's measured ones (`autoplan calibrate`),
-and with those plus the model's measured layer times (`autoplan profile` under local:4's
-load), each against the same measurements.
+and with those plus the model's measured layer times (`autoplan profile`, alone, stretched by
+the calibrated shared-core slowdown), each against the same measurements.
 
     python benchmarks/calibration_effect.py            # calibrates local:4 (~1 min), profiles, benches
     python benchmarks/calibration_effect.py --cluster benchmarks/out/local4.calibrated.toml --no-profile

@@ -23,6 +23,7 @@ docs/cost_model.md quotes this table ("Which constants matter").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -30,7 +31,7 @@ import sys
 from bench_local import MODELS, OUT, label_of
 
 from autoplan import ClusterSpec
-from autoplan.bench.predict import measured_constraints, measured_step_s, plan_candidates, step_s
+from autoplan.bench.predict import measured_constraints, measured_step_s, model_profile, plan_candidates, step_s
 from autoplan.measure.calibrate import measure
 from autoplan.measure.calibration import CONSTANT_GROUPS, quantity_value, reset_quantities
 
@@ -80,14 +81,34 @@ def repeat(paths: list[str] | None) -> None:
     )
 
 
-def _errors(plans_by_model: list, measured: list[dict[str, float]], cluster: ClusterSpec) -> list[float]:
-    """|predicted - measured| / measured of every measured candidate under `cluster`."""
-    return [
-        abs(step_s(plans, name, cluster) - seconds) / seconds
-        for plans, times in zip(plans_by_model, measured)
-        for name, seconds in times.items()
-        if name in plans.solutions
-    ]
+def _errors(
+    plans_by_model: list, measured: list[dict[str, float]], cluster: ClusterSpec, profile_files: list
+) -> list[float]:
+    """|predicted - measured| / measured of every measured candidate under `cluster`; measured
+    layer times (`profile_files`, None for the roofline) stretched by `cluster`'s shared-core slowdown."""
+    errors = []
+    for plans, times, profile_file in zip(plans_by_model, measured, profile_files):
+        if profile_file:  # the stretch of profiled layers is `cluster`'s, not the planning one's
+            profile = model_profile(plans.model, cluster, GLOBAL_BATCH_SIZE, profile_file)
+            plans = dataclasses.replace(plans, profile=profile)
+        errors += [abs(step_s(plans, name, cluster) - t) / t for name, t in times.items() if name in plans.solutions]
+    return errors
+
+
+def without_sharing(calibrated: ClusterSpec, preset: ClusterSpec) -> ClusterSpec:
+    """`calibrated` as if it had measured the preset's shared-core slowdown: calibration times the
+    CPU rates on one rank alone and divides them by the slowdown it measured
+    (`Calibration.apply`), so taking the slowdown out also takes it out of the matmul rate and
+    the elementwise bandwidth (and out of the stretch of profiled layers, `_errors`)."""
+    ratio = calibrated.device.shared_core_slowdown / preset.device.shared_core_slowdown
+    spec = reset_quantities(calibrated, preset, ["shared-core slowdown"])
+    device = spec.device.model_copy(
+        update={
+            "peak_flops": {dtype: rate * ratio for dtype, rate in spec.device.peak_flops.items()},
+            "memory_bandwidth_gbps": spec.device.memory_bandwidth_gbps * ratio,
+        }
+    )
+    return spec.model_copy(update={"device": device})
 
 
 def ablate(cluster_path: str) -> None:
@@ -101,9 +122,10 @@ def ablate(cluster_path: str) -> None:
         reports.append((model, json.loads(path.read_text())))
     variants = {"calibrated (as measured)": calibrated, "preset (every quantity)": preset}
     variants.update({f"- {quantity}": reset_quantities(calibrated, preset, [quantity]) for quantity in CONSTANT_GROUPS})
+    variants["- shared-core slowdown"] = without_sharing(calibrated, preset)
     columns = {}
     for source in ("profile", "roofline"):
-        plans_by_model, measured = [], []
+        plans_by_model, measured, profile_files = [], [], []
         for model, report in reports:
             profile = OUT / f"profile_{label_of(model)}.json"
             use = str(profile) if source == "profile" and profile.exists() else None
@@ -113,7 +135,10 @@ def ablate(cluster_path: str) -> None:
                 plan_candidates(model, calibrated, GLOBAL_BATCH_SIZE, use, pinned=measured_constraints(report))
             )
             measured.append(measured_step_s(report))
-        columns[source] = {label: _errors(plans_by_model, measured, spec) for label, spec in variants.items()}
+            profile_files.append(use)
+        columns[source] = {
+            label: _errors(plans_by_model, measured, spec, profile_files) for label, spec in variants.items()
+        }
     count = len(columns["profile"]["calibrated (as measured)"])
     print(
         f"\nprediction error of the {count} measured candidates of benchmarks/bench_local.py "
