@@ -16,7 +16,8 @@ benchmarks/out/ and the calibrated file it used, pins each measured candidate to
 configuration that ran, and prices it with the calibration as measured, with the preset,
 and with each calibrated quantity (`autoplan.measure.calibration.CONSTANT_GROUPS`) set back
 to its preset value in turn: the median and worst |predicted - measured| / measured over
-the candidates, with the measured layer times (as the bench planned) and with the roofline.
+the candidates, with the measured layer times (as the bench planned) and with the roofline;
+then, per model, its layers' time priced by the calibrated roofline over the profiled one.
 docs/cost_model.md quotes this table ("Which constants matter").
 """
 
@@ -121,8 +122,12 @@ def ablate(cluster_path: str) -> None:
             sys.exit(f"{path} is missing: run benchmarks/bench_local.py first")
         reports.append((model, json.loads(path.read_text())))
     variants = {"calibrated (as measured)": calibrated, "preset (every quantity)": preset}
-    variants.update({f"- {quantity}": reset_quantities(calibrated, preset, [quantity]) for quantity in CONSTANT_GROUPS})
-    variants["- shared-core slowdown"] = without_sharing(calibrated, preset)
+    for quantity in CONSTANT_GROUPS:
+        variants[f"- {quantity}"] = (
+            without_sharing(calibrated, preset)
+            if quantity == "shared-core slowdown"
+            else reset_quantities(calibrated, preset, [quantity])
+        )
     columns = {}
     for source in ("profile", "roofline"):
         plans_by_model, measured, profile_files = [], [], []
@@ -153,6 +158,38 @@ def ablate(cluster_path: str) -> None:
             median = statistics.median(errors)
             cells.append(f"{median:>7.0%} / {max(errors):>5.0%} {median - base[source]:>+8.0%}")
         print(f"{label:<34} {cells[0]} {cells[1]}")
+    for model, _ in reports:
+        profile = OUT / f"profile_{label_of(model)}.json"
+        if profile.exists():
+            ratio = roofline_over_profile(model, calibrated, str(profile))
+            print(f"{label_of(model)}: layer time, calibrated roofline / profiled (micro-batch 2): {ratio:.2f}")
+
+
+def roofline_over_profile(model: str, cluster: ClusterSpec, profile_file: str, micro_batch_size: int = 2) -> float:
+    """The forward + backward seconds of `model`'s layers priced by `cluster`'s roofline over the
+    same priced from `profile_file`'s measured times (one rank, no tp or recompute, float32): the
+    share of a layer's measured time the calibrated rates explain."""
+    from autoplan.costmodels.compute import estimate_layer_time
+
+    totals = []
+    for profile in (
+        model_profile(model, cluster, GLOBAL_BATCH_SIZE, None),
+        model_profile(model, cluster, GLOBAL_BATCH_SIZE, profile_file),
+    ):
+        times = [
+            estimate_layer_time(
+                layer,
+                cluster.device,
+                micro_batch_size=micro_batch_size,
+                tp=1,
+                sequence_parallel=False,
+                recompute="none",
+                compute_dtype="float32",
+            )
+            for layer in profile.layers
+        ]
+        totals.append(sum(t.forward_s + t.backward_s for t in times))
+    return totals[0] / totals[1]
 
 
 def main() -> None:
