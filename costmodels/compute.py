@@ -3,6 +3,7 @@
     matmul time      = FLOPs / (peak(dtype) * efficiency(FLOPs))
     efficiency(F)    = device.matmul_efficiency * F / (F + device.matmul_half_efficiency_flops)
     elementwise time = elementwise_bytes / (memory_bandwidth * memory_efficiency)
+    host time        = ops dispatched * device.op_overhead_us
 
 Elementwise bytes are the profile's unfused per-op traffic (eager PyTorch runs each op as a
 kernel of its own), in a 16-bit dtype at the share the layer's bfloat16 meta run moved
@@ -20,6 +21,11 @@ writes the outgoing gradient).
 Recomputation adds forward work in backward: "full" the whole forward, "selective"
 the non-matmul part (norms, activations, softmax/attention core), estimated by the
 forward elementwise time.
+
+Host time is the per-op work of eager PyTorch (dispatch, autograd, allocation): the same
+whatever the micro-batch or tp split, so it dominates small layers on a CPU rank (an
+embedding's forward + backward is ~6 ops: ~0.1 ms of host work to microseconds of
+arithmetic). 0 on GPUs, where it runs ahead of the kernels.
 
 When the profile carries `measured_fwd_s` / `measured_bwd_s` for this device the
 measured seconds replace the roofline (scaled by tp the same way): the time measured at
@@ -99,10 +105,16 @@ def estimate_layer_time(
     4.59
     """
     tp_scale = layer.tp_flops_fraction / tp + (1.0 - layer.tp_flops_fraction)
+    op_s = device.op_overhead_us * 1e-6
     if layer.measured_fwd_s is not None and layer.measured_device in (device.name, device.kind):
         measured_fwd_s, measured_bwd_s = layer.measured_micro_batch_s(micro_batch_size)
-        forward_s = measured_fwd_s * tp_scale
-        backward_s = measured_bwd_s * tp_scale
+        # every rank dispatches every op: tp divides the measured time but its host work
+        host_fwd_s, host_bwd_s = (
+            min(measured_fwd_s, layer.forward_ops * op_s),
+            min(measured_bwd_s, layer.backward_ops * op_s),
+        )
+        forward_s = host_fwd_s + (measured_fwd_s - host_fwd_s) * tp_scale
+        backward_s = host_bwd_s + (measured_bwd_s - host_bwd_s) * tp_scale
         elementwise_fwd_s = 0.0
     else:
         scale = micro_batch_size * tp_scale
@@ -119,9 +131,13 @@ def estimate_layer_time(
         )
         bandwidth = device.memory_bandwidth_gbps * 1e9 * device.memory_efficiency
         elementwise_fwd_s = elementwise_bytes / bandwidth
-        forward_s = matmul_s(fwd_flops, layer.attention_fwd_flops * scale) + elementwise_fwd_s
+        forward_s = (
+            matmul_s(fwd_flops, layer.attention_fwd_flops * scale) + elementwise_fwd_s + layer.forward_ops * op_s
+        )
         backward_s = (
-            matmul_s(bwd_flops, layer.attention_bwd_flops * scale) + BACKWARD_ELEMENTWISE_FACTOR * elementwise_fwd_s
+            matmul_s(bwd_flops, layer.attention_bwd_flops * scale)
+            + BACKWARD_ELEMENTWISE_FACTOR * elementwise_fwd_s
+            + layer.backward_ops * op_s
         )
     if recompute == "full":
         recompute_s = forward_s

@@ -172,10 +172,15 @@ class _Accounting(TorchDispatchMode):
     backward: bool = False
     tp_flops: float = 0.0
     elementwise_bytes: float = 0.0
+    ops: list[int] = field(default_factory=lambda: [0, 0])
+    """Aten ops dispatched in forward and in backward, views included (each pays the dispatcher and
+    autograd's bookkeeping), detach left out."""
     selective: set[int] = field(default_factory=set)
     """Storages written by the ops selective recomputation keeps."""
     keep: list = field(default_factory=list)
-    """Every tensor seen, kept alive so a storage key is never reused within the run."""
+    """Every storage seen, kept alive so a storage key is never reused within the run (the
+    storages, not the tensors: autograd still steals a gradient nothing else holds, as a real
+    step does, instead of copying it)."""
     real_sizes: bool = False
     """Count elementwise traffic at each tensor's own element size, not at float32."""
 
@@ -186,8 +191,10 @@ class _Accounting(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func is not torch.ops.aten.detach.default:  # no kernel, and the meta run's parameters
+            self.ops[self.backward] += 1  # take their gradients through more of them than a real step
         inputs, outputs = _tensors((args, kwargs)), _tensors(out)
-        self.keep.append(outputs)
+        self.keep += [t.untyped_storage() for t in outputs]
         in_split = any(_storage_key(t) in self.split for t in inputs)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None and in_split:
@@ -270,6 +277,8 @@ def profile_layer(traced: TracedModel, layer: str, loss: Callable | None) -> dic
         bwd_flops=bwd,
         tp_flops_fraction=min(1.0, run.tp_flops / (fwd + bwd)) if fwd + bwd else 0.0,
         elementwise_bytes=accounting.elementwise_bytes,
+        forward_ops=accounting.ops[0],
+        backward_ops=accounting.ops[1],
         saved_bytes=saved_bytes,
         tp_saved_bytes=tp_saved_bytes,
         largest_node_saved_bytes=run.largest_node_saved_bytes,

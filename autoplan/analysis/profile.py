@@ -159,6 +159,8 @@ def _repeated(cost: dict[str, Any], num_calls: int) -> dict[str, Any]:
         "attention_fwd_flops",
         "attention_bwd_flops",
         "elementwise_bytes",
+        "forward_ops",
+        "backward_ops",
         "tp_allreduce_bytes_fwd",
         "tp_allreduce_bytes_bwd",
     ):

@@ -23,6 +23,7 @@ COLLECTIVES: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "s
 
 CONSTANT_GROUPS: dict[str, tuple[str, ...]] = {
     "matmul rate": ("device.peak_flops", "device.matmul_efficiency"),
+    "per-op host work": ("device.op_overhead_us",),
     "elementwise bandwidth": ("device.memory_bandwidth_gbps", "device.memory_efficiency"),
     "AdamW traffic": ("device.adam_bytes_per_param",),
     "shared-core slowdown": ("device.shared_core_slowdown",),
@@ -147,38 +148,25 @@ class Calibration:
         inverse_a, h_over_a = torch.linalg.lstsq(rows, values).solution.squeeze(1).tolist()
         return max(h_over_a / inverse_a, 0.0) if inverse_a > 0 else 0.0
 
-    def layer_flops(self, device) -> float | None:
-        """The saturated matmul rate with which the cost model's roofline (`estimate_layer_time`
-        on `device`, at the measured elementwise bandwidth) reproduces the layer probe's times:
-        solved per width, the median; None without a probe or where elementwise work alone
-        would take longer than measured."""
-        from autoplan.costmodels.compute import estimate_layer_time
-        from autoplan.measure.probes import BLOCK_PROBE
-
+    def layer_fit(self, device) -> tuple[float, float] | None:
+        """(saturated matmul rate, host seconds per dispatched op) with which the cost model's
+        roofline (`estimate_layer_time` on `device`, at the measured elementwise bandwidth)
+        reproduces the layer probe's times at its widths: `t_w = M_w / R + E_w + N * c`, M_w the
+        block's matmul seconds at a unit rate, E_w its elementwise seconds, N its ops (the same
+        at every width). Two widths fix both; where they give a negative rate or cost (a
+        disturbed timing), c = 0 and R is solved per width, the median. None without a probe or
+        where elementwise work alone would take longer than measured."""
         if not self.block_s or not self.elementwise_gbps:
             return None
-        rates = []
-        for width, seconds in self.block_s:
-            layer = _probe_layer(width)
-            unit = device.model_copy(
-                update={"peak_flops": {"float32": 1e12}, "matmul_efficiency": 1.0, "memory_efficiency": 1.0}
-            )
-            memory_only = {"peak_flops": {"float32": 1e30}, "memory_bandwidth_gbps": self.elementwise_gbps}
-            matmul_s, elementwise_s = (
-                estimate_layer_time(
-                    layer,
-                    unit.model_copy(update=update),
-                    micro_batch_size=BLOCK_PROBE[0],
-                    tp=1,
-                    sequence_parallel=False,
-                    recompute="none",
-                    compute_dtype="float32",
-                ).total_s
-                for update in ({"memory_bandwidth_gbps": 1e12}, memory_only)
-            )
-            if seconds > elementwise_s:
-                rates.append(1e12 * matmul_s / (seconds - elementwise_s))
-        return statistics.median(rates) if rates else None
+        rows = [(*_probe_terms(width, device, self.elementwise_gbps), seconds) for width, seconds in self.block_s]
+        if len(rows) >= 2:
+            (m_small, e_small, ops, t_small), (m_large, e_large, _, t_large) = rows[0], rows[-1]
+            inverse_rate = ((t_large - e_large) - (t_small - e_small)) / (m_large - m_small)
+            op_s = (t_small - e_small - m_small * inverse_rate) / ops if ops else 0.0
+            if inverse_rate > 0 and op_s >= 0:
+                return 1.0 / inverse_rate, op_s
+        rates = [matmul / (seconds - elementwise) for matmul, elementwise, _, seconds in rows if seconds > elementwise]
+        return (statistics.median(rates), 0.0) if rates else None
 
     def apply(self, cluster: ClusterSpec) -> ClusterSpec:
         """A copy of `cluster` carrying these measurements, `calibrated=True` (the rules are in
@@ -210,10 +198,12 @@ class Calibration:
         share = slowdown if self.rates_alone else 1.0
         elementwise_gbps = self.elementwise_gbps / share
         saturated = {dtype: self.saturated_flops(dtype, cluster.device) / share for dtype in self.matmul_flops}
-        layer_rate = self.layer_flops(cluster.device)
-        if layer_rate is not None:  # a layer's matmuls run inside autograd, beside attention's small ones
+        layer_fit = self.layer_fit(cluster.device)
+        if layer_fit is not None:  # a layer's matmuls run inside autograd, beside attention's small ones
+            layer_rate, op_s = layer_fit
             scale = layer_rate / share / saturated["float32"]
             saturated = {dtype: rate * scale for dtype, rate in saturated.items()}
+            device["op_overhead_us"] = op_s * share * 1e6
         efficiency = min(1.0, saturated["float32"] / device["peak_flops"]["float32"])
         device["matmul_efficiency"] = efficiency
         device["peak_flops"] = {
@@ -272,6 +262,11 @@ class Calibration:
         if self.block_s:
             blocks = ", ".join(f"{width}: {seconds * 1e3:.3g}" for width, seconds in self.block_s)
             table.add_row(f"transformer block forward + backward ms, {who} (width: value)", blocks)
+            fit = self.layer_fit(ClusterSpec.local(self.nproc).device)
+            if fit is not None:
+                table.add_row(
+                    f"block fit: matmul GFLOP/s / host us per op, {who}", f"{fit[0] / 1e9:.3g} / {fit[1] * 1e6:.3g}"
+                )
         table.add_row(f"elementwise GB/s, {who}", f"{self.elementwise_gbps:.3g}")
         if self.adam_seconds_per_param:
             table.add_row(
@@ -403,6 +398,31 @@ def reset_quantities(cluster: ClusterSpec, preset: ClusterSpec, quantities) -> C
             section, name = path.split(".")
             data[section][name] = reference[section][name]
     return ClusterSpec.model_validate(data)
+
+
+def _probe_terms(width: int, device, elementwise_gbps: float) -> tuple[float, float, int]:
+    """(matmul seconds at 1 FLOP/s, elementwise seconds at `elementwise_gbps`, ops dispatched)
+    of the layer probe's block at `width`, forward + backward, as `estimate_layer_time` prices it."""
+    from autoplan.costmodels.compute import estimate_layer_time
+    from autoplan.measure.probes import BLOCK_PROBE
+
+    layer = _probe_layer(width)
+    unit = {"matmul_efficiency": 1.0, "memory_efficiency": 1.0, "op_overhead_us": 0.0}
+    matmul_only = {**unit, "peak_flops": {"float32": 1.0}, "memory_bandwidth_gbps": 1e30}
+    memory_only = {**unit, "peak_flops": {"float32": 1e30}, "memory_bandwidth_gbps": elementwise_gbps}
+    matmul_s, elementwise_s = (
+        estimate_layer_time(
+            layer,
+            device.model_copy(update=update),
+            micro_batch_size=BLOCK_PROBE[0],
+            tp=1,
+            sequence_parallel=False,
+            recompute="none",
+            compute_dtype="float32",
+        ).total_s
+        for update in (matmul_only, memory_only)
+    )
+    return matmul_s, elementwise_s, layer.forward_ops + layer.backward_ops
 
 
 @functools.lru_cache(maxsize=8)

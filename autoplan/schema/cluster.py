@@ -86,6 +86,12 @@ class DeviceSpec(BaseModel):
     shards, `replicate` beside tensor or pipeline parallelism, tensor-parallel weights),
     microseconds: every op of the step goes through DTensor's dispatch. 0 on GPUs (it runs
     ahead of the kernels); `autoplan calibrate` measures it on CPU ranks."""
+    op_overhead_us: float = Field(default=0.0, ge=0)
+    """Host time each aten op a layer dispatches costs beyond its arithmetic (eager PyTorch's
+    dispatch, autograd bookkeeping, allocation), microseconds, charged per op of the layer's
+    forward and backward (`LayerProfile.forward_ops`, `backward_ops`) whatever the batch or
+    tensor-parallel split. 0 in every preset: on GPUs it runs ahead of the kernels; on CPU
+    ranks `autoplan calibrate` fits it beside the matmul rate from the layer probe."""
     overlaps_communication: bool = True
     """Whether collectives run beside compute (NCCL on CUDA streams). A CPU rank's gloo
     collectives share the cores its compute uses, so on `local` all communication is exposed."""

@@ -51,6 +51,11 @@ class LayerProfile(BaseModel):
     sequences. Priced at `DeviceSpec.attention_efficiency` (costmodels/compute.py)."""
     elementwise_bytes: float = 0.0
     """Memory traffic of non-matmul ops (reads + writes), forward, per sequence."""
+    forward_ops: int = 0
+    """Aten ops one forward of the layer dispatches (views included), whatever the batch: each
+    pays the host's per-op work (`DeviceSpec.op_overhead_us`). 0 in profiles written before it."""
+    backward_ops: int = 0
+    """Aten ops its backward dispatches, likewise."""
     saved_bytes: dict[str, float]
     """Recompute option ("none", "selective", "full") -> bytes kept for backward per sequence."""
     tp_saved_bytes: dict[str, float] = Field(default_factory=dict)

@@ -79,15 +79,17 @@ def test_reset_quantities_restores_every_field_of_each_quantity(preset):
     assert everything.model_dump(exclude={"calibrated"}) == preset.model_dump(exclude={"calibrated"})
 
 
-def test_the_layer_probe_sets_the_matmul_rate_through_the_roofline(preset):
+def test_the_layer_probe_sets_the_matmul_rate_and_per_op_host_time_through_the_roofline(preset):
     from autoplan.costmodels.compute import estimate_layer_time
     from autoplan.measure.calibration import _probe_layer
     from autoplan.measure.probes import BLOCK_PROBE
 
-    # times the roofline gives at 60 GFLOP/s alone and the measured bandwidth: solved back to 60
+    # times the roofline gives at 60 GFLOP/s and 12 us per op alone, at the measured bandwidth:
+    # solved back to both
     device = preset.device.model_copy(
         update={"peak_flops": {"float32": 60e9}, "matmul_efficiency": 1.0, "memory_bandwidth_gbps": 25.0}
     )
+    device = device.model_copy(update={"op_overhead_us": 12.0})
     device = device.model_copy(update={"memory_efficiency": 1.0})
     options = dict(micro_batch_size=BLOCK_PROBE[0], tp=1, sequence_parallel=False, recompute="none")
     block_s = [
@@ -95,8 +97,13 @@ def test_the_layer_probe_sets_the_matmul_rate_through_the_roofline(preset):
         for w in BLOCK_PROBE[3]
     ]
     calibration = _calibration(block_s=block_s)
-    assert calibration.layer_flops(preset.device) == pytest.approx(60e9, rel=1e-6)
+    assert calibration.layer_fit(preset.device) == pytest.approx((60e9, 12e-6), rel=1e-6)
     cluster = calibration.apply(preset)
-    # all-busy: alone / slowdown; the GEMM probe's 90 GFLOP/s is not what a layer reaches
+    # all-busy: alone / slowdown (the host's too); the GEMM probe's 90 GFLOP/s is not what a layer reaches
     assert quantity_value(cluster, "matmul rate") == pytest.approx(60e9 / 2.2, rel=1e-6)
-    assert _calibration(block_s=[(256, 1e-9)]).layer_flops(preset.device) is None  # faster than its memory traffic
+    assert cluster.device.op_overhead_us == pytest.approx(12.0 * 2.2, rel=1e-6)
+    assert _calibration(block_s=[(256, 1e-9)]).layer_fit(preset.device) is None  # faster than its memory traffic
+    # a disturbed small width (slower per op than the large one allows): no negative rate, no host term
+    (small, small_s), (large, large_s) = block_s
+    rate, op_s = _calibration(block_s=[(small, small_s * 0.2), (large, large_s)]).layer_fit(preset.device)
+    assert op_s == 0.0 and rate > 0

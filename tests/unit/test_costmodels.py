@@ -147,6 +147,20 @@ def test_elementwise_is_memory_bound():
     assert time.backward_s == pytest.approx(2 * elementwise, rel=1e-6)
 
 
+def test_host_work_is_paid_per_op_whatever_the_batch_or_tp_split():
+    cpu = ClusterSpec.local(4).device.model_copy(update={"op_overhead_us": 20.0})
+    block = layer(fwd_flops=1e9, elementwise=1e6).model_copy(update={"forward_ops": 30, "backward_ops": 70})
+    options = dict(sequence_parallel=False, recompute="none", compute_dtype="float32")
+    for micro_batch_size, tp in ((1, 1), (4, 1), (2, 2)):
+        with_host = estimate_layer_time(block, cpu, micro_batch_size=micro_batch_size, tp=tp, **options)
+        without = estimate_layer_time(
+            block, cpu.model_copy(update={"op_overhead_us": 0.0}), micro_batch_size=micro_batch_size, tp=tp, **options
+        )
+        assert with_host.forward_s - without.forward_s == pytest.approx(30 * 20e-6)
+        assert with_host.backward_s - without.backward_s == pytest.approx(70 * 20e-6)
+    assert ClusterSpec.preset("dgx-a100-80gb").device.op_overhead_us == 0.0  # runs ahead of the kernels
+
+
 def test_measured_times_replace_the_roofline():
     measured = layer(measured_fwd_s=0.01, measured_bwd_s=0.02, measured_device=A100.device.name)
     time = estimate_layer_time(

@@ -224,3 +224,39 @@ def test_tp_flops_fraction_stops_at_the_colwise_input_gradient():
     assert block.fwd_flops == pre + up + down and block.bwd_flops == 2 * (pre + up + down)
     # split: up and down, forward and backward; pre's backward reads the all-reduced gradient
     assert block.tp_flops_fraction == pytest.approx(3 * (up + down) / (3 * (pre + up + down)))
+
+
+def test_ops_counted_on_meta_are_the_ops_a_real_run_dispatches():
+    """The roofline charges the host's per-op work (`DeviceSpec.op_overhead_us`) by these counts:
+    a gpt-tiny block run for real on the CPU, forward then backward, dispatches as many aten ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += func is not torch.ops.aten.detach.default  # as the profile counts
+            return func(*args, **(kwargs or {}))
+
+    job = zoo.build("gpt-tiny", batch_size=4, device="meta")
+    profile = profile_model(job.module, job.example_inputs, model_name="gpt-tiny")
+    block = layer(profile, "blocks.0")
+    real = zoo.build("gpt-tiny", batch_size=1, device="cpu").module.blocks[0]
+    x = torch.randn(1, S, H, requires_grad=True)
+    with Count() as forward:
+        out = real(x)
+    with Count() as backward:
+        out.backward(torch.ones_like(out))
+    assert block.backward_ops == backward.ops
+    # on meta, attention runs the efficient kernel (two views more) where the CPU runs flash
+    assert abs(block.forward_ops - forward.ops) <= 0.1 * forward.ops
+    assert 0 < block.forward_ops < block.backward_ops
+    # per layer, not per sequence: a bigger batch dispatches the same ops
+    assert layer(gpt_profile_of_batch(8), "blocks.0").forward_ops == block.forward_ops
+
+
+def gpt_profile_of_batch(batch_size: int):
+    job = zoo.build("gpt-tiny", batch_size=batch_size, device="meta")
+    return profile_model(job.module, job.example_inputs, model_name="gpt-tiny")
