@@ -113,6 +113,7 @@ from autoplan.measure.probes import (
     _time_blocks,
     _time_collective,
     _time_elementwise,
+    _time_host_block,
     _time_loaded_p2p,
     _time_matmuls,
     _time_sharing,
@@ -196,6 +197,8 @@ def measure(
         (timed[0]["blocks"][i][0], statistics.median(rank["blocks"][i][1] for rank in timed))
         for i in range(len(timed[0]["blocks"]))
     ]
+    if timed[0]["host_block"]:
+        result.host_block_s = statistics.median(rank["host_block"][0][1] for rank in timed)
     result.adam_seconds_per_param = statistics.median(rank["adam_s_per_param"] for rank in timed)
     if per_rank[0].get("sharing") is not None:
         alone_s, busy_s, extra_s, round_s = per_rank[0]["sharing"]
@@ -332,6 +335,7 @@ def _rank_main(
         result["elementwise_gbps"] = _time_elementwise(timer) if active else 0.0
         report("elementwise bandwidth")
         result["blocks"] = _time_blocks(timer, active) if device == "cpu" else []
+        result["host_block"] = _time_host_block(timer, active) if device == "cpu" else []
         report("transformer block")
         dist.barrier()
         result["adam_s_per_param"] = _time_adam(timer) if active else 0.0

@@ -12,11 +12,13 @@ Kept apart from the measuring: a Calibration is plain data plus arithmetic, so t
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 from dataclasses import dataclass, field
 
 import torch
 
+from autoplan.measure.probes import BLOCK_PROBE, HOST_PROBE
 from autoplan.schema.cluster import ClusterSpec
 
 COLLECTIVES: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
@@ -110,6 +112,9 @@ class Calibration:
     block_s: list[tuple[int, float]] = field(default_factory=list)
     """(width, seconds) of the layer probe's transformer block forward + backward (probes.BLOCK_PROBE),
     timed like matmul_flops; empty on a GPU."""
+    host_block_s: float | None = None
+    """Seconds of the host probe's forward + backward (probes.HOST_PROBE), timed like block_s;
+    None on a GPU."""
     loaded_round_us: float | None = None
     """One round of the loaded-overhead probes without their collective: the compute between
     two calls, all ranks busy (bounds the per-call overheads, RELATIVE_BOUNDS)."""
@@ -151,22 +156,26 @@ class Calibration:
     def layer_fit(self, device) -> tuple[float, float] | None:
         """(saturated matmul rate, host seconds per dispatched op) with which the cost model's
         roofline (`estimate_layer_time` on `device`, at the measured elementwise bandwidth)
-        reproduces the layer probe's times at its widths: `t_w = M_w / R + E_w + N * c`, M_w the
-        block's matmul seconds at a unit rate, E_w its elementwise seconds, N its ops (the same
-        at every width). Two widths fix both; where they give a negative rate or cost (a
-        disturbed timing), c = 0 and R is solved per width, the median. None without a probe or
-        where elementwise work alone would take longer than measured."""
+        reproduces the probes: `t = M / R + E + N * c`, M the block's matmul seconds at 1 FLOP/s,
+        E its elementwise seconds, N its ops. The host probe (arithmetic ~1% of its time) fixes
+        c, then each width of the layer probe a rate, the median; the host probe's own
+        arithmetic is taken out at that rate (a few passes). No host probe: c = 0. None without a layer
+        probe or where the probe's elementwise and host work alone take longer than measured."""
         if not self.block_s or not self.elementwise_gbps:
             return None
         rows = [(*_probe_terms(width, device, self.elementwise_gbps), seconds) for width, seconds in self.block_s]
-        if len(rows) >= 2:
-            (m_small, e_small, ops, t_small), (m_large, e_large, _, t_large) = rows[0], rows[-1]
-            inverse_rate = ((t_large - e_large) - (t_small - e_small)) / (m_large - m_small)
-            op_s = (t_small - e_small - m_small * inverse_rate) / ops if ops else 0.0
-            if inverse_rate > 0 and op_s >= 0:
-                return 1.0 / inverse_rate, op_s
-        rates = [matmul / (seconds - elementwise) for matmul, elementwise, _, seconds in rows if seconds > elementwise]
-        return (statistics.median(rates), 0.0) if rates else None
+        host = (*_probe_terms(HOST_PROBE[3][0], device, self.elementwise_gbps, HOST_PROBE), self.host_block_s or 0.0)
+
+        def fit(rate: float) -> tuple[float, float] | None:
+            matmul, elementwise, ops, seconds = host
+            op_s = max(0.0, (seconds - elementwise - matmul / rate) / ops) if self.host_block_s else 0.0
+            rates = [m / (t - e - n * op_s) for m, e, n, t in rows if t - e - n * op_s > 0]
+            return (statistics.median(rates), op_s) if rates else None
+
+        fitted = fit(math.inf)
+        for _ in range(5):  # each pass takes out the host probe's arithmetic (~3%) more exactly
+            fitted = fit(fitted[0]) if fitted is not None else None
+        return fitted
 
     def apply(self, cluster: ClusterSpec) -> ClusterSpec:
         """A copy of `cluster` carrying these measurements, `calibrated=True` (the rules are in
@@ -262,6 +271,8 @@ class Calibration:
         if self.block_s:
             blocks = ", ".join(f"{width}: {seconds * 1e3:.3g}" for width, seconds in self.block_s)
             table.add_row(f"transformer block forward + backward ms, {who} (width: value)", blocks)
+            if self.host_block_s:
+                table.add_row(f"host probe block forward + backward ms, {who}", f"{self.host_block_s * 1e3:.3g}")
             fit = self.layer_fit(ClusterSpec.local(self.nproc).device)
             if fit is not None:
                 table.add_row(
@@ -400,13 +411,12 @@ def reset_quantities(cluster: ClusterSpec, preset: ClusterSpec, quantities) -> C
     return ClusterSpec.model_validate(data)
 
 
-def _probe_terms(width: int, device, elementwise_gbps: float) -> tuple[float, float, int]:
+def _probe_terms(width: int, device, elementwise_gbps: float, probe: tuple = BLOCK_PROBE) -> tuple[float, float, int]:
     """(matmul seconds at 1 FLOP/s, elementwise seconds at `elementwise_gbps`, ops dispatched)
-    of the layer probe's block at `width`, forward + backward, as `estimate_layer_time` prices it."""
+    of `probe`'s block at `width`, forward + backward, as `estimate_layer_time` prices it."""
     from autoplan.costmodels.compute import estimate_layer_time
-    from autoplan.measure.probes import BLOCK_PROBE
 
-    layer = _probe_layer(width)
+    layer = _probe_layer(width, probe)
     unit = {"matmul_efficiency": 1.0, "memory_efficiency": 1.0, "op_overhead_us": 0.0}
     matmul_only = {**unit, "peak_flops": {"float32": 1.0}, "memory_bandwidth_gbps": 1e30}
     memory_only = {**unit, "peak_flops": {"float32": 1e30}, "memory_bandwidth_gbps": elementwise_gbps}
@@ -414,7 +424,7 @@ def _probe_terms(width: int, device, elementwise_gbps: float) -> tuple[float, fl
         estimate_layer_time(
             layer,
             device.model_copy(update=update),
-            micro_batch_size=BLOCK_PROBE[0],
+            micro_batch_size=probe[0],
             tp=1,
             sequence_parallel=False,
             recompute="none",
@@ -426,16 +436,16 @@ def _probe_terms(width: int, device, elementwise_gbps: float) -> tuple[float, fl
 
 
 @functools.lru_cache(maxsize=8)
-def _probe_layer(width: int):
-    """The planner's LayerProfile of the layer probe's block at `width` (one sequence), profiled on meta."""
+def _probe_layer(width: int, probe: tuple = BLOCK_PROBE):
+    """The planner's LayerProfile of `probe`'s block at `width` (one sequence), profiled on meta."""
     from autoplan.analysis.profile import profile_model
-    from autoplan.measure.probes import BLOCK_PROBE, probe_block
+    from autoplan.measure.probes import probe_block
     from autoplan.zoo import language_model_loss
     from autoplan.zoo.gpt import GPT
 
-    _, config = probe_block(width)
+    _, config = probe_block(width, probe)
     with torch.device("meta"):
         model = GPT(config)
-    tokens = torch.zeros(1, BLOCK_PROBE[1], dtype=torch.long, device="meta")
+    tokens = torch.zeros(1, probe[1], dtype=torch.long, device="meta")
     profile = profile_model(model, (tokens,), model_name=f"probe-block-{width}", loss_fn=language_model_loss)
     return next(layer for layer in profile.layers if layer.name.endswith("blocks.0"))

@@ -61,6 +61,12 @@ BLOCK_PROBE = (2, 128, 8, (256, 512))
 """The layer probe (CPU): sequences, tokens each, heads and the widths of a GPT transformer block
 (`autoplan.zoo.gpt.Block`: attention and a 4h MLP) whose forward + backward is timed on rank 0
 alone; the matmul rate written is the one that makes the roofline reproduce these times."""
+HOST_PROBE = (1, 8, 2, (32,))
+"""The host probe (CPU): the same block so small (one sequence of 8 tokens, width 32) that its
+arithmetic is ~3% of its time. It dispatches the same ops as the layer probe, and its time over
+their count is the host's work per op (`DeviceSpec.op_overhead_us`)."""
+HOST_REPEATS = 15
+"""Cold runs of the host probe; the least is kept."""
 BLOCK_REPEATS = 5
 """Timings of each block probe (each the median of several steps); the least is kept (`_Timer.alone`)."""
 ADAM_PARAMS = (32, 1 << 18)
@@ -125,18 +131,18 @@ def _time_matmuls(
     return points
 
 
-def probe_block(width: int):
-    """The layer probe's transformer block at `width` (BLOCK_PROBE) and its config."""
+def probe_block(width: int, probe: tuple = BLOCK_PROBE):
+    """The transformer block of `probe` (BLOCK_PROBE or HOST_PROBE) at `width`, and its config."""
     from autoplan.zoo.gpt import Block, GPTConfig
 
-    sequences, tokens, heads, _ = BLOCK_PROBE
+    _, tokens, heads, _ = probe
     config = GPTConfig(num_layers=1, num_heads=heads, hidden=width, vocab_size=64, seq_len=tokens)
     return Block(config), config
 
 
 def _time_blocks(timer: _Timer, active: bool = True) -> list[tuple[int, float]]:
     """(width, seconds of one forward + backward) of the layer probe at each width of BLOCK_PROBE:
-    the median of BLOCK_REPEATS timings (an inactive rank waits in the barriers and reports 0)."""
+    the least of BLOCK_REPEATS timings (an inactive rank waits in the barriers and reports 0)."""
     import torch.distributed as dist
 
     sequences, tokens, _, widths = BLOCK_PROBE
@@ -153,6 +159,36 @@ def _time_blocks(timer: _Timer, active: bool = True) -> list[tuple[int, float]]:
         seconds = timer.alone(step, BLOCK_REPEATS) if active else 0.0
         points.append((width, seconds))
     return points
+
+
+def _time_host_block(timer: _Timer, active: bool = True) -> list[tuple[int, float]]:
+    """[(width, seconds of one forward + backward)] of the host probe (HOST_PROBE), each run from
+    cold caches as a profile times a layer (`analysis.measured_layer.FLUSH_BYTES`: inside a model
+    step the other layers' traffic has evicted the host's dispatch state as well as the weights):
+    the least of HOST_REPEATS runs (an inactive rank waits in the barrier and reports 0). On this
+    2-core VM it came to 8 us an op warm and 15-16 us cold; the fixed part of custom_model's
+    profiled blocks (their time extrapolated to no tokens) to 14-21 us an op."""
+    import torch.distributed as dist
+
+    from autoplan.analysis.measured_layer import _flush_caches
+
+    sequences, tokens, _, (width,) = HOST_PROBE
+    block, _ = probe_block(width, HOST_PROBE)
+    x = torch.randn(sequences, tokens, width, device=timer.device, requires_grad=True)
+    block = block.to(timer.device)
+
+    def step() -> None:
+        block(x).sum().backward()
+
+    step()  # warm-up: the first call builds what later calls reuse
+    dist.barrier()
+    if not active:
+        return [(width, 0.0)]
+    runs = []
+    for _ in range(HOST_REPEATS):
+        _flush_caches(timer.device)
+        runs.append(timer.once(step))
+    return [(width, min(runs))]
 
 
 def _time_elementwise(timer: _Timer) -> float:
