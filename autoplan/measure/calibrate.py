@@ -28,18 +28,21 @@ What is measured, and how it becomes cost-model constants:
   training layer's matmuls run inside autograd (transposed operands in backward) beside
   attention's small per-head products, and measured here a transformer block of
   gpt-small-demo's width ran ~1.3x slower than its roofline at the bare-matmul rate. So a
-  GPT transformer block (probes.BLOCK_PROBE: two widths, neither a bench model's) is timed
-  forward + backward on rank 0 alone, and the matmul rate and the host time per dispatched
-  op (`device.op_overhead_us`) written are the pair with which the cost model's own roofline
-  (`estimate_layer_time`, at the measured elementwise bandwidth) reproduces those times
-  (`Calibration.layer_fit`): both widths dispatch the same ops (135) and differ 4x in matmul
-  FLOPs, so the difference of their times fixes the rate and what is left of the small one
-  the per-op cost (~17 us an op alone on this 2-core VM, 12% of the width-256 block; a
-  custom_model block of width 128 dispatches 215 ops and its fixed cost measured ~3.4 ms). A
-  pair of timings that gives a negative rate or cost falls back to no host term and the
-  median of the per-width rates. The other dtypes keep their measured ratio to float32. The
-  same quantities, measured where the cost model uses them; the bare-matmul rates are still
+  GPT transformer block (probes.BLOCK_PROBE: widths 256 and 512, 2 x 128 tokens) is timed
+  forward + backward on rank 0 alone, and the matmul rate written is the one with which the
+  cost model's own roofline (`estimate_layer_time`, at the measured elementwise bandwidth and
+  host cost) reproduces those times (the median over the widths; `Calibration.layer_fit`).
+  The other dtypes keep their measured ratio to float32. The bare-matmul rates are still
   printed.
+* Host work per op (CPU ranks, `device.op_overhead_us`): eager PyTorch dispatches every op
+  through the dispatcher and autograd, a fixed cost whatever the tensors' size, which
+  dominates small layers (a custom_model block of width 128 dispatches 161 ops). The same
+  block at width 32 with 8 tokens (probes.HOST_PROBE: its arithmetic ~3% of its time) is run
+  from cold caches, as a profile times layers, on rank 0 alone, the least of 15 runs; its time
+  less that arithmetic over its ops (89, counted by the profile) is the cost per op (15-20 us
+  on this 2-core VM, 8 warm). Fitting it beside the rate from the two widths' difference
+  instead put it anywhere from 14 to 37 us over three calibrations: it is 7% of the width-256
+  block.
 * Elementwise bandwidth: `c = a + b` over large float32 tensors moves 3 x 4 bytes per
   element. The same rule: `memory_efficiency = min(1, measured / preset bandwidth)`,
   `memory_bandwidth_gbps = measured / memory_efficiency`.
