@@ -105,7 +105,7 @@ CALIBRATED_CONSTANTS = {
     "device.adam_bytes_per_param": "28: a fused Adam kernel's reads and writes; local: ~100 (multi-tensor passes)",
     "device.shared_core_slowdown": "1 on GPUs; local: ranks / cores",
     "device.op_overhead_us": "0 in every preset (GPUs: host work runs ahead of the kernels); measured on CPU "
-    "ranks beside the matmul rate (the layer probe's two widths)",
+    "ranks by the host probe (a GPT block of width 32, from cold caches)",
     "device.tp_dispatch_overhead_us": "0 on GPUs (host work runs ahead of the kernels); local: 1 ms a core, "
     "times ranks / cores",
     "device.dtensor_param_step_us": "0 on GPUs (host work runs ahead of the kernels); local: 0.25 ms a core, "
