@@ -273,10 +273,11 @@ class Calibration:
             table.add_row(f"transformer block forward + backward ms, {who} (width: value)", blocks)
             if self.host_block_s:
                 table.add_row(f"host probe block forward + backward ms, {who}", f"{self.host_block_s * 1e3:.3g}")
-            fit = self.layer_fit(ClusterSpec.local(self.nproc).device)
-            if fit is not None:
+            rate_and_host = self.layer_fit(ClusterSpec.local(self.nproc).device)
+            if rate_and_host is not None:
+                rate, op_s = rate_and_host
                 table.add_row(
-                    f"block fit: matmul GFLOP/s / host us per op, {who}", f"{fit[0] / 1e9:.3g} / {fit[1] * 1e6:.3g}"
+                    f"block fit: matmul GFLOP/s / host us per op, {who}", f"{rate / 1e9:.3g} / {op_s * 1e6:.3g}"
                 )
         table.add_row(f"elementwise GB/s, {who}", f"{self.elementwise_gbps:.3g}")
         if self.adam_seconds_per_param:
