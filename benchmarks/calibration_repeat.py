@@ -99,14 +99,15 @@ def _errors(
 def without_sharing(calibrated: ClusterSpec, preset: ClusterSpec) -> ClusterSpec:
     """`calibrated` as if it had measured the preset's shared-core slowdown: calibration times the
     CPU rates on one rank alone and divides them by the slowdown it measured
-    (`Calibration.apply`), so taking the slowdown out also takes it out of the matmul rate and
-    the elementwise bandwidth (and out of the stretch of profiled layers, `_errors`)."""
+    (`Calibration.apply`) and multiplies the per-op host cost by it, so taking the slowdown out
+    also takes it out of those (and out of the stretch of profiled layers, `_errors`)."""
     ratio = calibrated.device.shared_core_slowdown / preset.device.shared_core_slowdown
     spec = reset_quantities(calibrated, preset, ["shared-core slowdown"])
     device = spec.device.model_copy(
         update={
             "peak_flops": {dtype: rate * ratio for dtype, rate in spec.device.peak_flops.items()},
             "memory_bandwidth_gbps": spec.device.memory_bandwidth_gbps * ratio,
+            "op_overhead_us": spec.device.op_overhead_us / ratio,
         }
     )
     return spec.model_copy(update={"device": device})

@@ -36,13 +36,13 @@ What is measured, and how it becomes cost-model constants:
   printed.
 * Host work per op (CPU ranks, `device.op_overhead_us`): eager PyTorch dispatches every op
   through the dispatcher and autograd, a fixed cost whatever the tensors' size, which
-  dominates small layers (a custom_model block of width 128 dispatches 161 ops). The same
-  block at width 32 with 8 tokens (probes.HOST_PROBE: its arithmetic ~3% of its time) is run
-  from cold caches, as a profile times layers, on rank 0 alone, the least of 15 runs; its time
-  less that arithmetic over its ops (89, counted by the profile) is the cost per op (15-20 us
-  on this 2-core VM, 8 warm). Fitting it beside the rate from the two widths' difference
-  instead put it anywhere from 14 to 37 us over three calibrations: it is 7% of the width-256
-  block.
+  dominates small layers. The same GPT block at width 32 with 8 tokens (probes.HOST_PROBE: its
+  arithmetic ~3% of its time) is run from cold caches, as a profile times layers, on rank 0
+  alone, the least of HOST_REPEATS runs; its time less that arithmetic over its ops (counted by
+  the profile) is the cost per op alone, multiplied by the shared-core slowdown (the rates are
+  divided by it).
+  Fitting it beside the rate from the two widths' difference instead moved it several-fold
+  between calibrations: it is a few percent of the width-256 block.
 * Elementwise bandwidth: `c = a + b` over large float32 tensors moves 3 x 4 bytes per
   element. The same rule: `memory_efficiency = min(1, measured / preset bandwidth)`,
   `memory_bandwidth_gbps = measured / memory_efficiency`.
@@ -200,8 +200,8 @@ def measure(
         (timed[0]["blocks"][i][0], statistics.median(rank["blocks"][i][1] for rank in timed))
         for i in range(len(timed[0]["blocks"]))
     ]
-    if timed[0]["host_block"]:
-        result.host_block_s = statistics.median(rank["host_block"][0][1] for rank in timed)
+    if timed[0]["host_block_s"] is not None:
+        result.host_block_s = statistics.median(rank["host_block_s"] for rank in timed)
     result.adam_seconds_per_param = statistics.median(rank["adam_s_per_param"] for rank in timed)
     if per_rank[0].get("sharing") is not None:
         alone_s, busy_s, extra_s, round_s = per_rank[0]["sharing"]
@@ -338,7 +338,7 @@ def _rank_main(
         result["elementwise_gbps"] = _time_elementwise(timer) if active else 0.0
         report("elementwise bandwidth")
         result["blocks"] = _time_blocks(timer, active) if device == "cpu" else []
-        result["host_block"] = _time_host_block(timer, active) if device == "cpu" else []
+        result["host_block_s"] = _time_host_block(timer, active) if device == "cpu" else None
         report("transformer block")
         dist.barrier()
         result["adam_s_per_param"] = _time_adam(timer) if active else 0.0

@@ -157,18 +157,21 @@ class Calibration:
         """(saturated matmul rate, host seconds per dispatched op) with which the cost model's
         roofline (`estimate_layer_time` on `device`, at the measured elementwise bandwidth)
         reproduces the probes: `t = M / R + E + N * c`, M the block's matmul seconds at 1 FLOP/s,
-        E its elementwise seconds, N its ops. The host probe (arithmetic ~1% of its time) fixes
+        E its elementwise seconds, N its ops. The host probe (arithmetic ~3% of its time) fixes
         c, then each width of the layer probe a rate, the median; the host probe's own
-        arithmetic is taken out at that rate (a few passes). No host probe: c = 0. None without a layer
-        probe or where the probe's elementwise and host work alone take longer than measured."""
+        arithmetic is taken out at that rate (a few passes). No host probe: c = 0. None without a
+        layer probe or where the probe's elementwise and host work alone take longer than measured."""
         if not self.block_s or not self.elementwise_gbps:
             return None
         rows = [(*_probe_terms(width, device, self.elementwise_gbps), seconds) for width, seconds in self.block_s]
-        host = (*_probe_terms(HOST_PROBE[3][0], device, self.elementwise_gbps, HOST_PROBE), self.host_block_s or 0.0)
+        host_s = self.host_block_s
+        host = _probe_terms(HOST_PROBE[3][0], device, self.elementwise_gbps, HOST_PROBE) if host_s else None
 
         def fit(rate: float) -> tuple[float, float] | None:
-            matmul, elementwise, ops, seconds = host
-            op_s = max(0.0, (seconds - elementwise - matmul / rate) / ops) if self.host_block_s else 0.0
+            op_s = 0.0
+            if host is not None and host_s:
+                matmul, elementwise, ops = host
+                op_s = max(0.0, (host_s - elementwise - matmul / rate) / ops)
             rates = [m / (t - e - n * op_s) for m, e, n, t in rows if t - e - n * op_s > 0]
             return (statistics.median(rates), op_s) if rates else None
 

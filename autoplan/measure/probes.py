@@ -140,55 +140,52 @@ def probe_block(width: int, probe: tuple = BLOCK_PROBE):
     return Block(config), config
 
 
+def _block_step(timer: _Timer, width: int, probe: tuple = BLOCK_PROBE):
+    """A call running one forward + backward of `probe`'s block at `width` on the timer's device."""
+    sequences, tokens, _, _ = probe
+    block, _ = probe_block(width, probe)
+    block = block.to(timer.device)
+    x = torch.randn(sequences, tokens, width, device=timer.device, requires_grad=True)
+
+    def step() -> None:
+        block(x).sum().backward()
+
+    return step
+
+
 def _time_blocks(timer: _Timer, active: bool = True) -> list[tuple[int, float]]:
     """(width, seconds of one forward + backward) of the layer probe at each width of BLOCK_PROBE:
     the least of BLOCK_REPEATS timings (an inactive rank waits in the barriers and reports 0)."""
     import torch.distributed as dist
 
-    sequences, tokens, _, widths = BLOCK_PROBE
     points = []
-    for width in widths:
-        block, _ = probe_block(width)
-        x = torch.randn(sequences, tokens, width, device=timer.device, requires_grad=True)
-        block = block.to(timer.device)
-
-        def step(block=block, x=x) -> None:
-            block(x).sum().backward()
-
+    for width in BLOCK_PROBE[3]:
+        step = _block_step(timer, width)
         dist.barrier()
-        seconds = timer.alone(step, BLOCK_REPEATS) if active else 0.0
-        points.append((width, seconds))
+        points.append((width, timer.alone(step, BLOCK_REPEATS) if active else 0.0))
     return points
 
 
-def _time_host_block(timer: _Timer, active: bool = True) -> list[tuple[int, float]]:
-    """[(width, seconds of one forward + backward)] of the host probe (HOST_PROBE), each run from
-    cold caches as a profile times a layer (`analysis.measured_layer.FLUSH_BYTES`: inside a model
-    step the other layers' traffic has evicted the host's dispatch state as well as the weights):
-    the least of HOST_REPEATS runs (an inactive rank waits in the barrier and reports 0). On this
-    2-core VM it came to 8 us an op warm and 15-16 us cold; the fixed part of custom_model's
-    profiled blocks (their time extrapolated to no tokens) to 14-21 us an op."""
+def _time_host_block(timer: _Timer, active: bool = True) -> float:
+    """Seconds of one forward + backward of the host probe (HOST_PROBE), each run from cold
+    caches as a profile times a layer (`analysis.measured_layer.FLUSH_BYTES`: inside a model step
+    the other layers' traffic has evicted the host's dispatch state as well as the weights): the
+    least of HOST_REPEATS runs (an inactive rank waits in the barrier and reports 0). Timed warm
+    instead, it gave about half the cost per op on this 2-core VM."""
     import torch.distributed as dist
 
     from autoplan.analysis.measured_layer import _flush_caches
 
-    sequences, tokens, _, (width,) = HOST_PROBE
-    block, _ = probe_block(width, HOST_PROBE)
-    x = torch.randn(sequences, tokens, width, device=timer.device, requires_grad=True)
-    block = block.to(timer.device)
-
-    def step() -> None:
-        block(x).sum().backward()
-
+    step = _block_step(timer, HOST_PROBE[3][0], HOST_PROBE)
     step()  # warm-up: the first call builds what later calls reuse
     dist.barrier()
     if not active:
-        return [(width, 0.0)]
+        return 0.0
     runs = []
     for _ in range(HOST_REPEATS):
         _flush_caches(timer.device)
         runs.append(timer.once(step))
-    return [(width, min(runs))]
+    return min(runs)
 
 
 def _time_elementwise(timer: _Timer) -> float:

@@ -91,7 +91,7 @@ class DeviceSpec(BaseModel):
     dispatch, autograd bookkeeping, allocation), microseconds, charged per op of the layer's
     forward and backward (`LayerProfile.forward_ops`, `backward_ops`) whatever the batch or
     tensor-parallel split. 0 in every preset: on GPUs it runs ahead of the kernels; on CPU
-    ranks `autoplan calibrate` fits it beside the matmul rate from the layer probe."""
+    ranks `autoplan calibrate` measures it with its host probe (`measure.probes.HOST_PROBE`)."""
     overlaps_communication: bool = True
     """Whether collectives run beside compute (NCCL on CUDA streams). A CPU rank's gloo
     collectives share the cores its compute uses, so on `local` all communication is exposed."""
