@@ -4,6 +4,8 @@ gpt-tiny: s = 32 tokens, h = 64, a = 4 heads, V = 128; mlp-tiny: d = 32, width 4
 Bytes are float32: 4 per element.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -260,3 +262,44 @@ def test_ops_counted_on_meta_are_the_ops_a_real_run_dispatches():
 def gpt_profile_of_batch(batch_size: int):
     job = zoo.build("gpt-tiny", batch_size=batch_size, device="meta")
     return profile_model(job.module, job.example_inputs, model_name="gpt-tiny")
+
+
+HF_CONFIGS = Path(__file__).resolve().parents[1] / "models" / "configs"
+
+
+@pytest.mark.parametrize("config", ["llama.json", "gpt2.json"])
+def test_ops_counted_on_meta_match_a_real_run_of_a_hugging_face_decoder_layer(config):
+    """As above, for a Hugging Face decoder layer (rotary or learned positions, its own
+    attention module) built from a tiny config and run as the profile calls it."""
+    pytest.importorskip("transformers")
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map_only
+
+    from autoplan.analysis.measured_layer import _materialize, _real_state
+    from autoplan.analysis.meta_layer import _layer_inputs
+    from autoplan.analysis.trace import _tensors, trace_model
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += func is not torch.ops.aten.detach.default  # as the profile counts
+            return func(*args, **(kwargs or {}))
+
+    job = zoo.build(f"hf:{HF_CONFIGS / config}", batch_size=2, seq_len=16, device="meta")
+    profile = profile_model(job.module, job.example_inputs, model_name=config)
+    traced = trace_model(job.module, tuple(x[:1] for x in job.example_inputs))
+    block = next(layer for layer in profile.layers if layer.name.endswith(".0"))
+    cpu = torch.device("cpu")
+    state = _real_state(traced, block.name, cpu, None)
+    args, kwargs = tree_map_only(torch.Tensor, lambda t: _materialize(t, cpu), _layer_inputs(traced, block.name))
+    with Count() as forward:
+        out = torch.func.functional_call(traced.module.get_submodule(block.name), state, args, kwargs)
+    roots = [t for t in _tensors(out) if t.requires_grad]
+    with Count() as backward:
+        torch.autograd.backward(roots, [torch.ones_like(t) for t in roots])
+    assert block.backward_ops == backward.ops
+    assert abs(block.forward_ops - forward.ops) <= 0.1 * forward.ops
+    assert 0 < block.forward_ops < block.backward_ops
